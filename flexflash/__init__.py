@@ -1,0 +1,14 @@
+"""flexflash: attention modules for PyTorch written as FlexAttention mask/score functions.
+
+Every variant (causal, padding masks, additive bias, sliding windows, documents, ...) is a
+FlexAttention mask or score function compiled by ``torch.compile`` into a fused kernel; an eager
+reference (:mod:`flexflash.reference`) defines the semantics and checks every path.
+"""
+
+from . import mods, reference
+from ._compile import compile_stats
+from .functional import attention
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "mods", "reference", "compile_stats", "__version__"]

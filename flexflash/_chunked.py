@@ -1,0 +1,155 @@
+"""The exact, memory-bounded path: FlashAttention-2 style tiling in eager PyTorch.
+
+Compiled FlexAttention has no backward pass (and no log-sum-exp output) on CPU in torch 2.11-2.13,
+so CPU training runs here. Queries and keys are processed in ``(q_chunk, kv_chunk)`` tiles with an
+online softmax in fp32 (fp64 for fp64 inputs); the forward pass keeps only the output and the
+log-sum-exp, and the backward pass recomputes each tile's probabilities from the saved log-sum-exp
+(FlashAttention-2, Algorithm 2). Peak extra memory is a few ``(B, H, q_chunk, kv_chunk)`` tiles,
+never ``(Nq, Nk)``. Tiles in which the mask allows nothing are skipped.
+
+Masks and score modifiers are evaluated over broadcast index grids of each tile. Gradients reach
+``bias`` and any tensor a score modifier captures that requires grad (they are passed to the
+autograd function as extra inputs and differentiated through the modifier in the backward pass).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._compose import Structure, compose_mask, compose_score
+
+__all__ = ["chunked_attention"]
+
+
+def _grids(B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.device):
+    """Broadcastable int32 index grids of one tile: b (B,1,1,1), h (1,H,1,1), q (1,1,rows,1), kv (1,1,1,cols)."""
+    ar = lambda a, b: torch.arange(a, b, device=device, dtype=torch.int32)  # noqa: E731
+    return (ar(0, B).view(B, 1, 1, 1), ar(0, H).view(1, H, 1, 1),
+            ar(q0, q1).view(1, 1, q1 - q0, 1), ar(k0, k1).view(1, 1, 1, k1 - k0))
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask_fn, score_fn, scale, chunks, *captured):
+        # q (B, H, Nq, D); k (B, H, Nk, D); v (B, H, Nk, Dv): heads already expanded for GQA.
+        B, H, Nq, _ = q.shape
+        Nk, Dv = k.shape[2], v.shape[3]
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qc, kc = chunks
+        out = torch.zeros(B, H, Nq, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype, device=q.device)
+        for q0 in range(0, Nq, qc):
+            q1 = min(Nq, q0 + qc)
+            qi = q[:, :, q0:q1].to(acc_dtype)
+            m = torch.full((B, H, q1 - q0), float("-inf"), dtype=acc_dtype, device=q.device)
+            l = torch.zeros_like(m)
+            acc = torch.zeros(B, H, q1 - q0, Dv, dtype=acc_dtype, device=q.device)
+            for k0 in range(0, Nk, kc):
+                k1 = min(Nk, k0 + kc)
+                s = _scores(qi, k, q0, q1, k0, k1, mask_fn, score_fn, scale, acc_dtype)
+                if s is None:
+                    continue
+                m_new = torch.maximum(m, s.amax(dim=-1))
+                m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+                p = torch.exp(s - m_safe[..., None])  # 0 where s = -inf
+                alpha = torch.exp(m - m_safe)  # 0 while m = -inf
+                l = l * alpha + p.sum(dim=-1)
+                acc = acc * alpha[..., None] + p @ v[:, :, k0:k1].to(acc_dtype)
+                m = m_new
+            seen = l > 0  # rows with at least one allowed, finite score
+            out[:, :, q0:q1] = torch.where(seen[..., None], acc / torch.where(seen, l, 1.0)[..., None], 0.0).to(q.dtype)
+            lse[:, :, q0:q1] = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf"))
+        ctx.save_for_backward(q, k, v, out, lse, *captured)
+        ctx.mask_fn, ctx.score_fn, ctx.scale, ctx.chunks = mask_fn, score_fn, scale, chunks
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, *captured = ctx.saved_tensors
+        mask_fn, score_fn, scale, (qc, kc) = ctx.mask_fn, ctx.score_fn, ctx.scale, ctx.chunks
+        B, H, Nq, _ = q.shape
+        Nk = k.shape[2]
+        acc_dtype = lse.dtype
+        want = [t for t in captured if t.requires_grad]
+        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
+        dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
+        d_captured = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, acc_dtype)) for t in want]
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        # D_i = rowsum(dO_i * O_i) - dlse_i: the softmax-Jacobian term (dlse enters as d lse/d s = P).
+        delta = (d_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)
+        if d_lse is not None:
+            delta = delta - torch.where(torch.isneginf(lse), 0.0, d_lse.to(acc_dtype))
+        safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        for q0 in range(0, Nq, qc):
+            q1 = min(Nq, q0 + qc)
+            qi = q[:, :, q0:q1].to(acc_dtype)
+            doi = d_out[:, :, q0:q1].to(acc_dtype)
+            for k0 in range(0, Nk, kc):
+                k1 = min(Nk, k0 + kc)
+                kj, vj = k[:, :, k0:k1].to(acc_dtype), v[:, :, k0:k1].to(acc_dtype)
+                with torch.enable_grad():
+                    raw = (scale * (qi @ kj.transpose(-1, -2))).detach().requires_grad_(score_fn is not None)
+                    s = _modify(raw, q0, q1, k0, k1, mask_fn, score_fn)
+                if s is None:
+                    continue
+                p = torch.exp(s.detach() - safe_lse[:, :, q0:q1, None])  # (B, H, rows, cols)
+                dv[:, :, k0:k1] += p.transpose(-1, -2) @ doi
+                dp = doi @ vj.transpose(-1, -2)
+                ds = p * (dp - delta[:, :, q0:q1, None])
+                if score_fn is not None:
+                    grads = torch.autograd.grad(s, [raw, *want], ds, allow_unused=True)
+                    ds = grads[0] if grads[0] is not None else torch.zeros_like(raw)
+                    for acc, g in zip(d_captured, grads[1:]):
+                        if g is not None:
+                            acc += g
+                dq[:, :, q0:q1] += scale * (ds @ kj)
+                dk[:, :, k0:k1] += scale * (ds.transpose(-1, -2) @ qi)
+        it = iter(d_captured)
+        d_cap = [next(it).to(t.dtype) if t.requires_grad else None for t in captured]
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, *d_cap)
+
+
+def _modify(raw: Tensor, q0: int, q1: int, k0: int, k1: int, mask_fn, score_fn) -> Tensor | None:
+    """Scores of one tile after the score modifiers and the mask; ``None`` if nothing is allowed."""
+    B, H = raw.shape[:2]
+    b, h, qi, kj = _grids(B, H, q0, q1, k0, k1, raw.device)
+    s = raw
+    if mask_fn is not None:
+        allowed = mask_fn(b, h, qi, kj)
+        if not bool(allowed.any()):
+            return None
+    if score_fn is not None:
+        s = score_fn(s, b, h, qi, kj)
+    if mask_fn is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def _scores(qi, k, q0, q1, k0, k1, mask_fn, score_fn, scale, acc_dtype) -> Tensor | None:
+    kj = k[:, :, k0:k1].to(acc_dtype)
+    raw = scale * (qi @ kj.transpose(-1, -2))  # (B, H, rows, cols)
+    return _modify(raw, q0, q1, k0, k1, mask_fn, score_fn)
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
+                      bias: Tensor | None, mask_mod, score_mod, scale: float, chunks: tuple[int, int],
+                      captured: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Exact attention in ``chunks = (q_chunk, kv_chunk)`` tiles; returns ``(out, lse)``.
+
+    Takes a validated call (4-D ``q/k/v``, 4-D broadcastable ``mask``/``bias``). ``captured`` are
+    tensors read by ``score_mod`` that may require grad."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if Hq != Hkv:  # GQA: query head h reads key/value head h // (Hq / Hkv)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    st = Structure(causal=causal,
+                   mask_full=None if mask is None else tuple(s > 1 for s in mask.shape),
+                   bias_full=None if bias is None else tuple(s > 1 for s in bias.shape),
+                   has_mask_mod=mask_mod is not None, has_score_mod=score_mod is not None)
+    mask_fn = compose_mask(st, k.shape[2] - q.shape[2], mask, mask_mod)
+    score_fn = compose_score(st, bias, score_mod)
+    extra = ([bias] if bias is not None else []) + [t for t in captured if t is not bias]
+    return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, *extra)

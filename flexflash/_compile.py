@@ -1,0 +1,369 @@
+"""The one place that owns compilation: compiled FlexAttention kernels and block masks.
+
+Why it looks like this:
+
+* ``torch.compile`` keeps its cache of graphs per *code object*, and after ``recompile_limit``
+  (8) graphs for one code object it silently runs the function eagerly, which for FlexAttention
+  means the unfused path that materialises the scores (20-50x slower, N^2 memory). One compiled
+  function shared by every kind of call (dtypes, grad modes, masks, user modifiers) reaches 8
+  quickly. So every *kind* of call gets its own copy of the kernel function with its own code
+  object, hence its own cache and budget; within a kind only shapes vary, compiled with dynamic
+  shapes (one graph, a few more for size-1 specialisations). Should a kind still exhaust its budget
+  (a user modifier whose captured Python values change on every call), it starts a fresh code
+  object and says so in a warning, so the kernel never degrades to the unfused path.
+* The kind of a call is fingerprinted like Dynamo guards it: code objects of user modifiers, the
+  Python values they capture, and the dtype/device/rank/grad flag of captured tensors, not their
+  values or shapes. New tensor values of the same kind reuse the compiled kernel.
+* Sequence-length dependent values enter the kernel as tensors (the causal offset) or as tensor
+  shapes, never as Python ints, so a new length does not recompile.
+* Block masks are built eagerly in query chunks (memory bounded by ``_MASK_CHUNK_ELEMENTS``) and
+  padded to at least two blocks per dimension, which keeps Dynamo from specialising on 1-block
+  masks. Masks that depend only on indices (no captured tensors) are cached by shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import types
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
+
+from ._compose import Structure, compose_mask, compose_score
+
+try:  # torch >= 2.9; the return_lse flag is deprecated there
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
+
+__all__ = ["run_flex", "fingerprint", "captured_tensors", "compile_stats", "reset"]
+
+log = logging.getLogger("flexflash")
+
+_MASK_CHUNK_ELEMENTS = 1 << 24  # mask entries evaluated at once when building a block mask
+_BLOCK_MASK_CACHE_SIZE = 64
+
+
+def _recompile_limit() -> int:
+    cfg = torch._dynamo.config
+    return int(getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", 8)))
+
+
+# --- fingerprints ----------------------------------------------------------------------------
+
+def fingerprint(obj: Any, _depth: int = 0) -> Any:
+    """A hashable summary of ``obj`` matching what Dynamo guards on: code objects and Python
+    constants by value, tensors by (dtype, device, rank, requires_grad), other objects by id."""
+    if _depth > 8:
+        return ("deep", id(obj))
+    if isinstance(obj, Tensor):
+        return ("tensor", obj.dtype, obj.device, obj.dim(), obj.requires_grad)
+    if obj is None or isinstance(obj, (bool, int, float, str, complex, torch.dtype, torch.device)):
+        return (type(obj), obj)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), tuple(fingerprint(x, _depth + 1) for x in obj))
+    if isinstance(obj, functools.partial):
+        return ("partial", fingerprint(obj.func, _depth + 1), fingerprint(obj.args, _depth + 1),
+                fingerprint(tuple(sorted(obj.keywords.items())), _depth + 1))
+    if isinstance(obj, types.FunctionType):
+        cells = []
+        for cell in obj.__closure__ or ():
+            try:
+                cells.append(fingerprint(cell.cell_contents, _depth + 1))
+            except ValueError:  # empty cell
+                cells.append(("empty",))
+        globs = tuple((name, fingerprint(obj.__globals__[name], _depth + 1))
+                      for name in obj.__code__.co_names
+                      if isinstance(obj.__globals__.get(name), Tensor))
+        return ("fn", obj.__code__, tuple(cells), globs, fingerprint(obj.__defaults__, _depth + 1))
+    return ("obj", id(obj))
+
+
+def _is_pure(fp: Any) -> bool:
+    """Whether a fingerprint describes a function of its indices alone: no tensors, no objects
+    whose state could change between calls (such masks' block masks are cached)."""
+    if isinstance(fp, tuple):
+        if fp and fp[0] in ("tensor", "obj", "deep"):
+            return False
+        return all(_is_pure(x) for x in fp)
+    return True
+
+
+def captured_tensors(fn: Any, _depth: int = 0, _seen: set[int] | None = None) -> list[Tensor]:
+    """Tensors a modifier reads: its closure (recursively, through nested functions, partials,
+    tuples and lists) and the module globals it names."""
+    seen = set() if _seen is None else _seen
+    if id(fn) in seen or _depth > 8:
+        return []
+    seen.add(id(fn))
+    found: list[Tensor] = []
+    if isinstance(fn, Tensor):
+        return [fn]
+    if isinstance(fn, (tuple, list)):
+        for x in fn:
+            found += captured_tensors(x, _depth + 1, seen)
+    elif isinstance(fn, functools.partial):
+        found += captured_tensors((fn.func, *fn.args, *fn.keywords.values()), _depth + 1, seen)
+    elif isinstance(fn, types.FunctionType):
+        for cell in fn.__closure__ or ():
+            try:
+                found += captured_tensors(cell.cell_contents, _depth + 1, seen)
+            except ValueError:
+                pass
+        for name in fn.__code__.co_names:
+            value = fn.__globals__.get(name)
+            if isinstance(value, Tensor):
+                found.append(value)
+    return found
+
+
+# --- the kernel ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Static:
+    """Constants of one kind of call, passed to the compiled kernel (guarded by identity)."""
+
+    structure: Structure
+    block: tuple[int, int]
+    scale: float
+    gqa: bool
+    return_lse: bool
+    kernel_options: tuple[tuple[str, Any], ...]
+
+
+def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, static: _Static):
+    """The compiled body: FlexAttention with the call's composed mask and score functions."""
+    st = static.structure
+    mask_fn = compose_mask(st, offset, mask, mask_mod)
+    score_fn = compose_score(st, bias, score_mod)
+    block_mask = None
+    if blocks is not None:
+        block_mask = BlockMask((q.shape[-2], k.shape[-2]), *blocks, static.block, mask_fn)
+    options = dict(static.kernel_options) or None
+    if not static.return_lse:
+        return flex_attention(q, k, v, score_mod=score_fn, block_mask=block_mask, scale=static.scale,
+                              enable_gqa=static.gqa, kernel_options=options), None
+    if AuxRequest is not None:
+        out, aux = flex_attention(q, k, v, score_mod=score_fn, block_mask=block_mask, scale=static.scale,
+                                  enable_gqa=static.gqa, kernel_options=options,
+                                  return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+    return flex_attention(q, k, v, score_mod=score_fn, block_mask=block_mask, scale=static.scale,
+                          enable_gqa=static.gqa, kernel_options=options, return_lse=True)
+
+
+class _Kernel:
+    """A compiled copy of :func:`_flex_kernel` with a code object (and a Dynamo cache) of its own."""
+
+    _serial = itertools.count()
+
+    def __init__(self, static: _Static, label: str):
+        self.static = static
+        self.label = label
+        self.compiles = 0
+        self.generation = 0
+        self._fn = self._compile()
+
+    def _compile(self):
+        name = f"flexflash_{self.label}_{next(self._serial)}"
+        code = _flex_kernel.__code__.replace(co_name=name)
+        if hasattr(code, "co_qualname"):
+            code = code.replace(co_qualname=name)
+        fn = types.FunctionType(code, _flex_kernel.__globals__, name)
+        inductor = torch._dynamo.lookup_backend("inductor")
+
+        def counting_backend(gm, example_inputs):
+            self.compiles += 1
+            _STATS["compiles"] += 1
+            log.debug("flexflash: compiling %s (graph %d)", name, self.compiles)
+            return inductor(gm, example_inputs)
+
+        # dynamic=None: sizes marked dynamic in __call__ are symbolic from the first compilation;
+        # Python values captured by modifiers stay constants (they are part of the kind, and the
+        # CPU kernel template cannot compile symbolic scalars).
+        return torch.compile(fn, backend=counting_backend, fullgraph=True, dynamic=None)
+
+    def __call__(self, *args):
+        if self.compiles >= _recompile_limit():
+            # Dynamo would run the next new graph eagerly (the unfused path): start a fresh cache.
+            warnings.warn(
+                f"flexflash: the kernel for {self.label} was compiled {self.compiles} times; starting a "
+                "fresh compilation cache. A modifier that captures a different Python value on every "
+                "call causes this: capture a tensor instead (its values are read at run time).",
+                RuntimeWarning, stacklevel=3)
+            self.compiles = 0
+            self.generation += 1
+            self._fn = self._compile()
+        q, k, v, blocks, _, mask, bias = args[:7]
+        for t in (q, k, v):  # batch and sequence lengths
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        if q.device.type != "cpu":  # the CPU kernel template miscompiles symbolic buffer sizes
+            for t in (mask, bias):
+                if t is not None:
+                    for dim in (0, 2, 3):
+                        if t.shape[dim] > 1:
+                            torch._dynamo.maybe_mark_dynamic(t, dim)
+        for t in blocks or ():
+            for dim in range(t.dim()):
+                if dim != 1:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        return self._fn(*args, self.static)
+
+
+_KERNELS: dict[Any, _Kernel] = {}
+_STATS = {"compiles": 0, "kernels": 0, "block_masks_built": 0, "block_mask_hits": 0}
+
+
+def compile_stats() -> dict[str, int]:
+    """Counters: ``compiles`` (graphs compiled by flexflash's kernels), ``kernels`` (kinds of call
+    seen), ``block_masks_built`` and ``block_mask_hits`` (cache hits)."""
+    return dict(_STATS)
+
+
+def reset() -> None:
+    """Forget every compiled kernel and cached block mask (for tests and benchmarks)."""
+    _KERNELS.clear()
+    _BLOCK_MASKS.clear()
+    for key in _STATS:
+        _STATS[key] = 0
+
+
+# --- block masks -----------------------------------------------------------------------------
+
+_BLOCK_MASKS: OrderedDict[Any, tuple[Tensor, ...]] = OrderedDict()
+
+
+def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense block flags ``(B, H, R, C)`` -> (count per row ``(B, H, R)``, column indices of the set
+    flags first ``(B, H, R, C)``), FlexAttention's BlockMask format."""
+    num = dense.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def _build_block_tensors(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int],
+                         device: torch.device) -> tuple[Tensor, ...]:
+    qb, kb = block
+    nqb, nkb = -(-Nq // qb), -(-Nk // kb)
+    partial = torch.zeros(B, H, nqb, nkb, dtype=torch.bool, device=device)
+    full = torch.zeros_like(partial)
+    rows = max(1, _MASK_CHUNK_ELEMENTS // max(1, B * H * qb * nkb * kb))  # query blocks per chunk
+    for r0 in range(0, nqb, rows):
+        r1 = min(nqb, r0 + rows)
+        q0, q1 = r0 * qb, min(Nq, r1 * qb)
+
+        def shifted(b, h, q_idx, kv_idx, _q0=q0):
+            return mask_fn(b, h, q_idx + _q0, kv_idx)
+
+        m = create_mask(shifted, B, H, q1 - q0, Nk, device)  # (B, H, q1 - q0, Nk)
+        m = F.pad(m, (0, nkb * kb - Nk, 0, (r1 - r0) * qb - (q1 - q0)))  # pad with False
+        m = m.view(B, H, r1 - r0, qb, nkb, kb)
+        some, every = m.any(dim=5).any(dim=3), m.all(dim=5).all(dim=3)
+        partial[:, :, r0:r1] = some & ~every
+        full[:, :, r0:r1] = every
+    # At least two blocks per dimension: the extra rows are empty and never visited by the kernel,
+    # and Dynamo then never specialises the kernel on a 1-block mask.
+    pad = (0, max(0, 2 - nkb), 0, max(0, 2 - nqb))
+    partial, full = F.pad(partial, pad), F.pad(full, pad)
+    kv_num, kv_idx = _ordered(partial)
+    full_kv_num, full_kv_idx = _ordered(full)
+    q_num, q_idx = _ordered(partial.transpose(-1, -2))
+    full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
+    _STATS["block_masks_built"] += 1
+    return kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx
+
+
+def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, mask_key, B: int, H: int,
+                   Nq: int, Nk: int, block: tuple[int, int], device: torch.device) -> tuple[Tensor, ...]:
+    # Which of batch and head the mask can depend on decides the block mask's (B, H) size.
+    by_batch = st.has_mask_mod or (st.mask_full is not None and st.mask_full[0])
+    by_head = st.has_mask_mod or (st.mask_full is not None and st.mask_full[1])
+    Bm, Hm = (B if by_batch else 1), (H if by_head else 1)
+    cacheable = mask_key is not None
+    key = (mask_key, st, offset, Bm, Hm, Nq, Nk, block, device)
+    if cacheable and key in _BLOCK_MASKS:
+        _BLOCK_MASKS.move_to_end(key)
+        _STATS["block_mask_hits"] += 1
+        return _BLOCK_MASKS[key]
+    mask_fn = compose_mask(st, offset, mask, mask_mod)
+    tensors = _build_block_tensors(mask_fn, Bm, Hm, Nq, Nk, block, device)
+    if cacheable:
+        _BLOCK_MASKS[key] = tensors
+        if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+            _BLOCK_MASKS.popitem(last=False)
+    return tensors
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+_OFFSETS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _offset_tensor(value: int, device: torch.device) -> Tensor:
+    key = (value, device)
+    t = _OFFSETS.get(key)
+    if t is None:
+        if len(_OFFSETS) > 4096:
+            _OFFSETS.clear()
+        t = _OFFSETS[key] = torch.tensor(value, dtype=torch.int32, device=device)
+    return t
+
+
+def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
+             mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
+             return_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """Runs one validated call (4-D q/k/v, 4-D broadcastable mask/bias) through compiled
+    FlexAttention. Returns ``(out, lse or None)``; lse in natural log, fp32."""
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[-2]
+    single_query = q.device.type == "cpu" and Nq == 1
+    st = Structure(
+        causal=causal,
+        mask_full=None if mask is None else tuple(s > 1 for s in mask.shape),
+        bias_full=None if bias is None else tuple(s > 1 for s in bias.shape),
+        has_mask_mod=mask_mod is not None,
+        has_score_mod=score_mod is not None,
+        single_query=single_query,
+    )
+    if single_query:
+        # The CPU FlexAttention template does not compile for a single query row: run two
+        # identical rows (the modifiers see query 0 for both) and keep the first.
+        q = q.expand(B, Hq, 2, q.shape[-1])
+    mask_fp = fingerprint(mask_mod) if mask_mod is not None else None
+    score_fp = fingerprint(score_mod) if score_mod is not None else None
+    options = tuple(sorted((kernel_options or {}).items()))
+    static_key = (st, block, scale, Hq != k.shape[1], return_lse, options)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bias))
+    kind = (static_key, q.device.type, q.dtype, grad, mask_fp, score_fp)
+    kernel = _KERNELS.get(kind)
+    if kernel is None:
+        label = "_".join(filter(None, [
+            "causal" if causal else "", "mask" if mask is not None else "", "bias" if bias is not None else "",
+            getattr(mask_mod, "__name__", "mask_mod") if mask_mod is not None else "",
+            getattr(score_mod, "__name__", "score_mod") if score_mod is not None else "",
+        ])) or "dense"
+        label = "".join(c if c.isalnum() else "_" for c in label)[:60]
+        kernel = _KERNELS[kind] = _Kernel(_Static(st, block, scale, Hq != k.shape[1], return_lse, options), label)
+        _STATS["kernels"] += 1
+
+    blocks = None
+    if st.masked:
+        pure = mask is None and _is_pure(mask_fp)
+        mask_key = mask_fp if pure else None
+        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_key, B, Hq, q.shape[-2], Nk, block, q.device)
+    offset = _offset_tensor(Nk - Nq, q.device) if causal else None
+    out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod)
+    if single_query:
+        out = out[:, :, :1]
+        lse = None if lse is None else lse[:, :, :1]
+    return out, lse

@@ -1,0 +1,88 @@
+"""Builds the mask and score functions of one call from its parts.
+
+The same composition serves every evaluation context: inside the compiled FlexAttention kernel
+(scalar indices, ``offset`` a 0-d tensor), in the eager block-mask builder (vmap) and in the
+memory-bounded CPU path (broadcast index grids). Keeping it in one place keeps the three paths in
+agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["Structure", "compose_mask", "compose_score", "index_broadcast"]
+
+
+def index_broadcast(t: Tensor, full: tuple[bool, ...], b, h, q_idx, kv_idx) -> Tensor:
+    """``t[b, h, q_idx, kv_idx]`` for a 4-D ``t`` whose size-1 dimensions broadcast (``full[d]``
+    is False for those, and they are indexed at 0)."""
+    idx = (b, h, q_idx, kv_idx)
+    return t[tuple(i if f else 0 for i, f in zip(idx, full))]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a call is made of, apart from tensor values and sequence lengths.
+
+    ``mask_full``/``bias_full`` say which dimensions of the 4-D mask/bias are full size (True) or
+    broadcast (False); ``None`` means absent. ``single_query`` marks a query block padded from one
+    row to two (the CPU kernel cannot compile a single query row), whose extra row must evaluate the
+    modifiers at query 0."""
+
+    causal: bool
+    mask_full: tuple[bool, ...] | None
+    bias_full: tuple[bool, ...] | None
+    has_mask_mod: bool
+    has_score_mod: bool
+    single_query: bool = False
+
+    @property
+    def masked(self) -> bool:
+        return self.causal or self.mask_full is not None or self.has_mask_mod
+
+    @property
+    def scored(self) -> bool:
+        return self.bias_full is not None or self.has_score_mod
+
+
+def compose_mask(st: Structure, offset, mask: Tensor | None, mask_mod):
+    """The call's mask function (``None`` when nothing is masked): causal (``j <= i + offset``),
+    the bool ``mask`` and the user's ``mask_mod``, and-ed."""
+    if not st.masked:
+        return None
+
+    def call_mask(b, h, q_idx, kv_idx):
+        if st.single_query:
+            q_idx = q_idx * 0
+        allowed = None
+        if st.causal:
+            allowed = kv_idx <= q_idx + offset
+        if st.mask_full is not None:
+            m = index_broadcast(mask, st.mask_full, b, h, q_idx, kv_idx)
+            allowed = m if allowed is None else allowed & m
+        if st.has_mask_mod:
+            m = mask_mod(b, h, q_idx, kv_idx)
+            allowed = m if allowed is None else allowed & m
+        return allowed
+
+    return call_mask
+
+
+def compose_score(st: Structure, bias: Tensor | None, score_mod):
+    """The call's score function (``None`` when scores are unmodified): ``+ bias``, then the
+    user's ``score_mod``."""
+    if not st.scored:
+        return None
+
+    def call_score(score, b, h, q_idx, kv_idx):
+        if st.single_query:
+            q_idx = q_idx * 0
+        if st.bias_full is not None:
+            score = score + index_broadcast(bias, st.bias_full, b, h, q_idx, kv_idx)
+        if st.has_score_mod:
+            score = score_mod(score, b, h, q_idx, kv_idx)
+        return score
+
+    return call_score
