@@ -206,7 +206,13 @@ class _Kernel:
         for t in (q, k, v):  # batch and sequence lengths
             torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
-        if q.device.type != "cpu":  # the CPU kernel template miscompiles symbolic buffer sizes
+        if q.device.type == "cpu":
+            # The CPU kernel template miscompiles buffers of symbolic size: on CPU, tensors read by
+            # the modifiers keep static shapes (a new shape of a mask or bias compiles anew).
+            for t in (mask, bias, *captured_tensors(args[7]), *captured_tensors(args[8])):
+                if t is not None:
+                    torch._dynamo.mark_static(t)
+        else:
             for t in (mask, bias):
                 if t is not None:
                     for dim in (0, 2, 3):
@@ -344,7 +350,12 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     static_key = (st, block, scale, Hq != k.shape[1], return_lse, options)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias))
-    kind = (static_key, q.device.type, q.dtype, grad, mask_fp, score_fp)
+    # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
+    heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
+    kind = (static_key, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp)
+    if q.device.type == "cpu":  # captured tensors have static shapes on CPU (see _Kernel.__call__)
+        kind += (tuple(tuple(t.shape) for t in (mask, bias, *captured_tensors(mask_mod), *captured_tensors(score_mod))
+                       if t is not None),)
     kernel = _KERNELS.get(kind)
     if kernel is None:
         label = "_".join(filter(None, [

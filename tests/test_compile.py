@@ -1,0 +1,84 @@
+"""The compile cache: no recompilation storms, never the unfused eager fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import flexflash
+from flexflash import mods
+from flexflash._compile import _KERNELS, _recompile_limit, compile_stats
+
+
+def _kernel_for(label_part):
+    return [kern for kern in _KERNELS.values() if label_part in kern.label]
+
+
+def test_eight_sequence_lengths_and_new_values_do_not_recompile_each_time():
+    torch._dynamo.utils.counters.clear()
+    gen = torch.Generator().manual_seed(0)
+    q0 = torch.randn(2, 2, 8, 16)
+    with torch.no_grad():
+        flexflash.attention(q0, q0, q0, causal=True, block_size=64)  # the kind's first compilation
+        before = compile_stats()["compiles"]
+        for n in (17, 33, 97, 130, 200, 300, 257, 64):
+            q = torch.randn(2, 2, n, 16, generator=gen)
+            k = torch.randn(2, 2, n + 7, 16, generator=gen)
+            out = flexflash.attention(q, k, k, causal=True, block_size=64)
+            torch.testing.assert_close(out, flexflash.reference.attention(q, k, k, causal=True))
+    # Dynamic shapes: at most one more graph (the size-1 specialisations are already behind).
+    assert compile_stats()["compiles"] - before <= 1
+
+
+def test_new_mask_and_bias_values_of_one_shape_reuse_the_kernel():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 40, 16, generator=gen)
+    with torch.no_grad():
+        flexflash.attention(q, q, q, mask=torch.rand(2, 40, generator=gen) > 0.5, bias=torch.randn(40, 40, generator=gen))
+        before = compile_stats()["compiles"]
+        for _ in range(5):
+            mask = torch.rand(2, 40, generator=gen) > 0.5
+            bias = torch.randn(40, 40, generator=gen)
+            out = flexflash.attention(q, q, q, mask=mask, bias=bias)
+            torch.testing.assert_close(out, flexflash.reference.attention(q, q, q, mask=mask, bias=bias))
+    assert compile_stats()["compiles"] == before
+
+
+def test_many_distinct_modifiers_never_fall_back_to_the_unfused_path():
+    # Ten window sizes (more than Dynamo's recompile limit of 8 for one code object): each is its
+    # own kind with its own compiled kernel; none runs FlexAttention's unfused eager path.
+    q = torch.randn(1, 2, 64, 16)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for w in range(1, 11):
+            out = flexflash.attention(q, q, q, mask_mod=mods.sliding_window(w))
+            torch.testing.assert_close(out, flexflash.reference.attention(q, q, q, mask_mod=mods.sliding_window(w)))
+    assert not [x for x in seen if "without torch.compile" in str(x.message)]
+    assert not [x for x in seen if "recompile" in str(x.message).lower()]
+    assert torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) > 0
+    for kern in _KERNELS.values():
+        assert kern.compiles <= 3, (kern.label, kern.compiles)
+
+
+def test_a_kind_that_exhausts_its_budget_starts_a_fresh_cache():
+    q = torch.randn(1, 1, 16, 8)
+    with torch.no_grad():
+        flexflash.attention(q, q, q, causal=True, block_size=16)
+        (kern,) = [x for x in _KERNELS.values() if x.static.block == (16, 16)]
+        kern.compiles = _recompile_limit()  # pretend the budget is spent
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = flexflash.attention(q, q, q, causal=True, block_size=16)
+    assert kern.generation == 1 and kern.compiles == 1
+    assert any("fresh compilation cache" in str(x.message) for x in seen)
+    torch.testing.assert_close(out, flexflash.reference.attention(q, q, q, causal=True))
+
+
+def test_index_only_block_masks_are_cached():
+    q = torch.randn(1, 2, 50, 16)
+    with torch.no_grad():
+        flexflash.attention(q, q, q, mask_mod=mods.sliding_window(5), block_size=32)
+        hits = compile_stats()["block_mask_hits"]
+        flexflash.attention(q, q, q, mask_mod=mods.sliding_window(5), block_size=32)
+    assert compile_stats()["block_mask_hits"] == hits + 1
