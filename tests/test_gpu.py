@@ -33,16 +33,20 @@ def _to_cuda(kw):
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+# Each (dtype, head dim) is its own compiled kernel; lengths within one reuse it.
+DTYPE_DIMS = [(torch.bfloat16, 64), (torch.bfloat16, 80), (torch.bfloat16, 128), (torch.float16, 128),
+              (torch.float32, 64), (torch.float16, 80)]
+
+
+@pytest.mark.parametrize("dtype,D", DTYPE_DIMS)
 @pytest.mark.parametrize("Nq,Nk", [(97, 1025), (1025, 97), (300, 300)])
-@pytest.mark.parametrize("D", [64, 80, 128])
 def test_causal_forward_backward(dtype, Nq, Nk, D):
     gen = torch.Generator().manual_seed(Nq * 7 + D)
     q, k, v = _inputs(2, 4, 2, Nq, Nk, D, dtype, gen)
     check_against_reference(q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", ["dense", "key_padding", "mask_4d", "bias_3d", "causal_mask_bias", "sliding_window",
                                   "prefix_lm", "document", "alibi_causal", "softcap_bias", "window_or_prefix"])
 def test_every_modifier_forward_backward(dtype, case):
