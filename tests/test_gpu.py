@@ -14,7 +14,6 @@ from .test_attention import case_kwargs
 
 pytestmark = pytest.mark.gpu
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, gen, grad=True):
