@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._compose import Structure, compose_mask, compose_score
+from .dropout import keep
 
 __all__ = ["chunked_attention"]
 
@@ -31,7 +32,7 @@ def _grids(B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.dev
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask_fn, score_fn, scale, chunks, *captured):
+    def forward(ctx, q, k, v, mask_fn, score_fn, scale, chunks, drop, *captured):
         # q (B, H, Nq, D); k (B, H, Nk, D); v (B, H, Nk, Dv): heads already expanded for GQA.
         B, H, Nq, _ = q.shape
         Nk, Dv = k.shape[2], v.shape[3]
@@ -54,20 +55,23 @@ class _ChunkedAttention(torch.autograd.Function):
                 m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
                 p = torch.exp(s - m_safe[..., None])  # 0 where s = -inf
                 alpha = torch.exp(m - m_safe)  # 0 while m = -inf
-                l = l * alpha + p.sum(dim=-1)
+                l = l * alpha + p.sum(dim=-1)  # the normaliser counts dropped entries too
+                if drop is not None:
+                    p = p * _kept(drop, B, H, q0, q1, k0, k1, q.device)
                 acc = acc * alpha[..., None] + p @ v[:, :, k0:k1].to(acc_dtype)
                 m = m_new
             seen = l > 0  # rows with at least one allowed, finite score
-            out[:, :, q0:q1] = torch.where(seen[..., None], acc / torch.where(seen, l, 1.0)[..., None], 0.0).to(q.dtype)
+            denom = l if drop is None else l * (1.0 - drop[1])  # P' = P * keep / (1 - p)
+            out[:, :, q0:q1] = torch.where(seen[..., None], acc / torch.where(seen, denom, 1.0)[..., None], 0.0).to(q.dtype)
             lse[:, :, q0:q1] = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf"))
         ctx.save_for_backward(q, k, v, out, lse, *captured)
-        ctx.mask_fn, ctx.score_fn, ctx.scale, ctx.chunks = mask_fn, score_fn, scale, chunks
+        ctx.mask_fn, ctx.score_fn, ctx.scale, ctx.chunks, ctx.drop = mask_fn, score_fn, scale, chunks, drop
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, *captured = ctx.saved_tensors
-        mask_fn, score_fn, scale, (qc, kc) = ctx.mask_fn, ctx.score_fn, ctx.scale, ctx.chunks
+        mask_fn, score_fn, scale, (qc, kc), drop = ctx.mask_fn, ctx.score_fn, ctx.scale, ctx.chunks, ctx.drop
         B, H, Nq, _ = q.shape
         Nk = k.shape[2]
         acc_dtype = lse.dtype
@@ -79,6 +83,7 @@ class _ChunkedAttention(torch.autograd.Function):
         if d_out is None:
             d_out = torch.zeros_like(out)
         # D_i = rowsum(dO_i * O_i) - dlse_i: the softmax-Jacobian term (dlse enters as d lse/d s = P).
+        # With dropout O = P' V, P' = P * keep / (1 - p), and still sum_j P_ij dP_ij = dO_i . O_i.
         delta = (d_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)
         if d_lse is not None:
             delta = delta - torch.where(torch.isneginf(lse), 0.0, d_lse.to(acc_dtype))
@@ -96,8 +101,13 @@ class _ChunkedAttention(torch.autograd.Function):
                 if s is None:
                     continue
                 p = torch.exp(s.detach() - safe_lse[:, :, q0:q1, None])  # (B, H, rows, cols)
-                dv[:, :, k0:k1] += p.transpose(-1, -2) @ doi
                 dp = doi @ vj.transpose(-1, -2)
+                if drop is not None:
+                    scaled_keep = _kept(drop, B, H, q0, q1, k0, k1, q.device) / (1.0 - drop[1])
+                    dv[:, :, k0:k1] += (p * scaled_keep).transpose(-1, -2) @ doi
+                    dp = dp * scaled_keep  # dL/dP = keep / (1 - p) * dL/dP'
+                else:
+                    dv[:, :, k0:k1] += p.transpose(-1, -2) @ doi
                 ds = p * (dp - delta[:, :, q0:q1, None])
                 if score_fn is not None:
                     grads = torch.autograd.grad(s, [raw, *want], ds, allow_unused=True)
@@ -109,7 +119,14 @@ class _ChunkedAttention(torch.autograd.Function):
                 dk[:, :, k0:k1] += scale * (ds.transpose(-1, -2) @ qi)
         it = iter(d_captured)
         d_cap = [next(it).to(t.dtype) if t.requires_grad else None for t in captured]
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, *d_cap)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, *d_cap)
+
+
+def _kept(drop, B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> Tensor:
+    """The dropout keep flags of one tile as 0/1 floats (B, H, rows, cols) (see flexflash.dropout)."""
+    params, _, dtype = drop
+    b, h, qi, kj = _grids(B, H, q0, q1, k0, k1, device)
+    return keep(params, H, b, h, qi, kj).to(dtype)
 
 
 def _modify(raw: Tensor, q0: int, q1: int, k0: int, k1: int, mask_fn, score_fn) -> Tensor | None:
@@ -136,11 +153,14 @@ def _scores(qi, k, q0, q1, k0, k1, mask_fn, score_fn, scale, acc_dtype) -> Tenso
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
                       bias: Tensor | None, mask_mod, score_mod, scale: float, chunks: tuple[int, int],
-                      captured: list[Tensor]) -> tuple[Tensor, Tensor]:
+                      captured: list[Tensor], dropout_p: float = 0.0,
+                      dropout_params: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention in ``chunks = (q_chunk, kv_chunk)`` tiles; returns ``(out, lse)``.
 
     Takes a validated call (4-D ``q/k/v``, 4-D broadcastable ``mask``/``bias``). ``captured`` are
-    tensors read by ``score_mod`` that may require grad."""
+    tensors read by ``score_mod`` that may require grad. With ``dropout_p > 0``, ``dropout_params``
+    (from :func:`flexflash.dropout.draw_seed`) decide which probabilities are kept; the lse is that
+    of the undropped attention."""
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hq != Hkv:  # GQA: query head h reads key/value head h // (Hq / Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -152,4 +172,6 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
     mask_fn = compose_mask(st, k.shape[2] - q.shape[2], mask, mask_mod)
     score_fn = compose_score(st, bias, score_mod)
     extra = ([bias] if bias is not None else []) + [t for t in captured if t is not bias]
-    return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, *extra)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    drop = (dropout_params, float(dropout_p), acc_dtype) if dropout_p > 0 else None
+    return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, drop, *extra)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 
+from . import dropout
 from ._compose import Structure, compose_mask, compose_score
 
 try:  # torch >= 2.9; the return_lse flag is deprecated there
@@ -137,27 +138,65 @@ class _Static:
     gqa: bool
     return_lse: bool
     kernel_options: tuple[tuple[str, Any], ...]
+    dropout: bool = False
 
 
-def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, static: _Static):
-    """The compiled body: FlexAttention with the call's composed mask and score functions."""
+def _flex(q, k, v, score_fn, block_mask, static: _Static, return_lse: bool):
+    options = dict(static.kernel_options) or None
+    kw = dict(score_mod=score_fn, block_mask=block_mask, scale=static.scale, enable_gqa=static.gqa,
+              kernel_options=options)
+    if not return_lse:
+        return flex_attention(q, k, v, **kw), None
+    if AuxRequest is not None:
+        out, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True), **kw)
+        return out, aux.lse
+    return flex_attention(q, k, v, return_lse=True, **kw)
+
+
+# Value head dim of the pass that only computes the undropped log-sum-exp (its output is unused;
+# 16 is the smallest head dim the kernels take).
+_LSE_ONLY_DV = 16
+
+
+def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop, static: _Static):
+    """The compiled body: FlexAttention with the call's composed mask and score functions.
+
+    With dropout (``drop = (params, keep_scale, keep_blocks)``), two passes compute it exactly:
+    one over the kept entries (the mask function also asks :func:`flexflash.dropout.keep`) gives
+    ``out'`` and its log-sum-exp ``L'``; one over every allowed entry, with a 16-wide zero value,
+    gives the undropped ``L``. Then ``out = out' * exp(L' - L) / (1 - p)``, differentiable through
+    both passes (FlexAttention's backward takes the gradient of its log-sum-exp)."""
     st = static.structure
+    Nq, Nk = q.shape[-2], k.shape[-2]
     mask_fn = compose_mask(st, offset, mask, mask_mod)
     score_fn = compose_score(st, bias, score_mod)
     block_mask = None
     if blocks is not None:
-        block_mask = BlockMask((q.shape[-2], k.shape[-2]), *blocks, static.block, mask_fn)
-    options = dict(static.kernel_options) or None
-    if not static.return_lse:
-        return flex_attention(q, k, v, score_mod=score_fn, block_mask=block_mask, scale=static.scale,
-                              enable_gqa=static.gqa, kernel_options=options), None
-    if AuxRequest is not None:
-        out, aux = flex_attention(q, k, v, score_mod=score_fn, block_mask=block_mask, scale=static.scale,
-                                  enable_gqa=static.gqa, kernel_options=options,
-                                  return_aux=AuxRequest(lse=True))
-        return out, aux.lse
-    return flex_attention(q, k, v, score_mod=score_fn, block_mask=block_mask, scale=static.scale,
-                          enable_gqa=static.gqa, kernel_options=options, return_lse=True)
+        block_mask = BlockMask((Nq, Nk), *blocks, static.block, mask_fn)
+    if drop is None:
+        return _flex(q, k, v, score_fn, block_mask, static, static.return_lse)
+
+    params, keep_scale, keep_blocks = drop
+    num_heads = q.shape[1]
+
+    def kept_fn(b, h, q_idx, kv_idx):
+        kept = dropout.keep(params, num_heads, b, h, q_idx, kv_idx)
+        return kept if mask_fn is None else kept & mask_fn(b, h, q_idx, kv_idx)
+
+    # Every visited block is partial for the kept pass (dropout reaches into every block).
+    kv_num, kv_idx, q_num, q_idx = keep_blocks
+    kept_mask = BlockMask((Nq, Nk), kv_num, kv_idx, None, None, q_num, q_idx, None, None, static.block, kept_fn)
+    v_zero = v.new_zeros(v.shape[0], v.shape[1], Nk, _LSE_ONLY_DV)
+    out_zero, lse = _flex(q, k, v_zero, score_fn, block_mask, static, True)
+    # FlexAttention's backward lowering fails on an output without gradient (torch 2.11-2.13):
+    # give the unused zero output a part in lse with weight 0, so its gradient is a zero tensor.
+    lse = lse + out_zero[..., 0].float() * 0.0
+    out_kept, lse_kept = _flex(q, k, v, score_fn, kept_mask, static, True)
+    # Rows with nothing allowed have lse = lse_kept = -inf and out_kept = 0: factor 0, no NaN.
+    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    factor = torch.exp(lse_kept - lse_safe) * keep_scale
+    out = (out_kept.float() * factor.unsqueeze(-1)).to(q.dtype)
+    return out, (lse if static.return_lse else None)
 
 
 class _Kernel:
@@ -218,7 +257,8 @@ class _Kernel:
                     for dim in (0, 2, 3):
                         if t.shape[dim] > 1:
                             torch._dynamo.maybe_mark_dynamic(t, dim)
-        for t in blocks or ():
+        drop = args[9]
+        for t in (*(blocks or ()), *(drop[2] if drop is not None else ())):
             for dim in range(t.dim()):
                 if dim != 1:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
@@ -256,12 +296,14 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     return num.contiguous(), idx.contiguous()
 
 
-def _build_block_tensors(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int],
-                         device: torch.device) -> tuple[Tensor, ...]:
+def _mask_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int],
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """Block flags of a mask function: (some allowed, all allowed), each ``(B, H, nqb, nkb)``,
+    evaluated in query chunks of bounded memory. Entries past the sequence ends count as masked."""
     qb, kb = block
     nqb, nkb = -(-Nq // qb), -(-Nk // kb)
-    partial = torch.zeros(B, H, nqb, nkb, dtype=torch.bool, device=device)
-    full = torch.zeros_like(partial)
+    some = torch.zeros(B, H, nqb, nkb, dtype=torch.bool, device=device)
+    every = torch.zeros_like(some)
     rows = max(1, _MASK_CHUNK_ELEMENTS // max(1, B * H * qb * nkb * kb))  # query blocks per chunk
     for r0 in range(0, nqb, rows):
         r1 = min(nqb, r0 + rows)
@@ -273,9 +315,30 @@ def _build_block_tensors(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple
         m = create_mask(shifted, B, H, q1 - q0, Nk, device)  # (B, H, q1 - q0, Nk)
         m = F.pad(m, (0, nkb * kb - Nk, 0, (r1 - r0) * qb - (q1 - q0)))  # pad with False
         m = m.view(B, H, r1 - r0, qb, nkb, kb)
-        some, every = m.any(dim=5).any(dim=3), m.all(dim=5).all(dim=3)
-        partial[:, :, r0:r1] = some & ~every
-        full[:, :, r0:r1] = every
+        some[:, :, r0:r1] = m.any(dim=5).any(dim=3)
+        every[:, :, r0:r1] = m.all(dim=5).all(dim=3)
+    return some, every
+
+
+def _tensor_flags(mask: Tensor, Nq: int, Nk: int, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Block flags of a 4-D bool ``mask`` (size-1 dimensions broadcast) by a reduction over the
+    tensor itself: ``(B|1, H|1, nqb|1, nkb|1)`` each. Incomplete edge blocks are never "all"."""
+    qb, kb = block
+    nqb, nkb = -(-Nq // qb), -(-Nk // kb)
+    Bm, Hm, Mq, Mk = mask.shape
+    m = F.pad(mask, (0, nkb * kb - Nk if Mk > 1 else 0, 0, nqb * qb - Nq if Mq > 1 else 0))
+    m = m.reshape(Bm, Hm, nqb if Mq > 1 else 1, qb if Mq > 1 else 1, nkb if Mk > 1 else 1, kb if Mk > 1 else 1)
+    some, every = m.any(dim=5).any(dim=3), m.all(dim=5).all(dim=3)
+    complete_q = torch.arange(1, nqb + 1, device=mask.device) * qb <= Nq
+    complete_k = torch.arange(1, nkb + 1, device=mask.device) * kb <= Nk
+    return some, every & complete_q[:, None] & complete_k[None, :]
+
+
+def _block_mask_tensors(some: Tensor, every: Tensor, union: bool) -> tuple[Tensor, ...]:
+    """FlexAttention's eight BlockMask tensors from block flags; with ``union``, four more: the
+    kv/q counts and indices of every visited block (partial or full) for the dropout pass."""
+    nqb, nkb = some.shape[-2:]
+    partial, full = some & ~every, every
     # At least two blocks per dimension: the extra rows are empty and never visited by the kernel,
     # and Dynamo then never specialises the kernel on a 1-block mask.
     pad = (0, max(0, 2 - nkb), 0, max(0, 2 - nqb))
@@ -285,50 +348,106 @@ def _build_block_tensors(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple
     q_num, q_idx = _ordered(partial.transpose(-1, -2))
     full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
     _STATS["block_masks_built"] += 1
-    return kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx
+    tensors = (kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)
+    if union:
+        tensors += _union_tensors(partial | full)
+    return tensors
 
 
-def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, mask_key, B: int, H: int,
-                   Nq: int, Nk: int, block: tuple[int, int], device: torch.device) -> tuple[Tensor, ...]:
-    # Which of batch and head the mask can depend on decides the block mask's (B, H) size.
-    by_batch = st.has_mask_mod or (st.mask_full is not None and st.mask_full[0])
-    by_head = st.has_mask_mod or (st.mask_full is not None and st.mask_full[1])
-    Bm, Hm = (B if by_batch else 1), (H if by_head else 1)
-    cacheable = mask_key is not None
-    key = (mask_key, st, offset, Bm, Hm, Nq, Nk, block, device)
-    if cacheable and key in _BLOCK_MASKS:
+def _union_tensors(visited: Tensor) -> tuple[Tensor, ...]:
+    kv_num, kv_idx = _ordered(visited)
+    q_num, q_idx = _ordered(visited.transpose(-1, -2))
+    return kv_num, kv_idx, q_num, q_idx
+
+
+def _dense_union(Nq: int, Nk: int, block: tuple[int, int], device: torch.device) -> tuple[Tensor, ...]:
+    """Every block visited (an unmasked call with dropout), padded to two blocks per dimension."""
+    key = ("dense-union", Nq, Nk, block, device)
+    hit = _cache_get(key)
+    if hit is not None:
+        return hit
+    nqb, nkb = -(-Nq // block[0]), -(-Nk // block[1])
+    visited = torch.ones(1, 1, nqb, nkb, dtype=torch.bool, device=device)
+    visited = F.pad(visited, (0, max(0, 2 - nkb), 0, max(0, 2 - nqb)))
+    return _cache_put(key, _union_tensors(visited))
+
+
+def _cache_get(key):
+    if key in _BLOCK_MASKS:
         _BLOCK_MASKS.move_to_end(key)
         _STATS["block_mask_hits"] += 1
         return _BLOCK_MASKS[key]
-    mask_fn = compose_mask(st, offset, mask, mask_mod)
-    tensors = _build_block_tensors(mask_fn, Bm, Hm, Nq, Nk, block, device)
-    if cacheable:
-        _BLOCK_MASKS[key] = tensors
-        if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
-            _BLOCK_MASKS.popitem(last=False)
+    return None
+
+
+def _cache_put(key, value):
+    _BLOCK_MASKS[key] = value
+    if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+        _BLOCK_MASKS.popitem(last=False)
+    return value
+
+
+def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pure: bool, mask_fp, B: int, H: int,
+                   Nq: int, Nk: int, block: tuple[int, int], device: torch.device,
+                   union: bool = False) -> tuple[Tensor, ...]:
+    """The block mask of a call, from up to two parts whose flags are and-ed: the mask functions
+    (causal and the mask_mod; cached by fingerprint and shape when they read no tensors) and the
+    ``mask`` tensor (a reduction over the tensor, per call). "Some allowed" of a conjunction is
+    bounded by the conjunction of the parts' flags, so a block may be visited and found empty,
+    never skipped wrongly; "all allowed" is exact."""
+    key = (mask_fp, st, offset, B, H, Nq, Nk, block, device, union)
+    if pure and mask is None:
+        hit = _cache_get(key)
+        if hit is not None:
+            return hit
+    some = every = None
+    fn_st = Structure(causal=st.causal, mask_full=None, bias_full=None, has_mask_mod=st.has_mask_mod,
+                      has_score_mod=False, single_query=st.single_query)
+    if fn_st.masked:
+        # A mask_mod may depend on batch and head: its flags are (B, H); causal alone is (1, 1).
+        Bm, Hm = (B, H) if st.has_mask_mod else (1, 1)
+        fn_key = ("flags", mask_fp, fn_st, offset, Bm, Hm, Nq, Nk, block, device)
+        flags = _cache_get(fn_key) if pure else None
+        if flags is None:
+            flags = _mask_flags(compose_mask(fn_st, offset, None, mask_mod), Bm, Hm, Nq, Nk, block, device)
+            if pure:
+                _cache_put(fn_key, flags)
+        some, every = flags
+    if mask is not None:
+        t_some, t_every = _tensor_flags(mask, Nq, Nk, block)
+        some = t_some if some is None else some & t_some
+        every = t_every if every is None else every & t_every
+    tensors = _block_mask_tensors(some, every, union)
+    if pure and mask is None:
+        _cache_put(key, tensors)
     return tensors
 
 
 # --- entry point -----------------------------------------------------------------------------
 
-_OFFSETS: dict[tuple[int, torch.device], Tensor] = {}
+_SCALARS: dict[tuple[Any, torch.dtype, torch.device], Tensor] = {}
 
 
-def _offset_tensor(value: int, device: torch.device) -> Tensor:
-    key = (value, device)
-    t = _OFFSETS.get(key)
+def _scalar_tensor(value, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-d tensor (the causal offset, the dropout scale): a new value is a new tensor
+    value, not a recompilation, and repeated values cost no host-to-device copy."""
+    key = (value, dtype, device)
+    t = _SCALARS.get(key)
     if t is None:
-        if len(_OFFSETS) > 4096:
-            _OFFSETS.clear()
-        t = _OFFSETS[key] = torch.tensor(value, dtype=torch.int32, device=device)
+        if len(_SCALARS) > 4096:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(value, dtype=dtype, device=device)
     return t
 
 
 def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
              mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
-             return_lse: bool) -> tuple[Tensor, Tensor | None]:
+             return_lse: bool, dropout_p: float = 0.0,
+             dropout_params: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Runs one validated call (4-D q/k/v, 4-D broadcastable mask/bias) through compiled
-    FlexAttention. Returns ``(out, lse or None)``; lse in natural log, fp32."""
+    FlexAttention. Returns ``(out, lse or None)``; lse in natural log, fp32. With ``dropout_p > 0``
+    (CUDA only: it needs the log-sum-exp, which the CPU kernel does not return), ``dropout_params``
+    come from :func:`flexflash.dropout.draw_seed`."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[-2]
     single_query = q.device.type == "cpu" and Nq == 1
@@ -354,7 +473,8 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     mask_fp = fingerprint(mask_mod) if mask_mod is not None else None
     score_fp = fingerprint(score_mod) if score_mod is not None else None
     options = tuple(sorted((kernel_options or {}).items()))
-    static_key = (st, block, scale, Hq != k.shape[1], return_lse, options)
+    use_dropout = dropout_p > 0
+    static_key = (st, block, scale, Hq != k.shape[1], return_lse, options, use_dropout)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias))
     # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
@@ -369,18 +489,25 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
             "causal" if causal else "", "mask" if mask is not None else "", "bias" if bias is not None else "",
             getattr(mask_mod, "__name__", "mask_mod") if mask_mod is not None else "",
             getattr(score_mod, "__name__", "score_mod") if score_mod is not None else "",
+            "dropout" if use_dropout else "",
         ])) or "dense"
         label = "".join(c if c.isalnum() else "_" for c in label)[:60]
-        kernel = _KERNELS[kind] = _Kernel(_Static(st, block, scale, Hq != k.shape[1], return_lse, options), label)
+        kernel = _KERNELS[kind] = _Kernel(
+            _Static(st, block, scale, Hq != k.shape[1], return_lse, options, use_dropout), label)
         _STATS["kernels"] += 1
 
     blocks = None
     if st.masked:
         pure = mask is None and _is_pure(mask_fp)
-        mask_key = mask_fp if pure else None
-        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_key, B, Hq, q.shape[-2], Nk, block, q.device)
-    offset = _offset_tensor(Nk - Nq, q.device) if causal else None
-    out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod)
+        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, pure, mask_fp, B, Hq, q.shape[-2], Nk, block, q.device,
+                                union=use_dropout)
+    drop = None
+    if use_dropout:
+        keep_blocks = blocks[8:] if blocks is not None else _dense_union(q.shape[-2], Nk, block, q.device)
+        blocks = blocks[:8] if blocks is not None else None
+        drop = (dropout_params, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device), keep_blocks)
+    offset = _scalar_tensor(Nk - Nq, torch.int32, q.device) if causal else None
+    out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     if single_query:
         out = out[:, :, :1]
         lse = None if lse is None else lse[:, :, :1]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import reference
+from . import dropout, reference
 from ._checks import block_sizes, describe, normalize
 from ._chunked import chunked_attention
 from ._compile import captured_tensors, run_flex
@@ -99,8 +99,12 @@ def attention(
             :mod:`flexflash.mods`; combined with the arguments above (``and`` for masks, score
             modifiers applied after the bias). Tensors they capture must be on q's device.
         scale: softmax scale (a finite float); default ``D ** -0.5``.
-        dropout_p: attention dropout probability; must be 0 for now (dropout is not implemented
-            yet and any other value raises ``NotImplementedError``).
+        dropout_p: attention dropout probability in ``[0, 1)``: the probabilities become
+            ``P * keep / (1 - dropout_p)`` with ``keep`` Bernoulli(1 - dropout_p) per
+            ``(b, h, i, j)``, the same in the backward pass, drawn from the default generator of q's
+            device (``torch.manual_seed`` reproduces it; every call draws anew). Applied whenever
+            it is > 0 (a module decides by its training flag). Exact, and no ``(Nq, Nk)`` tensor is
+            stored: see :mod:`flexflash.dropout`. ``lse`` stays that of the undropped attention.
         block_size: ``int`` or ``(q_block, kv_block)``, the sparsity block of the block mask (the
             granularity at which fully masked tiles are skipped) and, on the memory-bounded path,
             the tile size. Results do not depend on it. Default ``(128, 128)`` on the FlexAttention
@@ -108,7 +112,8 @@ def attention(
         kernel_options: passed to FlexAttention (e.g. ``{"BACKEND": "FLASH"}``); keys are checked.
         return_lse: also return the natural-log log-sum-exp of each query row.
         backend: ``"auto"`` (the fastest correct path: compiled FlexAttention, or on CPU with
-            gradients or ``return_lse`` the exact memory-bounded path, which it announces once),
+            gradients, ``return_lse`` or dropout the exact memory-bounded path, which it announces
+            once),
             ``"flex"`` (compiled FlexAttention; raises where it cannot run) or ``"reference"``
             (the eager oracle of :mod:`flexflash.reference`).
 
@@ -129,32 +134,38 @@ def attention(
         unknown = sorted(set(kernel_options) - known) if known else []
         if unknown:
             raise ValueError(f"kernel_options: unknown option(s) {unknown}; expected keys among {sorted(known)}")
-    if dropout_p > 0:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p}: attention dropout is not implemented yet; pass dropout_p=0.0")
+    dropout_p = float(dropout_p)
 
     common = dict(causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod, score_mod=score_mod)
     if backend == "reference" or 0 in (p.batch, p.q_len, p.kv_len):
-        # Empty problems are exact and free on the reference path.
-        return reference.attention(p.q, p.k, p.v, scale=p.scale, return_lse=return_lse, **common)
+        # Empty problems are exact and free on the reference path (which draws the dropout seed
+        # the same way).
+        return reference.attention(p.q, p.k, p.v, scale=p.scale, dropout_p=dropout_p, return_lse=return_lse,
+                                   **common)
+    # One draw per call from the device's default generator, on every path (see flexflash.dropout).
+    drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None)
 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.bias, *captured))
     on_cpu = p.q.device.type == "cpu"
-    if on_cpu and (needs_grad or return_lse):
-        why = "inputs that require grad" if needs_grad else "return_lse=True"
+    if on_cpu and (needs_grad or return_lse or dropout_p > 0):
+        why = ("inputs that require grad" if needs_grad else "return_lse=True" if return_lse
+               else f"dropout_p={dropout_p}")
         if backend == "flex":
+            missing = "backward pass" if needs_grad else "log-sum-exp output"
+            if not (needs_grad or return_lse):
+                missing += " (exact dropout needs it)"
             raise NotImplementedError(
-                f"backend='flex': compiled FlexAttention has no {'backward pass' if needs_grad else 'log-sum-exp output'} "
-                f"on CPU in torch {torch.__version__} ({why}); use backend='auto' (exact memory-bounded "
-                f"path) or backend='reference'\n{describe(q=p.q, k=p.k, v=p.v)}")
+                f"backend='flex': compiled FlexAttention has no {missing} on CPU in torch {torch.__version__} "
+                f"({why}); use backend='auto' (exact memory-bounded path) or backend='reference'\n"
+                f"{describe(q=p.q, k=p.k, v=p.v)}")
         _note_once("cpu-chunked", f"flexflash: CPU call with {why}: compiled FlexAttention cannot do this on CPU in "
                                   f"torch {torch.__version__}, so the exact memory-bounded tiled path is used "
                                   "(this message is shown once)")
         out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=block_sizes(block_size, _DEFAULT_CHUNKS),
-                                     captured=captured, **common)
+                                     captured=captured, **common, **drop)
         return (out, lse) if return_lse else out
 
     out, lse = run_flex(p.q, p.k, p.v, scale=p.scale, block=block_sizes(block_size),
-                        kernel_options=kernel_options, return_lse=return_lse, **common)
+                        kernel_options=kernel_options, return_lse=return_lse, **common, **drop)
     return (out, lse) if return_lse else out

@@ -11,6 +11,7 @@ Semantics (see SPEC §2)::
     s   = score_mod(s, b, h, i, j)    # if given
     ok  = causal & mask & mask_mod    # causal: j <= i + (Nk - Nq)  (bottom-right)
     P   = softmax(where(ok, s, -inf)) # a row with no allowed key is all zeros, its lse is -inf
+    P   = P * keep / (1 - dropout_p)  # if dropout_p > 0; keep from flexflash.dropout
     out = P @ v                       # (B, Hq, Nq, Dv) in q's dtype
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import dropout
 from ._checks import normalize
 
 __all__ = ["attention", "index_grids"]
@@ -42,12 +44,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Te
 
     Shapes: ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)`` or ``(B, Nk, D)``, ``v`` like ``k`` with
     ``Dv``; returns ``(B, Hq, Nq, Dv)`` and, with ``return_lse``, the fp32 (fp64 for fp64 inputs)
-    log-sum-exp ``(B, Hq, Nq)``."""
+    log-sum-exp ``(B, Hq, Nq)`` (of the attention before dropout).
+
+    With ``dropout_p > 0`` the seed is drawn from the default generator of q's device exactly as
+    :func:`flexflash.attention` draws it, so after the same ``torch.manual_seed`` both drop the same
+    entries."""
     p = normalize(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, block_size=None,
                   backend="reference")
-    if dropout_p > 0:
-        raise NotImplementedError("dropout_p > 0 is not implemented yet: attention dropout is planned "
-                                  "for the next release; pass dropout_p=0.0")
     compute = torch.float64 if p.q.dtype == torch.float64 else torch.float32
     B, Hq, Nq, _ = p.q.shape
     Nk = p.kv_len
@@ -77,5 +80,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Te
     finite_lse = torch.logsumexp(s.masked_fill(empty, 0.0), dim=-1, keepdim=True)
     probs = torch.exp(s - finite_lse)  # exactly 0 on masked entries and empty rows
     lse = finite_lse.masked_fill(empty, float("-inf")).squeeze(-1)  # (B, Hq, Nq)
+    if dropout_p > 0:
+        params = dropout.draw_seed(dropout_p, p.q.device)
+        probs = probs * dropout.keep(params, Hq, b, h, i, j).to(compute) / (1.0 - dropout_p)
     out = (probs @ v4.to(compute)).to(p.q.dtype)
     return (out, lse) if return_lse else out

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 import flexflash
+
+
+def seed_of(*parts) -> int:
+    """A seed derived from test parameters, stable across processes (unlike ``hash`` of a str)."""
+    return zlib.crc32(repr(parts).encode())
 
 # Absolute floors added to "2x the reference's own error": where the reference happens to be
 # (nearly) exact against fp64, a kernel that sums in a different order still differs by a few
@@ -40,13 +47,18 @@ def assert_close_to_golden(name, got, ref, golden, dtype, factor=2.0):
     assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (reference's own error {ref_err:.3g})"
 
 
-def check_against_reference(q, k, v, *, grads=True, dtype=None, **kw):
+def check_against_reference(q, k, v, *, grads=True, dtype=None, dropout_seed=0, **kw):
     """Runs flexflash.attention (auto backend) and the reference in the test dtype and in fp64;
-    compares outputs (and, with ``grads``, gradients of every input that requires grad)."""
+    compares outputs (and, with ``grads``, gradients of every input that requires grad). With
+    ``dropout_p`` in ``kw``, every call starts from ``torch.manual_seed(dropout_seed)``, so all
+    three drop the same entries."""
     dtype = dtype or q.dtype
     leaves = {n: t for n, t in dict(q=q, k=k, v=v, bias=kw.get("bias")).items()
               if isinstance(t, torch.Tensor) and t.requires_grad}
+    reseed = (lambda: torch.manual_seed(dropout_seed)) if kw.get("dropout_p", 0) > 0 else (lambda: None)
+    reseed()
     out = flexflash.attention(q, k, v, **kw)
+    reseed()
     ref = flexflash.reference.attention(q, k, v, **{a: b for a, b in kw.items() if a not in ("block_size", "backend", "kernel_options")})
     kw64 = {a: as64(b) for a, b in kw.items() if a not in ("block_size", "backend", "kernel_options")}
     q64, k64, v64 = as64(q), as64(k), as64(v)
@@ -54,6 +66,7 @@ def check_against_reference(q, k, v, *, grads=True, dtype=None, **kw):
         leaves64 = dict(q=q64, k=k64, v=v64, bias=kw64["bias"])
     else:
         leaves64 = dict(q=q64, k=k64, v=v64)
+    reseed()
     gold = flexflash.reference.attention(q64, k64, v64, **kw64)
     assert out.dtype == q.dtype
     assert_close_to_golden("out", out, ref, gold, dtype)

@@ -82,3 +82,34 @@ def test_index_only_block_masks_are_cached():
         hits = compile_stats()["block_mask_hits"]
         flexflash.attention(q, q, q, mask_mod=mods.sliding_window(5), block_size=32)
     assert compile_stats()["block_mask_hits"] == hits + 1
+
+
+def _dense(num, idx, nkb):
+    """BlockMask (counts, indices) back to dense block flags (B, H, rows, nkb)."""
+    cols = torch.arange(idx.shape[-1])
+    flags = torch.zeros(*idx.shape[:-1], max(nkb, idx.shape[-1]), dtype=torch.bool)
+    flags.scatter_(-1, idx.long(), cols < num[..., None])
+    return flags[..., :nkb]
+
+
+def test_block_mask_of_tensor_mask_and_causal_is_safe():
+    """Flags built from the mask tensor's reduction and-ed with the causal flags: every block with an
+    allowed entry is visited and exactly the fully allowed blocks skip the mask function, also at
+    incomplete edge blocks and for broadcast masks."""
+    from flexflash._compile import _block_tensors, _mask_flags
+    from flexflash._compose import Structure, compose_mask
+    gen = torch.Generator().manual_seed(3)
+    Nq, Nk, block = 70, 100, (16, 32)
+    for shape in [(2, 1, Nq, Nk), (2, 1, 1, Nk), (1, 3, Nq, 1)]:
+        mask = torch.rand(*shape, generator=gen) > 0.3
+        mask[..., :1, :] = True  # some blocks fully allowed
+        st = Structure(causal=True, mask_full=tuple(s > 1 for s in shape), bias_full=None, has_mask_mod=False,
+                       has_score_mod=False)
+        t = _block_tensors(st, Nk - Nq, mask, None, True, None, 2, 3, Nq, Nk, block, torch.device("cpu"))
+        some, every = _mask_flags(compose_mask(st, Nk - Nq, mask, None), 2, 3, Nq, Nk, block, torch.device("cpu"))
+        nqb, nkb = some.shape[-2:]
+        partial = _dense(t[0], t[1], nkb)[..., :nqb, :]
+        full = _dense(t[2], t[3], nkb)[..., :nqb, :]
+        assert torch.equal((full.expand_as(every)), every)
+        visited = (partial | full).expand_as(some)
+        assert (visited | ~some).all()  # no block with an allowed entry is skipped

@@ -9,7 +9,7 @@ import torch
 import flexflash
 from flexflash import mods
 
-from .helpers import check_against_reference, randn
+from .helpers import check_against_reference, randn, seed_of
 from .test_attention import case_kwargs
 
 pytestmark = pytest.mark.gpu
@@ -49,7 +49,7 @@ def test_causal_forward_backward(dtype, Nq, Nk, D):
 @pytest.mark.parametrize("case", ["dense", "key_padding", "mask_4d", "bias_3d", "causal_mask_bias", "sliding_window",
                                   "prefix_lm", "document", "alibi_causal", "softcap_bias", "window_or_prefix"])
 def test_every_modifier_forward_backward(dtype, case):
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    gen = torch.Generator().manual_seed(seed_of(case))
     q, k, v = _inputs(2, 4, 2, 97, 1025, 64, dtype, gen)
     kw = case_kwargs(case, 2, 4, 97, 1025, gen, grad=True)
     kw = _to_cuda(kw)
@@ -101,3 +101,59 @@ def test_lengths_do_not_recompile_on_gpu():
         q = torch.randn(2, 4, n, 64, device="cuda", dtype=torch.bfloat16)
         flexflash.attention(q, q, q, causal=True, mask=torch.rand(2, n, device="cuda") > 0.2)
     assert flexflash.compile_stats()["compiles"] - before <= 3
+
+
+# --- dropout: the two-pass FlexAttention scheme, compiled ------------------------------------
+
+@pytest.mark.parametrize("dtype,case", [
+    (torch.bfloat16, "causal"), (torch.bfloat16, "causal_mask_bias"), (torch.bfloat16, "sliding_window"),
+    (torch.bfloat16, "document"), (torch.float16, "key_padding"), (torch.float32, "alibi_causal")])
+def test_dropout_matches_reference_on_the_same_seed(dtype, case):
+    gen = torch.Generator().manual_seed(seed_of("dropout", case))
+    q, k, v = _inputs(2, 4, 2, 97, 1025, 64, dtype, gen)
+    kw = _to_cuda(case_kwargs(case, 2, 4, 97, 1025, gen, grad=True))
+    for name in ("mask_mod", "score_mod"):
+        if name in kw:
+            kw[name] = _cuda_mod(case, gen)
+    check_against_reference(q, k, v, dropout_p=0.2, dropout_seed=seed_of(case), **kw)
+
+
+@pytest.mark.parametrize("B,H,Nq,q_start", [(1, 2, 70_000, 0), (300, 256, 32, 0)])
+def test_dropout_keep_bits_match_the_eager_hash(B, H, Nq, q_start):
+    """The kernel's dropped entries are exactly flexflash.dropout.keep's, also for a query index
+    past 65,536 and B * H past 65,536; the lse is the undropped one."""
+    from flexflash import dropout
+    from flexflash.reference import index_grids
+    Nk = 32
+    gen = torch.Generator().manual_seed(B)
+    q = randn(B, H, Nq, 16, device="cuda", gen=gen)
+    k = randn(B, H, Nk, 16, device="cuda", gen=gen)
+    eye = torch.eye(Nk, device="cuda").expand(B, H, Nk, Nk)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        dropped, lse = flexflash.attention(q, k, eye, dropout_p=0.3, return_lse=True)
+        probs, want_lse = flexflash.reference.attention(q, k, eye, return_lse=True)
+    torch.manual_seed(9)
+    params = dropout.draw_seed(0.3, "cuda")
+    keep = dropout.keep(params, H, *index_grids(B, H, Nq, Nk, "cuda"))
+    assert torch.equal(dropped != 0, keep)  # every probability is positive here
+    torch.testing.assert_close(dropped[keep], (probs / 0.7)[keep], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert abs((~keep).float().mean().item() - 0.3) < 0.01
+
+
+def test_dropout_mqa_with_lse_and_fully_masked_rows():
+    gen = torch.Generator().manual_seed(5)
+    q = randn(2, 8, 130, 64, dtype=torch.bfloat16, device="cuda", gen=gen, grad=True)
+    k = randn(2, 130, 64, dtype=torch.bfloat16, device="cuda", gen=gen, grad=True)
+    v = randn(2, 130, 64, dtype=torch.bfloat16, device="cuda", gen=gen, grad=True)
+    mask = torch.ones(2, 1, 130, 130, dtype=torch.bool, device="cuda")
+    mask[:, :, :9] = False  # rows with nothing allowed: zeros, lse -inf, zero finite gradients
+    check_against_reference(q, k, v, mask=mask, causal=True, dropout_p=0.5, dropout_seed=1)
+    torch.manual_seed(1)
+    out, lse = flexflash.attention(q, k, v, mask=mask, causal=True, dropout_p=0.5, return_lse=True)
+    _, want = flexflash.reference.attention(q, k, v, mask=mask, causal=True, return_lse=True)
+    torch.testing.assert_close(lse, want, rtol=1e-3, atol=1e-3)
+    assert (out[:, :, :9] == 0).all() and torch.isneginf(lse[:, :, :9]).all()
+    dq, dk, dv = torch.autograd.grad(out.float().sum() + lse[:, :, 9:].sum(), [q, k, v])
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv)) and (dq[:, :, :9] == 0).all()
