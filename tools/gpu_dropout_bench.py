@@ -24,6 +24,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--p", type=float, default=0.1)
+    parser.add_argument("--cases", default="causal,causal + key padding,key padding",
+                        help="comma-separated subset of the cases")
     args = parser.parse_args()
     B, H, N, D, p = 4, 16, 4096, 128, args.p
     dev = "cuda"
@@ -37,6 +39,8 @@ def main():
         ("causal + key padding", dict(causal=True, mask=padding), dict(attn_mask=tri & padding[:, None, None, :])),
         ("key padding", dict(mask=padding), dict(attn_mask=padding[:, None, None, :])),
     ]
+    wanted = [c.strip() for c in args.cases.split(",")]
+    cases = [c for c in cases if c[0] in wanted]
     rows = []
     for name, ff_kw, sdpa_kw in cases:
         for direction in ("fwd", "fwd+bwd"):
@@ -49,7 +53,7 @@ def main():
                 try:
                     fn()
                     torch.cuda.synchronize()
-                    times[label] = do_bench(fn, warmup=50, rep=300, return_mode="median")
+                    times[label] = do_bench(fn, warmup=25, rep=150, return_mode="median")
                 except RuntimeError as e:  # a backend that does not take the case
                     times[label] = None
                     print(f"{name} {direction} {label}: {str(e).splitlines()[0][:120]}")
