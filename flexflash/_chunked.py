@@ -38,7 +38,10 @@ class _ChunkedAttention(torch.autograd.Function):
         Nk, Dv = k.shape[2], v.shape[3]
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         qc, kc = chunks
-        out = torch.zeros(B, H, Nq, Dv, dtype=q.dtype, device=q.device)
+        # The output is kept in the accumulation dtype for the backward pass: its softmax term
+        # D_i = dO_i . O_i taken from an output rounded to bf16/fp16 would be off by the rounding
+        # (visible where O is not representable, e.g. a single key with dropout scaling).
+        out = torch.zeros(B, H, Nq, Dv, dtype=acc_dtype, device=q.device)
         lse = torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype, device=q.device)
         for q0 in range(0, Nq, qc):
             q1 = min(Nq, q0 + qc)
@@ -62,11 +65,11 @@ class _ChunkedAttention(torch.autograd.Function):
                 m = m_new
             seen = l > 0  # rows with at least one allowed, finite score
             denom = l if drop is None else l * (1.0 - drop[1])  # P' = P * keep / (1 - p)
-            out[:, :, q0:q1] = torch.where(seen[..., None], acc / torch.where(seen, denom, 1.0)[..., None], 0.0).to(q.dtype)
+            out[:, :, q0:q1] = torch.where(seen[..., None], acc / torch.where(seen, denom, 1.0)[..., None], 0.0)
             lse[:, :, q0:q1] = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf"))
         ctx.save_for_backward(q, k, v, out, lse, *captured)
         ctx.mask_fn, ctx.score_fn, ctx.scale, ctx.chunks, ctx.drop = mask_fn, score_fn, scale, chunks, drop
-        return out, lse
+        return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):

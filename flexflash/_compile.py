@@ -162,7 +162,7 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     """The compiled body: FlexAttention with the call's composed mask and score functions.
 
     With dropout (``drop = (params, keep_scale, keep_blocks)``), two passes compute it exactly:
-    one over the kept entries (the mask function also asks :func:`flexflash.dropout.keep`) gives
+    one over the kept entries (the mask function also asks :func:`flexflash.dropout.entry_keep`) gives
     ``out'`` and its log-sum-exp ``L'``; one over every allowed entry, with a 16-wide zero value,
     gives the undropped ``L``. Then ``out = out' * exp(L' - L) / (1 - p)``, differentiable through
     both passes (FlexAttention's backward takes the gradient of its log-sum-exp)."""
@@ -176,11 +176,12 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     if drop is None:
         return _flex(q, k, v, score_fn, block_mask, static, static.return_lse)
 
-    params, keep_scale, keep_blocks = drop
-    num_heads = q.shape[1]
+    params, (row1, row2, col), keep_scale, keep_blocks = drop
+    thr = params[3]
 
     def kept_fn(b, h, q_idx, kv_idx):
-        kept = dropout.keep(params, num_heads, b, h, q_idx, kv_idx)
+        # Only the short per-entry step of the hash runs here (see flexflash.dropout).
+        kept = dropout.entry_keep(row1[b, h, q_idx], row2[b, h, q_idx], col[kv_idx], thr)
         return kept if mask_fn is None else kept & mask_fn(b, h, q_idx, kv_idx)
 
     # Every visited block is partial for the kept pass (dropout reaches into every block).
@@ -258,10 +259,15 @@ class _Kernel:
                         if t.shape[dim] > 1:
                             torch._dynamo.maybe_mark_dynamic(t, dim)
         drop = args[9]
-        for t in (*(blocks or ()), *(drop[2] if drop is not None else ())):
+        for t in (*(blocks or ()), *(drop[3] if drop is not None else ())):
             for dim in range(t.dim()):
                 if dim != 1:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
+        if drop is not None:  # the hash words: (B, H, Nq) twice and (Nk,)
+            for t in drop[1]:
+                for dim in range(t.dim()):
+                    if dim != 1 or t.dim() == 1:
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
         return self._fn(*args, self.static)
 
 
@@ -440,6 +446,30 @@ def _scalar_tensor(value, dtype: torch.dtype, device: torch.device) -> Tensor:
     return t
 
 
+def _words_flat(params: Tensor, rows: Tensor, q_len: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The dropout hash's row words of flat rows ``r = (b * H + h) * Nq + i`` and column words."""
+    bh, i = rows // q_len, rows % q_len  # b * H + h is what row_words needs of (b, h)
+    r1, r2 = dropout.row_words(params, 1, bh, torch.zeros_like(bh), i)
+    return r1, r2, dropout.column_word(params, cols)
+
+
+# The hash words are computed by one small compiled kernel per call (dynamic 1-D shapes, a handful
+# of graphs in all), outside the attention kernel: computed inside it, the torch 2.11 flex lowering
+# can meet their intermediate buffers unfrozen, and inlined into the mask function their expression
+# tree makes compilation take minutes.
+_words_compiled = torch.compile(_words_flat, dynamic=True, fullgraph=True)
+
+
+def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int,
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Row words ``(B, H, Nq)`` (two) and column words ``(Nk,)`` of the dropout hash for one call."""
+    rows = torch.arange(B * H * Nq, device=device, dtype=torch.int32)
+    cols = torch.arange(Nk, device=device, dtype=torch.int32)
+    fn = _words_compiled if device.type == "cuda" else _words_flat
+    r1, r2, c = fn(params, rows, _scalar_tensor(Nq, torch.int32, device), cols)
+    return r1.view(B, H, Nq), r2.view(B, H, Nq), c
+
+
 def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
              mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
              return_lse: bool, dropout_p: float = 0.0,
@@ -505,7 +535,8 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     if use_dropout:
         keep_blocks = blocks[8:] if blocks is not None else _dense_union(q.shape[-2], Nk, block, q.device)
         blocks = blocks[:8] if blocks is not None else None
-        drop = (dropout_params, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device), keep_blocks)
+        words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device)
+        drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device), keep_blocks)
     offset = _scalar_tensor(Nk - Nq, torch.int32, q.device) if causal else None
     out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     if single_query:

@@ -16,18 +16,27 @@ The seed is four int32 words drawn by :func:`draw_seed` from the default generat
 threshold, so a new ``p`` is a new tensor value, not a recompilation.
 
 The hash works on int32 with wrap-around multiplication and logical shifts, which PyTorch eager
-(CPU, CUDA), Triton and the C++ kernels all compute identically:
+(CPU, CUDA), Triton and the C++ kernels all compute identically. It has three parts, so that the
+work per attention entry is small (inside the kernel it is the cost that matters: integer ALU
+throughput, not the tensor cores, bounds a dropout pass):
 
-* per ``(b, h)``: ``u = mix(seed0 ^ (b * H + h))`` (``b * H + h`` is unique for ``B * H < 2**32``);
-* per row: two words ``r1 = mix(u ^ mix(i ^ seed1))``, ``r2 = mix(r1 ^ u ^ seed2) + i``;
-* per column: ``c = mix(j ^ seed2)`` (a bijection of ``j``);
-* per entry: ``x = mix_keyed(r1 ^ c, r2)``, a full lowbias32 mix with ``r2`` added between its
-  rounds; ``keep = (x & 0x7fffffff) >= threshold`` with ``threshold = round(p * 2**31)``.
+* per row, :func:`row_words`: ``u = mix(seed0 ^ (b * H + h))`` (``b * H + h`` is unique for
+  ``B * H < 2**32``), ``r1 = mix(u ^ mix(i ^ seed1))``, ``r2 = mix(r1 ^ u ^ seed2) + i``;
+* per column, :func:`column_word`: ``c = mix(j ^ seed2)`` (a bijection of ``j``);
+* per entry, :func:`entry_keep`: ``x = (r1 ^ c) * M1 + r2; x ^= x >>> 15; x *= M2``, and the entry is
+  kept when ``x`` (as a signed int32) is at least the threshold ``round(p * 2**32) - 2**31``: seven
+  integer operations. The keyed multiply-add makes rows that happen to share ``r1 ^ c`` values
+  differ; the final multiply makes every bit of the decision depend on every input bit.
+
+On the FlexAttention path the row and column words are computed once per call as ``(B, H, Nq)``
+and ``(Nk,)`` tensors that the mask function reads; only :func:`entry_keep` runs per entry (this
+also keeps the mask function's expression small, which matters for compilation time). The
+reference and the memory-bounded path call :func:`keep`, the same composition over index grids.
 
 Every index enters as a full 32-bit word (no 16-bit packing), so sequence lengths and ``B * H``
 beyond 65,536 are as random as small ones; two rows repeat only if both 32-bit row words collide.
-The per-row and per-column words are vectors in the kernel's tile, so the per-entry cost is about
-fifteen integer operations. ``mix`` is Chris Wellons' lowbias32 (bias 0.17 per mille).
+``mix`` is Chris Wellons' lowbias32. Statistical checks (dropped fraction, chi-square per row,
+column, head and batch entry, neighbour correlations, runs, distinct rows) are in the tests.
 """
 
 from __future__ import annotations
@@ -35,11 +44,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["draw_seed", "keep", "threshold"]
+__all__ = ["draw_seed", "keep", "threshold", "row_words", "column_word", "entry_keep"]
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)  # the same 32-bit pattern as an int32
 _LOW31 = 0x7FFFFFFF
+_INT32_MIN = -(1 << 31)
 
 
 def _shr(x: Tensor, s: int) -> Tensor:
@@ -56,21 +66,11 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ _shr(x, 16)
 
 
-def _mix_keyed(x: Tensor, key: Tensor) -> Tensor:
-    """lowbias32 with ``key`` added after the first multiplication (a bijection of ``x`` for
-    every ``key``)."""
-    x = x ^ _shr(x, 16)
-    x = x * _M1 + key
-    x = x ^ _shr(x, 15)
-    x = x * _M2
-    return x ^ _shr(x, 16)
-
-
 def threshold(p: float) -> int:
-    """The int32 drop threshold of probability ``p``: an entry is dropped when the low 31 bits of
-    its hash are below it, which happens with probability ``threshold(p) / 2**31`` (``p`` to
-    within ``2**-32``)."""
-    return min(round(p * (1 << 31)), _LOW31)
+    """The signed int32 drop threshold of probability ``p``: an entry is dropped when its hash, read
+    as a signed int32 (uniform on ``[-2**31, 2**31)``), is below it, which happens with probability
+    ``round(p * 2**32) / 2**32`` (``p`` to within ``2**-33``)."""
+    return min(round(p * (1 << 32)) + _INT32_MIN, _LOW31)
 
 
 def draw_seed(p: float, device: torch.device | str) -> Tensor:
@@ -78,20 +78,37 @@ def draw_seed(p: float, device: torch.device | str) -> Tensor:
     generator of ``device`` (so ``torch.manual_seed`` makes calls reproducible) and the threshold
     of ``p``. Asynchronous on CUDA (no host synchronisation)."""
     params = torch.randint(0, _LOW31, (4,), dtype=torch.int32, device=device)
-    params[3] = threshold(p)
+    params[3:].fill_(threshold(p))  # a fill kernel with a scalar argument: no host-to-device copy
     return params
+
+
+def row_words(params: Tensor, num_heads: int, b: Tensor, h: Tensor, q_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """The two int32 words of each query row ``(b, h, q_idx)`` (broadcast over the index tensors).
+    ``num_heads`` is the number of query heads (it makes ``b * num_heads + h`` unique per head)."""
+    b, h, q_idx = (t.to(torch.int32) for t in (b, h, q_idx))
+    u = _mix(params[0] ^ (b * num_heads + h))
+    r1 = _mix(u ^ _mix(q_idx ^ params[1]))
+    r2 = _mix(r1 ^ u ^ params[2]) + q_idx
+    return r1, r2
+
+
+def column_word(params: Tensor, kv_idx: Tensor) -> Tensor:
+    """The int32 word of each key column (a bijection of ``kv_idx``)."""
+    return _mix(kv_idx.to(torch.int32) ^ params[2])
+
+
+def entry_keep(r1: Tensor, r2: Tensor, c: Tensor, thr: Tensor) -> Tensor:
+    """Whether the entries with row words ``(r1, r2)`` and column word ``c`` are kept, for the
+    threshold ``thr`` (``params[3]``): seven integer operations per entry."""
+    x = (r1 ^ c) * _M1 + r2
+    x = x ^ _shr(x, 15)
+    return x * _M2 >= thr
 
 
 def keep(params: Tensor, num_heads: int, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     """Whether entry ``(b, h, q_idx, kv_idx)`` is kept (bool, broadcast over the index tensors).
 
-    ``params`` comes from :func:`draw_seed`; ``num_heads`` is the number of query heads (it makes
-    ``b * num_heads + h`` unique per head); ``h`` is the query head. Works on scalar indices (inside
-    a FlexAttention mask function) and on broadcast index grids alike."""
-    b, h, q_idx, kv_idx = (t.to(torch.int32) for t in (b, h, q_idx, kv_idx))
-    s0, s1, s2, thr = params[0], params[1], params[2], params[3]
-    u = _mix(s0 ^ (b * num_heads + h))
-    r1 = _mix(u ^ _mix(q_idx ^ s1))
-    r2 = _mix(r1 ^ u ^ s2) + q_idx
-    c = _mix(kv_idx ^ s2)
-    return (_mix_keyed(r1 ^ c, r2) & _LOW31) >= thr
+    ``params`` comes from :func:`draw_seed`; ``num_heads`` is the number of query heads; ``h`` is the
+    query head. Works on scalar indices and on broadcast index grids alike."""
+    r1, r2 = row_words(params, num_heads, b, h, q_idx)
+    return entry_keep(r1, r2, column_word(params, kv_idx), params[3])

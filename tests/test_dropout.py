@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import flexflash
@@ -64,6 +64,10 @@ def test_matches_reference_on_the_same_seed(case):
     return_lse=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# Found by Hypothesis: one key, bf16, dropout scaling: the memory-bounded backward took its softmax
+# term from the bf16-rounded output.
+@example(case="dense", B=1, heads=(2, 2), Nq=17, Nk=1, p=0.05, dtype=torch.bfloat16, grad=True,
+         return_lse=False, seed=0)
 def test_property_against_reference(case, B, heads, Nq, Nk, p, dtype, grad, return_lse, seed):
     gen = torch.Generator().manual_seed(seed)
     Hq, Hkv = heads

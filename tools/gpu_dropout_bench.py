@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,12 @@ def main():
                          for label, b in SDPA.items()]
             for label, fn in variants:
                 try:
+                    start = time.perf_counter()
                     fn()
                     torch.cuda.synchronize()
+                    print(f"{name:22} {direction:8} {label:20} first call {time.perf_counter() - start:6.1f} s", flush=True)
                     times[label] = do_bench(fn, warmup=25, rep=150, return_mode="median")
+                    print(f"{name:22} {direction:8} {label:20} {times[label]:8.3f} ms", flush=True)
                 except RuntimeError as e:  # a backend that does not take the case
                     times[label] = None
                     print(f"{name} {direction} {label}: {str(e).splitlines()[0][:120]}")
