@@ -8,7 +8,9 @@ reference (:mod:`flexflash.reference`) defines the semantics and checks every pa
 from . import mods, reference
 from ._compile import compile_stats
 from .functional import attention
+from .modules import ChunkedAttention, FlashAttention, FlashAttentionTwo, FlashMHA
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "mods", "reference", "compile_stats", "__version__"]
+__all__ = ["attention", "mods", "reference", "compile_stats", "FlashAttention", "FlashMHA", "FlashAttentionTwo",
+           "ChunkedAttention", "__version__"]

@@ -21,11 +21,11 @@ BACKENDS = ("auto", "flex", "reference")
 
 def describe(**tensors: Tensor | None) -> str:
     """One line per tensor: name, shape, dtype, device (absent tensors are skipped)."""
-    lines = []
+    text = ""  # concatenation rather than str.join, which Dynamo cannot trace
     for name, t in tensors.items():
         if isinstance(t, Tensor):
-            lines.append(f"  {name}: shape={tuple(t.shape)} dtype={t.dtype} device={t.device}")
-    return "\n".join(lines)
+            text += ("\n" if text else "") + f"  {name}: shape={tuple(t.shape)} dtype={t.dtype} device={t.device}"
+    return text
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,18 @@ class Problem:
         return self.k.shape[2]
 
 
-def _check_tensor(name: str, t: object, ctx: str) -> Tensor:
+def _check_tensor(name: str, t: object, ctx) -> Tensor:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}\n{ctx}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}\n{ctx()}")
     return t
 
 
-def _broadcast_pattern(name: str, t: Tensor, full: tuple[int, ...], ctx: str, what: str) -> None:
+def _broadcast_pattern(name: str, t: Tensor, full: tuple[int, ...], ctx, what: str) -> None:
     for dim, (got, want) in enumerate(zip(t.shape, full)):
         if got not in (1, want):
             raise ValueError(
                 f"{name}: expected a tensor broadcastable to {what} = {full}; dimension {dim} has "
-                f"size {got}, expected 1 or {want}; got shape {tuple(t.shape)}\n{ctx}"
+                f"size {got}, expected 1 or {want}; got shape {tuple(t.shape)}\n{ctx()}"
             )
 
 
@@ -92,10 +92,13 @@ def normalize(
     backend: str,
 ) -> Problem:
     """Validate one call of :func:`flexflash.attention` and bring it to canonical form."""
-    ctx = describe(q=q if isinstance(q, Tensor) else None, k=k if isinstance(k, Tensor) else None,
-                   v=v if isinstance(v, Tensor) else None,
-                   mask=mask if isinstance(mask, Tensor) else None,
-                   bias=bias if isinstance(bias, Tensor) else None)
+    # The description of the call's tensors is built only when an error is raised (off the hot
+    # path, and traceable inside a caller's torch.compile).
+    given = dict(q=q, k=k, v=v, mask=mask, bias=bias)  # as passed, before any reshaping
+
+    def ctx() -> str:
+        return describe(**{name: t for name, t in given.items() if isinstance(t, Tensor)})
+
     q = _check_tensor("q", q, ctx)
     k = _check_tensor("k", k, ctx)
     v = _check_tensor("v", v, ctx)
@@ -106,39 +109,39 @@ def normalize(
     # --- dtypes -------------------------------------------------------------------------------
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"q: expected a floating dtype (float16, bfloat16, float32, float64), "
-                        f"got {q.dtype}\n{ctx}")
+                        f"got {q.dtype}\n{ctx()}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}\n{ctx}")
+            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}\n{ctx()}")
 
     # --- devices ------------------------------------------------------------------------------
     for name, t in (("k", k), ("v", v), ("mask", mask), ("bias", bias)):
         if isinstance(t, Tensor) and t.device != q.device:
-            raise ValueError(f"{name}: expected a tensor on q's device ({q.device}), got {t.device}\n{ctx}")
+            raise ValueError(f"{name}: expected a tensor on q's device ({q.device}), got {t.device}\n{ctx()}")
 
     # --- ranks and shapes ---------------------------------------------------------------------
     if q.dim() != 4:
-        raise ValueError(f"q: expected 4 dimensions (B, Hq, Nq, D), got {q.dim()}: shape {tuple(q.shape)}\n{ctx}")
+        raise ValueError(f"q: expected 4 dimensions (B, Hq, Nq, D), got {q.dim()}: shape {tuple(q.shape)}\n{ctx()}")
     if k.dim() != v.dim() or k.dim() not in (3, 4):
         raise ValueError(
             f"k, v: expected both 4-D (B, Hkv, Nk, D) or both 3-D (B, Nk, D) (one head shared by all "
-            f"query heads), got k with {k.dim()} and v with {v.dim()} dimensions\n{ctx}")
+            f"query heads), got k with {k.dim()} and v with {v.dim()} dimensions\n{ctx()}")
     if k.dim() == 3:
         k, v = k.unsqueeze(1), v.unsqueeze(1)  # (B, Nk, D) -> (B, 1, Nk, D)
     B, Hq, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
     if Bk != B or v.shape[0] != B:
-        raise ValueError(f"k, v: expected batch size {B} (that of q), got {Bk} and {v.shape[0]}\n{ctx}")
+        raise ValueError(f"k, v: expected batch size {B} (that of q), got {Bk} and {v.shape[0]}\n{ctx()}")
     if Dk != D:
-        raise ValueError(f"k: expected head dim D={D} (that of q), got {Dk}\n{ctx}")
+        raise ValueError(f"k: expected head dim D={D} (that of q), got {Dk}\n{ctx()}")
     if v.shape[1] != Hkv or v.shape[2] != Nk:
-        raise ValueError(f"v: expected (B, Hkv, Nk) = {(B, Hkv, Nk)} like k, got {tuple(v.shape[:3])}\n{ctx}")
+        raise ValueError(f"v: expected (B, Hkv, Nk) = {(B, Hkv, Nk)} like k, got {tuple(v.shape[:3])}\n{ctx()}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
             f"k, v: the number of query heads ({Hq}) must be a multiple of the number of key/value "
-            f"heads (grouped-query attention), got Hq={Hq}, Hkv={Hkv}\n{ctx}")
+            f"heads (grouped-query attention), got Hq={Hq}, Hkv={Hkv}\n{ctx()}")
     if D == 0 or v.shape[-1] == 0:
-        raise ValueError(f"q, v: head dims must be positive, got D={D}, Dv={v.shape[-1]}\n{ctx}")
+        raise ValueError(f"q, v: head dims must be positive, got D={D}, Dv={v.shape[-1]}\n{ctx()}")
 
     # --- mask ---------------------------------------------------------------------------------
     full = (B, Hq, Nq, Nk)
@@ -147,30 +150,30 @@ def normalize(
         if mask.dtype != torch.bool:
             raise TypeError(
                 f"mask: expected a bool tensor (True = may attend), got dtype {mask.dtype}; for an "
-                f"additive float mask pass it as bias=\n{ctx}")
+                f"additive float mask pass it as bias=\n{ctx()}")
         if mask.dim() == 2:
             if mask.shape[1] != Nk or mask.shape[0] not in (1, B):
                 raise ValueError(
                     f"mask: a 2-D mask is key padding of shape (B, Nk) = {(B, Nk)}, got shape "
-                    f"{tuple(mask.shape)} (for a (Nq, Nk) mask use a 4-D mask of shape (1, 1, Nq, Nk))\n{ctx}")
+                    f"{tuple(mask.shape)} (for a (Nq, Nk) mask use a 4-D mask of shape (1, 1, Nq, Nk))\n{ctx()}")
             mask = mask[:, None, None, :]  # (B, Nk) -> (B, 1, 1, Nk)
         elif mask.dim() == 4:
             _broadcast_pattern("mask", mask, full, ctx, "(B, H, Nq, Nk)")
         else:
             raise ValueError(
                 f"mask: expected a 2-D key-padding mask (B, Nk) or a 4-D mask broadcastable to "
-                f"(B, H, Nq, Nk) = {full}, got {mask.dim()}-D shape {tuple(mask.shape)}\n{ctx}")
+                f"(B, H, Nq, Nk) = {full}, got {mask.dim()}-D shape {tuple(mask.shape)}\n{ctx()}")
 
     # --- bias ---------------------------------------------------------------------------------
     if bias is not None:
         bias = _check_tensor("bias", bias, ctx)
         if not bias.is_floating_point():
             raise TypeError(f"bias: expected a floating tensor added to the scores, got dtype {bias.dtype}"
-                            f" (for a boolean mask use mask=)\n{ctx}")
+                            f" (for a boolean mask use mask=)\n{ctx()}")
         if bias.dim() == 2:
             if tuple(bias.shape) != (Nq, Nk):
                 raise ValueError(f"bias: a 2-D bias must have shape (Nq, Nk) = {(Nq, Nk)}, got "
-                                 f"{tuple(bias.shape)}\n{ctx}")
+                                 f"{tuple(bias.shape)}\n{ctx()}")
             bias = bias[None, None]  # (Nq, Nk) -> (1, 1, Nq, Nk)
         elif bias.dim() == 3:
             _broadcast_pattern("bias", bias, (Hq, Nq, Nk), ctx, "(H, Nq, Nk)")
@@ -180,7 +183,7 @@ def normalize(
         else:
             raise ValueError(
                 f"bias: expected (Nq, Nk), (H, Nq, Nk) or 4-D broadcastable to (B, H, Nq, Nk) = "
-                f"{full}, got {bias.dim()}-D shape {tuple(bias.shape)}\n{ctx}")
+                f"{full}, got {bias.dim()}-D shape {tuple(bias.shape)}\n{ctx()}")
 
     # --- scalars ------------------------------------------------------------------------------
     if scale is None:

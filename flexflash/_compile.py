@@ -35,9 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import dropout
+from ._chunked import _grids
 from ._compose import Structure, compose_mask, compose_score
 
 try:  # torch >= 2.9; the return_lse flag is deprecated there
@@ -101,6 +102,9 @@ def _is_pure(fp: Any) -> bool:
 def captured_tensors(fn: Any, _depth: int = 0, _seen: set[int] | None = None) -> list[Tensor]:
     """Tensors a modifier reads: its closure (recursively, through nested functions, partials,
     tuples and lists) and the module globals it names."""
+    if torch.compiler.is_compiling():
+        # Inside a caller's torch.compile, Dynamo cannot walk closures; it guards on them itself.
+        return []
     seen = set() if _seen is None else _seen
     if id(fn) in seen or _depth > 8:
         return []
@@ -242,7 +246,11 @@ class _Kernel:
             self.compiles = 0
             self.generation += 1
             self._fn = self._compile()
-        q, k, v, blocks, _, mask, bias = args[:7]
+        # Shape marks go on aliases: marking the caller's tensors would leak into the caller's own
+        # torch.compile of code that uses them.
+        q, k, v, blocks, offset, mask, bias = (
+            t.view(t.shape) if isinstance(t, Tensor) and i != 3 else t for i, t in enumerate(args[:7]))
+        args = (q, k, v, blocks, offset, mask, bias, *args[7:])
         for t in (q, k, v):  # batch and sequence lengths
             torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
@@ -315,10 +323,9 @@ def _mask_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int
         r1 = min(nqb, r0 + rows)
         q0, q1 = r0 * qb, min(Nq, r1 * qb)
 
-        def shifted(b, h, q_idx, kv_idx, _q0=q0):
-            return mask_fn(b, h, q_idx + _q0, kv_idx)
-
-        m = create_mask(shifted, B, H, q1 - q0, Nk, device)  # (B, H, q1 - q0, Nk)
+        # Evaluated over broadcast index grids (as the memory-bounded path does), which also
+        # traces inside a caller's torch.compile.
+        m = mask_fn(*_grids(B, H, q0, q1, 0, Nk, device)).expand(B, H, q1 - q0, Nk)
         m = F.pad(m, (0, nkb * kb - Nk, 0, (r1 - r0) * qb - (q1 - q0)))  # pad with False
         m = m.view(B, H, r1 - r0, qb, nkb, kb)
         some[:, :, r0:r1] = m.any(dim=5).any(dim=3)
@@ -465,7 +472,7 @@ def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int,
     """Row words ``(B, H, Nq)`` (two) and column words ``(Nk,)`` of the dropout hash for one call."""
     rows = torch.arange(B * H * Nq, device=device, dtype=torch.int32)
     cols = torch.arange(Nk, device=device, dtype=torch.int32)
-    fn = _words_compiled if device.type == "cuda" else _words_flat
+    fn = _words_compiled if device.type == "cuda" and not torch.compiler.is_compiling() else _words_flat
     r1, r2, c = fn(params, rows, _scalar_tensor(Nq, torch.int32, device), cols)
     return r1.view(B, H, Nq), r2.view(B, H, Nq), c
 
@@ -500,8 +507,11 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         # memory with the default three-stage pipeline on an H100 (246-311 KB needed, 227 KB
         # there): two stages fit. Kernel tuning proper lives with the benchmarks.
         kernel_options = {"num_stages": 2}
-    mask_fp = fingerprint(mask_mod) if mask_mod is not None else None
-    score_fp = fingerprint(score_mod) if score_mod is not None else None
+    # Inside a caller's torch.compile the kernel body is traced into the caller's graph: Dynamo
+    # cannot create compiled functions while tracing, and the caches below are host-side state.
+    tracing = torch.compiler.is_compiling()
+    mask_fp = fingerprint(mask_mod) if mask_mod is not None and not tracing else None
+    score_fp = fingerprint(score_mod) if score_mod is not None and not tracing else None
     options = tuple(sorted((kernel_options or {}).items()))
     use_dropout = dropout_p > 0
     static_key = (st, block, scale, Hq != k.shape[1], return_lse, options, use_dropout)
@@ -513,7 +523,8 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     if q.device.type == "cpu":  # captured tensors have static shapes on CPU (see _Kernel.__call__)
         kind += (tuple(tuple(t.shape) for t in (mask, bias, *captured_tensors(mask_mod), *captured_tensors(score_mod))
                        if t is not None),)
-    kernel = _KERNELS.get(kind)
+    kernel = _KERNELS.get(kind) if not tracing else functools.partial(
+        _flex_kernel, static=_Static(st, block, scale, Hq != k.shape[1], return_lse, options, use_dropout))
     if kernel is None:
         label = "_".join(filter(None, [
             "causal" if causal else "", "mask" if mask is not None else "", "bias" if bias is not None else "",
@@ -528,7 +539,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
 
     blocks = None
     if st.masked:
-        pure = mask is None and _is_pure(mask_fp)
+        pure = mask is None and not tracing and _is_pure(mask_fp)
         blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, pure, mask_fp, B, Hq, q.shape[-2], Nk, block, q.device,
                                 union=use_dropout)
     drop = None
@@ -537,7 +548,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         blocks = blocks[:8] if blocks is not None else None
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device)
         drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device), keep_blocks)
-    offset = _scalar_tensor(Nk - Nq, torch.int32, q.device) if causal else None
+    offset = (Nk - Nq if tracing else _scalar_tensor(Nk - Nq, torch.int32, q.device)) if causal else None
     out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     if single_query:
         out = out[:, :, :1]
