@@ -157,3 +157,83 @@ def test_dropout_mqa_with_lse_and_fully_masked_rows():
     assert (out[:, :, :9] == 0).all() and torch.isneginf(lse[:, :, :9]).all()
     dq, dk, dv = torch.autograd.grad(out.float().sum() + lse[:, :, 9:].sum(), [q, k, v])
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv)) and (dq[:, :, :9] == 0).all()
+
+
+# --- modules on CUDA -------------------------------------------------------------------------
+
+def _module_case(name, dtype):
+    """(module, inputs, fp64 reference from the module's own weights) for one module on CUDA."""
+    from einops import rearrange
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed_of("module", name))
+    torch.manual_seed(seed_of("module", name))
+    B, Nq, Nk, E, H = 2, 97, 130, 128, 2  # head dim 64
+    x = randn(B, Nq, E, dtype=dtype, device="cuda", gen=gen, grad=True)
+    ctx = randn(B, Nk, E, dtype=dtype, device="cuda", gen=gen, grad=True)
+    pad = (torch.rand(B, Nk, generator=gen) > 0.3).cuda()
+
+    def heads(t):
+        return rearrange(t, "b n (h d) -> b h n d", h=H)
+
+    if name == "FlashMHA":
+        m = flexflash.FlashMHA(E, H, causal=True, device="cuda", dtype=dtype)
+        W, b = m.Wqkv.weight.double(), m.Wqkv.bias.double()
+
+        def ref():
+            q = heads(F.linear(x.double(), W[:E], b[:E]))
+            k, v = heads(F.linear(ctx.double(), W[E:2 * E], b[E:2 * E])), heads(F.linear(ctx.double(), W[2 * E:], b[2 * E:]))
+            o = flexflash.reference.attention(q, k, v, causal=True, mask=pad)
+            return F.linear(rearrange(o, "b h n d -> b n (h d)"), m.out_proj.weight.double(), m.out_proj.bias.double())
+        return m, (x, ctx), dict(key_padding_mask=~pad), ref
+    if name == "FlashAttentionTwo":
+        m = flexflash.FlashAttentionTwo(dim=E, heads=H, dim_head=64, causal=True).to("cuda", dtype)
+
+        def ref():
+            q = heads(F.linear(x.double(), m.to_q.weight.double()))
+            k, v = (heads(t) for t in F.linear(ctx.double(), m.to_kv.weight.double()).chunk(2, -1))
+            o = flexflash.reference.attention(q, k, v, causal=True, mask=pad)
+            return F.linear(rearrange(o, "b h n d -> b n (h d)"), m.to_out.weight.double())
+        return m, (x,), dict(context=ctx, mask=pad), ref
+    m = flexflash.ChunkedAttention(E, H, chunk_size=32).to("cuda", dtype)
+
+    def ref():
+        q = heads(F.linear(x.double(), m.queries.weight.double(), m.queries.bias.double()))
+        k = heads(F.linear(ctx.double(), m.keys.weight.double(), m.keys.bias.double()))
+        v = heads(F.linear(ctx.double(), m.values.weight.double(), m.values.bias.double()))
+        o = flexflash.reference.attention(q, k, v, mask=pad)
+        return F.linear(rearrange(o, "b h n d -> b n (h d)"), m.fc_out.weight.double(), m.fc_out.bias.double())
+    return m, (ctx, ctx, x), dict(mask=pad), ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["FlashMHA", "FlashAttentionTwo", "ChunkedAttention"])
+def test_modules_forward_backward_on_gpu(name, dtype):
+    m, args, kw, ref = _module_case(name, dtype)
+    out = m(*args, **kw)
+    want = ref()
+    # Relative to the output scale: bf16 keeps 8 bits (a few ulps through projections and softmax);
+    # fp32 differs from fp64 by accumulated rounding only.
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    g = torch.randn(out.shape, device="cuda", dtype=torch.float64)
+    leaves = [t for t in (*args, *kw.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+    leaves = list({id(t): t for t in leaves}.values())
+    got = torch.autograd.grad(out, leaves, g.to(dtype))
+    exp = torch.autograd.grad(want, leaves, g)
+    for a, b in zip(got, exp):
+        b = b.double()  # autograd returns the leaf's dtype
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_modules_under_torch_compile_on_gpu():
+    m, args, kw, _ = _module_case("FlashMHA", torch.bfloat16)
+    m.eval()
+    with torch.no_grad():
+        want = m(*args, **kw)
+        got = torch.compile(m, fullgraph=True)(*args, **kw)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    m.train()
+    out = torch.compile(m)(*args, **kw)
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
