@@ -11,10 +11,7 @@ q,k,v=(torch.randn(B,H,N,D,device=dev,dtype=torch.bfloat16,requires_grad=True) f
 do=torch.randn_like(q)
 causal=lambda b,h,i,j: j<=i
 bm=create_block_mask(causal,None,None,N,N,device=dev)
-# all visited blocks partial
-kvn=bm.kv_num_blocks+bm.full_kv_num_blocks
-kvi=torch.cat([bm.kv_indices, bm.full_kv_indices],-1)
-# reorder: per row indices of partial then full -> need valid order: build from dense
+# every visited block (the causal lower triangle of blocks) as a partial block
 nb=N//128
 dense=torch.ones(nb,nb,dtype=torch.bool,device=dev).tril()[None,None]
 num=dense.sum(-1,dtype=torch.int32); idx=torch.argsort(dense.to(torch.int8),dim=-1,descending=True,stable=True).to(torch.int32)
