@@ -15,7 +15,6 @@ bm=create_block_mask(causal,None,None,N,N,device=dev)
 nb=N//128
 dense=torch.ones(nb,nb,dtype=torch.bool,device=dev).tril()[None,None]
 num=dense.sum(-1,dtype=torch.int32); idx=torch.argsort(dense.to(torch.int8),dim=-1,descending=True,stable=True).to(torch.int32)
-qn=dense.transpose(-1,-2).sum(-1,dtype=torch.int32); qi=torch.argsort(dense.transpose(-1,-2).to(torch.int8),dim=-1,descending=True,stable=True).to(torch.int32)
 params=dropout.draw_seed(0.1,dev)
 bh=torch.arange(B*H*N,device=dev,dtype=torch.int32)
 r1,r2=dropout.row_words(params,1,bh//N,torch.zeros_like(bh),bh%N); r1=r1.view(B,H,N); r2=r2.view(B,H,N)
