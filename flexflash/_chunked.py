@@ -17,17 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._compose import Structure, compose_mask, compose_score
+from ._compose import Structure, compose_mask, compose_score, tile_grids
 from .dropout import keep
 
 __all__ = ["chunked_attention"]
-
-
-def _grids(B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.device):
-    """Broadcastable int32 index grids of one tile: b (B,1,1,1), h (1,H,1,1), q (1,1,rows,1), kv (1,1,1,cols)."""
-    ar = lambda a, b: torch.arange(a, b, device=device, dtype=torch.int32)  # noqa: E731
-    return (ar(0, B).view(B, 1, 1, 1), ar(0, H).view(1, H, 1, 1),
-            ar(q0, q1).view(1, 1, q1 - q0, 1), ar(k0, k1).view(1, 1, 1, k1 - k0))
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -128,14 +121,14 @@ class _ChunkedAttention(torch.autograd.Function):
 def _kept(drop, B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> Tensor:
     """The dropout keep flags of one tile as 0/1 floats (B, H, rows, cols) (see flexflash.dropout)."""
     params, _, dtype = drop
-    b, h, qi, kj = _grids(B, H, q0, q1, k0, k1, device)
+    b, h, qi, kj = tile_grids(B, H, q0, q1, k0, k1, device)
     return keep(params, H, b, h, qi, kj).to(dtype)
 
 
 def _modify(raw: Tensor, q0: int, q1: int, k0: int, k1: int, mask_fn, score_fn) -> Tensor | None:
     """Scores of one tile after the score modifiers and the mask; ``None`` if nothing is allowed."""
     B, H = raw.shape[:2]
-    b, h, qi, kj = _grids(B, H, q0, q1, k0, k1, raw.device)
+    b, h, qi, kj = tile_grids(B, H, q0, q1, k0, k1, raw.device)
     s = raw
     if mask_fn is not None:
         allowed = mask_fn(b, h, qi, kj)

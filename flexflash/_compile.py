@@ -38,8 +38,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import dropout
-from ._chunked import _grids
-from ._compose import Structure, compose_mask, compose_score
+from ._compose import Structure, compose_mask, compose_score, tile_grids
 
 try:  # torch >= 2.9; the return_lse flag is deprecated there
     from torch.nn.attention.flex_attention import AuxRequest
@@ -165,7 +164,8 @@ _LSE_ONLY_DV = 16
 def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop, static: _Static):
     """The compiled body: FlexAttention with the call's composed mask and score functions.
 
-    With dropout (``drop = (params, keep_scale, keep_blocks)``), two passes compute it exactly:
+    With dropout (``drop = (params, (row1, row2, col), keep_scale, keep_blocks)``: the seed, the
+    hash's row and column words, ``1 / (1 - p)`` and the blocks to visit), two passes compute it exactly:
     one over the kept entries (the mask function also asks :func:`flexflash.dropout.entry_keep`) gives
     ``out'`` and its log-sum-exp ``L'``; one over every allowed entry, with a 16-wide zero value,
     gives the undropped ``L``. Then ``out = out' * exp(L' - L) / (1 - p)``, differentiable through
@@ -248,8 +248,8 @@ class _Kernel:
             self._fn = self._compile()
         # Shape marks go on aliases: marking the caller's tensors would leak into the caller's own
         # torch.compile of code that uses them.
-        q, k, v, blocks, offset, mask, bias = (
-            t.view(t.shape) if isinstance(t, Tensor) and i != 3 else t for i, t in enumerate(args[:7]))
+        q, k, v, blocks, offset, mask, bias = args[:7]
+        q, k, v, mask, bias = (None if t is None else t.view(t.shape) for t in (q, k, v, mask, bias))
         args = (q, k, v, blocks, offset, mask, bias, *args[7:])
         for t in (q, k, v):  # batch and sequence lengths
             torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -325,7 +325,7 @@ def _mask_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int
 
         # Evaluated over broadcast index grids (as the memory-bounded path does), which also
         # traces inside a caller's torch.compile.
-        m = mask_fn(*_grids(B, H, q0, q1, 0, Nk, device)).expand(B, H, q1 - q0, Nk)
+        m = mask_fn(*tile_grids(B, H, q0, q1, 0, Nk, device)).expand(B, H, q1 - q0, Nk)
         m = F.pad(m, (0, nkb * kb - Nk, 0, (r1 - r0) * qb - (q1 - q0)))  # pad with False
         m = m.view(B, H, r1 - r0, qb, nkb, kb)
         some[:, :, r0:r1] = m.any(dim=5).any(dim=3)
@@ -386,6 +386,10 @@ def _dense_union(Nq: int, Nk: int, block: tuple[int, int], device: torch.device)
 
 
 def _cache_get(key):
+    # The caches hold real tensors of eager calls; inside a caller's torch.compile they are
+    # bypassed (the caller's graph computes its own).
+    if torch.compiler.is_compiling():
+        return None
     if key in _BLOCK_MASKS:
         _BLOCK_MASKS.move_to_end(key)
         _STATS["block_mask_hits"] += 1
@@ -394,6 +398,8 @@ def _cache_get(key):
 
 
 def _cache_put(key, value):
+    if torch.compiler.is_compiling():
+        return value
     _BLOCK_MASKS[key] = value
     if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
@@ -444,6 +450,8 @@ _SCALARS: dict[tuple[Any, torch.dtype, torch.device], Tensor] = {}
 def _scalar_tensor(value, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A cached 0-d tensor (the causal offset, the dropout scale): a new value is a new tensor
     value, not a recompilation, and repeated values cost no host-to-device copy."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=dtype, device=device)
     key = (value, dtype, device)
     t = _SCALARS.get(key)
     if t is None:
@@ -514,17 +522,16 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     score_fp = fingerprint(score_mod) if score_mod is not None and not tracing else None
     options = tuple(sorted((kernel_options or {}).items()))
     use_dropout = dropout_p > 0
-    static_key = (st, block, scale, Hq != k.shape[1], return_lse, options, use_dropout)
+    static = _Static(st, block, scale, Hq != k.shape[1], return_lse, options, use_dropout)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias))
     # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
     heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
-    kind = (static_key, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp)
+    kind = (static, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp)
     if q.device.type == "cpu":  # captured tensors have static shapes on CPU (see _Kernel.__call__)
         kind += (tuple(tuple(t.shape) for t in (mask, bias, *captured_tensors(mask_mod), *captured_tensors(score_mod))
                        if t is not None),)
-    kernel = _KERNELS.get(kind) if not tracing else functools.partial(
-        _flex_kernel, static=_Static(st, block, scale, Hq != k.shape[1], return_lse, options, use_dropout))
+    kernel = _KERNELS.get(kind) if not tracing else functools.partial(_flex_kernel, static=static)
     if kernel is None:
         label = "_".join(filter(None, [
             "causal" if causal else "", "mask" if mask is not None else "", "bias" if bias is not None else "",
@@ -533,13 +540,12 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
             "dropout" if use_dropout else "",
         ])) or "dense"
         label = "".join(c if c.isalnum() else "_" for c in label)[:60]
-        kernel = _KERNELS[kind] = _Kernel(
-            _Static(st, block, scale, Hq != k.shape[1], return_lse, options, use_dropout), label)
+        kernel = _KERNELS[kind] = _Kernel(static, label)
         _STATS["kernels"] += 1
 
     blocks = None
     if st.masked:
-        pure = mask is None and not tracing and _is_pure(mask_fp)
+        pure = mask is None and _is_pure(mask_fp)
         blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, pure, mask_fp, B, Hq, q.shape[-2], Nk, block, q.device,
                                 union=use_dropout)
     drop = None

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-__all__ = ["Structure", "compose_mask", "compose_score", "index_broadcast"]
+__all__ = ["Structure", "compose_mask", "compose_score", "index_broadcast", "tile_grids"]
 
 
 def index_broadcast(t: Tensor, full: tuple[bool, ...], b, h, q_idx, kv_idx) -> Tensor:
@@ -20,6 +21,14 @@ def index_broadcast(t: Tensor, full: tuple[bool, ...], b, h, q_idx, kv_idx) -> T
     is False for those, and they are indexed at 0)."""
     idx = (b, h, q_idx, kv_idx)
     return t[tuple(i if f else 0 for i, f in zip(idx, full))]
+
+
+def tile_grids(B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.device):
+    """Broadcastable int32 index grids of the tile ``[q0, q1) x [k0, k1)``: b (B,1,1,1),
+    h (1,H,1,1), q (1,1,rows,1), kv (1,1,1,cols)."""
+    ar = lambda a, b: torch.arange(a, b, device=device, dtype=torch.int32)  # noqa: E731
+    return (ar(0, B).view(B, 1, 1, 1), ar(0, H).view(1, H, 1, 1),
+            ar(q0, q1).view(1, 1, q1 - q0, 1), ar(k0, k1).view(1, 1, 1, k1 - k0))
 
 
 @dataclass(frozen=True)

@@ -369,7 +369,7 @@ class ChunkedAttention(nn.Module):
         """``(B, Nk, E), (B, Nk, E), (B, Nq, E) -> (B, Nq, E)``."""
         E, h = self.embed_size, self.heads
         for name, t in (("values", values), ("keys", keys), ("queries", queries)):
-            t = _tensor(name, t, (3,), f"of shape (B, N, E={E})")
+            _tensor(name, t, (3,), f"of shape (B, N, E={E})")
             if t.shape[-1] != E:
                 raise ValueError(f"{name}: expected last dimension embed_size={E}, got shape {tuple(t.shape)}")
         if values.shape[:2] != keys.shape[:2] or queries.shape[0] != keys.shape[0]:

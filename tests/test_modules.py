@@ -364,37 +364,35 @@ def test_chunked_attention_chunk_size_and_batch_independence():
 
 # --- every module: state_dict, .to(), names, torch.compile -----------------------------------
 
+# name: (module, inputs of one x, state_dict keys, constructor arguments)
 def _modules():
     torch.manual_seed(9)
     return {
-        "FlashMHA": (flexflash.FlashMHA(16, 2), lambda x: (x,)),
-        "FlashAttentionTwo": (flexflash.FlashAttentionTwo(dim=16, heads=2, dim_head=8), lambda x: (x,)),
-        "ChunkedAttention": (flexflash.ChunkedAttention(16, 2, 4), lambda x: (x, x, x)),
+        "FlashMHA": (flexflash.FlashMHA(16, 2), lambda x: (x,),
+                     {"Wqkv.weight", "Wqkv.bias", "out_proj.weight", "out_proj.bias"},
+                     ("embed_dim", "num_heads", "bias", "batch_first", "dropout", "causal")),
+        "FlashAttentionTwo": (flexflash.FlashAttentionTwo(dim=16, heads=2, dim_head=8), lambda x: (x,),
+                              {"to_q.weight", "to_kv.weight", "to_out.weight"},
+                              ("dim", "heads", "dim_head", "causal", "q_bucket_size", "k_bucket_size", "parallel",
+                               "mixed_precision")),
+        "ChunkedAttention": (flexflash.ChunkedAttention(16, 2, 4), lambda x: (x, x, x),
+                             {f"{n}.{p}" for n in ("values", "keys", "queries", "fc_out") for p in ("weight", "bias")},
+                             ("embed_size", "heads", "chunk_size")),
     }
 
 
 @pytest.mark.parametrize("name", ["FlashMHA", "FlashAttentionTwo", "ChunkedAttention"])
 def test_state_dict_round_trip_names_and_to_dtype(name):
-    module, args = _modules()[name]
-    keys = {"FlashMHA": {"Wqkv.weight", "Wqkv.bias", "out_proj.weight", "out_proj.bias"},
-            "FlashAttentionTwo": {"to_q.weight", "to_kv.weight", "to_out.weight"},
-            "ChunkedAttention": {f"{n}.{p}" for n in ("values", "keys", "queries", "fc_out") for p in ("weight", "bias")}}
-    assert set(module.state_dict()) == keys[name]
+    module, args, keys, ctor_args = _modules()[name]
+    assert set(module.state_dict()) == keys
     x = torch.randn(2, 9, 16, requires_grad=True)
-    fresh = type(module)(**{a: getattr(module, a) for a in _ctor_args(name)})
+    fresh = type(module)(**{a: getattr(module, a) for a in ctor_args})
     fresh.load_state_dict(module.state_dict())
     torch.testing.assert_close(fresh(*args(x)), module(*args(x)))
     as64 = copy.deepcopy(module).to(torch.float64)
     out64 = as64(*args(x.double()))
     assert out64.dtype == torch.float64
     _close(module(*args(x)), out64)
-
-
-def _ctor_args(name):
-    return {"FlashMHA": ("embed_dim", "num_heads", "bias", "batch_first", "dropout", "causal"),
-            "FlashAttentionTwo": ("dim", "heads", "dim_head", "causal", "q_bucket_size", "k_bucket_size",
-                                  "parallel", "mixed_precision"),
-            "ChunkedAttention": ("embed_size", "heads", "chunk_size")}[name]
 
 
 def test_flash_mha_dropout_only_in_training():
