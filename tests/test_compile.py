@@ -113,3 +113,17 @@ def test_block_mask_of_tensor_mask_and_causal_is_safe():
         assert torch.equal((full.expand_as(every)), every)
         visited = (partial | full).expand_as(some)
         assert (visited | ~some).all()  # no block with an allowed entry is skipped
+
+
+def test_divisible_lengths_are_multiples_of_every_tile():
+    from flexflash._compile import _divisible
+    assert _divisible(128, 4096, None)
+    assert not _divisible(128, 4000, None) and not _divisible(100, 128, None)
+    assert not _divisible(128, 128, {"BLOCK_M": 256})  # a larger tile set by the caller counts
+    assert _divisible(256, 512, {"BLOCK_N": 256, "num_warps": 4})
+    assert not _divisible(128, 128, {"BACKEND": "FLASH"})
+
+
+def test_tuned_dropout_options_only_where_measured():
+    from flexflash._tuning import dropout_pass_options
+    assert dropout_pass_options(torch.device("cpu"), torch.bfloat16, 128, (128, 128)) == ((), ())
