@@ -23,7 +23,6 @@ defaults.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -35,9 +34,18 @@ _SMALL_TILES_BWD = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, 
 Options = tuple[tuple[str, Any], ...]
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+_CAPABILITIES: dict[torch.device, tuple[int, int]] = {}
+
+
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device (cached); None inside a caller's torch.compile,
+    where device queries are not traced (callers then take their measurement-free choice)."""
+    if torch.compiler.is_compiling():
+        return None
+    cap = _CAPABILITIES.get(device)
+    if cap is None:
+        cap = _CAPABILITIES[device] = torch.cuda.get_device_capability(device)
+    return cap
 
 
 def dropout_pass_options(device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -48,6 +56,6 @@ def dropout_pass_options(device: torch.device, dtype: torch.dtype, head_dim: int
         return (), ()
     if block[0] % 64 or block[1] % 64:
         return (), ()
-    if _capability(device) != (9, 0):
+    if capability(device) != (9, 0):
         return (), ()
     return tuple(sorted(_SMALL_TILES_FWD.items())), tuple(sorted({**_SMALL_TILES_FWD, **_SMALL_TILES_BWD}.items()))

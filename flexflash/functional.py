@@ -13,8 +13,9 @@ from . import dropout, reference
 from ._checks import block_sizes, describe, normalize
 from ._chunked import chunked_attention
 from ._compile import captured_tensors, run_flex
+from ._tuning import capability
 
-__all__ = ["attention"]
+__all__ = ["attention", "route"]
 
 log = logging.getLogger("flexflash")
 
@@ -37,6 +38,52 @@ def _known_kernel_options() -> set[str] | None:
     except ImportError:  # pragma: no cover - older torch
         return None
     return set(getattr(FlexKernelOptions, "__annotations__", {})) or None
+
+
+# --- the SDPA route of backend="auto" ----------------------------------------------------------
+
+_SDPA_ORDER = None
+
+
+def _sdpa_backends():
+    global _SDPA_ORDER
+    if _SDPA_ORDER is None:
+        from torch.nn.attention import SDPBackend
+        _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    return _SDPA_ORDER
+
+
+def _sdpa_route(p, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse, block_size) -> bool:
+    """Whether ``backend="auto"`` sends the call to PyTorch's SDPA: the cases SDPA computes exactly
+    (no mask, bias or modifiers; causal only with ``Nq == Nk``, where its top-left causal mask is
+    our bottom-right one), where its cuDNN/flash kernels beat FlexAttention's Triton kernels on the
+    GPU (measured on an H100, ``benchmarks/RESULTS.md``: causal forward 0.51 vs 0.75 ms, dense
+    0.91 vs 1.15 ms at B=4 H=16 N=4096 D=128 bf16). Dropout stays on FlexAttention (its ``keep`` is
+    flexflash's hash, shared with the reference), and so does any call that asks for what SDPA
+    cannot give: ``return_lse``, ``kernel_options``, a ``block_size``, grouped-query heads."""
+    q = p.q
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if p.mask is not None or p.bias is not None or mask_mod is not None or score_mod is not None:
+        return False
+    if dropout_p > 0 or return_lse or kernel_options is not None or block_size is not None:
+        return False
+    if causal and p.q_len != p.kv_len:
+        return False
+    D, Dv = q.shape[-1], p.v.shape[-1]
+    if p.q_heads != p.kv_heads or D != Dv or D % 8 or D > 256:
+        return False
+    cap = capability(q.device)  # None inside a caller's torch.compile: SDPA is exact on every GPU
+    return cap is None or cap >= (8, 0)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> Tensor:
+    import torch.nn.functional as F
+    if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(_sdpa_backends(), set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
 def _check_modifier(name: str, fn: Any, device: torch.device) -> list[Tensor]:
@@ -111,15 +158,66 @@ def attention(
             path and ``(512, 1024)`` tiles on the memory-bounded path.
         kernel_options: passed to FlexAttention (e.g. ``{"BACKEND": "FLASH"}``); keys are checked.
         return_lse: also return the natural-log log-sum-exp of each query row.
-        backend: ``"auto"`` (the fastest correct path: compiled FlexAttention, or on CPU with
-            gradients, ``return_lse`` or dropout the exact memory-bounded path, which it announces
-            once),
+        backend: ``"auto"`` (the fastest correct path: compiled FlexAttention; on a CUDA GPU
+            (sm80+), fp16/bf16 dense or causal (``Nq == Nk``) attention without mask, bias,
+            modifiers, dropout, ``return_lse``, ``kernel_options``, ``block_size`` or grouped
+            heads goes to PyTorch's SDPA (cuDNN, else flash, else efficient), which is faster
+            there; on CPU with gradients, ``return_lse`` or dropout the exact memory-bounded path,
+            which it announces once),
             ``"flex"`` (compiled FlexAttention; raises where it cannot run) or ``"reference"``
             (the eager oracle of :mod:`flexflash.reference`).
 
     Compiled kernels and block masks are cached: new sequence lengths, new mask values or a new
     bias of the same shape reuse them.
     """
+    p, captured, dropout_p = _validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
+                                       score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
+                                       kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+    path = _path(p, captured, backend=backend, causal=causal, mask_mod=mask_mod, score_mod=score_mod,
+                 dropout_p=dropout_p, kernel_options=kernel_options, return_lse=return_lse, block_size=block_size)
+    common = dict(causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod, score_mod=score_mod)
+    if path == "reference":
+        # Empty problems are exact and free on the reference path (which draws the dropout seed
+        # the same way).
+        return reference.attention(p.q, p.k, p.v, scale=p.scale, dropout_p=dropout_p, return_lse=return_lse,
+                                   **common)
+    if path == "sdpa":
+        return _sdpa(p.q, p.k, p.v, causal=causal, scale=p.scale)
+    # One draw per call from the device's default generator, on every path (see flexflash.dropout).
+    drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None)
+    if path == "memory-bounded":
+        _note_once("cpu-chunked", f"flexflash: CPU call with {_cpu_reason(p, captured, dropout_p, return_lse)}: "
+                                  f"compiled FlexAttention cannot do this on CPU in torch {torch.__version__}, so the "
+                                  "exact memory-bounded tiled path is used (this message is shown once)")
+        out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=block_sizes(block_size, _DEFAULT_CHUNKS),
+                                     captured=captured, **common, **drop)
+        return (out, lse) if return_lse else out
+
+    out, lse = run_flex(p.q, p.k, p.v, scale=p.scale, block=block_sizes(block_size),
+                        kernel_options=kernel_options, return_lse=return_lse, **common, **drop)
+    return (out, lse) if return_lse else out
+
+
+def route(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str:
+    """The path :func:`attention` takes for these arguments (the same keywords), without running it:
+    ``"flex"`` (compiled FlexAttention), ``"sdpa"`` (PyTorch's SDPA, ``backend="auto"`` only),
+    ``"memory-bounded"`` (the exact tiled path, CPU with gradients, ``return_lse`` or dropout) or
+    ``"reference"`` (``backend="reference"``, and empty problems). Whether gradients are needed is
+    read from the inputs and the current grad mode, as a call would. Raises what the call would
+    raise for invalid arguments."""
+    options = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None, scale=None, dropout_p=0.0,
+                   block_size=None, kernel_options=None, return_lse=False, backend="auto")
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise TypeError(f"route: unknown keyword(s) {unknown}; expected those of flexflash.attention")
+    options.update(kwargs)
+    p, captured, dropout_p = _validate(q, k, v, **options)
+    del options["mask"], options["bias"], options["scale"], options["dropout_p"]
+    return _path(p, captured, dropout_p=dropout_p, **options)
+
+
+def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropout_p, block_size, kernel_options,
+              return_lse, backend):
     p = normalize(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p,
                   block_size=block_size, backend=backend)
     if not isinstance(causal, bool):
@@ -134,38 +232,42 @@ def attention(
         unknown = sorted(set(kernel_options) - known) if known else []
         if unknown:
             raise ValueError(f"kernel_options: unknown option(s) {unknown}; expected keys among {sorted(known)}")
-    dropout_p = float(dropout_p)
+    return p, captured, float(dropout_p)
 
-    common = dict(causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod, score_mod=score_mod)
+
+def _needs_grad(p, captured) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.bias, *captured))
+
+
+def _cpu_reason(p, captured, dropout_p, return_lse) -> str | None:
+    """Why compiled FlexAttention cannot run a CPU call (None: it can)."""
+    if _needs_grad(p, captured):
+        return "inputs that require grad"
+    if return_lse:
+        return "return_lse=True"
+    if dropout_p > 0:
+        return f"dropout_p={dropout_p}"
+    return None
+
+
+def _path(p, captured, *, backend, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse,
+          block_size) -> str:
     if backend == "reference" or 0 in (p.batch, p.q_len, p.kv_len):
-        # Empty problems are exact and free on the reference path (which draws the dropout seed
-        # the same way).
-        return reference.attention(p.q, p.k, p.v, scale=p.scale, dropout_p=dropout_p, return_lse=return_lse,
-                                   **common)
-    # One draw per call from the device's default generator, on every path (see flexflash.dropout).
-    drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None)
-
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.bias, *captured))
-    on_cpu = p.q.device.type == "cpu"
-    if on_cpu and (needs_grad or return_lse or dropout_p > 0):
-        why = ("inputs that require grad" if needs_grad else "return_lse=True" if return_lse
-               else f"dropout_p={dropout_p}")
-        if backend == "flex":
-            missing = "backward pass" if needs_grad else "log-sum-exp output"
-            if not (needs_grad or return_lse):
-                missing += " (exact dropout needs it)"
-            raise NotImplementedError(
-                f"backend='flex': compiled FlexAttention has no {missing} on CPU in torch {torch.__version__} "
-                f"({why}); use backend='auto' (exact memory-bounded path) or backend='reference'\n"
-                f"{describe(q=p.q, k=p.k, v=p.v)}")
-        _note_once("cpu-chunked", f"flexflash: CPU call with {why}: compiled FlexAttention cannot do this on CPU in "
-                                  f"torch {torch.__version__}, so the exact memory-bounded tiled path is used "
-                                  "(this message is shown once)")
-        out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=block_sizes(block_size, _DEFAULT_CHUNKS),
-                                     captured=captured, **common, **drop)
-        return (out, lse) if return_lse else out
-
-    out, lse = run_flex(p.q, p.k, p.v, scale=p.scale, block=block_sizes(block_size),
-                        kernel_options=kernel_options, return_lse=return_lse, **common, **drop)
-    return (out, lse) if return_lse else out
+        return "reference"
+    if backend == "auto" and _sdpa_route(p, causal=causal, mask_mod=mask_mod, score_mod=score_mod,
+                                         dropout_p=dropout_p, kernel_options=kernel_options,
+                                         return_lse=return_lse, block_size=block_size):
+        return "sdpa"
+    why = _cpu_reason(p, captured, dropout_p, return_lse) if p.q.device.type == "cpu" else None
+    if why is None:
+        return "flex"
+    if backend == "flex":
+        needs_grad = why.startswith("inputs")
+        missing = "backward pass" if needs_grad else "log-sum-exp output"
+        if not (needs_grad or return_lse):
+            missing += " (exact dropout needs it)"
+        raise NotImplementedError(
+            f"backend='flex': compiled FlexAttention has no {missing} on CPU in torch {torch.__version__} "
+            f"({why}); use backend='auto' (exact memory-bounded path) or backend='reference'\n"
+            f"{describe(q=p.q, k=p.k, v=p.v)}")
+    return "memory-bounded"

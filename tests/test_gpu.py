@@ -256,3 +256,32 @@ def test_modules_under_torch_compile_on_gpu():
     out = torch.compile(m)(*args, **kw)
     out.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+# --- backend="auto": the SDPA route ----------------------------------------------------------
+
+def test_auto_routes_plain_dense_and_causal_to_sdpa():
+    from flexflash.functional import route
+    q = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    kv4 = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    assert route(q, q, q) == "sdpa" and route(q, q, q, causal=True) == "sdpa"
+    assert route(q.half(), q.half(), q.half(), causal=True) == "sdpa"
+    # Everything SDPA cannot do exactly, or that was not measured faster there, stays on FlexAttention.
+    assert route(q, q[:, :, :128], q[:, :, :128], causal=True) == "flex"  # causal with Nq != Nk
+    assert route(q, q[:, :, :128], q[:, :, :128]) == "sdpa"  # dense with Nq != Nk is exact
+    for kw in (dict(mask=torch.ones(2, 256, dtype=torch.bool, device="cuda")), dict(bias=torch.zeros(256, 256, device="cuda")),
+               dict(dropout_p=0.1), dict(return_lse=True), dict(kernel_options={"num_warps": 4}), dict(block_size=64),
+               dict(backend="flex"), dict(score_mod=flexflash.mods.tanh_softcap(5.0))):
+        assert route(q, q, q, causal=True, **kw) == "flex", kw
+    assert route(q, kv4, kv4, causal=True) == "flex"  # grouped heads
+    assert route(q.float(), q.float(), q.float(), causal=True) == "flex"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal,Nq,Nk", [(True, 300, 300), (False, 97, 1025), (True, 1, 1)])
+def test_sdpa_route_matches_reference(dtype, causal, Nq, Nk):
+    gen = torch.Generator().manual_seed(seed_of("sdpa", causal, Nq))
+    q, k, v = _inputs(2, 4, 4, Nq, Nk, 128, dtype, gen)
+    assert flexflash.functional.route(q, k, v, causal=causal) == "sdpa"
+    check_against_reference(q, k, v, causal=causal)
+    check_against_reference(q, k, v, causal=causal, scale=0.3)

@@ -1,0 +1,49 @@
+"""Which path flexflash.attention takes (flexflash.functional.route), checked on CPU; the CUDA
+routing to SDPA is checked in test_gpu.py."""
+
+import pytest
+import torch
+
+import flexflash
+from flexflash.functional import route
+
+
+def _qkv(grad=False, Nq=8, Nk=8):
+    q = torch.randn(1, 2, Nq, 16, requires_grad=grad)
+    k = torch.randn(1, 2, Nk, 16, requires_grad=grad)
+    return q, k, torch.randn(1, 2, Nk, 16, requires_grad=grad)
+
+
+def test_cpu_paths():
+    q, k, v = _qkv()
+    assert route(q, k, v) == "flex"
+    assert route(q, k, v, causal=True) == "flex"  # SDPA is a CUDA-only route
+    assert route(q, k, v, backend="reference") == "reference"
+    assert route(q, k, v, return_lse=True) == "memory-bounded"
+    assert route(q, k, v, dropout_p=0.1) == "memory-bounded"
+    assert route(*_qkv(grad=True)) == "memory-bounded"
+    with torch.no_grad():
+        assert route(*_qkv(grad=True)) == "flex"
+    assert route(*_qkv(Nq=0)) == "reference"  # empty problems
+
+
+def test_route_raises_what_the_call_raises():
+    q, k, v = _qkv(grad=True)
+    with pytest.raises(NotImplementedError, match="backend='flex'.*backward"):
+        route(q, k, v, backend="flex")
+    with pytest.raises(NotImplementedError, match="backend='flex'.*backward"):
+        flexflash.attention(q, k, v, backend="flex")
+    with pytest.raises(ValueError, match="dropout_p"):
+        route(q, k, v, dropout_p=1.0)
+    with pytest.raises(TypeError, match="route: unknown keyword"):
+        route(q, k, v, casual=True)
+
+
+def test_route_agrees_with_the_call():
+    """The path route() names is the one the call takes (the memory-bounded path announces itself)."""
+    q, k, v = _qkv(grad=True)
+    assert route(q, k, v) == "memory-bounded"
+    from flexflash import functional
+    functional._NOTED.discard("cpu-chunked")
+    with pytest.warns(UserWarning, match="memory-bounded"):
+        flexflash.attention(q, k, v)
