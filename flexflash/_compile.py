@@ -297,6 +297,7 @@ def compile_stats() -> dict[str, int]:
 def reset() -> None:
     """Forget every compiled kernel and cached block mask (for tests and benchmarks)."""
     _KERNELS.clear()
+    _BUILDERS.clear()
     _BLOCK_MASKS.clear()
     for key in _STATS:
         _STATS[key] = 0
@@ -321,21 +322,46 @@ def _mask_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int
     evaluated in query chunks of bounded memory. Entries past the sequence ends count as masked."""
     qb, kb = block
     nqb, nkb = -(-Nq // qb), -(-Nk // kb)
-    some = torch.zeros(B, H, nqb, nkb, dtype=torch.bool, device=device)
-    every = torch.zeros_like(some)
+    some = every = None
     rows = max(1, _MASK_CHUNK_ELEMENTS // max(1, B * H * qb * nkb * kb))  # query blocks per chunk
     for r0 in range(0, nqb, rows):
         r1 = min(nqb, r0 + rows)
         q0, q1 = r0 * qb, min(Nq, r1 * qb)
 
         # Evaluated over broadcast index grids (as the memory-bounded path does), which also
-        # traces inside a caller's torch.compile.
-        m = mask_fn(*tile_grids(B, H, q0, q1, 0, Nk, device)).expand(B, H, q1 - q0, Nk)
+        # traces inside a caller's torch.compile. Batch and head dimensions the mask does not
+        # depend on stay of size 1 (FlexAttention broadcasts block masks).
+        m = mask_fn(*tile_grids(B, H, q0, q1, 0, Nk, device))
+        m = m.expand(m.shape[0], m.shape[1], q1 - q0, Nk)
         m = F.pad(m, (0, nkb * kb - Nk, 0, (r1 - r0) * qb - (q1 - q0)))  # pad with False
-        m = m.view(B, H, r1 - r0, qb, nkb, kb)
+        m = m.reshape(m.shape[0], m.shape[1], r1 - r0, qb, nkb, kb)
+        if some is None:
+            some = torch.zeros(m.shape[0], m.shape[1], nqb, nkb, dtype=torch.bool, device=device)
+            every = torch.zeros_like(some)
         some[:, :, r0:r1] = m.any(dim=5).any(dim=3)
         every[:, :, r0:r1] = m.all(dim=5).all(dim=3)
     return some, every
+
+
+def _fused_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int],
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """The same flags as :func:`_mask_flags`, from one evaluation of the mask function over 6-D
+    index grids ``(b, h, query block, row, key block, column)``: compiled, the evaluation fuses into
+    the block reductions and nothing of size ``Nq x Nk`` is stored (evaluated eagerly it would be:
+    use it compiled). Indices past the ends are clamped to the last row/column for the evaluation
+    (so captured tensors are never read out of bounds) and count as masked."""
+    qb, kb = block
+    nqb, nkb = (Nq + qb - 1) // qb, (Nk + kb - 1) // kb
+
+    def ar(n):
+        return torch.arange(n, device=device, dtype=torch.int32)
+
+    i = ar(nqb * qb).view(1, 1, nqb, qb, 1, 1)
+    j = ar(nkb * kb).view(1, 1, 1, 1, nkb, kb)
+    m = mask_fn(ar(B).view(B, 1, 1, 1, 1, 1), ar(H).view(1, H, 1, 1, 1, 1),
+                torch.clamp(i, max=Nq - 1), torch.clamp(j, max=Nk - 1))
+    m = m & (i < Nq) & (j < Nk)
+    return m.any(dim=5).any(dim=3), m.all(dim=5).all(dim=3)
 
 
 def _tensor_flags(mask: Tensor, Nq: int, Nk: int, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -365,7 +391,6 @@ def _block_mask_tensors(some: Tensor, every: Tensor, union: bool) -> tuple[Tenso
     full_kv_num, full_kv_idx = _ordered(full)
     q_num, q_idx = _ordered(partial.transpose(-1, -2))
     full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
-    _STATS["block_masks_built"] += 1
     tensors = (kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)
     if union:
         tensors += _union_tensors(partial | full)
@@ -388,6 +413,55 @@ def _dense_union(Nq: int, Nk: int, block: tuple[int, int], device: torch.device)
     visited = torch.ones(1, 1, nqb, nkb, dtype=torch.bool, device=device)
     visited = F.pad(visited, (0, max(0, 2 - nkb), 0, max(0, 2 - nqb)))
     return _cache_put(key, _union_tensors(visited))
+
+
+@dataclass(frozen=True)
+class _BuildStatic:
+    structure: Structure
+    block: tuple[int, int]
+    union: bool
+
+
+def _build_blocks(q, k, offset, mask, mask_mod, static: _BuildStatic):
+    """The compiled body of a block-mask builder: see :func:`_block_tensors`."""
+    B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    fn = compose_mask(static.structure, offset, mask, mask_mod)
+    some, every = _fused_flags(fn, B, H, Nq, Nk, static.block, q.device)
+    return _block_mask_tensors(some, every, static.union)
+
+
+class _MaskBuilder:
+    """A compiled copy of :func:`_build_blocks` with a code object (and a Dynamo cache) of its own,
+    for one kind of mask; sizes are dynamic."""
+
+    def __init__(self, static: _BuildStatic, label: str):
+        self.static = static
+        name = f"flexflash_blocks_{label}_{next(_Kernel._serial)}"
+        code = _build_blocks.__code__.replace(co_name=name)
+        if hasattr(code, "co_qualname"):
+            code = code.replace(co_qualname=name)
+        self._fn = torch.compile(types.FunctionType(code, _build_blocks.__globals__, name), fullgraph=True,
+                                 dynamic=None)
+
+    def __call__(self, q, k, offset, mask, mask_mod):
+        q, k, mask = (None if t is None else t.view(t.shape) for t in (q, k, mask))
+        for t, dims in ((q, (0, 2)), (k, (0, 2)), (mask, (0, 2, 3))):
+            if t is not None:
+                for dim in dims:
+                    if t.shape[dim] > 1:
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
+        return self._fn(q, k, offset, mask, mask_mod, self.static)
+
+
+_BUILDERS: dict[Any, _MaskBuilder] = {}
+
+
+def _mask_builder(st: Structure, mask_fp, block, union, mask) -> _MaskBuilder:
+    key = (st, mask_fp, block, union, None if mask is None else (mask.dtype, mask.device))
+    builder = _BUILDERS.get(key)
+    if builder is None:
+        builder = _BUILDERS[key] = _MaskBuilder(_BuildStatic(st, block, union), str(len(_BUILDERS)))
+    return builder
 
 
 def _cache_get(key):
@@ -413,17 +487,31 @@ def _cache_put(key, value):
 
 def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pure: bool, mask_fp, B: int, H: int,
                    Nq: int, Nk: int, block: tuple[int, int], device: torch.device,
-                   union: bool = False) -> tuple[Tensor, ...]:
-    """The block mask of a call, from up to two parts whose flags are and-ed: the mask functions
-    (causal and the mask_mod; cached by fingerprint and shape when they read no tensors) and the
-    ``mask`` tensor (a reduction over the tensor, per call). "Some allowed" of a conjunction is
-    bounded by the conjunction of the parts' flags, so a block may be visited and found empty,
-    never skipped wrongly; "all allowed" is exact."""
+                   union: bool = False, q: Tensor | None = None, k: Tensor | None = None,
+                   offset_tensor: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The block mask of a call (cached by fingerprint and shape when it reads no tensors).
+
+    On CUDA, one compiled builder per kind of mask evaluates the whole mask (causal, the ``mask``
+    tensor, the mask_mod) and reduces it to block flags and FlexAttention's index tensors in a few
+    fused kernels (``q``, ``k`` give it the sizes, ``offset_tensor`` the causal offset).
+    Elsewhere (CPU, and inside a caller's torch.compile) the flags come from up to two parts whose
+    flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor (a
+    reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
+    the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
+    allowed" is exact."""
     key = (mask_fp, st, offset, B, H, Nq, Nk, block, device, union)
     if pure and mask is None:
         hit = _cache_get(key)
         if hit is not None:
             return hit
+    _STATS["block_masks_built"] += 1
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        mask_st = Structure(causal=st.causal, mask_full=st.mask_full, bias_full=None, has_mask_mod=st.has_mask_mod,
+                            has_score_mod=False)
+        tensors = _mask_builder(mask_st, mask_fp, block, union, mask)(q, k, offset_tensor, mask, mask_mod)
+        if pure and mask is None:
+            _cache_put(key, tensors)
+        return tensors
     some = every = None
     fn_st = Structure(causal=st.causal, mask_full=None, bias_full=None, has_mask_mod=st.has_mask_mod,
                       has_score_mod=False, single_query=st.single_query)
@@ -569,18 +657,18 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         kernel = _KERNELS[kind] = _Kernel(static, label)
         _STATS["kernels"] += 1
 
+    offset = (Nk - Nq if tracing else _scalar_tensor(Nk - Nq, torch.int32, q.device)) if causal else None
     blocks = None
     if st.masked:
         pure = mask is None and _is_pure(mask_fp)
         blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, pure, mask_fp, B, Hq, q.shape[-2], Nk, block, q.device,
-                                union=use_dropout)
+                                union=use_dropout, q=q, k=k, offset_tensor=offset)
     drop = None
     if use_dropout:
         keep_blocks = blocks[8:] if blocks is not None else _dense_union(q.shape[-2], Nk, block, q.device)
         blocks = blocks[:8] if blocks is not None else None
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device)
         drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device), keep_blocks)
-    offset = (Nk - Nq if tracing else _scalar_tensor(Nk - Nq, torch.int32, q.device)) if causal else None
     out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     if single_query:
         out = out[:, :, :1]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
+
 import torch
 
 import flexflash
@@ -127,3 +129,69 @@ def test_divisible_lengths_are_multiples_of_every_tile():
 def test_tuned_dropout_options_only_where_measured():
     from flexflash._tuning import dropout_pass_options
     assert dropout_pass_options(torch.device("cpu"), torch.bfloat16, 128, (128, 128)) == ((), ())
+
+
+def _mask_cases(gen, B, H, Nq, Nk):
+    from flexflash import mods
+    ids = torch.sort(torch.randint(0, 3, (B, max(Nq, Nk)), generator=gen), dim=-1).values
+    yield "causal", dict(causal=True), None, None
+    yield "key padding + causal", dict(causal=True, mask=(1, 0, 0, 1)), torch.rand(B, 1, 1, Nk, generator=gen) > 0.3, None
+    yield "4-D mask", dict(mask=(1, 1, 1, 1)), torch.rand(B, H, Nq, Nk, generator=gen) > 0.2, None
+    yield "document", dict(mask_mod=True), None, mods.document(ids[:, :Nq], ids[:, :Nk])
+    yield "window + mask", dict(mask=(0, 0, 1, 1), mask_mod=True), torch.rand(1, 1, Nq, Nk, generator=gen) > 0.1, \
+        mods.sliding_window(9, offset=Nk - Nq)
+
+
+def _structure(parts):
+    from flexflash._compose import Structure
+    full = parts.get("mask")
+    return Structure(causal=parts.get("causal", False), mask_full=None if full is None else tuple(bool(f) for f in full),
+                     bias_full=None, has_mask_mod=bool(parts.get("mask_mod")), has_score_mod=False)
+
+
+@pytest.mark.parametrize("Nq,Nk,block", [(70, 100, (16, 32)), (33, 33, (16, 16)), (5, 130, (8, 64))])
+def test_fused_flags_match_the_chunked_flags(Nq, Nk, block):
+    """The 6-D one-pass evaluation used by the compiled builder gives the same block flags as the
+    chunked evaluation, including incomplete edge blocks and masks that broadcast over b or h."""
+    from flexflash._compile import _fused_flags, _mask_flags
+    from flexflash._compose import compose_mask
+    gen = torch.Generator().manual_seed(Nq)
+    B, H = 2, 3
+    for name, parts, mask, mask_mod in _mask_cases(gen, B, H, Nq, Nk):
+        fn = compose_mask(_structure(parts), Nk - Nq, mask, mask_mod)
+        want = _mask_flags(fn, B, H, Nq, Nk, block, torch.device("cpu"))
+        got = _fused_flags(fn, B, H, Nq, Nk, block, torch.device("cpu"))
+        for a, b in zip(got, want):
+            shape = torch.broadcast_shapes(a.shape, b.shape)
+            assert torch.equal(a.expand(shape), b.expand(shape)), name
+
+
+def test_compiled_block_mask_builder():
+    """The compiled builder (the CUDA path, compiled here on CPU) returns FlexAttention's block-mask
+    tensors equal to those of the eager builder; new sizes compile at most once more (the tensors
+    a mask_mod captures become dynamic after their first change of size, as Dynamo does)."""
+    from torch._dynamo.utils import counters
+    from flexflash._compile import _block_mask_tensors, _BuildStatic, _mask_builder, _mask_flags
+    from flexflash._compose import compose_mask
+    from flexflash import mods
+    block = (16, 16)
+    parts = dict(causal=True, mask=(1, 0, 0, 1), mask_mod=True)
+    st = _structure(parts)
+    builder = _mask_builder(st, ("test-builder",), block, False, torch.zeros(2, 1, 1, 8, dtype=torch.bool))
+    before = counters["stats"]["unique_graphs"]
+    for B, Nq, Nk in [(2, 40, 70), (3, 70, 100), (2, 64, 64), (4, 20, 200)]:
+        gen = torch.Generator().manual_seed(Nk)
+        mask = torch.rand(B, 1, 1, Nk, generator=gen) > 0.3
+        ids = torch.sort(torch.randint(0, 3, (B, Nk), generator=gen), dim=-1).values
+        mask_mod = mods.document(ids[:, Nk - Nq:].contiguous(), ids)
+        q, k = torch.zeros(B, 2, Nq, 8), torch.zeros(B, 2, Nk, 8)
+        got = builder(q, k, torch.tensor(Nk - Nq, dtype=torch.int32), mask, mask_mod)
+        fn = compose_mask(st, Nk - Nq, mask, mask_mod)
+        want = _block_mask_tensors(*_mask_flags(fn, B, 2, Nq, Nk, block, torch.device("cpu")), False)
+        nkb = -(-Nk // 16)
+        for num, idx, name in ((0, 1, "partial"), (2, 3, "full")):
+            a = _dense(got[num], got[idx], nkb)
+            b = _dense(want[num], want[idx], nkb)
+            shape = torch.broadcast_shapes(a.shape, b.shape)
+            assert torch.equal(a.expand(shape), b.expand(shape)), (name, B, Nq, Nk)
+    assert counters["stats"]["unique_graphs"] - before <= 2
