@@ -144,8 +144,6 @@ class _Static:
     return_lse: bool
     kernel_options: tuple[tuple[str, Any], ...]
     dropout: bool = False
-    # Whether the mask / bias arrive with the key dimension split as (Nk / 16, 16).
-    split16: tuple[bool, bool] = (False, False)
     # Extra options of the dropout passes (kept entries, undropped lse), from flexflash._tuning.
     pass_options: tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]] = ((), ())
 
@@ -178,12 +176,6 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     both passes (FlexAttention's backward takes the gradient of its log-sum-exp)."""
     st = static.structure
     Nq, Nk = q.shape[-2], k.shape[-2]
-    # A mask/bias passed with its key dimension split into (Nk / 16, 16) (see run_flex): merged
-    # back here, its row stride is provably a multiple of 16, so the kernel loads it vectorised.
-    if static.split16[0]:
-        mask = mask.flatten(-2)
-    if static.split16[1]:
-        bias = bias.flatten(-2)
     mask_fn = compose_mask(st, offset, mask, mask_mod)
     score_fn = compose_score(st, bias, score_mod)
     block_mask = None
@@ -280,7 +272,7 @@ class _Kernel:
         else:
             for t in (mask, bias):
                 if t is not None:
-                    for dim in (0, 2, 3):  # a split key dimension: (Nk / 16, 16), dim 3 dynamic
+                    for dim in (0, 2, 3):
                         if t.shape[dim] > 1:
                             torch._dynamo.maybe_mark_dynamic(t, dim)
         drop = args[9]
@@ -325,13 +317,13 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     flags first ``(B, H, R, C)``), FlexAttention's BlockMask format."""
     # A stable partition by prefix sums and one scatter (cheaper than a sort, and it fuses when
     # compiled): set flag c goes to position (set flags before c), unset flag c after all set ones.
-    flags = dense.to(torch.int32)
+    flags = dense.to(torch.int32).contiguous()  # (a transposed view otherwise: strides would vary)
     before = flags.cumsum(-1, dtype=torch.int32)  # set flags up to and including c
     num = before[..., -1]
     col = torch.arange(flags.shape[-1], device=dense.device, dtype=torch.int32).expand_as(flags)
     pos = torch.where(dense, before - 1, num.unsqueeze(-1) + col - before)
     idx = torch.empty_like(flags).scatter_(-1, pos.long(), col)
-    return num.contiguous(), idx
+    return num.contiguous(), idx.contiguous()
 
 
 def _mask_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int],
@@ -659,16 +651,8 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     mask_fp = fingerprint(mask_mod) if mask_mod is not None and not tracing else None
     score_fp = fingerprint(score_mod) if score_mod is not None and not tracing else None
     options = tuple(sorted((kernel_options or {}).items()))
-    # Measured on an H100 (torch 2.11, B=4 H=16 N=4096 D=128 bf16, a (B, H, N, N) bias with
-    # causal): with a symbolic row stride the kernel reads the bias element by element, 5.0 ms
-    # against 0.88 ms with a static one. Split, the stride is 16 * (Nk / 16): vectorised loads
-    # without compiling per length.
-    split16 = tuple(t is not None and q.device.type == "cuda" and not tracing and t.shape[-1] > 1
-                    and t.shape[-1] % 16 == 0 and t.stride(-1) == 1 for t in (mask, bias))
-    kernel_mask = mask.unflatten(-1, (-1, 16)) if split16[0] else mask
-    kernel_bias = bias.unflatten(-1, (-1, 16)) if split16[1] else bias
     static = _Static(st, block, scale, Hq != k.shape[1], return_lse, options, dropout=use_dropout,
-                     pass_options=pass_options, split16=split16)
+                     pass_options=pass_options)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias))
     # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
@@ -701,7 +685,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         blocks = blocks[:8] if blocks is not None else None
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device)
         drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device), keep_blocks)
-    out, lse = kernel(q, k, v, blocks, offset, kernel_mask, kernel_bias, mask_mod, score_mod, drop)
+    out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     if single_query:
         out = out[:, :, :1]
         lse = None if lse is None else lse[:, :, :1]
