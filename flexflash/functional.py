@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import dropout, reference
+from . import dropout, parallel, reference
 from ._checks import block_sizes, describe, normalize
 from ._chunked import chunked_attention
 from ._compile import captured_tensors, run_flex
 from ._tuning import capability
+from .parallel import is_dtensor
 
 __all__ = ["attention", "route"]
 
@@ -170,6 +171,10 @@ def attention(
     Compiled kernels and block masks are cached: new sequence lengths, new mask values or a new
     bias of the same shape reuse them.
     """
+    if is_dtensor(q) or is_dtensor(k) or is_dtensor(v):
+        return parallel.attention(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
+                                  score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
+                                  kernel_options=kernel_options, return_lse=return_lse, backend=backend)
     p, captured, dropout_p = _validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
                                        score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
                                        kernel_options=kernel_options, return_lse=return_lse, backend=backend)

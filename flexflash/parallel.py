@@ -1,0 +1,184 @@
+"""Parallel attention on DTensor: batch, heads and sequence sharding over a 1-D device mesh.
+
+:func:`flexflash.attention` accepts DTensor ``q, k, v`` (4-D, on one 1-D mesh) and calls
+:func:`attention` here. PyTorch has no DTensor sharding rule for FlexAttention (torch 2.11-2.13),
+so each rank runs flexflash on its local shard with global index offsets; all communication is
+DTensor's own (``redistribute``, differentiable), none is written here.
+
+* ``Shard(0)`` (batch) and ``Shard(1)`` (heads): local computation. Modifiers see global batch and
+  head indices (ALiBi slopes, per-sequence document ids, per-head masks); with grouped-query heads
+  the query and key/value heads are sharded consistently (both head counts divisible by the mesh
+  size, or key/value replicated). Mask/bias tensors are given with their global shapes (or
+  broadcast dimensions of size 1) and are sliced to the local shard.
+* ``Shard(2)`` (sequence, context parallel): each rank keeps its query rows; keys and values are
+  gathered with ``redistribute(Replicate())`` (whose backward reduce-scatters their gradients).
+  Masks, biases and modifiers see global query and key indices; ``causal`` keeps its global
+  bottom-right alignment. The split is DTensor's contiguous one, so with ``causal`` the last rank
+  has the most work (rank r's rows see about (r + 1/2)/P of the keys): balancing it would need a
+  permuted (zigzag) sequence layout, which changes the caller's tensor layout and is left to a
+  later version.
+* ``Replicate()``: every rank computes everything.
+
+The output is a DTensor with ``q``'s placements (the log-sum-exp too); it equals the unsharded
+result, forward and backward. A bias that requires grad receives, on each rank, the gradient of
+that rank's slice (the other entries 0): sum over ranks for the full gradient. Dropout with DTensor
+inputs raises ``NotImplementedError`` (its hash would need the global offsets of every shard).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention", "is_dtensor", "parallelize"]
+
+
+def is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _chunk(size: int, parts: int, index: int) -> tuple[int, int]:
+    """(offset, length) of shard ``index`` of ``size`` split in ``parts`` the way DTensor's
+    ``Shard`` does (``torch.chunk``: ceil-sized chunks, the last ones possibly short or empty)."""
+    step = -(-size // parts)
+    start = min(size, index * step)
+    return start, min(size, start + step) - start
+
+
+def _as_4d(name: str, t: Tensor | None, B: int, H: int, Nq: int, Nk: int) -> Tensor | None:
+    """A global mask/bias in flexflash's accepted layouts as a 4-D broadcastable tensor."""
+    if t is None:
+        return None
+    if is_dtensor(t):
+        t = t.full_tensor()
+    if name == "mask" and t.dim() == 2 and t.shape == (B, Nk):
+        return t[:, None, None, :]
+    if name == "bias" and t.dim() == 2:
+        return t[None, None]
+    if name == "bias" and t.dim() == 3:
+        return t[None]
+    return t
+
+
+def _slice(t: Tensor | None, dim: int, full: int, start: int, length: int) -> Tensor | None:
+    if t is None or t.dim() != 4 or t.shape[dim] == 1 or t.shape[dim] != full:
+        return t  # broadcast (or malformed: the local call reports it)
+    return t.narrow(dim, start, length)
+
+
+def _shift(fn, kind: str, b0: int, h0: int, q0: int):
+    """``fn`` seeing global indices: local batch/head/query indices shifted by the shard offsets."""
+    if fn is None or (b0 == 0 and h0 == 0 and q0 == 0):
+        return fn
+    if kind == "mask":
+        def shifted_mask(b, h, q_idx, kv_idx):
+            return fn(b + b0, h + h0, q_idx + q0, kv_idx)
+        return shifted_mask
+
+    def shifted_score(score, b, h, q_idx, kv_idx):
+        return fn(score, b + b0, h + h0, q_idx + q0, kv_idx)
+    return shifted_score
+
+
+def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=None, score_mod=None,
+              scale: float | None = None, dropout_p: float = 0.0, block_size=None, kernel_options=None,
+              return_lse: bool = False, backend: str = "auto"):
+    """:func:`flexflash.attention` on DTensor ``q, k, v`` (see the module docstring)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    from . import mods
+    from .functional import attention as local_attention
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, DTensor):
+            raise TypeError(f"{name}: expected a DTensor like q (q, k and v are all DTensors or none is), "
+                            f"got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D DTensor (B, H, N, D), got shape {tuple(t.shape)}")
+    mesh = q.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"q: expected a DTensor on a 1-D device mesh, got a {mesh.ndim}-D mesh")
+    for name, t in (("k", k), ("v", v)):
+        if t.device_mesh != mesh:
+            raise ValueError(f"{name}: expected the device mesh of q, got another mesh")
+    if dropout_p:
+        raise NotImplementedError(f"dropout_p: dropout with DTensor inputs is not supported in this version "
+                                  f"(got dropout_p={dropout_p}); shard the call yourself or use dropout_p=0")
+    (placement,) = q.placements
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"k: expected a number of heads dividing q's {Hq}, got {Hkv}")
+    world, rank = mesh.size(), mesh.get_local_rank()
+    mask4 = _as_4d("mask", mask, B, Hq, Nq, Nk)
+    bias4 = _as_4d("bias", bias, B, Hq, Nq, Nk)
+    kw: dict[str, Any] = dict(scale=scale, block_size=block_size,
+                              kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+
+    if isinstance(placement, Replicate):
+        k, v = (t.redistribute(mesh, [Replicate()]) for t in (k, v))
+        out = local_attention(q.to_local(), k.to_local(), v.to_local(), causal=causal, mask=mask4, bias=bias4,
+                              mask_mod=mask_mod, score_mod=score_mod, **kw)
+    elif isinstance(placement, Shard) and placement.dim in (0, 1, 2):
+        dim = placement.dim
+        if dim == 0:
+            b0, Bl = _chunk(B, world, rank)
+            k, v = (t.redistribute(mesh, [Shard(0)]) for t in (k, v))
+            local_k, local_v = k.to_local(), v.to_local()
+            offsets = (b0, 0, 0)
+            mask4, bias4 = _slice(mask4, 0, B, b0, Bl), _slice(bias4, 0, B, b0, Bl)
+        elif dim == 1:
+            h0, Hl = _chunk(Hq, world, rank)
+            group = Hq // Hkv
+            if Hkv == Hq or (Hkv % world == 0 and _chunk(Hkv, world, rank) == (h0 // group, Hl // group)):
+                k, v = (t.redistribute(mesh, [Shard(1)]) for t in (k, v))
+                local_k, local_v = k.to_local(), v.to_local()
+            else:  # grouped heads that do not split evenly: every rank takes the key/value heads it needs
+                first, last = h0 // group, (h0 + max(Hl, 1) - 1) // group
+                if first == last:  # the local query heads share one key/value head
+                    kv_heads = 1
+                elif h0 % group == 0 and Hl % group == 0:
+                    kv_heads = Hl // group
+                else:
+                    raise ValueError(f"q: its {Hq} heads split over {world} ranks cut a group of {group} query heads "
+                                     f"sharing one key/value head; use a number of ranks that keeps groups whole")
+                k, v = (t.redistribute(mesh, [Replicate()]) for t in (k, v))
+                # Each rank's gradient covers the key/value heads it used: a partial sum.
+                local_k, local_v = (t.to_local(grad_placements=[Partial()]).narrow(1, first, kv_heads)
+                                    for t in (k, v))
+            offsets = (0, h0, 0)
+            mask4, bias4 = _slice(mask4, 1, Hq, h0, Hl), _slice(bias4, 1, Hq, h0, Hl)
+        else:
+            q0, Nl = _chunk(Nq, world, rank)
+            k, v = (t.redistribute(mesh, [Replicate()]) for t in (k, v))
+            # Each rank's gradient of the gathered keys/values covers its own query rows only: a
+            # partial sum, which the gather's backward reduce-scatters.
+            local_k, local_v = (t.to_local(grad_placements=[Partial()]) for t in (k, v))
+            offsets = (0, 0, q0)
+            mask4, bias4 = _slice(mask4, 2, Nq, q0, Nl), _slice(bias4, 2, Nq, q0, Nl)
+        b0, h0, q0 = offsets
+        mask_mod, score_mod = _shift(mask_mod, "mask", b0, h0, q0), _shift(score_mod, "score", b0, h0, q0)
+        if causal and dim == 2:
+            # Local query rows, global bottom-right alignment: key j <= (q0 + i) + Nk - Nq.
+            causal_mod = mods.causal(offset=Nk - Nq + q0)
+            mask_mod = causal_mod if mask_mod is None else mods.and_masks(causal_mod, mask_mod)
+            causal = False
+        out = local_attention(q.to_local(), local_k, local_v, causal=causal, mask=mask4, bias=bias4,
+                              mask_mod=mask_mod, score_mod=score_mod, **kw)
+    else:
+        raise ValueError(f"q: expected a placement Shard(0), Shard(1), Shard(2) or Replicate(), got {placement}")
+
+    def wrap(local: Tensor, shape) -> Tensor:
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, mesh, q.placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+    if return_lse:
+        out, lse = out
+        return wrap(out, (B, Hq, Nq, v.shape[-1])), wrap(lse, (B, Hq, Nq))
+    return wrap(out, (B, Hq, Nq, v.shape[-1]))

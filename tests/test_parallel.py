@@ -1,0 +1,101 @@
+"""Parallel mode on DTensor: 2 processes on CPU (gloo), each sharded configuration against the
+unsharded call; the forward on the compiled path, training on the CPU training path."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import flexflash
+from flexflash import mods
+
+WORLD = 2
+
+
+def _close(a, b, what):
+    # Sharding changes nothing but which rank computes a row (and, for sequence sharding, how the
+    # gathered keys are laid out): fp32 results agree to rounding.
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def _cases(B, Hq, Hkv, Nq, Nk, gen):
+    ids = torch.sort(torch.randint(0, 3, (B, Nk), generator=gen), dim=-1).values
+    yield "causal", dict(causal=True)
+    yield "key padding + per-head bias", dict(mask=torch.rand(B, Nk, generator=gen) > 0.3,
+                                              bias=torch.randn(Hq, Nq, Nk, generator=gen))
+    yield "alibi + causal", dict(score_mod=mods.alibi(Hq), causal=True)
+    yield "document + causal", dict(mask_mod=mods.document(ids[:, Nk - Nq:], ids), causal=True)
+    yield "4-D mask", dict(mask=torch.rand(B, Hq, Nq, Nk, generator=gen) > 0.4)
+
+
+def _check(placement, grads: bool):
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 37, 53, 16
+    q = torch.randn(B, Hq, Nq, D, generator=gen)
+    k = torch.randn(B, Hkv, Nk, D, generator=gen)
+    v = torch.randn(B, Hkv, Nk, D, generator=gen)
+    for name, kw in _cases(B, Hq, Hkv, Nq, Nk, gen):
+        what = f"{placement} {name} ({'training path' if grads else 'compiled forward'})"
+        leaves = [t.clone().requires_grad_(grads) for t in (q, k, v)]
+        dts = [distribute_tensor(t, mesh, [placement]) for t in leaves]
+        if grads:
+            dts = [d.detach().requires_grad_() for d in dts]
+        with torch.set_grad_enabled(grads):
+            out = flexflash.attention(*dts, **kw)  # without grad: the compiled kernel on CPU
+            want = flexflash.attention(*leaves, **kw)
+            if not grads:
+                assert flexflash.functional.route(*leaves, **kw) == "flex"
+                _, lse = flexflash.attention(*dts, return_lse=True, **kw)
+                _, want_lse = flexflash.attention(*leaves, return_lse=True, **kw)
+                assert lse.placements == dts[0].placements
+                _close(lse.full_tensor(), want_lse, what + " lse")
+        assert out.placements == dts[0].placements
+        _close(out.full_tensor(), want, what + " out")
+        if grads:
+            g = torch.randn(want.shape, generator=gen)
+            got = torch.autograd.grad(out.full_tensor(), dts, g)
+            exp = torch.autograd.grad(want, leaves, g)
+            for n, a, b in zip("qkv", got, exp):
+                _close(a.full_tensor(), b, f"{what} d{n}")
+
+
+def _check_mqa_heads():
+    """One key/value head shared by all query heads, query heads sharded: every rank uses that head
+    and its gradient sums over the ranks."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(8)
+    leaves = [torch.randn(2, h, 21, 16, generator=gen).requires_grad_() for h in (4, 1, 1)]
+    dts = [distribute_tensor(t, mesh, [p]).detach().requires_grad_()
+           for t, p in zip(leaves, (Shard(1), Replicate(), Replicate()))]
+    out = flexflash.attention(*dts, causal=True, score_mod=mods.alibi(4))
+    want = flexflash.attention(*leaves, causal=True, score_mod=mods.alibi(4))
+    _close(out.full_tensor(), want, "MQA heads out")
+    g = torch.randn(want.shape, generator=gen)
+    for n, a, b in zip("qkv", torch.autograd.grad(out.full_tensor(), dts, g), torch.autograd.grad(want, leaves, g)):
+        _close(a.full_tensor(), b, f"MQA heads d{n}")
+
+
+def _worker(rank: int, store_file: str):
+    from torch.distributed.tensor import Replicate, Shard
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD)
+    try:
+        for placement in (Shard(0), Shard(1), Shard(2), Replicate()):
+            _check(placement, grads=False)
+            _check(placement, grads=True)
+        _check_mqa_heads()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_sharded_equals_unsharded_on_two_cpu_processes():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(os.path.join(tmp, "store"),), nprocs=WORLD, join=True)
