@@ -150,14 +150,22 @@ class FlashMHA(nn.Module):
         self.Wqkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
 
-    def _project(self, x: Tensor, part: slice) -> Tensor:
-        bias = self.Wqkv.bias[part] if self.Wqkv.bias is not None else None
-        return F.linear(x, self.Wqkv.weight[part], bias)
+    def _project(self, x: Tensor, parts: str) -> Tensor:
+        """``x`` through the rows of ``Wqkv`` for ``parts`` (a contiguous run of "qkv"). Under
+        ``flexflash.parallel.parallelize(strategy="heads")`` these are the rank's rows of each part."""
+        weight, bias = _parallel_weights(self, self.Wqkv)
+        third = weight.shape[0] // 3
+        start, stop = "qkv".index(parts[0]) * third, ("qkv".index(parts[-1]) + 1) * third
+        return F.linear(x, weight[start:stop], None if bias is None else bias[start:stop])
 
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                 key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
         """``(B, Nq, E)`` (and ``(B, Nk, E)`` key/value) -> ``(B, Nq, E)``; see the class docstring."""
-        E, H = self.embed_dim, self.num_heads
+        E, H, d = self.embed_dim, self.num_heads, self.head_dim
+        strategy, mesh = getattr(self, "_flexflash_parallel", (None, None))
+        if strategy == "sequence" and not _is_dtensor(query):  # local sequence shards in and out
+            return _sequence_forward(self, mesh, 1 if self.batch_first else 0, query, key, value,
+                                     key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         layout = "(B, N, E)" if self.batch_first else "(N, B, E)"
         query = _tensor("query", query, (3,), f"of shape {layout} with E={E}")
         if key is None and value is not None:
@@ -174,20 +182,27 @@ class FlashMHA(nn.Module):
                              f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)} (batch first)")
         B, Nq, Nk = query.shape[0], query.shape[1], key.shape[1]
 
+        if strategy == "heads":  # this rank's heads; gradients of the inputs sum over the ranks
+            query, key, value = _replicated_inputs(mesh, query, key, value)
+
+        # Heads are counted from the projection's width (all heads, or this rank's under "heads").
         if key is query and value is query:  # self-attention: one packed projection
-            q, k, v = rearrange(self.Wqkv(query), "b n (three h d) -> three b h n d", three=3, h=H)
+            q, k, v = rearrange(self._project(query, "qkv"), "b n (three h d) -> three b h n d", three=3, d=d)
         else:
-            q = rearrange(self._project(query, slice(0, E)), "b n (h d) -> b h n d", h=H)
+            q = rearrange(self._project(query, "q"), "b n (h d) -> b h n d", d=d)
             if value is key:
-                k, v = rearrange(self._project(key, slice(E, 3 * E)), "b n (two h d) -> two b h n d", two=2, h=H)
+                k, v = rearrange(self._project(key, "kv"), "b n (two h d) -> two b h n d", two=2, d=d)
             else:
-                k = rearrange(self._project(key, slice(E, 2 * E)), "b n (h d) -> b h n d", h=H)
-                v = rearrange(self._project(value, slice(2 * E, 3 * E)), "b n (h d) -> b h n d", h=H)
+                k = rearrange(self._project(key, "k"), "b n (h d) -> b h n d", d=d)
+                v = rearrange(self._project(value, "v"), "b n (h d) -> b h n d", d=d)
 
         mask, bias = _mha_masks(key_padding_mask, attn_mask, B, H, Nq, Nk)
+        if strategy == "heads":
+            mask, bias = (_local_heads(mesh, t, H) for t in (mask, bias))
         out = attention(q, k, v, causal=self.causal, mask=mask, bias=bias,
                         dropout_p=self.dropout if self.training else 0.0)  # (B, H, Nq, D)
-        out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, Nq, E)
+        out = rearrange(out, "b h n d -> b n (h d)")
+        out = _row_parallel(mesh, self.out_proj, out) if strategy == "heads" else self.out_proj(out)  # (B, Nq, E)
         return out if self.batch_first else out.transpose(0, 1)
 
     def extra_repr(self) -> str:
@@ -257,9 +272,10 @@ class FlashAttentionTwo(nn.Module):
     ``causal`` is bottom-right aligned (query ``i`` sees key ``j <= i + Nk - N``); zeta's module
     used ``j <= i + max(Nk - N, 0)``, which differs when ``N > Nk``.
 
-    ``parallel=True`` shards the heads over a DTensor device mesh; it is not available yet and
-    raises ``NotImplementedError`` (zeta wrapped the module in ``DataParallel`` inside itself, which
-    could not work).
+    ``parallel=True`` shards the heads over the world's device mesh (one rank per process of the
+    initialised default process group, on this process's device): ``flexflash.parallel.parallelize``
+    with ``strategy="heads"``; without an initialised process group it raises ``RuntimeError``
+    (zeta wrapped the module in ``DataParallel`` inside itself, which could not work).
     """
 
     def __init__(self, *, dim: int, heads: int = 8, dim_head: int = 64, causal: bool = False,
@@ -274,14 +290,13 @@ class FlashAttentionTwo(nn.Module):
         self.k_bucket_size = _positive_int("k_bucket_size", k_bucket_size)
         self.parallel = _flag("parallel", parallel)
         self.mixed_precision = _flag("mixed_precision", mixed_precision)
-        if parallel:
-            raise NotImplementedError(
-                "parallel: sharding the heads over a device mesh (flexflash.parallel) is not available in "
-                "this version; construct with parallel=False")
         inner = heads * dim_head
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        if parallel:
+            from .parallel import parallelize, world_mesh
+            parallelize(self, world_mesh("parallel"), strategy="heads")
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
                 q_bucket_size: int | None = None, k_bucket_size: int | None = None) -> Tensor:
@@ -293,18 +308,29 @@ class FlashAttentionTwo(nn.Module):
                 raise ValueError(f"{name}: expected last dimension dim={self.dim}, got shape {tuple(t.shape)}")
         block = (_positive_int("q_bucket_size", self.q_bucket_size if q_bucket_size is None else q_bucket_size),
                  _positive_int("k_bucket_size", self.k_bucket_size if k_bucket_size is None else k_bucket_size))
-        h = self.heads
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=h)
-        k, v = rearrange(self.to_kv(context), "b n (two h d) -> two b h n d", two=2, h=h)
+        strategy, mesh = getattr(self, "_flexflash_parallel", (None, None))
+        if strategy == "sequence" and not _is_dtensor(x):
+            return _sequence_forward(self, mesh, 1, x, context, mask=mask, q_bucket_size=q_bucket_size,
+                                     k_bucket_size=k_bucket_size)
+        if strategy == "heads":
+            x, context = _replicated_inputs(mesh, x, context)
+        d = self.dim_head  # heads from the projection's width (this rank's under "heads")
+        wq, _ = _parallel_weights(self, self.to_q)
+        wkv, _ = _parallel_weights(self, self.to_kv)
+        q = rearrange(F.linear(x, wq), "b n (h d) -> b h n d", d=d)
+        k, v = rearrange(F.linear(context, wkv), "b n (two h d) -> two b h n d", two=2, d=d)
         if mask is not None and isinstance(mask, Tensor) and mask.dtype != torch.bool:
             mask = _keep_flags("mask", mask)
+        if strategy == "heads":
+            mask = _local_heads(mesh, mask, self.heads)
         if self.mixed_precision:
             compute = _half_dtype(x.device)
             out = attention(q.to(compute), k.to(compute), v.to(compute), causal=self.causal, mask=mask,
                             block_size=block).to(x.dtype)
         else:
             out = attention(q, k, v, causal=self.causal, mask=mask, block_size=block)  # (B, h, N, d)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return _row_parallel(mesh, self.to_out, out) if strategy == "heads" else self.to_out(out)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, causal={self.causal}, "
@@ -404,3 +430,45 @@ def _query_rows(kw: dict, q0: int, q1: int, Nq: int) -> dict:
             t = t[..., q0:q1, :]
         out[name] = t
     return out
+
+
+# --- parallel helpers (flexflash.parallel sets ``_flexflash_parallel = (strategy, mesh)``) -------
+
+def _is_dtensor(t) -> bool:
+    from .parallel import is_dtensor
+    return is_dtensor(t)
+
+
+def _parallel_weights(module: nn.Module, linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """A linear layer's weight and bias; under the "heads" strategy the rank's local rows."""
+    strategy, _ = getattr(module, "_flexflash_parallel", (None, None))
+    weight, bias = linear.weight, linear.bias
+    if strategy == "heads":
+        weight, bias = weight.to_local(), None if bias is None else bias.to_local()
+    return weight, bias
+
+
+def _replicated_inputs(mesh, *xs):
+    from .parallel import replicated_input
+    seen: dict[int, Tensor] = {}
+    out = []
+    for x in xs:  # the same tensor twice (self-attention) stays one tensor
+        if id(x) not in seen:
+            seen[id(x)] = replicated_input(mesh, x)
+        out.append(seen[id(x)])
+    return out
+
+
+def _local_heads(mesh, t: Tensor | None, heads: int) -> Tensor | None:
+    from .parallel import local_heads
+    return local_heads(mesh, t, heads)
+
+
+def _row_parallel(mesh, linear: nn.Linear, x: Tensor) -> Tensor:
+    from .parallel import row_parallel
+    return row_parallel(mesh, linear, x)
+
+
+def _sequence_forward(module: nn.Module, mesh, seq_dim: int, *args, **kwargs) -> Tensor:
+    from .parallel import sequence_forward
+    return sequence_forward(module, mesh, seq_dim, *args, **kwargs)

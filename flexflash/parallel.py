@@ -1,4 +1,5 @@
-"""Parallel attention on DTensor: batch, heads and sequence sharding over a 1-D device mesh.
+"""Parallel attention on DTensor: batch, heads and sequence sharding over a 1-D device mesh, and
+module plans (:func:`parallelize`).
 
 :func:`flexflash.attention` accepts DTensor ``q, k, v`` (4-D, on one 1-D mesh) and calls
 :func:`attention` here. PyTorch has no DTensor sharding rule for FlexAttention (torch 2.11-2.13),
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "is_dtensor", "parallelize"]
+__all__ = ["attention", "is_dtensor", "parallelize", "world_mesh"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -182,3 +183,156 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
         out, lse = out
         return wrap(out, (B, Hq, Nq, v.shape[-1])), wrap(lse, (B, Hq, Nq))
     return wrap(out, (B, Hq, Nq, v.shape[-1]))
+
+
+# --- modules ---------------------------------------------------------------------------------
+
+STRATEGIES = ("heads", "sequence")
+
+
+def world_mesh(arg: str = "parallel"):
+    """A 1-D device mesh over every rank of the initialised default process group, on this
+    process's device type (CUDA with NCCL, else CPU)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{arg}=True: shards over the ranks of the default process group, and none is "
+                           "initialised; call torch.distributed.init_process_group first (or pass "
+                           f"{arg}=False)")
+    from torch.distributed.device_mesh import init_device_mesh
+    device = "cuda" if "nccl" in str(dist.get_backend()) and torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (dist.get_world_size(),))
+
+
+def replicated_input(mesh, x: Tensor) -> Tensor:
+    """``x`` (the same on every rank) for local computation whose gradient is a partial sum per rank:
+    the backward sums it over the ranks (DTensor's Partial -> Replicate)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+def local_heads(mesh, t: Tensor | None, heads: int) -> Tensor | None:
+    """This rank's heads of a 4-D mask/bias whose head dimension is full (others unchanged)."""
+    if t is None or t.dim() != 4 or t.shape[1] != heads or heads == 1:
+        return t
+    h0, Hl = _chunk(heads, mesh.size(), mesh.get_local_rank())
+    return t.narrow(1, h0, Hl)
+
+
+def row_parallel(mesh, linear, x: Tensor) -> Tensor:
+    """``linear`` (weight sharded by input features) on this rank's features ``x``: DTensor computes
+    the partial products and their sum over the ranks (and the adjoint in the backward pass)."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    x = DTensor.from_local(x, mesh, [Shard(x.dim() - 1)], run_check=False)
+    return F.linear(x, linear.weight, linear.bias).redistribute(mesh, [Replicate()]).to_local()
+
+
+def sequence_forward(module, mesh, seq_dim: int, *args, **kwargs) -> Tensor:
+    """A module's forward on local sequence shards: the activations become DTensors sharded on
+    ``seq_dim`` (keys and values are gathered inside the attention call), the output is this
+    rank's shard again. Masks are given with global shapes."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+    place = [Shard(seq_dim)]
+    converted: dict[int, Any] = {}
+    world, rank = mesh.size(), mesh.get_local_rank()
+
+    def as_dt(t):
+        if t is None or not isinstance(t, Tensor):
+            return t
+        if id(t) not in converted:  # the same tensor twice (self-attention) stays one DTensor
+            # The global length: the shards may be uneven (as torch.chunk splits), so ask the ranks.
+            lengths = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world)]
+            dist.all_gather(lengths, torch.tensor([t.shape[seq_dim]], device=t.device), group=mesh.get_group())
+            lengths = [int(n) for n in lengths]
+            total = sum(lengths)
+            if lengths != [_chunk(total, world, r)[1] for r in range(world)]:
+                raise ValueError(f"input: expected sequence shards split as torch.chunk splits {total} rows over "
+                                 f"{world} ranks (dimension {seq_dim}), got shard lengths {lengths}")
+            shape = list(t.shape)
+            shape[seq_dim] = total
+            stride = torch.empty(shape, device="meta").stride()
+            converted[id(t)] = DTensor.from_local(t.contiguous(), mesh, place, run_check=False, shape=torch.Size(shape),
+                                                  stride=stride)
+        return converted[id(t)]
+    out = module(*(as_dt(a) for a in args), **kwargs)
+    return out.redistribute(mesh, place).to_local()
+
+
+def _plan(module, strategy: str):
+    """(linear name, placements of weight, of bias) for each layer of a supported module."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from .modules import FlashAttentionTwo, FlashMHA
+    if strategy == "sequence":
+        names = ["Wqkv", "out_proj"] if isinstance(module, FlashMHA) else ["to_q", "to_kv", "to_out"]
+        return [(name, [Replicate()], [Replicate()]) for name in names]
+    # Column-wise input projections, row-wise output. A packed projection (q|k|v, k|v) is sharded
+    # within each part: rank r holds the rows of its heads of q, of k and of v (a strided shard),
+    # so the full weight keeps its layout (checkpoints and full_tensor() are unchanged).
+    if isinstance(module, FlashMHA):
+        packed = [_StridedShard(0, split_factor=3)]
+        return [("Wqkv", packed, packed), ("out_proj", [Shard(1)], [Replicate()])]
+    return [("to_q", [Shard(0)], None), ("to_kv", [_StridedShard(0, split_factor=2)], None),
+            ("to_out", [Shard(1)], None)]
+
+
+def _make_style():
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class AttentionParallel(ParallelStyle):
+        """Distributes a FlashMHA / FlashAttentionTwo's layers for ``strategy`` and marks the module,
+        whose forward then runs its local part (see :func:`parallelize`)."""
+
+        def __init__(self, strategy: str):
+            super().__init__()
+            self.strategy = strategy
+
+        def _apply(self, module, device_mesh):
+            for name, w_place, b_place in _plan(module, self.strategy):
+                linear = getattr(module, name)
+                for attr, place in (("weight", w_place), ("bias", b_place)):
+                    param = getattr(linear, attr)
+                    if param is not None and place is not None:
+                        dt = distribute_tensor(param.data, device_mesh, place, src_data_rank=self.src_data_rank)
+                        linear.register_parameter(attr, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
+            module._flexflash_parallel = (self.strategy, device_mesh)
+            return module
+    return AttentionParallel
+
+
+def parallelize(module, mesh, strategy: str = "heads"):
+    """Shards a :class:`~flexflash.FlashMHA` or :class:`~flexflash.FlashAttentionTwo` over a 1-D
+    device mesh with a ``parallelize_module`` plan; returns the module (changed in place).
+
+    * ``"heads"`` (tensor parallel): column-wise q/k/v projections (each rank holds its heads' rows
+      of q, of k and of v; the packed ``Wqkv`` / ``to_kv`` layouts are sharded within each part),
+      attention on the local heads, row-wise output projection whose partial products DTensor sums.
+      Inputs and output are ordinary tensors, the same on every rank; the head count must be a
+      multiple of the mesh size.
+    * ``"sequence"`` (context parallel): weights replicated; inputs are each rank's contiguous
+      sequence shard (dimension 1, or 0 for ``FlashMHA(batch_first=False)``), keys and values are
+      gathered inside the attention call, the output is the rank's shard. Masks keep their global
+      shapes.
+
+    Parameters become DTensors (``full_tensor()`` gives the unsharded weight); their gradients are
+    those of the unsharded module.
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from .modules import FlashAttentionTwo, FlashMHA
+    if not isinstance(module, (FlashMHA, FlashAttentionTwo)):
+        raise TypeError(f"module: expected a flexflash FlashMHA or FlashAttentionTwo, got {type(module).__name__}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    if getattr(mesh, "ndim", None) != 1:
+        raise ValueError(f"mesh: expected a 1-D DeviceMesh, got {mesh!r}")
+    if getattr(module, "_flexflash_parallel", None) is not None:
+        raise ValueError("module: already parallelized")
+    heads = module.num_heads if isinstance(module, FlashMHA) else module.heads
+    if strategy == "heads" and heads % mesh.size():
+        raise ValueError(f"strategy='heads': expected a head count divisible by the mesh size {mesh.size()}, "
+                         f"got {heads} heads")
+    return parallelize_module(module, mesh, _make_style()(strategy))

@@ -307,8 +307,8 @@ def test_flash_attention_two_mixed_precision_and_flags():
     assert x.grad is not None and x.grad.dtype == torch.float32
     with pytest.raises(TypeError):
         flexflash.FlashAttentionTwo(16)  # keyword-only
-    with pytest.raises(NotImplementedError, match="parallel"):
-        flexflash.FlashAttentionTwo(dim=16, parallel=True)
+    with pytest.raises(RuntimeError, match="parallel=True.*init_process_group"):
+        flexflash.FlashAttentionTwo(dim=16, parallel=True)  # no process group: nothing to shard over
     with pytest.raises(ValueError, match="mask"):
         m(x, mask=torch.full((2, 9), 0.5))  # not a 0/1 mask
     with pytest.raises(ValueError, match="dim_head"):

@@ -83,6 +83,75 @@ def _check_mqa_heads():
         _close(a.full_tensor(), b, f"MQA heads d{n}")
 
 
+def _check_modules(strategy: str):
+    """FlashMHA and FlashAttentionTwo under parallelize(strategy) against the unsharded module with
+    the same weights: outputs, input gradients and weight gradients (training path)."""
+    import copy
+
+    from torch.distributed.tensor import init_device_mesh
+    from flexflash.parallel import parallelize
+    mesh = init_device_mesh("cpu", (WORLD,))
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(11)
+    B, N, Nk, E = 2, 13, 17, 32
+    torch.manual_seed(0)
+    mha = flexflash.FlashMHA(E, 4, causal=True)
+    two = flexflash.FlashAttentionTwo(dim=E, heads=4, dim_head=8, causal=True)
+    x, ctx = torch.randn(B, N, E, generator=gen), torch.randn(B, Nk, E, generator=gen)
+    pad = torch.rand(B, Nk, generator=gen) > 0.3
+    pad[:, 0] = True
+    cases = [("FlashMHA self", mha, (x,), dict(key_padding_mask=torch.rand(B, N, generator=gen) > 0.8)),
+             ("FlashAttentionTwo cross", two, (x,), dict(context=ctx, mask=pad))]
+    if strategy == "heads":
+        cases.append(("FlashMHA cross", mha, (x, ctx, ctx), dict(key_padding_mask=~pad)))
+    for name, module, args, kw in cases:
+        what = f"{strategy} {name}"
+        ref = copy.deepcopy(module)
+        par = parallelize(copy.deepcopy(module), mesh, strategy)
+        inputs = [a.clone().requires_grad_() for a in args]
+        ref_inputs = [a.clone().requires_grad_() for a in args]
+        ref_kw = {k: (v.clone().requires_grad_() if k == "context" else v) for k, v in kw.items()}
+        par_kw = {k: (v.clone().requires_grad_() if k == "context" else v) for k, v in kw.items()}
+        want = ref(*ref_inputs, **ref_kw)
+        if strategy == "sequence":  # each rank passes its contiguous sequence shard (dimension 1)
+            def shard(t):
+                size = -(-t.shape[1] // WORLD)
+                return t[:, rank * size:(rank + 1) * size]
+            local_in = [shard(a) for a in inputs]
+            local_kw = {k: (shard(v) if k == "context" else v) for k, v in par_kw.items()}
+            got = par(*local_in, **local_kw)
+            _close(got, shard(want), what + " out")
+            g = torch.randn(want.shape, generator=gen)
+            want.backward(g)
+            got.backward(shard(g))
+            # every rank's input gradient covers its shard (other rows 0): sum over the ranks
+            grads = [a.grad.clone() for a in inputs] + ([par_kw["context"].grad.clone()] if "context" in par_kw else [])
+            for t in grads:
+                dist.all_reduce(t)
+        else:
+            got = par(*inputs, **par_kw)
+            _close(got, want, what + " out")
+            g = torch.randn(want.shape, generator=gen)
+            want.backward(g)
+            got.backward(g)
+            grads = [a.grad for a in inputs] + ([par_kw["context"].grad] if "context" in par_kw else [])
+        ref_grads = [a.grad for a in ref_inputs] + ([ref_kw["context"].grad] if "context" in ref_kw else [])
+        for i, (a, b) in enumerate(zip(grads, ref_grads)):
+            _close(a, b, f"{what} input {i} grad")
+        for (pname, p), (_, rp) in zip(par.named_parameters(), ref.named_parameters()):
+            _close(p.grad.full_tensor(), rp.grad, f"{what} {pname}.grad")
+            _close(p.full_tensor(), rp, f"{what} {pname} (unchanged layout)")
+
+
+def _check_parallel_flag():
+    torch.manual_seed(0)
+    two = flexflash.FlashAttentionTwo(dim=32, heads=4, dim_head=8, parallel=True)
+    torch.manual_seed(0)
+    ref = flexflash.FlashAttentionTwo(dim=32, heads=4, dim_head=8)
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    _close(two(x), ref(x), "FlashAttentionTwo(parallel=True)")
+
+
 def _worker(rank: int, store_file: str):
     from torch.distributed.tensor import Replicate, Shard
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD)
@@ -91,6 +160,9 @@ def _worker(rank: int, store_file: str):
             _check(placement, grads=False)
             _check(placement, grads=True)
         _check_mqa_heads()
+        _check_modules("heads")
+        _check_modules("sequence")
+        _check_parallel_flag()
     finally:
         dist.destroy_process_group()
 
