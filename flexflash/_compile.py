@@ -209,10 +209,20 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     return out, (lse if static.return_lse else None)
 
 
+_SERIAL = itertools.count()
+
+
+def _own_code(fn, name: str):
+    """A copy of ``fn`` with a code object of its own (so a ``torch.compile`` of it has its own
+    Dynamo cache and recompile budget), named ``name``."""
+    code = fn.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name)
+
+
 class _Kernel:
     """A compiled copy of :func:`_flex_kernel` with a code object (and a Dynamo cache) of its own."""
-
-    _serial = itertools.count()
 
     def __init__(self, static: _Static, label: str):
         self.static = static
@@ -222,17 +232,13 @@ class _Kernel:
         self._fn = self._compile()
 
     def _compile(self):
-        name = f"flexflash_{self.label}_{next(self._serial)}"
-        code = _flex_kernel.__code__.replace(co_name=name)
-        if hasattr(code, "co_qualname"):
-            code = code.replace(co_qualname=name)
-        fn = types.FunctionType(code, _flex_kernel.__globals__, name)
+        fn = _own_code(_flex_kernel, f"flexflash_{self.label}_{next(_SERIAL)}")
         inductor = torch._dynamo.lookup_backend("inductor")
 
         def counting_backend(gm, example_inputs):
             self.compiles += 1
             _STATS["compiles"] += 1
-            log.debug("flexflash: compiling %s (graph %d)", name, self.compiles)
+            log.debug("flexflash: compiling %s (graph %d)", fn.__name__, self.compiles)
             return inductor(gm, example_inputs)
 
         # dynamic=None: sizes marked dynamic in __call__ are symbolic from the first compilation;
@@ -447,25 +453,22 @@ class _MaskBuilder:
     def __init__(self, static: _BuildStatic, label: str):
         self.static = static
         self.compiled = False
-        name = f"flexflash_blocks_{label}_{next(_Kernel._serial)}"
-        code = _build_blocks.__code__.replace(co_name=name)
-        if hasattr(code, "co_qualname"):
-            code = code.replace(co_qualname=name)
-        self._fn = torch.compile(types.FunctionType(code, _build_blocks.__globals__, name), fullgraph=True,
-                                 dynamic=None)
+        self._fn = torch.compile(_own_code(_build_blocks, f"flexflash_blocks_{label}_{next(_SERIAL)}"),
+                                 fullgraph=True, dynamic=None)
 
     def __call__(self, q, k, offset, mask, mask_mod):
         q, k = q.detach(), k.detach()  # only their sizes are read: no autograd wrapper
         if self.compiled:
             return self._fn(q, k, offset, mask, mask_mod, self.static)
-        self.compiled = True
         q, k, mask = (None if t is None else t.view(t.shape) for t in (q, k, mask))
         for t, dims in ((q, (0, 2)), (k, (0, 2)), (mask, (0, 2, 3))):
             if t is not None:
                 for dim in dims:
                     if t.shape[dim] > 1:
                         torch._dynamo.maybe_mark_dynamic(t, dim)
-        return self._fn(q, k, offset, mask, mask_mod, self.static)
+        tensors = self._fn(q, k, offset, mask, mask_mod, self.static)
+        self.compiled = True  # compiled with symbolic sizes: later calls need no marks
+        return tensors
 
 
 _BUILDERS: dict[Any, _MaskBuilder] = {}
