@@ -73,10 +73,14 @@ def _slice(t: Tensor | None, dim: int, full: int, start: int, length: int) -> Te
     return t.narrow(dim, start, length)
 
 
-def _shift(fn, kind: str, b0: int, h0: int, q0: int):
-    """``fn`` seeing global indices: local batch/head/query indices shifted by the shard offsets."""
+def _shift(fn, kind: str, b0: int, h0: int, q0: int, device):
+    """``fn`` seeing global indices: local batch/head/query indices shifted by the shard offsets.
+    The offsets enter as 0-d tensors, so new offsets (other lengths, other ranks) reuse the
+    compiled kernel."""
     if fn is None or (b0 == 0 and h0 == 0 and q0 == 0):
         return fn
+    from ._compile import _scalar_tensor
+    b0, h0, q0 = (_scalar_tensor(x, torch.int32, device) for x in (b0, h0, q0))
     if kind == "mask":
         def shifted_mask(b, h, q_idx, kv_idx):
             return fn(b + b0, h + h0, q_idx + q0, kv_idx)
@@ -164,10 +168,14 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
             offsets = (0, 0, q0)
             mask4, bias4 = _slice(mask4, 2, Nq, q0, Nl), _slice(bias4, 2, Nq, q0, Nl)
         b0, h0, q0 = offsets
-        mask_mod, score_mod = _shift(mask_mod, "mask", b0, h0, q0), _shift(score_mod, "score", b0, h0, q0)
+        device = q.device
+        mask_mod = _shift(mask_mod, "mask", b0, h0, q0, device)
+        score_mod = _shift(score_mod, "score", b0, h0, q0, device)
         if causal and dim == 2:
-            # Local query rows, global bottom-right alignment: key j <= (q0 + i) + Nk - Nq.
-            causal_mod = mods.causal(offset=Nk - Nq + q0)
+            # Local query rows, global bottom-right alignment: key j <= (q0 + i) + Nk - Nq (a 0-d
+            # tensor offset: one compiled kernel for every rank and length).
+            from ._compile import _scalar_tensor
+            causal_mod = mods.causal(offset=_scalar_tensor(Nk - Nq + q0, torch.int32, device))
             mask_mod = causal_mod if mask_mod is None else mods.and_masks(causal_mod, mask_mod)
             causal = False
         out = local_attention(q.to_local(), local_k, local_v, causal=causal, mask=mask4, bias=bias4,
