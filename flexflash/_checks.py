@@ -75,7 +75,7 @@ def _broadcast_pattern(name: str, t: Tensor, full: tuple[int, ...], ctx, what: s
         if got not in (1, want):
             raise ValueError(
                 f"{name}: expected a tensor broadcastable to {what} = {full}; dimension {dim} has "
-                f"size {got}, expected 1 or {want}; got shape {tuple(t.shape)}\n{ctx()}"
+                f"size {got}, expected {'1' if want == 1 else f'1 or {want}'}; got shape {tuple(t.shape)}\n{ctx()}"
             )
 
 

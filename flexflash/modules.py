@@ -40,11 +40,14 @@ def _probability(name: str, value) -> float:
     return float(value)
 
 
-def _tensor(name: str, x, dims: tuple[int, ...], what: str) -> Tensor:
+def _tensor(name: str, x, dims: tuple[int, ...], what: str, floating: bool = False) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor {what}, got {type(x).__name__}")
     if x.dim() not in dims:
         raise ValueError(f"{name}: expected {what}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor {what}, got dtype {x.dtype} "
+                        f"(shape {tuple(x.shape)})")
     return x
 
 
@@ -167,11 +170,11 @@ class FlashMHA(nn.Module):
             return _sequence_forward(self, mesh, 1 if self.batch_first else 0, query, key, value,
                                      key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         layout = "(B, N, E)" if self.batch_first else "(N, B, E)"
-        query = _tensor("query", query, (3,), f"of shape {layout} with E={E}")
+        query = _tensor("query", query, (3,), f"of shape {layout} with E={E}", floating=True)
         if key is None and value is not None:
             raise ValueError("key: expected a tensor when value is given (value defaults to key, key to query)")
-        key = query if key is None else _tensor("key", key, (3,), f"of shape {layout} with E={E}")
-        value = key if value is None else _tensor("value", value, (3,), f"of shape {layout} with E={E}")
+        key = query if key is None else _tensor("key", key, (3,), f"of shape {layout} with E={E}", floating=True)
+        value = key if value is None else _tensor("value", value, (3,), f"of shape {layout} with E={E}", floating=True)
         if not self.batch_first:  # (N, B, E) -> (B, N, E)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         for name, t in (("query", query), ("key", key), ("value", value)):
@@ -301,8 +304,11 @@ class FlashAttentionTwo(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
                 q_bucket_size: int | None = None, k_bucket_size: int | None = None) -> Tensor:
         """``(B, N, dim)`` (and context ``(B, Nk, dim)``) -> ``(B, N, dim)``."""
-        x = _tensor("x", x, (3,), f"of shape (B, N, dim={self.dim})")
-        context = x if context is None else _tensor("context", context, (3,), f"of shape (B, Nk, dim={self.dim})")
+        x = _tensor("x", x, (3,), f"of shape (B, N, dim={self.dim})", floating=True)
+        context = x if context is None else _tensor("context", context, (3,), f"of shape (B, Nk, dim={self.dim})",
+                                                    floating=True)
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"context: expected batch size {x.shape[0]} (that of x), got shape {tuple(context.shape)}")
         for name, t in (("x", x), ("context", context)):
             if t.shape[-1] != self.dim:
                 raise ValueError(f"{name}: expected last dimension dim={self.dim}, got shape {tuple(t.shape)}")
@@ -395,7 +401,7 @@ class ChunkedAttention(nn.Module):
         """``(B, Nk, E), (B, Nk, E), (B, Nq, E) -> (B, Nq, E)``."""
         E, h = self.embed_size, self.heads
         for name, t in (("values", values), ("keys", keys), ("queries", queries)):
-            _tensor(name, t, (3,), f"of shape (B, N, E={E})")
+            _tensor(name, t, (3,), f"of shape (B, N, E={E})", floating=True)
             if t.shape[-1] != E:
                 raise ValueError(f"{name}: expected last dimension embed_size={E}, got shape {tuple(t.shape)}")
         if values.shape[:2] != keys.shape[:2] or queries.shape[0] != keys.shape[0]:

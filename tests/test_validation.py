@@ -72,3 +72,79 @@ def test_captured_tensor_on_wrong_device_is_named():
 def test_tensor_devices_must_match():
     with pytest.raises(ValueError, match="mask: expected a tensor on q's device"):
         flexflash.attention(q, k, v, mask=torch.ones(2, 11, dtype=torch.bool, device="meta"))
+
+
+# --- modules: constructor and forward arguments ----------------------------------------------
+
+def _fa():
+    return flexflash.FlashAttention()
+
+
+def _mha():
+    return flexflash.FlashMHA(8, 2)
+
+
+def _two():
+    return flexflash.FlashAttentionTwo(dim=8, heads=2, dim_head=4)
+
+
+def _chunked():
+    return flexflash.ChunkedAttention(8, 2, 4)
+
+
+x8 = torch.randn(2, 5, 8)
+q4 = torch.randn(2, 1, 5, 8)
+
+MODULE_BAD = [
+    # (call, exception, words the message must contain)
+    (lambda: flexflash.FlashAttention(causal=1), TypeError, ["causal", "bool", "int"]),
+    (lambda: flexflash.FlashAttention(dropout=1.5), ValueError, ["dropout", "[0, 1)", "1.5"]),
+    (lambda: flexflash.FlashAttention(flash="yes"), TypeError, ["flash", "bool", "'yes'"]),
+    (lambda: flexflash.FlashMHA(0, 2), ValueError, ["embed_dim", "positive", "0"]),
+    (lambda: flexflash.FlashMHA(8, -1), ValueError, ["num_heads", "positive", "-1"]),
+    (lambda: flexflash.FlashMHA(8, 3), ValueError, ["num_heads", "divisor of embed_dim=8", "3"]),
+    (lambda: flexflash.FlashMHA(8.0, 2), ValueError, ["embed_dim", "positive int", "8.0"]),
+    (lambda: flexflash.FlashMHA(8, 2, dropout=-0.1), ValueError, ["dropout", "-0.1"]),
+    (lambda: flexflash.FlashMHA(8, 2, batch_first="no"), TypeError, ["batch_first", "bool", "'no'"]),
+    (lambda: flexflash.FlashAttentionTwo(dim=0), ValueError, ["dim", "positive", "0"]),
+    (lambda: flexflash.FlashAttentionTwo(dim=8, heads=0), ValueError, ["heads", "positive", "0"]),
+    (lambda: flexflash.FlashAttentionTwo(dim=8, dim_head=-4), ValueError, ["dim_head", "-4"]),
+    (lambda: flexflash.FlashAttentionTwo(dim=8, q_bucket_size=0), ValueError, ["q_bucket_size", "0"]),
+    (lambda: flexflash.FlashAttentionTwo(dim=8, mixed_precision=1), TypeError, ["mixed_precision", "bool"]),
+    (lambda: flexflash.ChunkedAttention(8, 2, 0), ValueError, ["chunk_size", "positive", "0"]),
+    (lambda: flexflash.ChunkedAttention(8, 3, 4), ValueError, ["heads", "divisor of embed_size=8", "3"]),
+    (lambda: _fa()(torch.randn(2, 5, 8), q4, q4), ValueError, ["q", "4 dimensions", "(2, 5, 8)"]),
+    (lambda: _fa()(q4.long(), q4, q4), TypeError, ["q", "floating", "int64"]),
+    (lambda: _fa()(q4, q4, q4, attn_bias=torch.randn(3, 5, 5)), ValueError, ["bias", "(1, 5, 5)", "size 3"]),
+    (lambda: _fa()(q4, q4, q4, mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, ["mask", "(2, 5)", "(2, 4)"]),
+    (lambda: _mha()(torch.randn(5, 8)), ValueError, ["query", "(B, N, E)", "(5, 8)"]),
+    (lambda: _mha()(torch.randn(2, 5, 6)), ValueError, ["query", "embed_dim=8", "(2, 5, 6)"]),
+    (lambda: _mha()(x8.long()), TypeError, ["query", "floating", "int64"]),
+    (lambda: _mha()(x8, value=x8), ValueError, ["key", "value is given"]),
+    (lambda: _mha()(x8, torch.randn(3, 5, 8), torch.randn(3, 5, 8)), ValueError, ["key, value", "batch size"]),
+    (lambda: _mha()(x8, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)), ValueError,
+     ["key_padding_mask", "(2, 5)", "(2, 4)"]),
+    (lambda: _mha()(x8, attn_mask=torch.zeros(4, 5, dtype=torch.bool)), ValueError, ["mask", "size 4", "(1, 1, 4, 5)"]),
+    (lambda: _two()(torch.randn(2, 5, 6)), ValueError, ["x", "dim=8", "(2, 5, 6)"]),
+    (lambda: _two()(x8.int()), TypeError, ["x", "floating", "int32"]),
+    (lambda: _two()(x8, context=torch.randn(3, 5, 8)), ValueError, ["context", "batch size 2", "(3, 5, 8)"]),
+    (lambda: _two()(x8, mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, ["mask", "(2, 5)", "(2, 4)"]),
+    (lambda: _two()(x8, mask=torch.full((2, 5), 0.5)), ValueError, ["mask", "0/1"]),
+    (lambda: _two()(x8, q_bucket_size=-1), ValueError, ["q_bucket_size", "-1"]),
+    (lambda: _chunked()(x8, torch.randn(2, 6, 8), x8), ValueError, ["values, keys", "(2, 5, 8)", "(2, 6, 8)"]),
+    (lambda: _chunked()(torch.randn(2, 5, 6), torch.randn(2, 5, 6), torch.randn(2, 5, 6)), ValueError,
+     ["values", "embed_size=8", "(2, 5, 6)"]),
+    (lambda: _chunked()(x8.long(), x8, x8), TypeError, ["values", "floating", "int64"]),
+    (lambda: _chunked()(x8, x8, x8, mask=torch.ones(3, 5, dtype=torch.bool)), ValueError, ["mask", "(2, 5)", "(3, 5)"]),
+]
+
+
+@pytest.mark.parametrize("call,exc,words", MODULE_BAD, ids=[str(i) for i in range(len(MODULE_BAD))])
+def test_module_bad_arguments_are_clear_errors(call, exc, words):
+    before = compile_stats()["compiles"]
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+    assert compile_stats()["compiles"] == before  # raised before any compilation
