@@ -36,12 +36,17 @@ from torch import Tensor
 __all__ = ["attention", "is_dtensor", "parallelize", "world_mesh"]
 
 
+_DTENSOR: list = []  # the DTensor class once imported (empty: not yet; [None]: unavailable)
+
+
 def is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without distributed
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
 
 
 def _chunk(size: int, parts: int, index: int) -> tuple[int, int]:
