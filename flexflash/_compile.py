@@ -452,12 +452,26 @@ class _MaskBuilder:
 
     def __init__(self, static: _BuildStatic, label: str):
         self.static = static
+        self.label = label
+        self._fresh()
+
+    def _fresh(self):
         self.compiled = False
-        self._fn = torch.compile(_own_code(_build_blocks, f"flexflash_blocks_{label}_{next(_SERIAL)}"),
-                                 fullgraph=True, dynamic=None)
+        self.compiles = 0
+        inductor = torch._dynamo.lookup_backend("inductor")
+
+        def counting_backend(gm, example_inputs):
+            self.compiles += 1
+            return inductor(gm, example_inputs)
+        self._fn = torch.compile(_own_code(_build_blocks, f"flexflash_blocks_{self.label}_{next(_SERIAL)}"),
+                                 backend=counting_backend, fullgraph=True, dynamic=None)
 
     def __call__(self, q, k, offset, mask, mask_mod):
         q, k = q.detach(), k.detach()  # only their sizes are read: no autograd wrapper
+        if self.compiles >= _recompile_limit():
+            # Past the limit Dynamo would evaluate the mask eagerly over the whole (B, H, Nq, Nk)
+            # grid: start a fresh cache instead (as the kernels do).
+            self._fresh()
         if self.compiled:
             return self._fn(q, k, offset, mask, mask_mod, self.static)
         q, k, mask = (None if t is None else t.view(t.shape) for t in (q, k, mask))

@@ -195,3 +195,21 @@ def test_compiled_block_mask_builder():
             shape = torch.broadcast_shapes(a.shape, b.shape)
             assert torch.equal(a.expand(shape), b.expand(shape)), (name, B, Nq, Nk)
     assert counters["stats"]["unique_graphs"] - before <= 2
+
+
+def test_block_mask_builder_never_runs_past_the_recompile_limit(monkeypatch):
+    """A builder that has compiled as many graphs as Dynamo allows starts a fresh cache (eager
+    evaluation of the fused flags would hold the whole (B, H, Nq, Nk) grid)."""
+    from flexflash import _compile
+    from flexflash._compile import _mask_builder
+    st = _structure(dict(causal=True, mask=(1, 0, 0, 1)))
+    builder = _mask_builder(st, ("limit-test",), (16, 16), False, torch.zeros(2, 1, 1, 8, dtype=torch.bool))
+    monkeypatch.setattr(_compile, "_recompile_limit", lambda: 1)
+    first = builder._fn
+    q, k = torch.zeros(2, 1, 20, 4), torch.zeros(2, 1, 20, 4)
+    mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    offset = torch.tensor(0, dtype=torch.int32)
+    builder(q, k, offset, mask, None)
+    assert builder.compiles == 1 and builder._fn is first
+    builder(q, k, offset, mask, None)  # at the limit: a fresh code object and cache
+    assert builder._fn is not first and builder.compiles == 1
