@@ -120,8 +120,11 @@ class _ChunkedAttention(torch.autograd.Function):
 
 def _kept(drop, B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> Tensor:
     """The dropout keep flags of one tile as 0/1 floats (B, H, rows, cols) (see flexflash.dropout)."""
-    params, _, dtype = drop
+    params, _, dtype, offsets = drop
     b, h, qi, kj = tile_grids(B, H, q0, q1, k0, k1, device)
+    if offsets is not None:  # a shard of a larger call: its global indices (flexflash.parallel)
+        b0, h0, r0, H = offsets
+        b, h, qi = b + b0, h + h0, qi + r0
     return keep(params, H, b, h, qi, kj).to(dtype)
 
 
@@ -150,7 +153,8 @@ def _scores(qi, k, q0, q1, k0, k1, mask_fn, score_fn, scale, acc_dtype) -> Tenso
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
                       bias: Tensor | None, mask_mod, score_mod, scale: float, chunks: tuple[int, int],
                       captured: list[Tensor], dropout_p: float = 0.0,
-                      dropout_params: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      dropout_params: Tensor | None = None,
+                      dropout_offsets: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention in ``chunks = (q_chunk, kv_chunk)`` tiles; returns ``(out, lse)``.
 
     Takes a validated call (4-D ``q/k/v``, 4-D broadcastable ``mask``/``bias``). ``captured`` are
@@ -169,5 +173,5 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
     score_fn = compose_score(st, bias, score_mod)
     extra = ([bias] if bias is not None else []) + [t for t in captured if t is not bias]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    drop = (dropout_params, float(dropout_p), acc_dtype) if dropout_p > 0 else None
+    drop = (dropout_params, float(dropout_p), acc_dtype, dropout_offsets) if dropout_p > 0 else None
     return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, drop, *extra)

@@ -600,9 +600,18 @@ def _words_flat(params: Tensor, rows: Tensor, q_len: Tensor, cols: Tensor) -> tu
 _words_compiled = torch.compile(_words_flat, dynamic=True, fullgraph=True)
 
 
-def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int,
-                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Row words ``(B, H, Nq)`` (two) and column words ``(Nk,)`` of the dropout hash for one call."""
+def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: torch.device,
+                   offsets: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Row words ``(B, H, Nq)`` (two) and column words ``(Nk,)`` of the dropout hash for one call.
+    With ``offsets = (b0, h0, q0, heads)`` the call is a shard of a larger one (flexflash.parallel):
+    the rows are those of the larger call's global indices."""
+    if offsets is not None:
+        b0, h0, q0, heads = offsets
+        b, h, i, _ = tile_grids(B, H, q0, q0 + Nq, 0, 1, device)
+        r1, r2 = dropout.row_words(params, heads, b[..., 0] + b0, h[..., 0] + h0, i[..., 0])
+        c = dropout.column_word(params, torch.arange(Nk, device=device, dtype=torch.int32))
+        shape = (B, H, Nq)
+        return r1.expand(shape).contiguous(), r2.expand(shape).contiguous(), c
     rows = torch.arange(B * H * Nq, device=device, dtype=torch.int32)
     cols = torch.arange(Nk, device=device, dtype=torch.int32)
     fn = _words_compiled if device.type == "cuda" and not torch.compiler.is_compiling() else _words_flat
@@ -624,7 +633,8 @@ def _divisible(Nq: int, Nk: int, kernel_options: dict | None) -> bool:
 def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
              mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
              return_lse: bool, dropout_p: float = 0.0,
-             dropout_params: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+             dropout_params: Tensor | None = None,
+             dropout_offsets: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor | None]:
     """Runs one validated call (4-D q/k/v, 4-D broadcastable mask/bias) through compiled
     FlexAttention. Returns ``(out, lse or None)``; lse in natural log, fp32. With ``dropout_p > 0``
     (CUDA only: it needs the log-sum-exp, which the CPU kernel does not return), ``dropout_params``
@@ -700,7 +710,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     if use_dropout:
         keep_blocks = blocks[8:] if blocks is not None else _dense_union(q.shape[-2], Nk, block, q.device)
         blocks = blocks[:8] if blocks is not None else None
-        words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device)
+        words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)
         drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device), keep_blocks)
     out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     if single_query:

@@ -175,6 +175,16 @@ def attention(
         return parallel.attention(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
                                   score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
                                   kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+    return _attention(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
+                      scale=scale, dropout_p=dropout_p, block_size=block_size, kernel_options=kernel_options,
+                      return_lse=return_lse, backend=backend)
+
+
+def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropout_p, block_size, kernel_options,
+               return_lse, backend, dropout_offsets: tuple[int, int, int, int] | None = None):
+    """:func:`attention` on plain tensors. ``dropout_offsets = (b0, h0, q0, heads)``: this call is a
+    shard of a larger one (flexflash.parallel); its dropout draws the larger call's ``keep`` for
+    batch, query-head and query-row offsets ``b0, h0, q0`` and ``heads`` query heads in all."""
     p, captured, dropout_p = _validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
                                        score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
                                        kernel_options=kernel_options, return_lse=return_lse, backend=backend)
@@ -182,6 +192,9 @@ def attention(
                  dropout_p=dropout_p, kernel_options=kernel_options, return_lse=return_lse, block_size=block_size)
     common = dict(causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod, score_mod=score_mod)
     if path == "reference":
+        if dropout_offsets is not None and dropout_p > 0 and 0 not in (p.batch, p.q_len, p.kv_len):
+            raise NotImplementedError(f"backend='reference': dropout on a shard of a DTensor call is not "
+                                      f"supported (dropout_p={dropout_p}); use backend='auto' or 'flex'")
         # Empty problems are exact and free on the reference path (which draws the dropout seed
         # the same way).
         return reference.attention(p.q, p.k, p.v, scale=p.scale, dropout_p=dropout_p, return_lse=return_lse,
@@ -189,7 +202,8 @@ def attention(
     if path == "sdpa":
         return _sdpa(p.q, p.k, p.v, causal=causal, scale=p.scale)
     # One draw per call from the device's default generator, on every path (see flexflash.dropout).
-    drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None)
+    drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None,
+                dropout_offsets=dropout_offsets if dropout_p > 0 else None)
     if path == "memory-bounded":
         _note_once("cpu-chunked", f"flexflash: CPU call with {_cpu_reason(p, captured, dropout_p, return_lse)}: "
                                   f"compiled FlexAttention cannot do this on CPU in torch {torch.__version__}, so the "

@@ -22,8 +22,9 @@ DTensor's own (``redistribute``, differentiable), none is written here.
 
 The output is a DTensor with ``q``'s placements (the log-sum-exp too); it equals the unsharded
 result, forward and backward. A bias that requires grad receives, on each rank, the gradient of
-that rank's slice (the other entries 0): sum over ranks for the full gradient. Dropout with DTensor
-inputs raises ``NotImplementedError`` (its hash would need the global offsets of every shard).
+that rank's slice (the other entries 0): sum over ranks for the full gradient. Dropout drops the
+entries the unsharded call would (its hash sees global indices) provided every rank draws the same
+seed, i.e. the ranks' default generators are seeded alike (``torch.manual_seed`` with one value).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     from . import mods
-    from .functional import attention as local_attention
+    from .functional import _attention
 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, DTensor):
@@ -117,9 +118,6 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
     for name, t in (("k", k), ("v", v)):
         if t.device_mesh != mesh:
             raise ValueError(f"{name}: expected the device mesh of q, got another mesh")
-    if dropout_p:
-        raise NotImplementedError(f"dropout_p: dropout with DTensor inputs is not supported in this version "
-                                  f"(got dropout_p={dropout_p}); shard the call yourself or use dropout_p=0")
     (placement,) = q.placements
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -128,13 +126,13 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
     world, rank = mesh.size(), mesh.get_local_rank()
     mask4 = _as_4d("mask", mask, B, Hq, Nq, Nk)
     bias4 = _as_4d("bias", bias, B, Hq, Nq, Nk)
-    kw: dict[str, Any] = dict(scale=scale, block_size=block_size,
-                              kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+    kw: dict[str, Any] = dict(scale=scale, block_size=block_size, kernel_options=kernel_options,
+                              return_lse=return_lse, backend=backend, dropout_p=dropout_p)
 
     if isinstance(placement, Replicate):
         k, v = (t.redistribute(mesh, [Replicate()]) for t in (k, v))
-        out = local_attention(q.to_local(), k.to_local(), v.to_local(), causal=causal, mask=mask4, bias=bias4,
-                              mask_mod=mask_mod, score_mod=score_mod, **kw)
+        out = _attention(q.to_local(), k.to_local(), v.to_local(), causal=causal, mask=mask4, bias=bias4,
+                         mask_mod=mask_mod, score_mod=score_mod, **kw)
     elif isinstance(placement, Shard) and placement.dim in (0, 1, 2):
         dim = placement.dim
         if dim == 0:
@@ -183,8 +181,10 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
             causal_mod = mods.causal(offset=_scalar_tensor(Nk - Nq + q0, torch.int32, device))
             mask_mod = causal_mod if mask_mod is None else mods.and_masks(causal_mod, mask_mod)
             causal = False
-        out = local_attention(q.to_local(), local_k, local_v, causal=causal, mask=mask4, bias=bias4,
-                              mask_mod=mask_mod, score_mod=score_mod, **kw)
+        # Dropout draws the unsharded call's keep: the hash sees global (b, h, i), and every rank
+        # draws the same seed when the ranks' generators are seeded alike.
+        out = _attention(q.to_local(), local_k, local_v, causal=causal, mask=mask4, bias=bias4,
+                         mask_mod=mask_mod, score_mod=score_mod, dropout_offsets=(b0, h0, q0, Hq), **kw)
     else:
         raise ValueError(f"q: expected a placement Shard(0), Shard(1), Shard(2) or Replicate(), got {placement}")
 

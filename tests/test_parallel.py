@@ -35,6 +35,10 @@ def _cases(B, Hq, Hkv, Nq, Nk, gen, device="cpu", dtype=torch.float32):
     yield "alibi + causal", dict(score_mod=mods.alibi(Hq), causal=True)
     yield "document + causal", dict(mask_mod=mods.document(ids[:, Nk - Nq:], ids), causal=True)
     yield "4-D mask", dict(mask=(torch.rand(B, Hq, Nq, Nk, generator=gen) > 0.4).to(device))
+    # Every call below starts from torch.manual_seed(0) on every rank: the shards drop exactly the
+    # entries the unsharded call drops.
+    yield "dropout + causal + key padding", dict(dropout_p=0.3, causal=True,
+                                                 mask=(torch.rand(B, Nk, generator=gen) > 0.2).to(device))
 
 
 def _check(placement, grads: bool, device: str = "cpu", dtype=torch.float32):
@@ -51,13 +55,17 @@ def _check(placement, grads: bool, device: str = "cpu", dtype=torch.float32):
         dts = [distribute_tensor(t, mesh, [placement]) for t in leaves]
         if grads:
             dts = [d.detach().requires_grad_() for d in dts]
+        def call(*args, **extra):
+            torch.manual_seed(0)  # the dropout seed (the same on every rank)
+            return flexflash.attention(*args, **kw, **extra)
         with torch.set_grad_enabled(grads):
-            out = flexflash.attention(*dts, **kw)  # without grad: the compiled kernel on CPU
-            want = flexflash.attention(*leaves, **kw)
+            out = call(*dts)  # without grad and dropout: the compiled kernel on CPU
+            want = call(*leaves)
             if not grads or device == "cuda":
-                assert flexflash.functional.route(*leaves, **kw) == "flex"
-                _, lse = flexflash.attention(*dts, return_lse=True, **kw)
-                _, want_lse = flexflash.attention(*leaves, return_lse=True, **kw)
+                if not kw.get("dropout_p"):
+                    assert flexflash.functional.route(*leaves, **kw) == "flex"
+                _, lse = call(*dts, return_lse=True)
+                _, want_lse = call(*leaves, return_lse=True)
                 assert lse.placements == dts[0].placements
                 _close(lse.full_tensor(), want_lse, what + " lse")
         assert out.placements == dts[0].placements
