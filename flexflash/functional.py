@@ -7,7 +7,9 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import dropout, parallel, reference
 from ._checks import block_sizes, describe, normalize
@@ -25,12 +27,14 @@ _DEFAULT_CHUNKS = (512, 1024)
 _NOTED: set[str] = set()
 
 
-def _note_once(key: str, message: str) -> None:
-    """Tells the user once per process which path a call took (a warning and a log record)."""
+def _note_once(key: str, message) -> None:
+    """Tells the user once per process which path a call took (a warning and a log record);
+    ``message`` is a function building the text, called only the first time."""
     if key not in _NOTED:
         _NOTED.add(key)
-        log.info(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
+        text = message()
+        log.info(text)
+        warnings.warn(text, UserWarning, stacklevel=3)
 
 
 def _known_kernel_options() -> set[str] | None:
@@ -43,15 +47,7 @@ def _known_kernel_options() -> set[str] | None:
 
 # --- the SDPA route of backend="auto" ----------------------------------------------------------
 
-_SDPA_ORDER = None
-
-
-def _sdpa_backends():
-    global _SDPA_ORDER
-    if _SDPA_ORDER is None:
-        from torch.nn.attention import SDPBackend
-        _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    return _SDPA_ORDER
+_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 def _sdpa_route(p, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse, block_size) -> bool:
@@ -79,11 +75,9 @@ def _sdpa_route(p, *, causal, mask_mod, score_mod, dropout_p, kernel_options, re
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> Tensor:
-    import torch.nn.functional as F
     if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    from torch.nn.attention import sdpa_kernel
-    with sdpa_kernel(_sdpa_backends(), set_priority=True):
+    with sdpa_kernel(_SDPA_ORDER, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
@@ -205,9 +199,9 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None,
                 dropout_offsets=dropout_offsets if dropout_p > 0 else None)
     if path == "memory-bounded":
-        _note_once("cpu-chunked", f"flexflash: CPU call with {_cpu_reason(p, captured, dropout_p, return_lse)}: "
-                                  f"compiled FlexAttention cannot do this on CPU in torch {torch.__version__}, so the "
-                                  "exact memory-bounded tiled path is used (this message is shown once)")
+        _note_once("cpu-chunked", lambda: f"flexflash: CPU call with {_cpu_reason(p, captured, dropout_p, return_lse)}: "
+                                          f"compiled FlexAttention cannot do this on CPU in torch {torch.__version__}, "
+                                          "so the exact memory-bounded tiled path is used (this message is shown once)")
         out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=block_sizes(block_size, _DEFAULT_CHUNKS),
                                      captured=captured, **common, **drop)
         return (out, lse) if return_lse else out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import parallel
 from .functional import attention
 
 __all__ = ["FlashAttention", "FlashMHA", "FlashAttentionTwo", "ChunkedAttention"]
@@ -166,8 +167,8 @@ class FlashMHA(nn.Module):
         """``(B, Nq, E)`` (and ``(B, Nk, E)`` key/value) -> ``(B, Nq, E)``; see the class docstring."""
         E, H, d = self.embed_dim, self.num_heads, self.head_dim
         strategy, mesh = getattr(self, "_flexflash_parallel", (None, None))
-        if strategy == "sequence" and not _is_dtensor(query):  # local sequence shards in and out
-            return _sequence_forward(self, mesh, 1 if self.batch_first else 0, query, key, value,
+        if strategy == "sequence" and not parallel.is_dtensor(query):  # local sequence shards in and out
+            return parallel.sequence_forward(self, mesh, 1 if self.batch_first else 0, query, key, value,
                                      key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         layout = "(B, N, E)" if self.batch_first else "(N, B, E)"
         query = _tensor("query", query, (3,), f"of shape {layout} with E={E}", floating=True)
@@ -186,7 +187,7 @@ class FlashMHA(nn.Module):
         B, Nq, Nk = query.shape[0], query.shape[1], key.shape[1]
 
         if strategy == "heads":  # this rank's heads; gradients of the inputs sum over the ranks
-            query, key, value = _replicated_inputs(mesh, query, key, value)
+            query, key, value = parallel.replicated_inputs(mesh, query, key, value)
 
         # Heads are counted from the projection's width (all heads, or this rank's under "heads").
         if key is query and value is query:  # self-attention: one packed projection
@@ -201,11 +202,11 @@ class FlashMHA(nn.Module):
 
         mask, bias = _mha_masks(key_padding_mask, attn_mask, B, H, Nq, Nk)
         if strategy == "heads":
-            mask, bias = (_local_heads(mesh, t, H) for t in (mask, bias))
+            mask, bias = (parallel.local_heads(mesh, t, H) for t in (mask, bias))
         out = attention(q, k, v, causal=self.causal, mask=mask, bias=bias,
                         dropout_p=self.dropout if self.training else 0.0)  # (B, H, Nq, D)
         out = rearrange(out, "b h n d -> b n (h d)")
-        out = _row_parallel(mesh, self.out_proj, out) if strategy == "heads" else self.out_proj(out)  # (B, Nq, E)
+        out = parallel.row_parallel(mesh, self.out_proj, out) if strategy == "heads" else self.out_proj(out)  # (B, Nq, E)
         return out if self.batch_first else out.transpose(0, 1)
 
     def extra_repr(self) -> str:
@@ -315,11 +316,11 @@ class FlashAttentionTwo(nn.Module):
         block = (_positive_int("q_bucket_size", self.q_bucket_size if q_bucket_size is None else q_bucket_size),
                  _positive_int("k_bucket_size", self.k_bucket_size if k_bucket_size is None else k_bucket_size))
         strategy, mesh = getattr(self, "_flexflash_parallel", (None, None))
-        if strategy == "sequence" and not _is_dtensor(x):
-            return _sequence_forward(self, mesh, 1, x, context, mask=mask, q_bucket_size=q_bucket_size,
+        if strategy == "sequence" and not parallel.is_dtensor(x):
+            return parallel.sequence_forward(self, mesh, 1, x, context, mask=mask, q_bucket_size=q_bucket_size,
                                      k_bucket_size=k_bucket_size)
         if strategy == "heads":
-            x, context = _replicated_inputs(mesh, x, context)
+            x, context = parallel.replicated_inputs(mesh, x, context)
         d = self.dim_head  # heads from the projection's width (this rank's under "heads")
         wq, _ = _parallel_weights(self, self.to_q)
         wkv, _ = _parallel_weights(self, self.to_kv)
@@ -328,7 +329,7 @@ class FlashAttentionTwo(nn.Module):
         if mask is not None and isinstance(mask, Tensor) and mask.dtype != torch.bool:
             mask = _keep_flags("mask", mask)
         if strategy == "heads":
-            mask = _local_heads(mesh, mask, self.heads)
+            mask = parallel.local_heads(mesh, mask, self.heads)
         if self.mixed_precision:
             compute = _half_dtype(x.device)
             out = attention(q.to(compute), k.to(compute), v.to(compute), causal=self.causal, mask=mask,
@@ -336,7 +337,7 @@ class FlashAttentionTwo(nn.Module):
         else:
             out = attention(q, k, v, causal=self.causal, mask=mask, block_size=block)  # (B, h, N, d)
         out = rearrange(out, "b h n d -> b n (h d)")
-        return _row_parallel(mesh, self.to_out, out) if strategy == "heads" else self.to_out(out)
+        return parallel.row_parallel(mesh, self.to_out, out) if strategy == "heads" else self.to_out(out)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, causal={self.causal}, "
@@ -440,11 +441,6 @@ def _query_rows(kw: dict, q0: int, q1: int, Nq: int) -> dict:
 
 # --- parallel helpers (flexflash.parallel sets ``_flexflash_parallel = (strategy, mesh)``) -------
 
-def _is_dtensor(t) -> bool:
-    from .parallel import is_dtensor
-    return is_dtensor(t)
-
-
 def _parallel_weights(module: nn.Module, linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
     """A linear layer's weight and bias; under the "heads" strategy the rank's local rows."""
     strategy, _ = getattr(module, "_flexflash_parallel", (None, None))
@@ -452,29 +448,3 @@ def _parallel_weights(module: nn.Module, linear: nn.Linear) -> tuple[Tensor, Ten
     if strategy == "heads":
         weight, bias = weight.to_local(), None if bias is None else bias.to_local()
     return weight, bias
-
-
-def _replicated_inputs(mesh, *xs):
-    from .parallel import replicated_input
-    seen: dict[int, Tensor] = {}
-    out = []
-    for x in xs:  # the same tensor twice (self-attention) stays one tensor
-        if id(x) not in seen:
-            seen[id(x)] = replicated_input(mesh, x)
-        out.append(seen[id(x)])
-    return out
-
-
-def _local_heads(mesh, t: Tensor | None, heads: int) -> Tensor | None:
-    from .parallel import local_heads
-    return local_heads(mesh, t, heads)
-
-
-def _row_parallel(mesh, linear: nn.Linear, x: Tensor) -> Tensor:
-    from .parallel import row_parallel
-    return row_parallel(mesh, linear, x)
-
-
-def _sequence_forward(module: nn.Module, mesh, seq_dim: int, *args, **kwargs) -> Tensor:
-    from .parallel import sequence_forward
-    return sequence_forward(module, mesh, seq_dim, *args, **kwargs)

@@ -79,6 +79,14 @@ def _slice(t: Tensor | None, dim: int, full: int, start: int, length: int) -> Te
     return t.narrow(dim, start, length)
 
 
+def _dtensor(local: Tensor, mesh, placements, shape) -> Tensor:
+    """A DTensor of global ``shape`` (contiguous strides) from this rank's possibly uneven shard."""
+    from torch.distributed.tensor import DTensor
+    shape = torch.Size(shape)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
 def _shift(fn, kind: str, b0: int, h0: int, q0: int, device):
     """``fn`` seeing global indices: local batch/head/query indices shifted by the shard offsets.
     The offsets enter as 0-d tensors, so new offsets (other lengths, other ranks) reuse the
@@ -188,14 +196,10 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
     else:
         raise ValueError(f"q: expected a placement Shard(0), Shard(1), Shard(2) or Replicate(), got {placement}")
 
-    def wrap(local: Tensor, shape) -> Tensor:
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local, mesh, q.placements, run_check=False, shape=torch.Size(shape), stride=stride)
-
     if return_lse:
         out, lse = out
-        return wrap(out, (B, Hq, Nq, v.shape[-1])), wrap(lse, (B, Hq, Nq))
-    return wrap(out, (B, Hq, Nq, v.shape[-1]))
+        return _dtensor(out, mesh, q.placements, (B, Hq, Nq, v.shape[-1])), _dtensor(lse, mesh, q.placements, (B, Hq, Nq))
+    return _dtensor(out, mesh, q.placements, (B, Hq, Nq, v.shape[-1]))
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -216,19 +220,22 @@ def world_mesh(arg: str = "parallel"):
     return init_device_mesh(device, (dist.get_world_size(),))
 
 
-def replicated_input(mesh, x: Tensor) -> Tensor:
-    """``x`` (the same on every rank) for local computation whose gradient is a partial sum per rank:
-    the backward sums it over the ranks (DTensor's Partial -> Replicate)."""
+def replicated_inputs(mesh, *xs: Tensor) -> list[Tensor]:
+    """Inputs (the same on every rank) for local computation whose gradients are partial sums per
+    rank: the backward sums them over the ranks (DTensor's Partial -> Replicate). The same tensor
+    passed twice (self-attention) stays one tensor."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
-    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+    seen: dict[int, Tensor] = {}
+    for x in xs:
+        if id(x) not in seen:
+            seen[id(x)] = DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(
+                grad_placements=[Partial()])
+    return [seen[id(x)] for x in xs]
 
 
 def local_heads(mesh, t: Tensor | None, heads: int) -> Tensor | None:
     """This rank's heads of a 4-D mask/bias whose head dimension is full (others unchanged)."""
-    if t is None or t.dim() != 4 or t.shape[1] != heads or heads == 1:
-        return t
-    h0, Hl = _chunk(heads, mesh.size(), mesh.get_local_rank())
-    return t.narrow(1, h0, Hl)
+    return _slice(t, 1, heads, *_chunk(heads, mesh.size(), mesh.get_local_rank()))
 
 
 def row_parallel(mesh, linear, x: Tensor) -> Tensor:
@@ -245,7 +252,7 @@ def sequence_forward(module, mesh, seq_dim: int, *args, **kwargs) -> Tensor:
     ``seq_dim`` (keys and values are gathered inside the attention call), the output is this
     rank's shard again. Masks are given with global shapes."""
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import Shard
     place = [Shard(seq_dim)]
     converted: dict[int, Any] = {}
     world, rank = mesh.size(), mesh.get_local_rank()
@@ -264,9 +271,7 @@ def sequence_forward(module, mesh, seq_dim: int, *args, **kwargs) -> Tensor:
                                  f"{world} ranks (dimension {seq_dim}), got shard lengths {lengths}")
             shape = list(t.shape)
             shape[seq_dim] = total
-            stride = torch.empty(shape, device="meta").stride()
-            converted[id(t)] = DTensor.from_local(t.contiguous(), mesh, place, run_check=False, shape=torch.Size(shape),
-                                                  stride=stride)
+            converted[id(t)] = _dtensor(t.contiguous(), mesh, place, shape)
         return converted[id(t)]
     out = module(*(as_dt(a) for a in args), **kwargs)
     return out.redistribute(mesh, place).to_local()

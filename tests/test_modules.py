@@ -34,6 +34,14 @@ def _grads(module_or_tensors, out, g):
     return torch.autograd.grad(out, leaves, g)
 
 
+def _close_to_float64(out, want, leaves, gen):
+    """A module's output and the gradients of ``leaves`` against a float64 computation ``want``."""
+    _close(out, want)
+    g = torch.randn(out.shape, generator=gen)
+    for a, b in zip(_grads(leaves, out, g), _grads(leaves, want, g.double())):
+        _close(a, b)
+
+
 # --- the examples of the seed documents, with only the import line changed --------------------
 
 def test_seed_examples_zeta_flash_attention():
@@ -279,11 +287,7 @@ def test_flash_attention_two_matches_hand_written_float64(causal, mask):
            "4d": torch.rand(2, 3, 19, 45, generator=gen) > 0.3}[mask]
     out = m(x, context=ctx, mask=msk)
     want = _two_reference(m, x, ctx, msk)
-    _close(out, want)
-    g = torch.randn(out.shape, generator=gen)
-    leaves = [x, ctx, m.to_q.weight, m.to_kv.weight, m.to_out.weight]
-    for a, b in zip(_grads(leaves, out, g), _grads(leaves, want, g.double())):
-        _close(a, b)
+    _close_to_float64(out, want, [x, ctx, m.to_q.weight, m.to_kv.weight, m.to_out.weight], gen)
 
 
 def test_flash_attention_two_bucket_sizes_do_not_change_results():
@@ -342,11 +346,7 @@ def test_chunked_attention_matches_hand_written_float64(mask):
     out = m(values, keys, queries, mask=kw.get("mask", kw.get("bias")))
     want = _chunked_reference(m, values, keys, queries, **{a: (b.double() if b.is_floating_point() else b)
                                                            for a, b in kw.items()})
-    _close(out, want)
-    g = torch.randn(out.shape, generator=gen)
-    leaves = [values, queries, m.queries.weight, m.keys.bias, m.fc_out.weight]
-    for a, b in zip(_grads(leaves, out, g), _grads(leaves, want, g.double())):
-        _close(a, b)
+    _close_to_float64(out, want, [values, queries, m.queries.weight, m.keys.bias, m.fc_out.weight], gen)
 
 
 def test_chunked_attention_chunk_size_and_batch_independence():
