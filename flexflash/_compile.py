@@ -168,12 +168,15 @@ _LSE_ONLY_DV = 16
 def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop, static: _Static):
     """The compiled body: FlexAttention with the call's composed mask and score functions.
 
-    With dropout (``drop = (params, (row1, row2, col), keep_scale, keep_blocks)``: the seed, the
-    hash's row and column words, ``1 / (1 - p)`` and the blocks to visit), two passes compute it exactly:
-    one over the kept entries (the mask function also asks :func:`flexflash.dropout.entry_keep`) gives
-    ``out'`` and its log-sum-exp ``L'``; one over every allowed entry, with a 16-wide zero value,
-    gives the undropped ``L``. Then ``out = out' * exp(L' - L) / (1 - p)``, differentiable through
-    both passes (FlexAttention's backward takes the gradient of its log-sum-exp)."""
+    With dropout (``drop = (params, (row1, row2, col), keep_scale)``: the seed, the hash's row and
+    column words and ``1 / (1 - p)``), two passes over the same block mask compute it exactly: one
+    whose score function also sends the dropped entries to ``-inf`` (it asks
+    :func:`flexflash.dropout.entry_keep`) gives ``out'`` over the kept entries and its log-sum-exp
+    ``L'``; one over every allowed entry, with a 16-wide zero value, gives the undropped ``L``. Then
+    ``out = out' * exp(L' - L) / (1 - p)``, differentiable through both passes (FlexAttention's
+    backward takes the gradient of its log-sum-exp). Dropping in the score function rather than in
+    the mask function keeps the blocks that are fully allowed without dropout on the kernel's
+    full-block path (no mask evaluation, no per-entry select), forward and backward."""
     st = static.structure
     Nq, Nk = q.shape[-2], k.shape[-2]
     mask_fn = compose_mask(st, offset, mask, mask_mod)
@@ -184,24 +187,23 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     if drop is None:
         return _flex(q, k, v, score_fn, block_mask, static, static.return_lse)
 
-    params, (row1, row2, col), keep_scale, keep_blocks = drop
+    params, (row1, row2, col), keep_scale = drop
     thr = params[3]
 
-    def kept_fn(b, h, q_idx, kv_idx):
+    def kept_score(score, b, h, q_idx, kv_idx):
+        if score_fn is not None:
+            score = score_fn(score, b, h, q_idx, kv_idx)
         # Only the short per-entry step of the hash runs here (see flexflash.dropout).
         kept = dropout.entry_keep(row1[b, h, q_idx], row2[b, h, q_idx], col[kv_idx], thr)
-        return kept if mask_fn is None else kept & mask_fn(b, h, q_idx, kv_idx)
+        return torch.where(kept, score, -float("inf"))
 
-    # Every visited block is partial for the kept pass (dropout reaches into every block).
-    kv_num, kv_idx, q_num, q_idx = keep_blocks
-    kept_mask = BlockMask((Nq, Nk), kv_num, kv_idx, None, None, q_num, q_idx, None, None, static.block, kept_fn)
     v_zero = v.new_zeros(v.shape[0], v.shape[1], Nk, _LSE_ONLY_DV)
     kept_options, lse_options = static.pass_options
     out_zero, lse = _flex(q, k, v_zero, score_fn, block_mask, static, True, lse_options)
     # FlexAttention's backward lowering fails on an output without gradient (torch 2.11-2.13):
     # give the unused zero output a part in lse with weight 0, so its gradient is a zero tensor.
     lse = lse + out_zero[..., 0].float() * 0.0
-    out_kept, lse_kept = _flex(q, k, v, score_fn, kept_mask, static, True, kept_options)
+    out_kept, lse_kept = _flex(q, k, v, kept_score, block_mask, static, True, kept_options)
     # Rows with nothing allowed have lse = lse_kept = -inf and out_kept = 0: factor 0, no NaN.
     lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     factor = torch.exp(lse_kept - lse_safe) * keep_scale
@@ -210,6 +212,7 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
 
 
 _SERIAL = itertools.count()
+
 
 
 def _own_code(fn, name: str):
@@ -282,7 +285,7 @@ class _Kernel:
                         if t.shape[dim] > 1:
                             torch._dynamo.maybe_mark_dynamic(t, dim)
         drop = args[9]
-        for t in (*(blocks or ()), *(drop[3] if drop is not None else ())):
+        for t in blocks or ():
             for dim in range(t.dim()):
                 if dim != 1:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
@@ -394,9 +397,8 @@ def _tensor_flags(mask: Tensor, Nq: int, Nk: int, block: tuple[int, int]) -> tup
     return some, every & complete_q[:, None] & complete_k[None, :]
 
 
-def _block_mask_tensors(some: Tensor, every: Tensor, union: bool) -> tuple[Tensor, ...]:
-    """FlexAttention's eight BlockMask tensors from block flags; with ``union``, four more: the
-    kv/q counts and indices of every visited block (partial or full) for the dropout pass."""
+def _block_mask_tensors(some: Tensor, every: Tensor) -> tuple[Tensor, ...]:
+    """FlexAttention's eight BlockMask tensors from block flags."""
     nqb, nkb = some.shape[-2:]
     partial, full = some & ~every, every
     # At least two blocks per dimension: the extra rows are empty and never visited by the kernel,
@@ -407,35 +409,13 @@ def _block_mask_tensors(some: Tensor, every: Tensor, union: bool) -> tuple[Tenso
     full_kv_num, full_kv_idx = _ordered(full)
     q_num, q_idx = _ordered(partial.transpose(-1, -2))
     full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
-    tensors = (kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)
-    if union:
-        tensors += _union_tensors(partial | full)
-    return tensors
-
-
-def _union_tensors(visited: Tensor) -> tuple[Tensor, ...]:
-    kv_num, kv_idx = _ordered(visited)
-    q_num, q_idx = _ordered(visited.transpose(-1, -2))
-    return kv_num, kv_idx, q_num, q_idx
-
-
-def _dense_union(Nq: int, Nk: int, block: tuple[int, int], device: torch.device) -> tuple[Tensor, ...]:
-    """Every block visited (an unmasked call with dropout), padded to two blocks per dimension."""
-    key = ("dense-union", Nq, Nk, block, device)
-    hit = _cache_get(key)
-    if hit is not None:
-        return hit
-    nqb, nkb = -(-Nq // block[0]), -(-Nk // block[1])
-    visited = torch.ones(1, 1, nqb, nkb, dtype=torch.bool, device=device)
-    visited = F.pad(visited, (0, max(0, 2 - nkb), 0, max(0, 2 - nqb)))
-    return _cache_put(key, _union_tensors(visited))
+    return kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx
 
 
 @dataclass(frozen=True)
 class _BuildStatic:
     structure: Structure
     block: tuple[int, int]
-    union: bool
 
 
 def _build_blocks(q, k, offset, mask, mask_mod, static: _BuildStatic):
@@ -443,7 +423,7 @@ def _build_blocks(q, k, offset, mask, mask_mod, static: _BuildStatic):
     B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     fn = compose_mask(static.structure, offset, mask, mask_mod)
     some, every = _fused_flags(fn, B, H, Nq, Nk, static.block, q.device)
-    return _block_mask_tensors(some, every, static.union)
+    return _block_mask_tensors(some, every)
 
 
 class _MaskBuilder:
@@ -488,11 +468,11 @@ class _MaskBuilder:
 _BUILDERS: dict[Any, _MaskBuilder] = {}
 
 
-def _mask_builder(st: Structure, mask_fp, block, union, mask) -> _MaskBuilder:
-    key = (st, mask_fp, block, union, None if mask is None else (mask.dtype, mask.device))
+def _mask_builder(st: Structure, mask_fp, block, mask) -> _MaskBuilder:
+    key = (st, mask_fp, block, None if mask is None else (mask.dtype, mask.device))
     builder = _BUILDERS.get(key)
     if builder is None:
-        builder = _BUILDERS[key] = _MaskBuilder(_BuildStatic(st, block, union), str(len(_BUILDERS)))
+        builder = _BUILDERS[key] = _MaskBuilder(_BuildStatic(st, block), str(len(_BUILDERS)))
     return builder
 
 
@@ -519,7 +499,7 @@ def _cache_put(key, value):
 
 def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pure: bool, mask_fp, B: int, H: int,
                    Nq: int, Nk: int, block: tuple[int, int], device: torch.device,
-                   union: bool = False, q: Tensor | None = None, k: Tensor | None = None,
+                   q: Tensor | None = None, k: Tensor | None = None,
                    offset_tensor: Tensor | None = None) -> tuple[Tensor, ...]:
     """The block mask of a call (cached by fingerprint and shape when it reads no tensors).
 
@@ -531,7 +511,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pu
     reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
     allowed" is exact."""
-    key = (mask_fp, st, offset, B, H, Nq, Nk, block, device, union)
+    key = (mask_fp, st, offset, B, H, Nq, Nk, block, device)
     if pure and mask is None:
         hit = _cache_get(key)
         if hit is not None:
@@ -540,7 +520,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pu
     if device.type == "cuda" and not torch.compiler.is_compiling():
         mask_st = Structure(causal=st.causal, mask_full=st.mask_full, bias_full=None, has_mask_mod=st.has_mask_mod,
                             has_score_mod=False)
-        tensors = _mask_builder(mask_st, mask_fp, block, union, mask)(q, k, offset_tensor, mask, mask_mod)
+        tensors = _mask_builder(mask_st, mask_fp, block, mask)(q, k, offset_tensor, mask, mask_mod)
         if pure and mask is None:
             _cache_put(key, tensors)
         return tensors
@@ -561,7 +541,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pu
         t_some, t_every = _tensor_flags(mask, Nq, Nk, block)
         some = t_some if some is None else some & t_some
         every = t_every if every is None else every & t_every
-    tensors = _block_mask_tensors(some, every, union)
+    tensors = _block_mask_tensors(some, every)
     if pure and mask is None:
         _cache_put(key, tensors)
     return tensors
@@ -705,13 +685,11 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     if st.masked:
         pure = mask is None and _is_pure(mask_fp)
         blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, pure, mask_fp, B, Hq, q.shape[-2], Nk, block, q.device,
-                                union=use_dropout, q=q, k=k, offset_tensor=offset)
+                                q=q, k=k, offset_tensor=offset)
     drop = None
     if use_dropout:
-        keep_blocks = blocks[8:] if blocks is not None else _dense_union(q.shape[-2], Nk, block, q.device)
-        blocks = blocks[:8] if blocks is not None else None
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)
-        drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device), keep_blocks)
+        drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device))
     out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     if single_query:
         out = out[:, :, :1]

@@ -10,15 +10,16 @@ medians in ms; ``tools/gpu_dropout_breakdown.py`` measures the same passes):
 =========================  ======================  =========  =====================================
 pass                       direction               default    chosen
 =========================  ======================  =========  =====================================
-kept entries (hash mask)   forward                 1.120      0.993  BLOCK 64x64, 4 warps, 3 stages
-kept entries               forward+backward        3.968      default (64x64 blocks: 6.6-11.0)
+kept entries (hash score)  forward                 1.056      0.921  BLOCK 64x64, 4 warps, 3 stages
+                                                              (128x64, 8 warps, 2 stages: 1.155)
+kept entries               forward+backward        3.829      3.788  (forward options as above)
 undropped lse (16-wide v)  forward                 0.459      0.444  BLOCK 64x64, 4 warps, 3 stages
 undropped lse              forward+backward        1.968      1.847  64x64 blocks, 4 warps, 3 stages
 =========================  ======================  =========  =====================================
 
-The kept pass evaluates its mask function on every visited tile; smaller tiles keep more warps
-busy with the integer work per tile. Other head dims and dtypes were not measured and keep the
-defaults.
+The kept pass evaluates the hash in its score function on every visited tile (integer work per
+entry); smaller tiles keep more warps busy with it. Other head dims and dtypes were not measured
+and keep the defaults.
 """
 
 from __future__ import annotations

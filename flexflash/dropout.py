@@ -5,7 +5,8 @@ i.i.d. Bernoulli(1 - p) per ``(b, h, i, j)`` (SPEC §2). No ``(Nq, Nk)`` mask is
 ``keep`` is a counter-based hash of the indices and a per-call seed, recomputed wherever it is
 needed, the same function on every path:
 
-* inside the compiled FlexAttention kernel (as part of the mask function, forward and backward),
+* inside the compiled FlexAttention kernel (as part of the kept pass's score function, which sends
+  dropped entries to ``-inf``, forward and backward),
 * on the memory-bounded tiled path (per tile, eager),
 * in the reference (over the whole index grid, eager),
 
@@ -29,8 +30,8 @@ throughput, not the tensor cores, bounds a dropout pass):
   differ; the final multiply makes every bit of the decision depend on every input bit.
 
 On the FlexAttention path the row and column words are computed once per call as ``(B, H, Nq)``
-and ``(Nk,)`` tensors that the mask function reads; only :func:`entry_keep` runs per entry (this
-also keeps the mask function's expression small, which matters for compilation time). The
+and ``(Nk,)`` tensors that the score function reads; only :func:`entry_keep` runs per entry (this
+also keeps the score function's expression small, which matters for compilation time). The
 reference and the memory-bounded path call :func:`keep`, the same composition over index grids.
 
 Every index enters as a full 32-bit word (no 16-bit packing), so sequence lengths and ``B * H``

@@ -177,7 +177,7 @@ def test_compiled_block_mask_builder():
     block = (16, 16)
     parts = dict(causal=True, mask=(1, 0, 0, 1), mask_mod=True)
     st = _structure(parts)
-    builder = _mask_builder(st, ("test-builder",), block, False, torch.zeros(2, 1, 1, 8, dtype=torch.bool))
+    builder = _mask_builder(st, ("test-builder",), block, torch.zeros(2, 1, 1, 8, dtype=torch.bool))
     before = counters["stats"]["unique_graphs"]
     for B, Nq, Nk in [(2, 40, 70), (3, 70, 100), (2, 64, 64), (4, 20, 200)]:
         gen = torch.Generator().manual_seed(Nk)
@@ -187,7 +187,7 @@ def test_compiled_block_mask_builder():
         q, k = torch.zeros(B, 2, Nq, 8), torch.zeros(B, 2, Nk, 8)
         got = builder(q, k, torch.tensor(Nk - Nq, dtype=torch.int32), mask, mask_mod)
         fn = compose_mask(st, Nk - Nq, mask, mask_mod)
-        want = _block_mask_tensors(*_mask_flags(fn, B, 2, Nq, Nk, block, torch.device("cpu")), False)
+        want = _block_mask_tensors(*_mask_flags(fn, B, 2, Nq, Nk, block, torch.device("cpu")))
         nkb = -(-Nk // 16)
         for num, idx, name in ((0, 1, "partial"), (2, 3, "full")):
             a = _dense(got[num], got[idx], nkb)
@@ -203,7 +203,7 @@ def test_block_mask_builder_never_runs_past_the_recompile_limit(monkeypatch):
     from flexflash import _compile
     from flexflash._compile import _mask_builder
     st = _structure(dict(causal=True, mask=(1, 0, 0, 1)))
-    builder = _mask_builder(st, ("limit-test",), (16, 16), False, torch.zeros(2, 1, 1, 8, dtype=torch.bool))
+    builder = _mask_builder(st, ("limit-test",), (16, 16), torch.zeros(2, 1, 1, 8, dtype=torch.bool))
     monkeypatch.setattr(_compile, "_recompile_limit", lambda: 1)
     first = builder._fn
     q, k = torch.zeros(2, 1, 20, 4), torch.zeros(2, 1, 20, 4)

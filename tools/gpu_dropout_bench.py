@@ -46,8 +46,11 @@ def main():
     for name, ff_kw, sdpa_kw in cases:
         for direction in ("fwd", "fwd+bwd"):
             times = {}
-            variants = [(f"flexflash p={drop}", lambda kw=ff_kw, drop=drop: _ff(q, k, v, d_out, kw, drop, direction))
-                        for drop in (0.0, p)]
+            # Without dropout, backend="auto" sends a plain causal call to SDPA; "flex" is the same
+            # FlexAttention path that the dropout passes run on.
+            variants = [(f"flexflash p=0.0 {backend}", lambda kw=ff_kw, be=backend: _ff(q, k, v, d_out, kw, 0.0, direction, be))
+                        for backend in ("auto", "flex")]
+            variants += [(f"flexflash p={p}", lambda kw=ff_kw: _ff(q, k, v, d_out, kw, p, direction, "auto"))]
             variants += [(f"{label} p={p}", lambda b=b: _sdpa(q, k, v, d_out, b, sdpa_kw, p, direction))
                          for label, b in SDPA.items()]
             for label, fn in variants:
@@ -65,21 +68,21 @@ def main():
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} N={N} D={D} bf16, "
           f"dropout p={p}, median ms")
     labels = list(rows[0]["ms"])
-    print(f"{'case':22} {'dir':8} " + " ".join(f"{lab:>20}" for lab in labels) + f" {'drop/no-drop':>12}")
+    print(f"{'case':22} {'dir':8} " + " ".join(f"{lab:>20}" for lab in labels)
+          + f" {'drop/flex':>10} {'drop/auto':>10}")
     for r in rows:
         m = r["ms"]
         cells = " ".join(f"{m[lab]:20.3f}" if m[lab] else f"{'—':>20}" for lab in labels)
-        slow = m[f"flexflash p={p}"] / m["flexflash p=0.0"]
-        r["dropout_cost"] = slow
-        print(f"{r['case']:22} {r['direction']:8} {cells} {slow:12.2f}")
+        r["dropout_cost"] = {be: m[f"flexflash p={p}"] / m[f"flexflash p=0.0 {be}"] for be in ("flex", "auto")}
+        print(f"{r['case']:22} {r['direction']:8} {cells} {r['dropout_cost']['flex']:10.2f} {r['dropout_cost']['auto']:10.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=[B, H, N, D], rows=rows),
                       f, indent=1)
 
 
-def _ff(q, k, v, d_out, kw, p, direction):
-    out = flexflash.attention(q, k, v, dropout_p=p, **kw)
+def _ff(q, k, v, d_out, kw, p, direction, backend):
+    out = flexflash.attention(q, k, v, dropout_p=p, backend=backend, **kw)
     if direction != "fwd":
         out.backward(d_out)
 
