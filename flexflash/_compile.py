@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental import _config as _fx_config
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _tuning, dropout
@@ -214,6 +215,19 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
 _SERIAL = itertools.count()
 
 
+def _without_duck_sizing(fn, *args):
+    """Calls the compiled ``fn`` with Dynamo's duck sizing off. Duck sizing gives sizes that are
+    equal at the first compilation one symbol, and the graph then guards on the equality: a batch of
+    2 and a 256-long sequence of 2 blocks, or ``Nq == Nk`` of a first self-attention call, would
+    recompile at the first call where they differ. Sizes stay independent symbols instead. (The
+    setting is read when Dynamo starts tracing, so it is set for the call and restored after.)"""
+    duck = _fx_config.use_duck_shape
+    _fx_config.use_duck_shape = False
+    try:
+        return fn(*args)
+    finally:
+        _fx_config.use_duck_shape = duck
+
 
 def _own_code(fn, name: str):
     """A copy of ``fn`` with a code object of its own (so a ``torch.compile`` of it has its own
@@ -263,7 +277,12 @@ class _Kernel:
         if self.compiles and args[0].device.type == "cuda":
             # Compiled already with symbolic sizes: the marks below only matter for a first
             # compilation (a later one makes sizes that changed dynamic by itself).
-            return self._fn(*args, self.static)
+            q, k, v = args[:3]
+            if q is k or k is v or q is v:
+                # attention(x, x, x): the first compilation saw distinct aliases (below), and Dynamo
+                # guards that its inputs are not the same object.
+                args = (q.view(q.shape), k.view(k.shape), v.view(v.shape), *args[3:])
+            return _without_duck_sizing(self._fn, *args, self.static)
         # Shape marks go on aliases: marking the caller's tensors would leak into the caller's own
         # torch.compile of code that uses them.
         q, k, v, blocks, offset, mask, bias = args[:7]
@@ -294,7 +313,7 @@ class _Kernel:
                 for dim in range(t.dim()):
                     if dim != 1 or t.dim() == 1:
                         torch._dynamo.maybe_mark_dynamic(t, dim)
-        return self._fn(*args, self.static)
+        return _without_duck_sizing(self._fn, *args, self.static)
 
 
 _KERNELS: dict[Any, _Kernel] = {}
@@ -321,13 +340,27 @@ def reset() -> None:
 _BLOCK_MASKS: OrderedDict[Any, tuple[Tensor, ...]] = OrderedDict()
 
 
+@torch.library.custom_op("flexflash::row_prefix_count", mutates_args=())
+def _row_prefix_count(flags: Tensor) -> Tensor:
+    """Inclusive prefix sums of int32 ``flags`` along the last dimension. An operator of its own so
+    that a compiled block-mask builder calls ATen's scan: for long rows of few masks (a causal mask
+    at N = 128k has 1024 blocks per row) inductor picks a split scan, which torch 2.11 fails to
+    generate code for."""
+    return flags.cumsum(-1, dtype=torch.int32)
+
+
+@_row_prefix_count.register_fake
+def _(flags: Tensor) -> Tensor:
+    return torch.empty_like(flags, dtype=torch.int32, memory_format=torch.contiguous_format)
+
+
 def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     """Dense block flags ``(B, H, R, C)`` -> (count per row ``(B, H, R)``, column indices of the set
     flags first ``(B, H, R, C)``), FlexAttention's BlockMask format."""
     # A stable partition by prefix sums and one scatter (cheaper than a sort, and it fuses when
     # compiled): set flag c goes to position (set flags before c), unset flag c after all set ones.
     flags = dense.to(torch.int32).contiguous()  # (a transposed view otherwise: strides would vary)
-    before = flags.cumsum(-1, dtype=torch.int32)  # set flags up to and including c
+    before = _row_prefix_count(flags)  # set flags up to and including c
     num = before[..., -1]
     col = torch.arange(flags.shape[-1], device=dense.device, dtype=torch.int32).expand_as(flags)
     pos = torch.where(dense, before - 1, num.unsqueeze(-1) + col - before)
@@ -453,14 +486,14 @@ class _MaskBuilder:
             # grid: start a fresh cache instead (as the kernels do).
             self._fresh()
         if self.compiled:
-            return self._fn(q, k, offset, mask, mask_mod, self.static)
+            return _without_duck_sizing(self._fn, q, k, offset, mask, mask_mod, self.static)
         q, k, mask = (None if t is None else t.view(t.shape) for t in (q, k, mask))
         for t, dims in ((q, (0, 2)), (k, (0, 2)), (mask, (0, 2, 3))):
             if t is not None:
                 for dim in dims:
                     if t.shape[dim] > 1:
                         torch._dynamo.maybe_mark_dynamic(t, dim)
-        tensors = self._fn(q, k, offset, mask, mask_mod, self.static)
+        tensors = _without_duck_sizing(self._fn, q, k, offset, mask, mask_mod, self.static)
         self.compiled = True  # compiled with symbolic sizes: later calls need no marks
         return tensors
 

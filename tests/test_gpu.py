@@ -9,7 +9,7 @@ import torch
 import flexflash
 from flexflash import mods
 
-from .helpers import check_against_reference, randn, seed_of
+from .helpers import assert_close_to_golden, check_against_reference, randn, seed_of
 from .test_attention import case_kwargs
 
 pytestmark = pytest.mark.gpu
@@ -285,3 +285,39 @@ def test_sdpa_route_matches_reference(dtype, causal, Nq, Nk):
     assert flexflash.functional.route(q, k, v, causal=causal) == "sdpa"
     check_against_reference(q, k, v, causal=causal)
     check_against_reference(q, k, v, causal=causal, scale=0.3)
+
+
+# --- long sequences --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["flex", "auto"])
+def test_causal_training_at_128k_tokens_holds_no_n_squared_scores(backend):
+    """B=1, H=16, D=128 bf16 causal forward+backward at N = 131,072 on one GPU. One head's N x N
+    scores would take 32 GiB in bf16 (64 GiB in fp32); the peak memory of the call stays a small
+    multiple of the inputs. The last 256 query rows (bottom-right causal: they see every key, with
+    query and key indices past 65,536) and their query gradients match the reference, which can
+    afford that slice."""
+    N, H, D = 1 << 17, 16, 128
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for _ in range(3))
+    g = torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = flexflash.attention(q, k, v, causal=True, backend=backend)
+    dq, = torch.autograd.grad(out, [q], g)
+    torch.cuda.synchronize()
+    grown = torch.cuda.max_memory_allocated() - before
+    inputs = 4 * q.numel() * q.element_size()  # q, k, v and the output gradient: 2 GiB
+    assert grown < 2 * inputs, f"peak memory grew by {grown / 2**30:.1f} GiB"
+    rows = slice(N - 256, N)
+    out_tail = out[:, :, rows].detach().clone()
+    del out  # the reference's scores for those 256 rows take 2 GiB (4 GiB in fp64)
+    tail = q[:, :, rows].detach().requires_grad_()
+    tail64 = tail.detach().double().requires_grad_()
+    ref = flexflash.reference.attention(tail, k.detach(), v.detach(), causal=True)
+    gold = flexflash.reference.attention(tail64, k.detach().double(), v.detach().double(), causal=True)
+    assert_close_to_golden("out[-256:]", out_tail, ref, gold, torch.bfloat16)
+    ref_dq, = torch.autograd.grad(ref, [tail], g[:, :, rows])
+    gold_dq, = torch.autograd.grad(gold, [tail64], g[:, :, rows].double())
+    assert_close_to_golden("dq[-256:]", dq[:, :, rows], ref_dq, gold_dq, torch.bfloat16)
