@@ -100,17 +100,31 @@ def causal(offset: int | Tensor = 0) -> MaskMod:
     return _named(causal_mask, "causal" + _offset_tag(offset))
 
 
-def sliding_window(window: int, *, offset: int | Tensor = 0) -> MaskMod:
+def sliding_window(window: int | Tensor, *, offset: int | Tensor = 0) -> MaskMod:
     """Causal sliding window of ``window`` keys: query ``i`` sees key ``j`` iff
-    ``i + offset - window < j <= i + offset`` (the aligned key and the ``window - 1`` before it)."""
-    window = _check_positive_int("window", window)
+    ``i + offset - window < j <= i + offset`` (the aligned key and the ``window - 1`` before it).
+
+    ``window`` is an int (a constant of the compiled kernel: each distinct value compiles once, and
+    blocks are skipped from a cached block mask) or a 0-d integer tensor (read at run time: every
+    window size shares one compiled kernel, and the block mask is rebuilt per call), e.g. for
+    many layers with different windows."""
+    if isinstance(window, Tensor):
+        if window.dim() != 0 or window.is_floating_point() or window.dtype == torch.bool:
+            raise ValueError(f"window: expected a positive int or a 0-d integer tensor, got a tensor of shape "
+                             f"{tuple(window.shape)} and dtype {window.dtype}")
+        if not torch.compiler.is_compiling() and int(window) < 1:
+            raise ValueError(f"window must be >= 1, got {int(window)}")
+        tag = "sliding_window_t"
+    else:
+        window = _check_positive_int("window", window)
+        tag = f"sliding_window_{window}"
     offset = _check_offset(offset)
 
     def sliding_window_mask(b, h, q_idx, kv_idx):
         d = q_idx + offset - kv_idx
         return (d >= 0) & (d < window)
 
-    return _named(sliding_window_mask, f"sliding_window_{window}" + _offset_tag(offset))
+    return _named(sliding_window_mask, tag + _offset_tag(offset))
 
 
 def prefix_lm(prefix_len: int | Tensor, *, offset: int | Tensor = 0) -> MaskMod:

@@ -63,6 +63,26 @@ def test_many_distinct_modifiers_never_fall_back_to_the_unfused_path():
         assert kern.compiles <= 3, (kern.label, kern.compiles)
 
 
+def test_fifty_window_sizes_as_tensors_share_one_kernel():
+    # A window given as a 0-d tensor is read at run time: fifty sizes are one kind, compiled once
+    # (plus at most one graph for the captured tensor), never the unfused path, each exact.
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 2, 48, 16, generator=gen), torch.randn(1, 2, 64, 16, generator=gen)
+    before = compile_stats()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for w in range(1, 51):
+            fn = mods.sliding_window(torch.tensor(w), offset=16)
+            out = flexflash.attention(q, k, k, mask_mod=fn)
+            want = flexflash.reference.attention(q, k, k, mask_mod=mods.sliding_window(w, offset=16))
+            torch.testing.assert_close(out, want)
+    after = compile_stats()
+    assert after["kernels"] - before["kernels"] == 1
+    assert after["compiles"] - before["compiles"] <= 2
+    assert not [x for x in seen if "without torch.compile" in str(x.message)]
+    assert not [x for x in seen if "recompile" in str(x.message).lower()]
+
+
 def test_a_kind_that_exhausts_its_budget_starts_a_fresh_cache():
     q = torch.randn(1, 1, 16, 8)
     with torch.no_grad():

@@ -27,6 +27,7 @@ def test_sliding_window_and_prefix():
     assert torch.equal(m, (j <= i + 3) & (j > i + 3 - 3))
     assert m.sum(-1).tolist() == [3] * 6
     assert mods.sliding_window(128).__name__ == "sliding_window_128"
+    assert torch.equal(grid_mask(mods.sliding_window(torch.tensor(3), offset=3)), grid_mask(mods.sliding_window(3, offset=3)))
     p = grid_mask(mods.prefix_lm(4))[0, 0]
     assert torch.equal(p, (j < 4) | (j <= i))
     per_batch = grid_mask(mods.prefix_lm(torch.tensor([0, 5])))
@@ -84,6 +85,9 @@ def test_composition():
 @pytest.mark.parametrize("call,exc,words", [
     (lambda: mods.sliding_window(0), ValueError, ["window", ">= 1", "0"]),
     (lambda: mods.sliding_window(2.5), TypeError, ["window", "float"]),
+    (lambda: mods.sliding_window(torch.tensor(0)), ValueError, ["window", ">= 1", "0"]),
+    (lambda: mods.sliding_window(torch.tensor([3, 4])), ValueError, ["window", "0-d", "(2,)"]),
+    (lambda: mods.sliding_window(torch.tensor(3.0)), ValueError, ["window", "float32"]),
     (lambda: mods.causal(offset=1.5), TypeError, ["offset", "float"]),
     (lambda: mods.causal(offset=torch.tensor([1, 2])), ValueError, ["offset", "0-d"]),
     (lambda: mods.prefix_lm(-1), ValueError, ["prefix_len", "-1"]),
