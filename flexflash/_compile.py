@@ -340,18 +340,23 @@ def reset() -> None:
 _BLOCK_MASKS: OrderedDict[Any, tuple[Tensor, ...]] = OrderedDict()
 
 
-@torch.library.custom_op("flexflash::row_prefix_count", mutates_args=())
-def _row_prefix_count(flags: Tensor) -> Tensor:
-    """Inclusive prefix sums of int32 ``flags`` along the last dimension. An operator of its own so
-    that a compiled block-mask builder calls ATen's scan: for long rows of few masks (a causal mask
-    at N = 128k has 1024 blocks per row) inductor picks a split scan, which torch 2.11 fails to
-    generate code for."""
-    return flags.cumsum(-1, dtype=torch.int32)
+# Inclusive prefix sums of int32 flags along the last dimension, as an operator of flexflash's own
+# so that a compiled block-mask builder calls ATen's scan: for long rows of few masks (a causal
+# mask at N = 128k has 1024 blocks per row) inductor picks a split scan, which torch 2.11 fails to
+# generate code for. Defined through torch.library directly (a call costs a few microseconds;
+# torch.library.custom_op's autograd wrapper costs three times as much) with a fake kernel for
+# tracing.
+_LIB = torch.library.Library("flexflash", "DEF")
+_LIB.define("row_prefix_count(Tensor flags) -> Tensor")
+_LIB.impl("row_prefix_count", lambda flags: flags.cumsum(-1, dtype=torch.int32), "CompositeExplicitAutograd")
 
 
-@_row_prefix_count.register_fake
+@torch.library.register_fake("flexflash::row_prefix_count")
 def _(flags: Tensor) -> Tensor:
     return torch.empty_like(flags, dtype=torch.int32, memory_format=torch.contiguous_format)
+
+
+_row_prefix_count = torch.ops.flexflash.row_prefix_count.default
 
 
 def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
