@@ -79,6 +79,9 @@ def main():
     ]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} N={N} D={D} bf16, ms")
     for name, val, bm, score, opts in variants:
+        # The variants share one lambda's code object: start each from an empty Dynamo cache, or the
+        # ninth graph would run FlexAttention's unfused fallback.
+        torch._dynamo.reset()
         fn = torch.compile(lambda q, k, val=val, bm=bm, score=score, opts=opts: flex_attention(
             q, k, val, block_mask=bm, score_mod=score, kernel_options=opts, return_aux=AuxRequest(lse=True)))
 
