@@ -220,3 +220,12 @@ def test_empty_problems():
     k0 = torch.randn(2, 2, 0, 8)
     out, lse = flexflash.attention(q, k0, k0, return_lse=True)
     assert (out == 0).all() and torch.isneginf(lse).all()
+    # Rows that see nothing have zero, finite gradients.
+    (dq,) = torch.autograd.grad(out.sum() + lse[~torch.isneginf(lse)].sum(), [q])
+    assert (dq == 0).all()
+    # An empty batch: an empty output of the right shape, forward and backward.
+    q = torch.randn(0, 2, 3, 8, requires_grad=True)
+    out = flexflash.attention(q, torch.randn(0, 2, 5, 8), torch.randn(0, 2, 5, 8), causal=True)
+    assert out.shape == (0, 2, 3, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
