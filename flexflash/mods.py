@@ -56,12 +56,16 @@ def _named(fn, name: str):
     return fn
 
 
+def _check_scalar_tensor(name: str, t: Tensor, expected: str) -> Tensor:
+    if t.dim() != 0 or t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"{name}: expected {expected} or a 0-d integer tensor, got a tensor of shape "
+                         f"{tuple(t.shape)} and dtype {t.dtype}")
+    return t
+
+
 def _check_offset(offset: int | Tensor) -> int | Tensor:
     if isinstance(offset, Tensor):
-        if offset.dim() != 0 or offset.is_floating_point() or offset.dtype == torch.bool:
-            raise ValueError(f"offset: expected an int or a 0-d integer tensor, got a tensor of shape "
-                             f"{tuple(offset.shape)} and dtype {offset.dtype}")
-        return offset
+        return _check_scalar_tensor("offset", offset, "an int")
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset: expected an int or a 0-d integer tensor, got {type(offset).__name__} {offset!r}")
     return offset
@@ -109,9 +113,7 @@ def sliding_window(window: int | Tensor, *, offset: int | Tensor = 0) -> MaskMod
     window size shares one compiled kernel, and the block mask is rebuilt per call), e.g. for
     many layers with different windows."""
     if isinstance(window, Tensor):
-        if window.dim() != 0 or window.is_floating_point() or window.dtype == torch.bool:
-            raise ValueError(f"window: expected a positive int or a 0-d integer tensor, got a tensor of shape "
-                             f"{tuple(window.shape)} and dtype {window.dtype}")
+        _check_scalar_tensor("window", window, "a positive int")
         if not torch.compiler.is_compiling() and int(window) < 1:
             raise ValueError(f"window must be >= 1, got {int(window)}")
         tag = "sliding_window_t"

@@ -221,7 +221,7 @@ def test_empty_problems():
     out, lse = flexflash.attention(q, k0, k0, return_lse=True)
     assert (out == 0).all() and torch.isneginf(lse).all()
     # Rows that see nothing have zero, finite gradients.
-    (dq,) = torch.autograd.grad(out.sum() + lse[~torch.isneginf(lse)].sum(), [q])
+    (dq,) = torch.autograd.grad(out.sum(), [q])
     assert (dq == 0).all()
     # An empty batch: an empty output of the right shape, forward and backward.
     q = torch.randn(0, 2, 3, 8, requires_grad=True)
