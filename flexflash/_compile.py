@@ -30,6 +30,7 @@ import itertools
 import logging
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ from torch.fx.experimental import _config as _fx_config
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import _tuning, dropout
-from ._compose import Structure, compose_mask, compose_score, tile_grids
+from ._compose import Structure, compose_mask, compose_score, squeeze_broadcast, tile_grids
 
 try:  # torch >= 2.9; the return_lse flag is deprecated there
     from torch.nn.attention.flex_attention import AuxRequest
@@ -241,9 +242,10 @@ def _own_code(fn, name: str):
 class _Kernel:
     """A compiled copy of :func:`_flex_kernel` with a code object (and a Dynamo cache) of its own."""
 
-    def __init__(self, static: _Static, label: str):
+    def __init__(self, static: _Static, label: str, static_buffers: bool = False):
         self.static = static
         self.label = label
+        self.static_buffers = static_buffers
         self.compiles = 0
         self.generation = 0
         self._fn = self._compile()
@@ -298,11 +300,17 @@ class _Kernel:
                 if t is not None:
                     torch._dynamo.mark_static(t)
         else:
-            for t in (mask, bias):
-                if t is not None:
-                    for dim in (0, 2, 3):
-                        if t.shape[dim] > 1:
-                            torch._dynamo.maybe_mark_dynamic(t, dim)
+            st = self.static.structure
+            for t, full in ((mask, st.mask_full), (bias, st.bias_full)):
+                if t is bias and self.static_buffers:
+                    torch._dynamo.mark_static(t)
+                elif t is not None:
+                    # Batch and length dimensions are dynamic, heads static. ``t`` is 4-D, or
+                    # squeezed to its full dimensions (see run_flex).
+                    dims = range(4) if t.dim() == 4 else [d for d, f in zip(range(4), full) if f]
+                    for i, dim in enumerate(dims):
+                        if dim != 1 and t.shape[i] > 1:
+                            torch._dynamo.maybe_mark_dynamic(t, i)
         drop = args[9]
         for t in blocks or ():
             for dim in range(t.dim()):
@@ -493,11 +501,15 @@ class _MaskBuilder:
         if self.compiled:
             return _without_duck_sizing(self._fn, q, k, offset, mask, mask_mod, self.static)
         q, k, mask = (None if t is None else t.view(t.shape) for t in (q, k, mask))
-        for t, dims in ((q, (0, 2)), (k, (0, 2)), (mask, (0, 2, 3))):
-            if t is not None:
-                for dim in dims:
-                    if t.shape[dim] > 1:
-                        torch._dynamo.maybe_mark_dynamic(t, dim)
+        for t, dims in ((q, (0, 2)), (k, (0, 2))):
+            for dim in dims:
+                if t.shape[dim] > 1:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        if mask is not None:  # squeezed to its full dimensions (see run_flex)
+            full = [d for d, f in zip(range(4), self.static.structure.mask_full) if f]
+            for i, dim in enumerate(full):
+                if dim != 1 and mask.shape[i] > 1:
+                    torch._dynamo.maybe_mark_dynamic(mask, i)
         tensors = _without_duck_sizing(self._fn, q, k, offset, mask, mask_mod, self.static)
         self.compiled = True  # compiled with symbolic sizes: later calls need no marks
         return tensors
@@ -519,49 +531,89 @@ def _cache_get(key):
     # bypassed (the caller's graph computes its own).
     if torch.compiler.is_compiling():
         return None
-    if key in _BLOCK_MASKS:
-        _BLOCK_MASKS.move_to_end(key)
-        _STATS["block_mask_hits"] += 1
-        return _BLOCK_MASKS[key]
-    return None
+    entry = _BLOCK_MASKS.get(key)
+    if entry is None:
+        return None
+    value, refs = entry
+    if any(ref() is None for ref in refs):
+        # A tensor the mask read is gone (its id may now name another tensor): a stale entry.
+        del _BLOCK_MASKS[key]
+        return None
+    _BLOCK_MASKS.move_to_end(key)
+    _STATS["block_mask_hits"] += 1
+    return value
 
 
-def _cache_put(key, value):
+def _cache_put(key, value, refs=()):
     if torch.compiler.is_compiling():
         return value
-    _BLOCK_MASKS[key] = value
+    _BLOCK_MASKS[key] = (value, refs)
     if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
     return value
+
+
+def _tensor_identity(tensors: list[Tensor]) -> tuple[tuple, tuple] | None:
+    """Identity of the values of ``tensors``: (key, weak references) where key holds, per tensor,
+    the object that owns its memory (a view's base), its version counter (every in-place write
+    through any view of that memory advances it), and the view's geometry. While the owning objects
+    live (the references say so: an id is reused only after its object is gone), an equal key
+    means equal values. None where a tensor keeps no version counter (inference tensors)."""
+    key, refs = [], []
+    for t in tensors:
+        root = t if t._base is None else t._base
+        try:
+            version = root._version
+        except RuntimeError:  # inference tensors
+            return None
+        key.append((id(root), version, t.dtype, tuple(t.shape), t.stride(), t.storage_offset()))
+        refs.append(weakref.ref(root))
+    return tuple(key), tuple(refs)
+
+
+def _reads_tensors_only(fp: Any) -> bool:
+    """Whether a fingerprint's only run-time state is tensors (no other objects, whose state the
+    fingerprint cannot see)."""
+    if isinstance(fp, tuple):
+        if fp and fp[0] in ("obj", "deep"):
+            return False
+        return all(_reads_tensors_only(x) for x in fp)
+    return True
 
 
 def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pure: bool, mask_fp, B: int, H: int,
                    Nq: int, Nk: int, block: tuple[int, int], device: torch.device,
                    q: Tensor | None = None, k: Tensor | None = None,
                    offset_tensor: Tensor | None = None) -> tuple[Tensor, ...]:
-    """The block mask of a call (cached by fingerprint and shape when it reads no tensors).
+    """The block mask of a call, cached: by fingerprint and shape when the mask reads no tensors,
+    and also by the identity and version of the tensors it reads (the ``mask`` tensor, tensors the
+    mask_mod captures), so that calls with the same mask tensors (the layers of a model, repeated
+    steps on one batch) build it once. A tensor written in place has a new version and rebuilds it.
 
     On CUDA, one compiled builder per kind of mask evaluates the whole mask (causal, the ``mask``
     tensor, the mask_mod) and reduces it to block flags and FlexAttention's index tensors in a few
-    fused kernels (``q``, ``k`` give it the sizes, ``offset_tensor`` the causal offset).
+    fused kernels (``q``, ``k`` give it the sizes and the causal offset).
     Elsewhere (CPU, and inside a caller's torch.compile) the flags come from up to two parts whose
     flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor (a
     reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
     allowed" is exact."""
-    key = (mask_fp, st, offset, B, H, Nq, Nk, block, device)
-    if pure and mask is None:
+    key, refs = (mask_fp, st, offset, B, H, Nq, Nk, block, device), ()
+    cacheable = pure and mask is None
+    if not cacheable and not torch.compiler.is_compiling() and _reads_tensors_only(mask_fp):
+        ident = _tensor_identity(([] if mask is None else [mask]) + captured_tensors(mask_mod))
+        if ident is not None:
+            key, refs, cacheable = key + ident[0], ident[1], True
+    if cacheable:
         hit = _cache_get(key)
         if hit is not None:
             return hit
     _STATS["block_masks_built"] += 1
     if device.type == "cuda" and not torch.compiler.is_compiling():
         mask_st = Structure(causal=st.causal, mask_full=st.mask_full, bias_full=None, has_mask_mod=st.has_mask_mod,
-                            has_score_mod=False)
+                            has_score_mod=False, causal_aligned=st.causal_aligned)
         tensors = _mask_builder(mask_st, mask_fp, block, mask)(q, k, offset_tensor, mask, mask_mod)
-        if pure and mask is None:
-            _cache_put(key, tensors)
-        return tensors
+        return _cache_put(key, tensors, refs) if cacheable else tensors
     some = every = None
     fn_st = Structure(causal=st.causal, mask_full=None, bias_full=None, has_mask_mod=st.has_mask_mod,
                       has_score_mod=False, single_query=st.single_query)
@@ -580,9 +632,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pu
         some = t_some if some is None else some & t_some
         every = t_every if every is None else every & t_every
     tensors = _block_mask_tensors(some, every)
-    if pure and mask is None:
-        _cache_put(key, tensors)
-    return tensors
+    return _cache_put(key, tensors, refs) if cacheable else tensors
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -637,6 +687,14 @@ def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: tor
     return r1.view(B, H, Nq), r2.view(B, H, Nq), c
 
 
+# Biases with both sequence dimensions full ((..., Nq, Nk) tensors) compile with static shapes on
+# CUDA, one kernel per shape: with symbolic sizes FlexAttention's kernels read them element by
+# element (H100, torch 2.11, bf16, B=4 H=16 N=4096 D=128, causal + (B, H, N, N) bias forward, raw
+# FlexAttention: 5.04 ms symbolic, 0.88 ms static; flexflash's symbolic kernel 4.9 ms). Bool masks
+# of that shape measured the same either way once indexed by their full dimensions only (H200:
+# 1.685 / 1.686 ms GPU time at D=128), so they stay symbolic (one compilation for all lengths).
+_STATIC_SEQUENCE_BUFFERS = True
+
 _DIVISIBLE_TILE = 128  # the largest default FlexAttention tile, forward and backward
 
 
@@ -646,6 +704,22 @@ def _divisible(Nq: int, Nk: int, kernel_options: dict | None) -> bool:
     tiles = [_DIVISIBLE_TILE] + [int(v) for key, v in (kernel_options or {}).items() if key.startswith("BLOCK_")]
     tile = max(tiles)
     return Nq % tile == 0 and Nk % tile == 0 and not (kernel_options or {}).get("BACKEND") == "FLASH"
+
+
+def flash_case(st: Structure, q: Tensor, k: Tensor, v: Tensor, dropout: bool, return_lse: bool) -> str | None:
+    """The case of :func:`flexflash._tuning.flash_choice` this call is ("dense", "key_padding"),
+    or None where only Triton kernels are considered: modifiers, biases, other masks, dropout,
+    grouped heads, ``return_lse`` with gradients (FLASH cannot differentiate the log-sum-exp),
+    CPU, or inside a caller's torch.compile."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling() or dropout or q.shape[1] != k.shape[1]:
+        return None
+    if st.scored or st.has_mask_mod or st.causal or st.single_query:
+        return None
+    if return_lse and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return None
+    if st.mask_full is None:
+        return "dense"
+    return "key_padding" if st.mask_full == (True, False, False, True) else None
 
 
 def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
@@ -667,6 +741,10 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         has_mask_mod=mask_mod is not None,
         has_score_mod=score_mod is not None,
         single_query=single_query,
+        # On CUDA, causal self-attention lengths (Nq == Nk) are a kind of their own with the
+        # constant offset 0: nothing to read per entry, and FlashAttention-4 can generate it (it
+        # cannot read a captured 0-d tensor, and the lowering takes no size expression there).
+        causal_aligned=causal and Nq == Nk and q.device.type == "cuda" and not torch.compiler.is_compiling(),
     )
     if single_query:
         # The CPU FlexAttention template does not compile for a single query row: run two
@@ -684,6 +762,11 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         # there): two stages fit. Kernel tuning proper lives with the benchmarks.
         kernel_options = {"num_stages": 2}
         pass_options = ((), ())
+    if kernel_options is None and flash_case(st, q, k, v, use_dropout, return_lse) is not None:
+        grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if _tuning.flash_choice(flash_case(st, q, k, v, use_dropout, return_lse), grad_needed, q.device, q.dtype,
+                                q.shape[-1], v.shape[-1], 4.0 * B * Hq * Nq * Nk * q.shape[-1]):
+            kernel_options = {"BACKEND": "FLASH"}
     if q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options):
         # Lengths are symbolic in the compiled kernel, so FlexAttention cannot prove them multiples
         # of its tiles and compiles boundary checks into every tile (measured on an H100: +10%
@@ -703,6 +786,12 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
     heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
     kind = (static, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp)
+    static_buffers = (q.device.type == "cuda" and not tracing and _STATIC_SEQUENCE_BUFFERS
+                      and st.bias_full is not None and st.bias_full[2] and st.bias_full[3])
+    if static_buffers:
+        # A bias with both sequence dimensions full compiles with static shapes (see
+        # _STATIC_SEQUENCE_BUFFERS): a kind per shape.
+        kind += (tuple(bias.shape),)
     if q.device.type == "cpu":  # captured tensors have static shapes on CPU (see _Kernel.__call__)
         kind += (tuple(tuple(t.shape) for t in (mask, bias, *captured_tensors(mask_mod), *captured_tensors(score_mod))
                        if t is not None),)
@@ -715,10 +804,19 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
             "dropout" if use_dropout else "",
         ])) or "dense"
         label = "".join(c if c.isalnum() else "_" for c in label)[:60]
-        kernel = _KERNELS[kind] = _Kernel(static, label)
+        kernel = _KERNELS[kind] = _Kernel(static, label, static_buffers=static_buffers)
         _STATS["kernels"] += 1
 
-    offset = (Nk - Nq if tracing else _scalar_tensor(Nk - Nq, torch.int32, q.device)) if causal else None
+    offset = None
+    if causal and tracing:
+        offset = Nk - Nq
+    elif causal and not st.causal_aligned:
+        offset = _scalar_tensor(Nk - Nq, torch.int32, q.device)
+    if q.device.type == "cuda" and not tracing:
+        # The compiled kernels index masks and biases by their full dimensions only (no constant
+        # indices, which FlashAttention-4 cannot generate code for).
+        mask = None if mask is None else squeeze_broadcast(mask, st.mask_full)
+        bias = None if bias is None else squeeze_broadcast(bias, st.bias_full)
     blocks = None
     if st.masked:
         pure = mask is None and _is_pure(mask_fp)

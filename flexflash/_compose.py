@@ -13,14 +13,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Structure", "compose_mask", "compose_score", "index_broadcast", "tile_grids"]
+__all__ = ["Structure", "compose_mask", "compose_score", "index_broadcast", "squeeze_broadcast", "tile_grids"]
 
 
 def index_broadcast(t: Tensor, full: tuple[bool, ...], b, h, q_idx, kv_idx) -> Tensor:
     """``t[b, h, q_idx, kv_idx]`` for a 4-D ``t`` whose size-1 dimensions broadcast (``full[d]``
-    is False for those, and they are indexed at 0)."""
+    is False for those, and they are indexed at 0), or for ``t`` with those dimensions squeezed out
+    (:func:`squeeze_broadcast`), which is indexed by the full dimensions' indices alone: no constant
+    index, which FlashAttention-4's code generator cannot take."""
     idx = (b, h, q_idx, kv_idx)
-    return t[tuple(i if f else 0 for i, f in zip(idx, full))]
+    if t.dim() == 4:
+        return t[tuple(i if f else 0 for i, f in zip(idx, full))]
+    return t[tuple(i for i, f in zip(idx, full) if f)]
+
+
+def squeeze_broadcast(t: Tensor, full: tuple[bool, ...]) -> Tensor:
+    """A view of the 4-D ``t`` without its broadcast (size-1) dimensions."""
+    return t.reshape([n for n, f in zip(t.shape, full) if f])
 
 
 def tile_grids(B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.device):
@@ -46,6 +55,8 @@ class Structure:
     has_mask_mod: bool
     has_score_mod: bool
     single_query: bool = False
+    # Causal with Nq == Nk: the offset is the constant 0 (no captured offset to read).
+    causal_aligned: bool = False
 
     @property
     def masked(self) -> bool:
@@ -67,7 +78,7 @@ def compose_mask(st: Structure, offset, mask: Tensor | None, mask_mod):
             q_idx = q_idx * 0
         allowed = None
         if st.causal:
-            allowed = kv_idx <= q_idx + offset
+            allowed = kv_idx <= q_idx if st.causal_aligned else kv_idx <= q_idx + offset
         if st.mask_full is not None:
             m = index_broadcast(mask, st.mask_full, b, h, q_idx, kv_idx)
             allowed = m if allowed is None else allowed & m

@@ -60,3 +60,79 @@ def dropout_pass_options(device: torch.device, dtype: torch.dtype, head_dim: int
     if capability(device) != (9, 0):
         return (), ()
     return tuple(sorted(_SMALL_TILES_FWD.items())), tuple(sorted({**_SMALL_TILES_FWD, **_SMALL_TILES_BWD}.items()))
+
+
+# --- the kernel generator: FlexAttention's Triton templates or FlashAttention-4 ----------------
+#
+# FlexAttention generates its kernels with Triton unless kernel_options say BACKEND="FLASH", which
+# instantiates FlashAttention-4 (CuTe DSL; the optional ``flash-attn-4`` package, ``pip install
+# flexflash[fa4]``). Measured through flexflash (B*N = 16k tokens, hidden 2048, bf16, inputs
+# requiring grad, one CUDA synchronisation per call: kernel and host time; H200, torch 2.11.0,
+# flash-attn-4 4.0.0b36; ms, Triton / FLASH / SDPA cuDNN):
+#
+#   case                        N      D    direction  Triton   FLASH    cuDNN
+#   dense                       4096   128  fwd        1.706    1.472    0.957
+#   dense                       4096   128  fwd+bwd    5.299    3.696    3.672
+#   dense                       4096    64  fwd+bwd    6.636    4.392    4.571
+#   dense                       16384  128  fwd        5.249    3.805    3.688
+#   dense                       16384  128  fwd+bwd   19.447   12.847   13.931
+#   key padding (B, Nk) mask    4096   128  fwd        1.215    1.452    1.386
+#   key padding                 4096   128  fwd+bwd    3.854    3.029    5.317
+#   key padding                 4096    64  fwd        2.023    1.695    2.216
+#   key padding                 4096    64  fwd+bwd    5.183    3.569    6.996
+#   key padding                 16384  128  fwd        5.796    4.102    5.539
+#   key padding                 16384  128  fwd+bwd   19.719   13.555   20.780
+#   (1, 1, N, N) bool mask      4096   128  fwd+bwd    7.039   13.705    6.482
+#   sliding window 512          4096   128  fwd+bwd    1.576    1.908      -
+#   document (8 per row)        4096   128  fwd+bwd    1.912    2.566      -
+#
+# FLASH's kernels are faster (GPU time: dense 0.77 vs 1.19 ms forward), but each call costs about
+# 0.3-0.5 ms more host time than a Triton call (its launcher converts every tensor argument), so
+# it wins where the kernels are long: the choice below takes FLASH where the work of the call
+# (4*B*Hq*Nq*Nk*D) is at least the smallest measured work at which it won, and nowhere else.
+# Cases left on Triton: every mask or score function of the caller's own (their generated code is
+# not known in advance; pass kernel_options={"BACKEND": "FLASH"} to ask for it), biases (FLASH
+# reads captured tensors element by element and cannot differentiate them), dense masks (slower,
+# above), sliding windows and documents (slower, above), dropout (FLASH has no gradient through
+# the log-sum-exp), grouped-query heads, causal attention (not measured yet), deterministic mode
+# (FLASH's backward with a block mask is not deterministic on Hopper), GPUs other than sm90.
+
+# (case, needs grad, head dim) -> the least work (flops of 4*B*Hq*Nq*Nk*D) at which FLASH is taken.
+_FLASH_MIN_WORK = {
+    ("dense", True, 64): 5.0e11,    # N=4096 B=4 H=32: 4.392 vs cuDNN 4.571 ms
+    ("dense", True, 128): 2.0e12,   # N=16384 B=1 H=16 (2.2e12): 12.847 vs 13.931; N=4096 ties (3.696/3.672)
+    ("key_padding", True, 64): 5.0e11,
+    ("key_padding", True, 128): 5.0e11,   # N=4096 B=4 H=16 (5.5e11): 3.029 vs Triton 3.854
+    ("key_padding", False, 64): 5.0e11,   # N=4096: 1.695 vs 2.023
+    ("key_padding", False, 128): 2.0e12,  # N=16384: 4.102 vs 5.796; N=4096 loses (1.452 vs 1.215)
+}
+
+_FLASH_AVAILABLE: list[bool] = []
+
+
+def flash_available() -> bool:
+    """Whether FlexAttention can generate FlashAttention-4 kernels here (the ``flash-attn-4``
+    package and its CuTe DSL runtime import); checked once per process."""
+    if not _FLASH_AVAILABLE:
+        try:
+            from torch._inductor.kernel.flex.flex_flash_attention import ensure_flash_available
+            ok = bool(ensure_flash_available())
+        except Exception:  # older torch without the FLASH backend, or a broken install
+            ok = False
+        _FLASH_AVAILABLE.append(ok)
+    return _FLASH_AVAILABLE[0]
+
+
+def flash_choice(case: str | None, grad: bool, device: torch.device, dtype: torch.dtype, head_dim: int,
+                 v_head_dim: int, work: float) -> bool:
+    """Whether a call of ``case`` ("dense" or "key_padding": the structural cases measured above)
+    runs on FlashAttention-4 kernels: only where the table above says it is faster on this GPU, and
+    only where the package is installed."""
+    if case is None or device.type != "cuda" or dtype != torch.bfloat16 or head_dim != v_head_dim:
+        return False
+    least = _FLASH_MIN_WORK.get((case, grad, head_dim))
+    if least is None or work < least:
+        return False
+    if torch.are_deterministic_algorithms_enabled() or capability(device) != (9, 0):
+        return False
+    return flash_available()

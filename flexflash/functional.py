@@ -15,7 +15,7 @@ from . import dropout, parallel, reference
 from ._checks import block_sizes, describe, normalize
 from ._chunked import chunked_attention
 from ._compile import captured_tensors, run_flex
-from ._tuning import capability
+from ._tuning import capability, flash_choice
 from .parallel import is_dtensor
 
 __all__ = ["attention", "route"]
@@ -71,6 +71,9 @@ def _sdpa_route(p, *, causal, mask_mod, score_mod, dropout_p, kernel_options, re
     if p.q_heads != p.kv_heads or D != Dv or D % 8 or D > 256:
         return False
     cap = capability(q.device)  # None inside a caller's torch.compile: SDPA is exact on every GPU
+    if cap is not None and not causal and flash_choice(
+            "dense", _needs_grad(p, []), q.device, q.dtype, D, Dv, 4.0 * p.batch * p.q_heads * p.q_len * p.kv_len * D):
+        return False  # FlashAttention-4's kernels are faster here (flexflash._tuning)
     return cap is None or cap >= (8, 0)
 
 
@@ -242,7 +245,9 @@ def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropou
         if not isinstance(kernel_options, dict) or not all(isinstance(key, str) for key in kernel_options):
             raise TypeError(f"kernel_options: expected a dict with str keys, got {kernel_options!r}")
         known = _known_kernel_options()
-        unknown = sorted(set(kernel_options) - known) if known else []
+        # FlexAttention also takes any option for one direction alone: "fwd_" or "bwd_" + its name.
+        unknown = sorted(key for key in kernel_options
+                         if key not in known and key.removeprefix("fwd_").removeprefix("bwd_") not in known) if known else []
         if unknown:
             raise ValueError(f"kernel_options: unknown option(s) {unknown}; expected keys among {sorted(known)}")
     return p, captured, float(dropout_p)

@@ -106,6 +106,59 @@ def test_index_only_block_masks_are_cached():
     assert compile_stats()["block_mask_hits"] == hits + 1
 
 
+def test_block_masks_reading_tensors_are_cached_by_identity_and_version():
+    """Calls with the same mask tensors (the layers of a model) build the block mask once; a tensor
+    written in place, or another tensor with other values, builds it anew, and the result follows
+    the new values."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 96, 16, generator=gen)
+    pad = torch.arange(96)[None] < torch.tensor([[96], [40]])
+    ids = torch.tensor([[0] * 50 + [1] * 46, [0] * 20 + [1] * 76])
+    doc = mods.document(ids)
+    with torch.no_grad():
+        for kw in (dict(mask=pad), dict(mask_mod=doc)):
+            built = compile_stats()["block_masks_built"]
+            first = flexflash.attention(q, q, q, block_size=32, **kw)
+            second = flexflash.attention(q, q, q, block_size=32, **kw)
+            assert compile_stats()["block_masks_built"] == built + 1
+            assert torch.equal(first, second)
+        pad[1, 40:80] = True  # in place: a new version
+        ids[0, 30:50] = 1
+        for kw in (dict(mask=pad), dict(mask_mod=doc)):
+            built = compile_stats()["block_masks_built"]
+            out = flexflash.attention(q, q, q, block_size=32, **kw)
+            assert compile_stats()["block_masks_built"] == built + 1
+            ref = flexflash.attention(q, q, q, backend="reference", **kw)
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        other = pad.clone()  # equal values, another tensor: built again (identity, not values)
+        built = compile_stats()["block_masks_built"]
+        flexflash.attention(q, q, q, block_size=32, mask=other)
+        assert compile_stats()["block_masks_built"] == built + 1
+
+
+def test_block_masks_reading_other_objects_are_never_cached():
+    """A mask_mod reading state the fingerprint cannot see (an attribute of an object) builds its
+    block mask on every call."""
+    class Lengths:
+        def __init__(self, n):
+            self.n = n
+
+    state = Lengths(torch.tensor([30, 60]))
+
+    def prefix(b, h, q_idx, kv_idx):
+        return kv_idx < state.n[b]
+
+    q = torch.randn(2, 2, 64, 16)
+    with torch.no_grad():
+        flexflash.attention(q, q, q, mask_mod=prefix, block_size=32)
+        built = compile_stats()["block_masks_built"]
+        state.n = torch.tensor([64, 10])
+        out = flexflash.attention(q, q, q, mask_mod=prefix, block_size=32)
+    assert compile_stats()["block_masks_built"] == built + 1
+    torch.testing.assert_close(out, flexflash.attention(q, q, q, mask_mod=prefix, backend="reference"),
+                               atol=2e-5, rtol=2e-5)
+
+
 def _dense(num, idx, nkb):
     """BlockMask (counts, indices) back to dense block flags (B, H, rows, nkb)."""
     cols = torch.arange(idx.shape[-1])

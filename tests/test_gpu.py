@@ -321,3 +321,52 @@ def test_causal_training_at_128k_tokens_holds_no_n_squared_scores(backend):
     ref_dq, = torch.autograd.grad(ref, [tail], g[:, :, rows])
     gold_dq, = torch.autograd.grad(gold, [tail64], g[:, :, rows].double())
     assert_close_to_golden("dq[-256:]", dq[:, :, rows], ref_dq, gold_dq, torch.bfloat16)
+
+
+# --- FlashAttention-4 kernels (FlexAttention's FLASH generator; needs flash-attn-4) ---------------
+
+def _flash_or_skip():
+    from flexflash import _tuning
+    if not _tuning.flash_available():
+        pytest.skip("flash-attn-4 is not installed (pip install flexflash[fa4])")
+
+
+@pytest.mark.parametrize("case", ["dense", "causal", "key_padding", "sliding_window", "document"])
+def test_flash_generator_matches_reference(case):
+    """Asked for explicitly (kernel_options={"BACKEND": "FLASH"}), the FlashAttention-4 kernels
+    agree with the reference, forward and backward, through flexflash's dynamic-shape kernels."""
+    _flash_or_skip()
+    gen = torch.Generator().manual_seed(seed_of("flash", case))
+    B, H, N, D = 2, 4, 512, 128
+    q, k, v = _inputs(B, H, H, N, N, D, torch.bfloat16, gen)
+    kw = {}
+    if case == "causal":
+        kw = dict(causal=True)
+    elif case == "key_padding":
+        kw = dict(mask=(torch.arange(N)[None] < torch.tensor([[N], [N // 3]])).cuda())
+    elif case == "sliding_window":
+        kw = dict(mask_mod=mods.sliding_window(100))
+    elif case == "document":
+        ids = torch.sort(torch.randint(0, 4, (B, N), generator=gen), dim=-1).values.cuda()
+        kw = dict(mask_mod=mods.document(ids))
+    check_against_reference(q, k, v, backend="flex", kernel_options={"BACKEND": "FLASH"}, **kw)
+
+
+def test_auto_takes_flash_where_the_table_says_so():
+    """Key padding with gradients at B=4 H=16 N=4096 D=128 (bf16): FLASH by the measured table
+    (flexflash._tuning); the result agrees with the Triton kernel's."""
+    _flash_or_skip()
+    from flexflash import _compile, _tuning
+    if _tuning.capability(torch.device("cuda")) != (9, 0):
+        pytest.skip("the table is measured on sm90")
+    gen = torch.Generator().manual_seed(seed_of("flash-auto"))
+    q, k, v = _inputs(4, 16, 16, 4096, 4096, 128, torch.bfloat16, gen)
+    mask = (torch.arange(4096)[None] < torch.tensor([[4096], [3072], [2048], [1024]])).cuda()
+    out = flexflash.attention(q, k, v, mask=mask)
+    kinds = [kind for kind in _compile._KERNELS if kind[0].structure.mask_full == (True, False, False, True)
+             and kind[1] == (16, 16, 128, 128) and kind[4]]
+    assert any(dict(kind[0].kernel_options).get("BACKEND") == "FLASH" for kind in kinds), kinds
+    ref = flexflash.attention(q, k, v, mask=mask, kernel_options={"BACKEND": "TRITON"})
+    assert (out.float() - ref.float()).abs().max().item() < 2e-2
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

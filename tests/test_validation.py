@@ -43,6 +43,7 @@ BAD = [
     (dict(block_size=0), ValueError, ["block_size", "positive", "0"]),
     (dict(block_size=(16, 16, 16)), ValueError, ["block_size", "(16, 16, 16)"]),
     (dict(kernel_options={"NOT_AN_OPTION": 1}), ValueError, ["kernel_options", "NOT_AN_OPTION"]),
+    (dict(kernel_options={"fwd_NOT_AN_OPTION": 1}), ValueError, ["kernel_options", "fwd_NOT_AN_OPTION"]),
     (dict(mask_mod=3), TypeError, ["mask_mod", "callable", "int"]),
     (dict(causal=1), TypeError, ["causal", "bool", "int"]),
     (dict(q="q"), TypeError, ["q", "torch.Tensor", "str"]),
@@ -148,3 +149,9 @@ def test_module_bad_arguments_are_clear_errors(call, exc, words):
     for word in words:
         assert word in message, f"{word!r} not in: {message}"
     assert compile_stats()["compiles"] == before  # raised before any compilation
+
+
+def test_kernel_options_for_one_direction_are_accepted():
+    """FlexAttention takes "fwd_"/"bwd_" + an option's name for one direction alone."""
+    options = {"fwd_num_warps": 4, "bwd_num_stages": 2, "BLOCK_M": 64}
+    assert flexflash.functional.route(q, k, v, kernel_options=options) == "flex"
