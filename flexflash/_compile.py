@@ -216,6 +216,16 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
 _SERIAL = itertools.count()
 
 
+def _mark_squeezed_dynamic(t: Tensor | None, full: tuple[bool, ...] | None) -> None:
+    """Marks the batch and length dimensions of a CUDA mask or bias dynamic (heads stay static);
+    ``t`` is squeezed to its full dimensions (see run_flex), ``full`` says which those are."""
+    if t is None:
+        return
+    for i, dim in enumerate(d for d, f in enumerate(full) if f):
+        if dim != 1 and t.shape[i] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, i)
+
+
 def _without_duck_sizing(fn, *args):
     """Calls the compiled ``fn`` with Dynamo's duck sizing off. Duck sizing gives sizes that are
     equal at the first compilation one symbol, and the graph then guards on the equality: a batch of
@@ -301,16 +311,11 @@ class _Kernel:
                     torch._dynamo.mark_static(t)
         else:
             st = self.static.structure
-            for t, full in ((mask, st.mask_full), (bias, st.bias_full)):
-                if t is bias and self.static_buffers:
-                    torch._dynamo.mark_static(t)
-                elif t is not None:
-                    # Batch and length dimensions are dynamic, heads static. ``t`` is 4-D, or
-                    # squeezed to its full dimensions (see run_flex).
-                    dims = range(4) if t.dim() == 4 else [d for d, f in zip(range(4), full) if f]
-                    for i, dim in enumerate(dims):
-                        if dim != 1 and t.shape[i] > 1:
-                            torch._dynamo.maybe_mark_dynamic(t, i)
+            if bias is not None and self.static_buffers:
+                torch._dynamo.mark_static(bias)
+            else:
+                _mark_squeezed_dynamic(bias, st.bias_full)
+            _mark_squeezed_dynamic(mask, st.mask_full)
         drop = args[9]
         for t in blocks or ():
             for dim in range(t.dim()):
@@ -505,11 +510,7 @@ class _MaskBuilder:
             for dim in dims:
                 if t.shape[dim] > 1:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
-        if mask is not None:  # squeezed to its full dimensions (see run_flex)
-            full = [d for d, f in zip(range(4), self.static.structure.mask_full) if f]
-            for i, dim in enumerate(full):
-                if dim != 1 and mask.shape[i] > 1:
-                    torch._dynamo.maybe_mark_dynamic(mask, i)
+        _mark_squeezed_dynamic(mask, self.static.structure.mask_full)
         tensors = _without_duck_sizing(self._fn, q, k, offset, mask, mask_mod, self.static)
         self.compiled = True  # compiled with symbolic sizes: later calls need no marks
         return tensors
@@ -762,10 +763,11 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         # there): two stages fit. Kernel tuning proper lives with the benchmarks.
         kernel_options = {"num_stages": 2}
         pass_options = ((), ())
-    if kernel_options is None and flash_case(st, q, k, v, use_dropout, return_lse) is not None:
+    case = flash_case(st, q, k, v, use_dropout, return_lse) if kernel_options is None else None
+    if case is not None:
         grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if _tuning.flash_choice(flash_case(st, q, k, v, use_dropout, return_lse), grad_needed, q.device, q.dtype,
-                                q.shape[-1], v.shape[-1], 4.0 * B * Hq * Nq * Nk * q.shape[-1]):
+        if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, q.shape[-1], v.shape[-1],
+                                4.0 * B * Hq * Nq * Nk * q.shape[-1]):
             kernel_options = {"BACKEND": "FLASH"}
     if q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options):
         # Lengths are symbolic in the compiled kernel, so FlexAttention cannot prove them multiples
