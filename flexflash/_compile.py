@@ -769,6 +769,9 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, q.shape[-1], v.shape[-1],
                                 4.0 * B * Hq * Nq * Nk * q.shape[-1]):
             kernel_options = {"BACKEND": "FLASH"}
+    if (kernel_options is None and not use_dropout and not st.scored
+            and (st.mask_full is not None or st.has_mask_mod) and not torch.compiler.is_compiling()):
+        kernel_options = _tuning.masked_options(q.device, q.dtype, q.shape[-1], block)
     if q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options):
         # Lengths are symbolic in the compiled kernel, so FlexAttention cannot prove them multiples
         # of its tiles and compiles boundary checks into every tile (measured on an H100: +10%

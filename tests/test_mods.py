@@ -107,3 +107,16 @@ def test_factories_validate_arguments(call, exc, words):
         call()
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 1, 1, 7), (1, 3, 5, 1), (1, 1, 5, 7), (1, 1, 1, 1)])
+def test_squeezed_masks_and_biases_index_like_the_broadcast_tensor(shape):
+    """The compiled CUDA kernels index a mask or bias by its full dimensions only (its broadcast
+    dimensions squeezed out): the same entries as indexing the 4-D tensor with 0 in those."""
+    from flexflash._compose import index_broadcast, squeeze_broadcast
+    t = torch.randn(*shape)
+    full = tuple(s > 1 for s in shape)
+    grids = index_grids(2, 3, 5, 7, "cpu")
+    want = index_broadcast(t, full, *grids)
+    got = index_broadcast(squeeze_broadcast(t, full), full, *grids)
+    assert torch.equal(got.expand(2, 3, 5, 7), want.expand(2, 3, 5, 7))

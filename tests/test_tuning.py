@@ -53,3 +53,16 @@ def test_never_where_not_measured_or_not_possible(sm90_with_flash, monkeypatch):
         torch.use_deterministic_algorithms(False)
     monkeypatch.setattr(_tuning, "_FLASH_AVAILABLE", [False])  # the package is missing
     assert not _tuning.flash_choice("dense", True, CUDA, BF16, 128, 128, big)
+
+
+def test_masked_forward_tiles_only_where_measured(monkeypatch):
+    monkeypatch.setattr(_tuning, "capability", lambda device: (9, 0))
+    tuned = _tuning.masked_options(CUDA, BF16, 128, (128, 128))
+    assert tuned == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+    assert not any(key.startswith("bwd_") for key in tuned)  # the backward keeps the defaults
+    assert _tuning.masked_options(CUDA, torch.float16, 128, (128, 128)) is None
+    assert _tuning.masked_options(CUDA, BF16, 64, (128, 128)) is None
+    assert _tuning.masked_options(CUDA, BF16, 128, (32, 128)) is None  # tiles must divide the blocks
+    assert _tuning.masked_options(torch.device("cpu"), BF16, 128, (128, 128)) is None
+    monkeypatch.setattr(_tuning, "capability", lambda device: (8, 0))
+    assert _tuning.masked_options(CUDA, BF16, 128, (128, 128)) is None
