@@ -344,6 +344,7 @@ def reset() -> None:
     _KERNELS.clear()
     _BUILDERS.clear()
     _BLOCK_MASKS.clear()
+    _DEAD_KEYS.clear()
     for key in _STATS:
         _STATS[key] = 0
 
@@ -527,11 +528,22 @@ def _mask_builder(st: Structure, mask_fp, block, mask) -> _MaskBuilder:
     return builder
 
 
+# Keys of entries whose tensors were freed (weak-reference callbacks add them; the next cache
+# operation drops the entries, so block masks of tensors that are gone do not stay on the device).
+_DEAD_KEYS: list = []
+
+
+def _drop_dead() -> None:
+    while _DEAD_KEYS:
+        _BLOCK_MASKS.pop(_DEAD_KEYS.pop(), None)
+
+
 def _cache_get(key):
     # The caches hold real tensors of eager calls; inside a caller's torch.compile they are
     # bypassed (the caller's graph computes its own).
     if torch.compiler.is_compiling():
         return None
+    _drop_dead()
     entry = _BLOCK_MASKS.get(key)
     if entry is None:
         return None
@@ -545,9 +557,13 @@ def _cache_get(key):
     return value
 
 
-def _cache_put(key, value, refs=()):
+def _cache_put(key, value, roots=()):
+    """Caches ``value`` under ``key``; ``roots`` are the tensors whose identity the key holds: the
+    entry holds weak references to them and is dropped once one of them is freed."""
     if torch.compiler.is_compiling():
         return value
+    _drop_dead()
+    refs = tuple(weakref.ref(root, lambda _, key=key: _DEAD_KEYS.append(key)) for root in roots)
     _BLOCK_MASKS[key] = (value, refs)
     if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
@@ -555,12 +571,14 @@ def _cache_put(key, value, refs=()):
 
 
 def _tensor_identity(tensors: list[Tensor]) -> tuple[tuple, tuple] | None:
-    """Identity of the values of ``tensors``: (key, weak references) where key holds, per tensor,
-    the object that owns its memory (a view's base), its version counter (every in-place write
+    """Identity of the values of ``tensors``: (key, roots) where key holds, per tensor, the object
+    that owns its memory (a view's base: ``roots``), its version counter (every in-place write
     through any view of that memory advances it), and the view's geometry. While the owning objects
-    live (the references say so: an id is reused only after its object is gone), an equal key
-    means equal values. None where a tensor keeps no version counter (inference tensors)."""
-    key, refs = [], []
+    live (the cache keeps weak references to them: an id is reused only after its object is gone),
+    an equal key means equal values, except after writes that bypass the version counter (through
+    ``.data``, a NumPy view, DLPack), which PyTorch's autograd does not see either. None where a
+    tensor keeps no version counter (inference tensors)."""
+    key, roots = [], []
     for t in tensors:
         root = t if t._base is None else t._base
         try:
@@ -568,8 +586,8 @@ def _tensor_identity(tensors: list[Tensor]) -> tuple[tuple, tuple] | None:
         except RuntimeError:  # inference tensors
             return None
         key.append((id(root), version, t.dtype, tuple(t.shape), t.stride(), t.storage_offset()))
-        refs.append(weakref.ref(root))
-    return tuple(key), tuple(refs)
+        roots.append(root)
+    return tuple(key), tuple(roots)
 
 
 def _reads_tensors_only(fp: Any) -> bool:
@@ -599,12 +617,12 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pu
     reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
     allowed" is exact."""
-    key, refs = (mask_fp, st, offset, B, H, Nq, Nk, block, device), ()
+    key, roots = (mask_fp, st, offset, B, H, Nq, Nk, block, device), ()
     cacheable = pure and mask is None
     if not cacheable and not torch.compiler.is_compiling() and _reads_tensors_only(mask_fp):
         ident = _tensor_identity(([] if mask is None else [mask]) + captured_tensors(mask_mod))
         if ident is not None:
-            key, refs, cacheable = key + ident[0], ident[1], True
+            key, roots, cacheable = key + ident[0], ident[1], True
     if cacheable:
         hit = _cache_get(key)
         if hit is not None:
@@ -614,7 +632,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pu
         mask_st = Structure(causal=st.causal, mask_full=st.mask_full, bias_full=None, has_mask_mod=st.has_mask_mod,
                             has_score_mod=False, causal_aligned=st.causal_aligned)
         tensors = _mask_builder(mask_st, mask_fp, block, mask)(q, k, offset_tensor, mask, mask_mod)
-        return _cache_put(key, tensors, refs) if cacheable else tensors
+        return _cache_put(key, tensors, roots) if cacheable else tensors
     some = every = None
     fn_st = Structure(causal=st.causal, mask_full=None, bias_full=None, has_mask_mod=st.has_mask_mod,
                       has_score_mod=False, single_query=st.single_query)
@@ -633,7 +651,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pu
         some = t_some if some is None else some & t_some
         every = t_every if every is None else every & t_every
     tensors = _block_mask_tensors(some, every)
-    return _cache_put(key, tensors, refs) if cacheable else tensors
+    return _cache_put(key, tensors, roots) if cacheable else tensors
 
 
 # --- entry point -----------------------------------------------------------------------------

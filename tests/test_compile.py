@@ -136,6 +136,25 @@ def test_block_masks_reading_tensors_are_cached_by_identity_and_version():
         assert compile_stats()["block_masks_built"] == built + 1
 
 
+def test_block_masks_of_freed_tensors_do_not_stay_cached():
+    """An entry keyed by a tensor's identity goes once the tensor is freed (new masks every step
+    would otherwise keep their block masks until evicted)."""
+    import gc
+
+    from flexflash._compile import _BLOCK_MASKS
+    q = torch.randn(2, 2, 64, 16)
+    with torch.no_grad():
+        pad = torch.arange(64)[None] < torch.tensor([[64], [30]])
+        flexflash.attention(q, q, q, mask=pad, block_size=32)
+        entries = len(_BLOCK_MASKS)
+        del pad
+        gc.collect()
+        flexflash.attention(q, q, q, mask=torch.arange(64)[None] < torch.tensor([[20], [64]]), block_size=32)
+        gc.collect()
+        flexflash.attention(q, q, q, mask=torch.arange(64)[None] < torch.tensor([[10], [50]]), block_size=32)
+    assert len(_BLOCK_MASKS) <= entries
+
+
 def test_block_masks_reading_other_objects_are_never_cached():
     """A mask_mod reading state the fingerprint cannot see (an attribute of an object) builds its
     block mask on every call."""
