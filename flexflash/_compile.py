@@ -725,16 +725,14 @@ def _divisible(Nq: int, Nk: int, kernel_options: dict | None) -> bool:
     return Nq % tile == 0 and Nk % tile == 0 and not (kernel_options or {}).get("BACKEND") == "FLASH"
 
 
-def flash_case(st: Structure, q: Tensor, k: Tensor, v: Tensor, dropout: bool, return_lse: bool) -> str | None:
+def flash_case(st: Structure, q: Tensor, k: Tensor, dropout: bool, return_lse: bool) -> str | None:
     """The case of :func:`flexflash._tuning.flash_choice` this call is ("dense", "key_padding"),
     or None where only Triton kernels are considered: modifiers, biases, other masks, dropout,
-    grouped heads, ``return_lse`` with gradients (FLASH cannot differentiate the log-sum-exp),
-    CPU, or inside a caller's torch.compile."""
-    if q.device.type != "cuda" or torch.compiler.is_compiling() or dropout or q.shape[1] != k.shape[1]:
+    grouped heads, ``return_lse`` (not measured; with gradients FLASH cannot differentiate it), CPU,
+    or inside a caller's torch.compile."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling() or dropout or return_lse or q.shape[1] != k.shape[1]:
         return None
     if st.scored or st.has_mask_mod or st.causal or st.single_query:
-        return None
-    if return_lse and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return None
     if st.mask_full is None:
         return "dense"
@@ -781,7 +779,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         # there): two stages fit. Kernel tuning proper lives with the benchmarks.
         kernel_options = {"num_stages": 2}
         pass_options = ((), ())
-    case = flash_case(st, q, k, v, use_dropout, return_lse) if kernel_options is None else None
+    case = flash_case(st, q, k, use_dropout, return_lse) if kernel_options is None else None
     if case is not None:
         grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, q.shape[-1], v.shape[-1],
