@@ -370,3 +370,23 @@ def test_auto_takes_flash_where_the_table_says_so():
     assert (out.float() - ref.float()).abs().max().item() < 2e-2
     out.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("case", ["key_padding", "mask_4d", "sliding_window", "document"])
+@pytest.mark.parametrize("Nq,Nk", [(97, 1025), (256, 256)])
+def test_masked_calls_with_tuned_tiles(case, Nq, Nk):
+    """Masked calls at D=128 bf16 run with the tuned forward tiles of flexflash._tuning on sm90
+    (64x64, also with lengths that are multiples of 128): forward and backward against the
+    reference."""
+    from flexflash import _compile, _tuning
+    gen = torch.Generator().manual_seed(seed_of("tuned", case, Nq))
+    q, k, v = _inputs(2, 4, 4, Nq, Nk, 128, torch.bfloat16, gen)
+    kw = _to_cuda(case_kwargs(case, 2, 4, Nq, Nk, gen, grad=True))
+    if case == "document":
+        ids = torch.sort(torch.randint(0, 4, (2, Nk), generator=gen), dim=-1).values.cuda()
+        kw["mask_mod"] = mods.document(ids[:, Nk - Nq:], ids)
+    check_against_reference(q, k, v, **kw)
+    if _tuning.capability(torch.device("cuda")) == (9, 0):
+        tuned = [kind for kind in _compile._KERNELS if kind[1] == (4, 4, 128, 128) and kind[3] == torch.bfloat16
+                 and dict(kind[0].kernel_options).get("fwd_BLOCK_M") == 64]
+        assert tuned, "the tuned forward tiles were not used"
