@@ -563,7 +563,7 @@ def _cache_put(key, value, roots=()):
     if torch.compiler.is_compiling():
         return value
     _drop_dead()
-    refs = tuple(weakref.ref(root, lambda _, key=key: _DEAD_KEYS.append(key)) for root in roots)
+    refs = tuple(weakref.ref(root, lambda _, key=key, dead=_DEAD_KEYS: dead.append(key)) for root in roots)
     _BLOCK_MASKS[key] = (value, refs)
     if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
