@@ -22,8 +22,8 @@ entry); smaller tiles keep more warps busy with it. Other head dims and dtypes w
 and keep the defaults.
 
 Masked calls (a mask tensor or a mask_mod, no bias or score_mod, Triton kernels; H200, torch
-2.11, bf16, B=4 H=16 N=4096 D=128, through flexflash, GPU time per call in ms; ``tools``-style
-probe with every variant compiled first and timed one at a time):
+2.11, bf16, B=4 H=16 N=4096 D=128, through flexflash, GPU time per call in ms from the profiler;
+every variant compiled before any was timed):
 
 ==================  =======  ==========  ==========  ==========  ==========================
 forward             default  64x64 w4s3  128x128     128x64 w8   64x128 w4s3
@@ -117,8 +117,8 @@ def masked_options(device: torch.device, dtype: torch.dtype, head_dim: int, bloc
 #   key padding                 16384  128  fwd        5.796    4.102    5.539
 #   key padding                 16384  128  fwd+bwd   19.719   13.555   20.780
 #   (1, 1, N, N) bool mask      4096   128  fwd+bwd    7.039   13.705    6.482
-#   sliding window 512          4096   128  fwd+bwd    1.576    1.908      -
-#   document (8 per row)        4096   128  fwd+bwd    1.912    2.566      -
+#   sliding window 512          4096   128  fwd+bwd    1.576    1.908    6.405
+#   document (8 per row)        4096   128  fwd+bwd    1.912    2.566    6.430
 #
 # FLASH's kernels are faster (GPU time: dense 0.77 vs 1.19 ms forward), but each call costs about
 # 0.3-0.5 ms more host time than a Triton call (its launcher converts every tensor argument), so
