@@ -14,13 +14,18 @@ Why it looks like this:
 * The kind of a call is fingerprinted like Dynamo guards it: code objects of user modifiers, the
   Python values they capture, and the dtype/device/rank/grad flag of captured tensors, not their
   values or shapes. New tensor values of the same kind reuse the compiled kernel.
-* Sequence-length dependent values enter the kernel as tensors (the causal offset) or as tensor
-  shapes, never as Python ints, so a new length does not recompile. On CUDA, lengths that are
-  multiples of 128 (every kernel tile) are a kind of their own, compiled without the per-tile
-  boundary checks (``IS_DIVISIBLE``): a case compiles at most twice over all its lengths.
-* Block masks are built eagerly in query chunks (memory bounded by ``_MASK_CHUNK_ELEMENTS``) and
-  padded to at least two blocks per dimension, which keeps Dynamo from specialising on 1-block
-  masks. Masks that depend only on indices (no captured tensors) are cached by shape.
+* Sequence-length dependent values enter the kernel as tensors (the causal offset; the constant 0
+  for causal self-attention on CUDA, a kind of its own) or as tensor shapes, never as Python ints,
+  so a new length does not recompile. On CUDA, lengths that are multiples of 128 (every kernel
+  tile) are a kind of their own, compiled without the per-tile boundary checks (``IS_DIVISIBLE``):
+  a case compiles at most twice over all its lengths. The exception is a ``(..., Nq, Nk)`` bias on
+  CUDA, compiled with static shapes (``_STATIC_SEQUENCE_BUFFERS``).
+* Block masks are built on CUDA by one compiled builder per kind of mask, elsewhere eagerly in
+  query chunks (memory bounded by ``_MASK_CHUNK_ELEMENTS``), and padded to at least two blocks per
+  dimension, which keeps Dynamo from specialising on 1-block masks. Masks that depend only on
+  indices are cached by shape, masks that read tensors by those tensors' identity and version.
+* Kernel options without the caller's own come from ``flexflash._tuning``: the generator
+  (FlexAttention's Triton templates or FlashAttention-4) and tuned tiles, from measurements.
 """
 
 from __future__ import annotations
