@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import flexflash
 from flexflash import mods
-from flexflash.functional import route
+from flexflash.functional import generator, route
 from flexflash.reference import index_grids
 
 TOKENS, HIDDEN = 16 * 1024, 2048
@@ -287,6 +287,8 @@ def test_attention(benchmark, name, N, D, dtype, direction, impl):
     flops = 4 * B * H * Nq * c.k.shape[-2] * Dq * c.density * (3.5 if direction == "fwd+bwd" else 1.0)
     median = benchmark.stats["median"]
     path = route(c.q, c.k, c.v, **c.flex) if impl == "flexflash" else impl
+    if path == "flex":
+        path = f"flex ({generator(c.q, c.k, c.v, **c.flex)})"  # the kernel generator: triton or flash
     benchmark.extra_info.update(
         case=name, N=N, D=D, dtype=dtype, direction=direction, impl=impl, path=path, B=B, H=H,
         Nq=Nq, Nk=c.k.shape[-2], density=c.density, tflops=flops / median / 1e12 if median > 0 else math.nan,

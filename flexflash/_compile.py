@@ -744,6 +744,51 @@ def flash_case(st: Structure, q: Tensor, k: Tensor, dropout: bool, return_lse: b
     return "key_padding" if st.mask_full == (True, False, False, True) else None
 
 
+def structure(q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None, mask_mod,
+              score_mod) -> Structure:
+    """The :class:`Structure` of a validated call (4-D mask/bias)."""
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    return Structure(
+        causal=causal,
+        mask_full=None if mask is None else tuple(s > 1 for s in mask.shape),
+        bias_full=None if bias is None else tuple(s > 1 for s in bias.shape),
+        has_mask_mod=mask_mod is not None,
+        has_score_mod=score_mod is not None,
+        single_query=q.device.type == "cpu" and Nq == 1,
+        # On CUDA, causal self-attention lengths (Nq == Nk) are a kind of their own with the
+        # constant offset 0: nothing to read per entry, and FlashAttention-4 can generate it (it
+        # cannot read a captured 0-d tensor, and the lowering takes no size expression there).
+        causal_aligned=causal and Nq == Nk and q.device.type == "cuda" and not torch.compiler.is_compiling(),
+    )
+
+
+def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, score_mod,
+                     block: tuple[int, int], kernel_options: dict | None, dropout: bool,
+                     return_lse: bool) -> tuple[dict | None, tuple]:
+    """The kernel options of a call and those of its dropout passes: the caller's own, whole, or
+    else those chosen from measurements (flexflash._tuning: the generator, tuned tiles)."""
+    pass_options = ((), ())
+    if dropout and kernel_options is None:
+        pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)
+    if (kernel_options is None and q.device.type == "cuda" and q.element_size() < 4 and any(
+            t.is_floating_point() and t.element_size() > q.element_size()
+            for t in (bias, *captured_tensors(score_mod)) if t is not None)):
+        # A score modifier reading a wider buffer (an fp32 bias with 16-bit q) overflows shared
+        # memory with the default three-stage pipeline on an H100 (246-311 KB needed, 227 KB
+        # there): two stages fit.
+        return {"num_stages": 2}, ((), ())
+    case = flash_case(st, q, k, dropout, return_lse) if kernel_options is None else None
+    if case is not None:
+        grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        B, Hq, Nq, D = q.shape
+        if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, D, v.shape[-1], 4.0 * B * Hq * Nq * k.shape[-2] * D):
+            return {"BACKEND": "FLASH"}, pass_options
+    if (kernel_options is None and not dropout and not st.scored
+            and (st.mask_full is not None or st.has_mask_mod) and not torch.compiler.is_compiling()):
+        kernel_options = _tuning.masked_options(q.device, q.dtype, q.shape[-1], block)
+    return kernel_options, pass_options
+
+
 def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
              mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
              return_lse: bool, dropout_p: float = 0.0,
@@ -755,44 +800,16 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     come from :func:`flexflash.dropout.draw_seed`."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[-2]
-    single_query = q.device.type == "cpu" and Nq == 1
-    st = Structure(
-        causal=causal,
-        mask_full=None if mask is None else tuple(s > 1 for s in mask.shape),
-        bias_full=None if bias is None else tuple(s > 1 for s in bias.shape),
-        has_mask_mod=mask_mod is not None,
-        has_score_mod=score_mod is not None,
-        single_query=single_query,
-        # On CUDA, causal self-attention lengths (Nq == Nk) are a kind of their own with the
-        # constant offset 0: nothing to read per entry, and FlashAttention-4 can generate it (it
-        # cannot read a captured 0-d tensor, and the lowering takes no size expression there).
-        causal_aligned=causal and Nq == Nk and q.device.type == "cuda" and not torch.compiler.is_compiling(),
-    )
+    st = structure(q, k, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
+    single_query = st.single_query
     if single_query:
         # The CPU FlexAttention template does not compile for a single query row: run two
         # identical rows (the modifiers see query 0 for both) and keep the first.
         q = q.expand(B, Hq, 2, q.shape[-1])
     use_dropout = dropout_p > 0
-    pass_options = ((), ())
-    if use_dropout and kernel_options is None:
-        pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)
-    if (kernel_options is None and q.device.type == "cuda" and q.element_size() < 4 and any(
-            t.is_floating_point() and t.element_size() > q.element_size()
-            for t in (bias, *captured_tensors(score_mod)) if t is not None)):
-        # A score modifier reading a wider buffer (an fp32 bias with 16-bit q) overflows shared
-        # memory with the default three-stage pipeline on an H100 (246-311 KB needed, 227 KB
-        # there): two stages fit. Kernel tuning proper lives with the benchmarks.
-        kernel_options = {"num_stages": 2}
-        pass_options = ((), ())
-    case = flash_case(st, q, k, use_dropout, return_lse) if kernel_options is None else None
-    if case is not None:
-        grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, q.shape[-1], v.shape[-1],
-                                4.0 * B * Hq * Nq * Nk * q.shape[-1]):
-            kernel_options = {"BACKEND": "FLASH"}
-    if (kernel_options is None and not use_dropout and not st.scored
-            and (st.mask_full is not None or st.has_mask_mod) and not torch.compiler.is_compiling()):
-        kernel_options = _tuning.masked_options(q.device, q.dtype, q.shape[-1], block)
+    kernel_options, pass_options = measured_options(st, q, k, v, bias=bias, score_mod=score_mod, block=block,
+                                                    kernel_options=kernel_options, dropout=use_dropout,
+                                                    return_lse=return_lse)
     if q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options):
         # Lengths are symbolic in the compiled kernel, so FlexAttention cannot prove them multiples
         # of its tiles and compiles boundary checks into every tile (measured on an H100: +10%

@@ -14,11 +14,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import dropout, parallel, reference
 from ._checks import block_sizes, describe, normalize
 from ._chunked import chunked_attention
-from ._compile import captured_tensors, run_flex
+from ._compile import captured_tensors, measured_options, run_flex, structure
 from ._tuning import capability, flash_choice
 from .parallel import is_dtensor
 
-__all__ = ["attention", "route"]
+__all__ = ["attention", "route", "generator"]
 
 log = logging.getLogger("flexflash")
 
@@ -230,6 +230,25 @@ def route(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str:
     p, captured, dropout_p = _validate(q, k, v, **options)
     del options["mask"], options["bias"], options["scale"], options["dropout_p"]
     return _path(p, captured, dropout_p=dropout_p, **options)
+
+
+def generator(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
+    """Which kernel generator a call with these arguments (:func:`attention`'s keywords) runs on,
+    without running it: ``"flash"`` (FlashAttention-4 kernels, FlexAttention's FLASH backend),
+    ``"triton"`` (FlexAttention's Triton templates, or its CPU template on CPU), or None where the
+    call does not take the FlexAttention path (see :func:`route`)."""
+    if route(q, k, v, **kwargs) != "flex":
+        return None
+    options = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None, scale=None, dropout_p=0.0,
+                   block_size=None, kernel_options=None, return_lse=False, backend="auto")
+    options.update(kwargs)
+    p, _, dropout_p = _validate(q, k, v, **options)
+    st = structure(p.q, p.k, causal=options["causal"], mask=p.mask, bias=p.bias, mask_mod=options["mask_mod"],
+                   score_mod=options["score_mod"])
+    chosen, _ = measured_options(st, p.q, p.k, p.v, bias=p.bias, score_mod=options["score_mod"],
+                                 block=block_sizes(options["block_size"]), kernel_options=options["kernel_options"],
+                                 dropout=dropout_p > 0, return_lse=options["return_lse"])
+    return "flash" if (chosen or {}).get("BACKEND") == "FLASH" else "triton"
 
 
 def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropout_p, block_size, kernel_options,

@@ -47,3 +47,16 @@ def test_route_agrees_with_the_call():
     functional._NOTED.discard("cpu-chunked")
     with pytest.warns(UserWarning, match="memory-bounded"):
         flexflash.attention(q, k, v)
+
+
+def test_generator_names_the_kernel_generator_of_the_flex_path():
+    """On CPU the FlexAttention path runs FlexAttention's own template ("triton" names the
+    non-FLASH generator); calls on other paths have none; bad arguments raise as the call would."""
+    from flexflash.functional import generator
+    q = torch.randn(2, 2, 40, 16)
+    with torch.no_grad():
+        assert generator(q, q, q, causal=True) == "triton"
+        assert generator(q, q, q, backend="reference") is None
+    assert generator(q.requires_grad_(), q, q) is None  # memory-bounded path on CPU
+    with pytest.raises(TypeError, match="unknown keyword"):
+        generator(q, q, q, casual=True)
