@@ -115,11 +115,16 @@ def test_lengths_multiple_of_the_tiles(case, dropout_p, Nq, Nk):
     """Multiples of 128 run the kernel compiled without boundary checks (a kind of its own)."""
     gen = torch.Generator().manual_seed(seed_of("divisible", case, Nq))
     q, k, v = _inputs(2, 4, 2, Nq, Nk, 64, torch.bfloat16, gen)
+    check_against_reference(q, k, v, dropout_p=dropout_p, dropout_seed=seed_of(case), **_gpu_kwargs(case, Nq, Nk, gen))
+
+
+def _gpu_kwargs(case, Nq, Nk, gen):
+    """case_kwargs on the GPU (B=2, H=4), with document ids built there."""
     kw = _to_cuda(case_kwargs(case, 2, 4, Nq, Nk, gen, grad=True))
     if case == "document":
         ids = torch.sort(torch.randint(0, 4, (2, Nk), generator=gen), dim=-1).values.cuda()
         kw["mask_mod"] = mods.document(ids[:, Nk - Nq:], ids)
-    check_against_reference(q, k, v, dropout_p=dropout_p, dropout_seed=seed_of(case), **kw)
+    return kw
 
 
 # --- dropout: the two-pass FlexAttention scheme, compiled ------------------------------------
@@ -381,11 +386,7 @@ def test_masked_calls_with_tuned_tiles(case, Nq, Nk):
     from flexflash import _compile, _tuning
     gen = torch.Generator().manual_seed(seed_of("tuned", case, Nq))
     q, k, v = _inputs(2, 4, 4, Nq, Nk, 128, torch.bfloat16, gen)
-    kw = _to_cuda(case_kwargs(case, 2, 4, Nq, Nk, gen, grad=True))
-    if case == "document":
-        ids = torch.sort(torch.randint(0, 4, (2, Nk), generator=gen), dim=-1).values.cuda()
-        kw["mask_mod"] = mods.document(ids[:, Nk - Nq:], ids)
-    check_against_reference(q, k, v, **kw)
+    check_against_reference(q, k, v, **_gpu_kwargs(case, Nq, Nk, gen))
     if _tuning.capability(torch.device("cuda")) == (9, 0):
         tuned = [kind for kind in _compile._KERNELS if kind[1] == (4, 4, 128, 128) and kind[3] == torch.bfloat16
                  and dict(kind[0].kernel_options).get("fwd_BLOCK_M") == 64]
