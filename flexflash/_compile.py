@@ -781,10 +781,10 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     if case is not None:
         grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         B, Hq, Nq, D = q.shape
-        if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, D, v.shape[-1], 4.0 * B * Hq * Nq * k.shape[-2] * D):
+        if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, D, v.shape[-1],
+                                _tuning.work(B, Hq, Nq, k.shape[-2], D)):
             return {"BACKEND": "FLASH"}, pass_options
-    if (kernel_options is None and not dropout and not st.scored
-            and (st.mask_full is not None or st.has_mask_mod) and not torch.compiler.is_compiling()):
+    if kernel_options is None and not dropout and not st.scored and (st.mask_full is not None or st.has_mask_mod):
         kernel_options = _tuning.masked_options(q.device, q.dtype, q.shape[-1], block)
     return kernel_options, pass_options
 

@@ -144,6 +144,11 @@ _FLASH_MIN_WORK = {
 _FLASH_AVAILABLE: list[bool] = []
 
 
+def work(B: int, Hq: int, Nq: int, Nk: int, D: int) -> float:
+    """The work of a call as the table above counts it: 4*B*Hq*Nq*Nk*D flops."""
+    return 4.0 * B * Hq * Nq * Nk * D
+
+
 def flash_available() -> bool:
     """Whether FlexAttention can generate FlashAttention-4 kernels here (the ``flash-attn-4``
     package and its CuTe DSL runtime import); checked once per process."""

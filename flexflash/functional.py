@@ -15,7 +15,7 @@ from . import dropout, parallel, reference
 from ._checks import block_sizes, describe, normalize
 from ._chunked import chunked_attention
 from ._compile import captured_tensors, measured_options, run_flex, structure
-from ._tuning import capability, flash_choice
+from ._tuning import capability, flash_choice, work
 from .parallel import is_dtensor
 
 __all__ = ["attention", "route", "generator"]
@@ -72,7 +72,7 @@ def _sdpa_route(p, *, causal, mask_mod, score_mod, dropout_p, kernel_options, re
         return False
     cap = capability(q.device)  # None inside a caller's torch.compile: SDPA is exact on every GPU
     if cap is not None and not causal and flash_choice(
-            "dense", _needs_grad(p, []), q.device, q.dtype, D, Dv, 4.0 * p.batch * p.q_heads * p.q_len * p.kv_len * D):
+            "dense", _needs_grad(p, []), q.device, q.dtype, D, Dv, work(p.batch, p.q_heads, p.q_len, p.kv_len, D)):
         return False  # FlashAttention-4's kernels are faster here (flexflash._tuning)
     return cap is None or cap >= (8, 0)
 
