@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.fx.experimental import _config as _fx_config
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from . import _tuning, dropout
+from . import _tuning, dropout, mods
 from ._compose import Structure, compose_mask, compose_score, squeeze_broadcast, tile_grids
 
 try:  # torch >= 2.9; the return_lse flag is deprecated there
@@ -54,7 +54,7 @@ try:  # torch >= 2.9; the return_lse flag is deprecated there
 except ImportError:  # pragma: no cover - older torch
     AuxRequest = None
 
-__all__ = ["run_flex", "fingerprint", "captured_tensors", "compile_stats", "reset"]
+__all__ = ["run_flex", "Modifier", "inspect_modifier", "captured_tensors", "compile_stats", "reset"]
 
 log = logging.getLogger("flexflash")
 
@@ -69,73 +69,73 @@ def _recompile_limit() -> int:
 
 # --- fingerprints ----------------------------------------------------------------------------
 
-def fingerprint(obj: Any, _depth: int = 0) -> Any:
-    """A hashable summary of ``obj`` matching what Dynamo guards on: code objects and Python
-    constants by value, tensors by (dtype, device, rank, requires_grad), other objects by id."""
-    if _depth > 8:
+@dataclass(frozen=True)
+class Modifier:
+    """What a call needs to know of a ``mask_mod`` or ``score_mod``, from one walk over it (see
+    :func:`inspect_modifier`)."""
+
+    fp: Any  # a hashable summary matching what Dynamo guards on (None inside a caller's compile)
+    tensors: tuple[Tensor, ...]  # the tensors it reads
+    pure: bool  # a function of its indices alone: no tensors, no objects whose state may change
+    tensors_only: bool  # its only run-time state is tensors (no other objects)
+
+
+NO_MODIFIER = Modifier(None, (), True, True)
+_PLAIN = (bool, int, float, str, complex, torch.dtype, torch.device)
+
+
+def inspect_modifier(fn: Any) -> Modifier:
+    """One walk over a modifier: its fingerprint and the tensors it reads. The fingerprint holds
+    code objects and Python constants by value, tensors by (dtype, device, rank, requires_grad),
+    other objects by id; tensors are found in its closure (recursively, through nested functions,
+    partials, tuples and lists) and in the module globals it names. Inside a caller's
+    torch.compile, Dynamo cannot walk closures and guards on them itself: nothing is walked."""
+    if fn is None:
+        return NO_MODIFIER
+    if torch.compiler.is_compiling():
+        return Modifier(None, (), False, False)
+    tensors: dict[int, Tensor] = {}
+    state = {"objects": False}
+    fp = _walk(fn, 0, tensors, state)
+    return Modifier(fp, tuple(tensors.values()), not tensors and not state["objects"], not state["objects"])
+
+
+def _walk(obj: Any, depth: int, tensors: dict[int, Tensor], state: dict) -> Any:
+    if depth > 8:
+        state["objects"] = True
         return ("deep", id(obj))
     if isinstance(obj, Tensor):
+        tensors.setdefault(id(obj), obj)
         return ("tensor", obj.dtype, obj.device, obj.dim(), obj.requires_grad)
-    if obj is None or isinstance(obj, (bool, int, float, str, complex, torch.dtype, torch.device)):
+    if obj is None or isinstance(obj, _PLAIN):
         return (type(obj), obj)
     if isinstance(obj, (tuple, list)):
-        return (type(obj), tuple(fingerprint(x, _depth + 1) for x in obj))
+        return (type(obj), tuple(_walk(x, depth + 1, tensors, state) for x in obj))
     if isinstance(obj, functools.partial):
-        return ("partial", fingerprint(obj.func, _depth + 1), fingerprint(obj.args, _depth + 1),
-                fingerprint(tuple(sorted(obj.keywords.items())), _depth + 1))
+        return ("partial", _walk(obj.func, depth + 1, tensors, state), _walk(obj.args, depth + 1, tensors, state),
+                _walk(tuple(sorted(obj.keywords.items())), depth + 1, tensors, state))
     if isinstance(obj, types.FunctionType):
         cells = []
         for cell in obj.__closure__ or ():
             try:
-                cells.append(fingerprint(cell.cell_contents, _depth + 1))
+                contents = cell.cell_contents
             except ValueError:  # empty cell
                 cells.append(("empty",))
-        globs = tuple((name, fingerprint(obj.__globals__[name], _depth + 1))
-                      for name in obj.__code__.co_names
-                      if isinstance(obj.__globals__.get(name), Tensor))
-        return ("fn", obj.__code__, tuple(cells), globs, fingerprint(obj.__defaults__, _depth + 1))
+                continue
+            cells.append(_walk(contents, depth + 1, tensors, state))
+        globs = []
+        for name in obj.__code__.co_names:
+            value = obj.__globals__.get(name)
+            if isinstance(value, Tensor):
+                globs.append((name, _walk(value, depth + 1, tensors, state)))
+        return ("fn", obj.__code__, tuple(cells), tuple(globs), _walk(obj.__defaults__, depth + 1, tensors, state))
+    state["objects"] = True
     return ("obj", id(obj))
 
 
-def _is_pure(fp: Any) -> bool:
-    """Whether a fingerprint describes a function of its indices alone: no tensors, no objects
-    whose state could change between calls (such masks' block masks are cached)."""
-    if isinstance(fp, tuple):
-        if fp and fp[0] in ("tensor", "obj", "deep"):
-            return False
-        return all(_is_pure(x) for x in fp)
-    return True
-
-
-def captured_tensors(fn: Any, _depth: int = 0, _seen: set[int] | None = None) -> list[Tensor]:
-    """Tensors a modifier reads: its closure (recursively, through nested functions, partials,
-    tuples and lists) and the module globals it names."""
-    if torch.compiler.is_compiling():
-        # Inside a caller's torch.compile, Dynamo cannot walk closures; it guards on them itself.
-        return []
-    seen = set() if _seen is None else _seen
-    if id(fn) in seen or _depth > 8:
-        return []
-    seen.add(id(fn))
-    found: list[Tensor] = []
-    if isinstance(fn, Tensor):
-        return [fn]
-    if isinstance(fn, (tuple, list)):
-        for x in fn:
-            found += captured_tensors(x, _depth + 1, seen)
-    elif isinstance(fn, functools.partial):
-        found += captured_tensors((fn.func, *fn.args, *fn.keywords.values()), _depth + 1, seen)
-    elif isinstance(fn, types.FunctionType):
-        for cell in fn.__closure__ or ():
-            try:
-                found += captured_tensors(cell.cell_contents, _depth + 1, seen)
-            except ValueError:
-                pass
-        for name in fn.__code__.co_names:
-            value = fn.__globals__.get(name)
-            if isinstance(value, Tensor):
-                found.append(value)
-    return found
+def captured_tensors(fn: Any) -> list[Tensor]:
+    """The tensors a modifier reads (see :func:`inspect_modifier`)."""
+    return list(inspect_modifier(fn).tensors)
 
 
 # --- the kernel ------------------------------------------------------------------------------
@@ -595,17 +595,7 @@ def _tensor_identity(tensors: list[Tensor]) -> tuple[tuple, tuple] | None:
     return tuple(key), tuple(roots)
 
 
-def _reads_tensors_only(fp: Any) -> bool:
-    """Whether a fingerprint's only run-time state is tensors (no other objects, whose state the
-    fingerprint cannot see)."""
-    if isinstance(fp, tuple):
-        if fp and fp[0] in ("obj", "deep"):
-            return False
-        return all(_reads_tensors_only(x) for x in fp)
-    return True
-
-
-def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pure: bool, mask_fp, B: int, H: int,
+def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, info: Modifier, B: int, H: int,
                    Nq: int, Nk: int, block: tuple[int, int], device: torch.device,
                    q: Tensor | None = None, k: Tensor | None = None,
                    offset_tensor: Tensor | None = None) -> tuple[Tensor, ...]:
@@ -622,10 +612,12 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, pu
     reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
     allowed" is exact."""
+    mask_fp = info.fp
+    pure = mask is None and info.pure
     key, roots = (mask_fp, st, offset, B, H, Nq, Nk, block, device), ()
-    cacheable = pure and mask is None
-    if not cacheable and not torch.compiler.is_compiling() and _reads_tensors_only(mask_fp):
-        ident = _tensor_identity(([] if mask is None else [mask]) + captured_tensors(mask_mod))
+    cacheable = pure
+    if not cacheable and not torch.compiler.is_compiling() and info.tensors_only:
+        ident = _tensor_identity(([] if mask is None else [mask]) + list(info.tensors))
         if ident is not None:
             key, roots, cacheable = key + ident[0], ident[1], True
     if cacheable:
@@ -730,18 +722,40 @@ def _divisible(Nq: int, Nk: int, kernel_options: dict | None) -> bool:
     return Nq % tile == 0 and Nk % tile == 0 and not (kernel_options or {}).get("BACKEND") == "FLASH"
 
 
-def flash_case(st: Structure, q: Tensor, k: Tensor, dropout: bool, return_lse: bool) -> str | None:
-    """The case of :func:`flexflash._tuning.flash_choice` this call is ("dense", "key_padding"),
-    or None where only Triton kernels are considered: modifiers, biases, other masks, dropout,
-    grouped heads, ``return_lse`` (not measured; with gradients FLASH cannot differentiate it), CPU,
-    or inside a caller's torch.compile."""
-    if q.device.type != "cuda" or torch.compiler.is_compiling() or dropout or return_lse or q.shape[1] != k.shape[1]:
+def flash_case(st: Structure, q: Tensor, k: Tensor, *, mask_mod, score_mod, infos: tuple[Modifier, Modifier],
+               dropout: bool, return_lse: bool) -> str | None:
+    """The case of :func:`flexflash._tuning.flash_choice` this call is, or None where only Triton
+    kernels are considered. The cases are the measured ones, made of flexflash's own parts alone:
+    "dense", "causal", "gqa_causal" (grouped heads), "key_padding" (a ``(B, Nk)`` mask),
+    "softcap" (:func:`flexflash.mods.tanh_softcap`), "alibi_causal" (:func:`flexflash.mods.alibi`
+    with ``causal=True``) and "prefix_lm" (:func:`flexflash.mods.prefix_lm`). Never: the caller's
+    own modifiers, biases, other masks, causal with ``Nq != Nk`` (its offset is a 0-d tensor, which
+    FlashAttention-4 cannot read), modifiers reading a 0-d tensor or a tensor that requires grad
+    (FLASH cannot differentiate captured tensors), dropout, ``return_lse`` (with gradients FLASH
+    cannot differentiate it), CPU, or inside a caller's torch.compile."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling() or dropout or return_lse or st.single_query:
         return None
-    if st.scored or st.has_mask_mod or st.causal or st.single_query:
+    if st.bias_full is not None or (st.causal and not st.causal_aligned):
         return None
-    if st.mask_full is None:
-        return "dense"
-    return "key_padding" if st.mask_full == (True, False, False, True) else None
+    if any(t.dim() == 0 or t.requires_grad for info in infos for t in info.tensors):
+        return None
+    # (causal, mask dims, mask_mod family, score_mod family); "own" for the caller's functions
+    parts = (st.causal, st.mask_full, (mods.family(mask_mod) or "own") if st.has_mask_mod else None,
+             (mods.family(score_mod) or "own") if st.has_score_mod else None)
+    case = _FLASH_CASES.get(parts)
+    if q.shape[1] != k.shape[1]:  # grouped heads: measured for causal attention only
+        return "gqa_causal" if case == "causal" else None
+    return case
+
+
+_FLASH_CASES = {
+    (False, None, None, None): "dense",
+    (True, None, None, None): "causal",
+    (False, (True, False, False, True), None, None): "key_padding",
+    (False, None, None, "tanh_softcap"): "softcap",
+    (True, None, None, "alibi"): "alibi_causal",
+    (False, None, "prefix_lm", None): "prefix_lm",
+}
 
 
 def structure(q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None, mask_mod,
@@ -762,9 +776,9 @@ def structure(q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None, bias: 
     )
 
 
-def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, score_mod,
-                     block: tuple[int, int], kernel_options: dict | None, dropout: bool,
-                     return_lse: bool) -> tuple[dict | None, tuple]:
+def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, mask_mod, score_mod,
+                     infos: tuple[Modifier, Modifier], block: tuple[int, int], kernel_options: dict | None,
+                     dropout: bool, return_lse: bool) -> tuple[dict | None, tuple]:
     """The kernel options of a call and those of its dropout passes: the caller's own, whole, or
     else those chosen from measurements (flexflash._tuning: the generator, tuned tiles)."""
     pass_options = ((), ())
@@ -772,12 +786,15 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
         pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)
     if (kernel_options is None and q.device.type == "cuda" and q.element_size() < 4 and any(
             t.is_floating_point() and t.element_size() > q.element_size()
-            for t in (bias, *captured_tensors(score_mod)) if t is not None)):
+            for t in (bias, *infos[1].tensors) if t is not None)):
         # A score modifier reading a wider buffer (an fp32 bias with 16-bit q) overflows shared
         # memory with the default three-stage pipeline on an H100 (246-311 KB needed, 227 KB
         # there): two stages fit.
         return {"num_stages": 2}, ((), ())
-    case = flash_case(st, q, k, dropout, return_lse) if kernel_options is None else None
+    case = None
+    if kernel_options is None:
+        case = flash_case(st, q, k, mask_mod=mask_mod, score_mod=score_mod, infos=infos, dropout=dropout,
+                          return_lse=return_lse)
     if case is not None:
         grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         B, Hq, Nq, D = q.shape
@@ -793,11 +810,15 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
              mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
              return_lse: bool, dropout_p: float = 0.0,
              dropout_params: Tensor | None = None,
-             dropout_offsets: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor | None]:
+             dropout_offsets: tuple[int, int, int, int] | None = None,
+             mask_info: Modifier | None = None, score_info: Modifier | None = None) -> tuple[Tensor, Tensor | None]:
     """Runs one validated call (4-D q/k/v, 4-D broadcastable mask/bias) through compiled
     FlexAttention. Returns ``(out, lse or None)``; lse in natural log, fp32. With ``dropout_p > 0``
     (CUDA only: it needs the log-sum-exp, which the CPU kernel does not return), ``dropout_params``
-    come from :func:`flexflash.dropout.draw_seed`."""
+    come from :func:`flexflash.dropout.draw_seed`. ``mask_info``, ``score_info``: the modifiers'
+    :func:`inspect_modifier`, where the caller has them already."""
+    mask_info = inspect_modifier(mask_mod) if mask_info is None else mask_info
+    score_info = inspect_modifier(score_mod) if score_info is None else score_info
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[-2]
     st = structure(q, k, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
@@ -807,7 +828,8 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         # identical rows (the modifiers see query 0 for both) and keep the first.
         q = q.expand(B, Hq, 2, q.shape[-1])
     use_dropout = dropout_p > 0
-    kernel_options, pass_options = measured_options(st, q, k, v, bias=bias, score_mod=score_mod, block=block,
+    kernel_options, pass_options = measured_options(st, q, k, v, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
+                                                    infos=(mask_info, score_info), block=block,
                                                     kernel_options=kernel_options, dropout=use_dropout,
                                                     return_lse=return_lse)
     if q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options):
@@ -819,8 +841,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     # Inside a caller's torch.compile the kernel body is traced into the caller's graph: Dynamo
     # cannot create compiled functions while tracing, and the caches below are host-side state.
     tracing = torch.compiler.is_compiling()
-    mask_fp = fingerprint(mask_mod) if mask_mod is not None and not tracing else None
-    score_fp = fingerprint(score_mod) if score_mod is not None and not tracing else None
+    mask_fp, score_fp = mask_info.fp, score_info.fp
     options = tuple(sorted((kernel_options or {}).items()))
     static = _Static(st, block, scale, Hq != k.shape[1], return_lse, options, dropout=use_dropout,
                      pass_options=pass_options)
@@ -836,7 +857,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         # _STATIC_SEQUENCE_BUFFERS): a kind per shape.
         kind += (tuple(bias.shape),)
     if q.device.type == "cpu":  # captured tensors have static shapes on CPU (see _Kernel.__call__)
-        kind += (tuple(tuple(t.shape) for t in (mask, bias, *captured_tensors(mask_mod), *captured_tensors(score_mod))
+        kind += (tuple(tuple(t.shape) for t in (mask, bias, *mask_info.tensors, *score_info.tensors)
                        if t is not None),)
     kernel = _KERNELS.get(kind) if not tracing else functools.partial(_flex_kernel, static=static)
     if kernel is None:
@@ -862,8 +883,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         bias = None if bias is None else squeeze_broadcast(bias, st.bias_full)
     blocks = None
     if st.masked:
-        pure = mask is None and _is_pure(mask_fp)
-        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, pure, mask_fp, B, Hq, q.shape[-2], Nk, block, q.device,
+        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, q.shape[-2], Nk, block, q.device,
                                 q=q, k=k, offset_tensor=offset)
     drop = None
     if use_dropout:

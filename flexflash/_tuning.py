@@ -119,17 +119,31 @@ def masked_options(device: torch.device, dtype: torch.dtype, head_dim: int, bloc
 #   (1, 1, N, N) bool mask      4096   128  fwd+bwd    7.039   13.705    6.482
 #   sliding window 512          4096   128  fwd+bwd    1.576    1.908    6.405
 #   document (8 per row)        4096   128  fwd+bwd    1.912    2.566    6.430
+#   causal (Nq == Nk)           4096   128  fwd        1.047    0.954    0.541
+#   causal                      4096   128  fwd+bwd    3.121    2.714    2.077
+#   causal, GQA Hq/Hkv = 4      4096   128  fwd        0.998    1.230    0.593
+#   causal, GQA                 4096   128  fwd+bwd    3.481    2.864    2.114
+#   tanh soft-cap 30            4096   128  fwd        3.058    2.101    (SDPA cannot)
+#   tanh soft-cap               4096   128  fwd+bwd   10.581    8.555    (SDPA cannot)
+#   ALiBi + causal              4096   128  fwd        1.135    1.205    1.655
+#   ALiBi + causal              4096   128  fwd+bwd    3.330    2.816    6.613
+#   prefix-LM (B,) lengths      4096   128  fwd        1.350    1.472    1.824
+#   prefix-LM                   4096   128  fwd+bwd    3.446    3.239    6.543
 #
 # FLASH's kernels are faster (GPU time: dense 0.77 vs 1.19 ms forward), but each call costs about
 # 0.3-0.5 ms more host time than a Triton call (its launcher converts every tensor argument), so
 # it wins where the kernels are long: the choice below takes FLASH where the work of the call
 # (4*B*Hq*Nq*Nk*D) is at least the smallest measured work at which it won, and nowhere else.
+# (Causal and GQA attention run on SDPA under backend="auto", which is faster than both; the
+# causal entries apply to backend="flex".) Soft-capping, ALiBi and prefix-LM are cases only when
+# made by flexflash.mods (whose generated code was measured; flexflash._compile.flash_case).
 # Cases left on Triton: every mask or score function of the caller's own (their generated code is
 # not known in advance; pass kernel_options={"BACKEND": "FLASH"} to ask for it), biases (FLASH
 # reads captured tensors element by element and cannot differentiate them), dense masks (slower,
 # above), sliding windows and documents (slower, above), dropout (FLASH has no gradient through
-# the log-sum-exp), grouped-query heads, causal attention (not measured yet), deterministic mode
-# (FLASH's backward with a block mask is not deterministic on Hopper), GPUs other than sm90.
+# the log-sum-exp), causal with Nq != Nk (its offset is a 0-d tensor, which FLASH cannot read),
+# deterministic mode (FLASH's backward with a block mask is not deterministic on Hopper), GPUs
+# other than sm90, and every case at D=64 not in the table (not measured).
 
 # (case, needs grad, head dim) -> the least work (flops of 4*B*Hq*Nq*Nk*D) at which FLASH is taken.
 _FLASH_MIN_WORK = {
@@ -139,6 +153,13 @@ _FLASH_MIN_WORK = {
     ("key_padding", True, 128): 5.0e11,   # N=4096 B=4 H=16 (5.5e11): 3.029 vs Triton 3.854
     ("key_padding", False, 64): 5.0e11,   # N=4096: 1.695 vs 2.023
     ("key_padding", False, 128): 2.0e12,  # N=16384: 4.102 vs 5.796; N=4096 loses (1.452 vs 1.215)
+    ("causal", True, 128): 5.0e11,        # N=4096 B=4 H=16 (5.5e11): 2.714 vs Triton 3.121
+    ("causal", False, 128): 5.0e11,       # 0.954 vs 1.047
+    ("gqa_causal", True, 128): 5.0e11,    # 2.864 vs 3.481; the forward loses (1.230 vs 0.998)
+    ("softcap", True, 128): 5.0e11,       # 8.555 vs 10.581
+    ("softcap", False, 128): 5.0e11,      # 2.101 vs 3.058
+    ("alibi_causal", True, 128): 5.0e11,  # 2.816 vs 3.330; the forward loses (1.205 vs 1.135)
+    ("prefix_lm", True, 128): 5.0e11,     # 3.239 vs 3.446; the forward loses (1.472 vs 1.350)
 }
 
 _FLASH_AVAILABLE: list[bool] = []
@@ -164,9 +185,9 @@ def flash_available() -> bool:
 
 def flash_choice(case: str | None, grad: bool, device: torch.device, dtype: torch.dtype, head_dim: int,
                  v_head_dim: int, work: float) -> bool:
-    """Whether a call of ``case`` ("dense" or "key_padding": the structural cases measured above)
-    runs on FlashAttention-4 kernels: only where the table above says it is faster on this GPU, and
-    only where the package is installed."""
+    """Whether a call of ``case`` (one of the table's: see flexflash._compile.flash_case) runs on
+    FlashAttention-4 kernels: only where the table above says it is faster on this GPU, and only
+    where the package is installed."""
     if case is None or device.type != "cuda" or dtype != torch.bfloat16 or head_dim != v_head_dim:
         return False
     least = _FLASH_MIN_WORK.get((case, grad, head_dim))

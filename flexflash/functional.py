@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import dropout, parallel, reference
 from ._checks import block_sizes, describe, normalize
 from ._chunked import chunked_attention
-from ._compile import captured_tensors, measured_options, run_flex, structure
+from ._compile import NO_MODIFIER, Modifier, inspect_modifier, measured_options, run_flex, structure
 from ._tuning import capability, flash_choice, work
 from .parallel import is_dtensor
 
@@ -57,7 +57,9 @@ def _sdpa_route(p, *, causal, mask_mod, score_mod, dropout_p, kernel_options, re
     GPU (measured on an H100, ``benchmarks/RESULTS.md``: causal forward 0.51 vs 0.75 ms, dense
     0.91 vs 1.15 ms at B=4 H=16 N=4096 D=128 bf16). Dropout stays on FlexAttention (its ``keep`` is
     flexflash's hash, shared with the reference), and so does any call that asks for what SDPA
-    cannot give: ``return_lse``, ``kernel_options``, a ``block_size``, grouped-query heads."""
+    cannot give: ``return_lse``, ``kernel_options``, a ``block_size``. Grouped-query heads go too
+    (SDPA's ``enable_gqa``; H200, B=4 Hq=16 Hkv=4 N=4096 D=128 causal: cuDNN 0.593 ms forward,
+    2.114 forward+backward, against FlexAttention's best 0.998 and 2.864)."""
     q = p.q
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -68,34 +70,36 @@ def _sdpa_route(p, *, causal, mask_mod, score_mod, dropout_p, kernel_options, re
     if causal and p.q_len != p.kv_len:
         return False
     D, Dv = q.shape[-1], p.v.shape[-1]
-    if p.q_heads != p.kv_heads or D != Dv or D % 8 or D > 256:
+    if D != Dv or D % 8 or D > 256:
         return False
     cap = capability(q.device)  # None inside a caller's torch.compile: SDPA is exact on every GPU
-    if cap is not None and not causal and flash_choice(
+    if cap is not None and not causal and p.q_heads == p.kv_heads and flash_choice(
             "dense", _needs_grad(p, []), q.device, q.dtype, D, Dv, work(p.batch, p.q_heads, p.q_len, p.kv_len, D)):
         return False  # FlashAttention-4's kernels are faster here (flexflash._tuning)
     return cap is None or cap >= (8, 0)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> Tensor:
+    # Grouped heads: SDPA's enable_gqa maps query head h to key/value head h // (Hq // Hkv), as we do.
+    gqa = q.shape[1] != k.shape[1]
     if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     with sdpa_kernel(_SDPA_ORDER, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-def _check_modifier(name: str, fn: Any, device: torch.device) -> list[Tensor]:
+def _check_modifier(name: str, fn: Any, device: torch.device) -> Modifier:
     if fn is None:
-        return []
+        return NO_MODIFIER
     if not callable(fn):
         raise TypeError(f"{name}: expected a callable with FlexAttention's signature, got {type(fn).__name__}")
-    tensors = captured_tensors(fn)
-    for t in tensors:
+    info = inspect_modifier(fn)
+    for t in info.tensors:
         if t.device != device:
             raise ValueError(
                 f"{name}: {getattr(fn, '__name__', name)} reads a tensor on {t.device} (shape "
                 f"{tuple(t.shape)}), expected the device of q ({device}); move it with .to({str(device)!r})")
-    return tensors
+    return info
 
 
 def attention(
@@ -157,10 +161,10 @@ def attention(
         kernel_options: passed to FlexAttention (e.g. ``{"BACKEND": "FLASH"}``); keys are checked.
         return_lse: also return the natural-log log-sum-exp of each query row.
         backend: ``"auto"`` (the fastest correct path: compiled FlexAttention; on a CUDA GPU
-            (sm80+), fp16/bf16 dense or causal (``Nq == Nk``) attention without mask, bias,
-            modifiers, dropout, ``return_lse``, ``kernel_options``, ``block_size`` or grouped
-            heads goes to PyTorch's SDPA (cuDNN, else flash, else efficient), which is faster
-            there; on CPU with gradients, ``return_lse`` or dropout the exact memory-bounded path,
+            (sm80+), fp16/bf16 dense or causal (``Nq == Nk``) attention, also with grouped
+            heads, without mask, bias, modifiers, dropout, ``return_lse``, ``kernel_options`` or
+            ``block_size`` goes to PyTorch's SDPA (cuDNN, else flash, else efficient), which is
+            faster there; on CPU with gradients, ``return_lse`` or dropout the exact memory-bounded path,
             which it announces once),
             ``"flex"`` (compiled FlexAttention; raises where it cannot run) or ``"reference"``
             (the eager oracle of :mod:`flexflash.reference`).
@@ -182,9 +186,10 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     """:func:`attention` on plain tensors. ``dropout_offsets = (b0, h0, q0, heads)``: this call is a
     shard of a larger one (flexflash.parallel); its dropout draws the larger call's ``keep`` for
     batch, query-head and query-row offsets ``b0, h0, q0`` and ``heads`` query heads in all."""
-    p, captured, dropout_p = _validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
-                                       score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
-                                       kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+    p, infos, dropout_p = _validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
+                                    score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
+                                    kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+    captured = [*infos[0].tensors, *infos[1].tensors]
     path = _path(p, captured, backend=backend, causal=causal, mask_mod=mask_mod, score_mod=score_mod,
                  dropout_p=dropout_p, kernel_options=kernel_options, return_lse=return_lse, block_size=block_size)
     common = dict(causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod, score_mod=score_mod)
@@ -210,7 +215,8 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         return (out, lse) if return_lse else out
 
     out, lse = run_flex(p.q, p.k, p.v, scale=p.scale, block=block_sizes(block_size),
-                        kernel_options=kernel_options, return_lse=return_lse, **common, **drop)
+                        kernel_options=kernel_options, return_lse=return_lse, mask_info=infos[0], score_info=infos[1],
+                        **common, **drop)
     return (out, lse) if return_lse else out
 
 
@@ -227,9 +233,9 @@ def route(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str:
     if unknown:
         raise TypeError(f"route: unknown keyword(s) {unknown}; expected those of flexflash.attention")
     options.update(kwargs)
-    p, captured, dropout_p = _validate(q, k, v, **options)
+    p, infos, dropout_p = _validate(q, k, v, **options)
     del options["mask"], options["bias"], options["scale"], options["dropout_p"]
-    return _path(p, captured, dropout_p=dropout_p, **options)
+    return _path(p, [*infos[0].tensors, *infos[1].tensors], dropout_p=dropout_p, **options)
 
 
 def generator(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
@@ -242,10 +248,11 @@ def generator(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
     options = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None, scale=None, dropout_p=0.0,
                    block_size=None, kernel_options=None, return_lse=False, backend="auto")
     options.update(kwargs)
-    p, _, dropout_p = _validate(q, k, v, **options)
+    p, infos, dropout_p = _validate(q, k, v, **options)
     st = structure(p.q, p.k, causal=options["causal"], mask=p.mask, bias=p.bias, mask_mod=options["mask_mod"],
                    score_mod=options["score_mod"])
-    chosen, _ = measured_options(st, p.q, p.k, p.v, bias=p.bias, score_mod=options["score_mod"],
+    chosen, _ = measured_options(st, p.q, p.k, p.v, bias=p.bias, mask_mod=options["mask_mod"],
+                                 score_mod=options["score_mod"], infos=infos,
                                  block=block_sizes(options["block_size"]), kernel_options=options["kernel_options"],
                                  dropout=dropout_p > 0, return_lse=options["return_lse"])
     return "flash" if (chosen or {}).get("BACKEND") == "FLASH" else "triton"
@@ -259,7 +266,7 @@ def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropou
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
-    captured = _check_modifier("mask_mod", mask_mod, p.q.device) + _check_modifier("score_mod", score_mod, p.q.device)
+    infos = _check_modifier("mask_mod", mask_mod, p.q.device), _check_modifier("score_mod", score_mod, p.q.device)
     if kernel_options is not None:
         if not isinstance(kernel_options, dict) or not all(isinstance(key, str) for key in kernel_options):
             raise TypeError(f"kernel_options: expected a dict with str keys, got {kernel_options!r}")
@@ -269,7 +276,7 @@ def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropou
                          if key not in known and key.removeprefix("fwd_").removeprefix("bwd_") not in known) if known else []
         if unknown:
             raise ValueError(f"kernel_options: unknown option(s) {unknown}; expected keys among {sorted(known)}")
-    return p, captured, float(dropout_p)
+    return p, infos, float(dropout_p)
 
 
 def _needs_grad(p, captured) -> bool:

@@ -190,7 +190,7 @@ def test_block_mask_of_tensor_mask_and_causal_is_safe():
     """Flags built from the mask tensor's reduction and-ed with the causal flags: every block with an
     allowed entry is visited and exactly the fully allowed blocks skip the mask function, also at
     incomplete edge blocks and for broadcast masks."""
-    from flexflash._compile import _block_tensors, _mask_flags
+    from flexflash._compile import NO_MODIFIER, _block_tensors, _mask_flags
     from flexflash._compose import Structure, compose_mask
     gen = torch.Generator().manual_seed(3)
     Nq, Nk, block = 70, 100, (16, 32)
@@ -199,7 +199,7 @@ def test_block_mask_of_tensor_mask_and_causal_is_safe():
         mask[..., :1, :] = True  # some blocks fully allowed
         st = Structure(causal=True, mask_full=tuple(s > 1 for s in shape), bias_full=None, has_mask_mod=False,
                        has_score_mod=False)
-        t = _block_tensors(st, Nk - Nq, mask, None, True, None, 2, 3, Nq, Nk, block, torch.device("cpu"))
+        t = _block_tensors(st, Nk - Nq, mask, None, NO_MODIFIER, 2, 3, Nq, Nk, block, torch.device("cpu"))
         some, every = _mask_flags(compose_mask(st, Nk - Nq, mask, None), 2, 3, Nq, Nk, block, torch.device("cpu"))
         nqb, nkb = some.shape[-2:]
         partial = _dense(t[0], t[1], nkb)[..., :nqb, :]

@@ -278,15 +278,20 @@ def test_auto_routes_plain_dense_and_causal_to_sdpa():
                dict(dropout_p=0.1), dict(return_lse=True), dict(kernel_options={"num_warps": 4}), dict(block_size=64),
                dict(backend="flex"), dict(score_mod=flexflash.mods.tanh_softcap(5.0))):
         assert route(q, q, q, causal=True, **kw) == "flex", kw
-    assert route(q, kv4, kv4, causal=True) == "flex"  # grouped heads
+    assert route(q, kv4, kv4, causal=True) == "sdpa" and route(q, kv4, kv4) == "sdpa"  # grouped heads
+    assert route(q, kv4[:, 0], kv4[:, 0], causal=True) == "sdpa"  # 3-D k/v: one shared head
+    assert route(q, kv4, kv4, causal=True, backend="flex") == "flex"
     assert route(q.float(), q.float(), q.float(), causal=True) == "flex"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal,Nq,Nk", [(True, 300, 300), (False, 97, 1025), (True, 1, 1)])
-def test_sdpa_route_matches_reference(dtype, causal, Nq, Nk):
-    gen = torch.Generator().manual_seed(seed_of("sdpa", causal, Nq))
-    q, k, v = _inputs(2, 4, 4, Nq, Nk, 128, dtype, gen)
+@pytest.mark.parametrize("causal,Nq,Nk,Hkv", [(True, 300, 300, 4), (False, 97, 1025, 4), (True, 1, 1, 4),
+                                             (True, 300, 300, 2), (False, 97, 1025, 1)])
+def test_sdpa_route_matches_reference(dtype, causal, Nq, Nk, Hkv):
+    """The SDPA route computes the reference's attention, grouped heads included (query head h
+    uses key/value head h // (Hq // Hkv))."""
+    gen = torch.Generator().manual_seed(seed_of("sdpa", causal, Nq, Hkv))
+    q, k, v = _inputs(2, 4, Hkv, Nq, Nk, 128, dtype, gen)
     assert flexflash.functional.route(q, k, v, causal=causal) == "sdpa"
     check_against_reference(q, k, v, causal=causal)
     check_against_reference(q, k, v, causal=causal, scale=0.3)
@@ -336,17 +341,24 @@ def _flash_or_skip():
         pytest.skip("flash-attn-4 is not installed (pip install flexflash[fa4])")
 
 
-@pytest.mark.parametrize("case", ["dense", "causal", "key_padding", "sliding_window", "document"])
+@pytest.mark.parametrize("case", ["dense", "causal", "key_padding", "sliding_window", "document", "softcap",
+                                  "prefix_lm", "gqa", "alibi"])
 def test_flash_generator_matches_reference(case):
     """Asked for explicitly (kernel_options={"BACKEND": "FLASH"}), the FlashAttention-4 kernels
     agree with the reference, forward and backward, through flexflash's dynamic-shape kernels."""
     _flash_or_skip()
     gen = torch.Generator().manual_seed(seed_of("flash", case))
     B, H, N, D = 2, 4, 512, 128
-    q, k, v = _inputs(B, H, H, N, N, D, torch.bfloat16, gen)
+    q, k, v = _inputs(B, H, 1 if case == "gqa" else H, N, N, D, torch.bfloat16, gen)
     kw = {}
-    if case == "causal":
+    if case in ("causal", "gqa"):
         kw = dict(causal=True)
+    elif case == "softcap":
+        kw = dict(score_mod=mods.tanh_softcap(5.0))
+    elif case == "prefix_lm":
+        kw = dict(mask_mod=mods.prefix_lm(torch.tensor([N // 3, 2 * N // 3]).cuda()))
+    elif case == "alibi":
+        kw = dict(score_mod=mods.alibi(H), causal=True)
     elif case == "key_padding":
         kw = dict(mask=(torch.arange(N)[None] < torch.tensor([[N], [N // 3]])).cuda())
     elif case == "sliding_window":
@@ -357,21 +369,29 @@ def test_flash_generator_matches_reference(case):
     check_against_reference(q, k, v, backend="flex", kernel_options={"BACKEND": "FLASH"}, **kw)
 
 
-def test_auto_takes_flash_where_the_table_says_so():
-    """Key padding with gradients at B=4 H=16 N=4096 D=128 (bf16): FLASH by the measured table
-    (flexflash._tuning); the result agrees with the Triton kernel's."""
+@pytest.mark.parametrize("case", ["key_padding", "softcap"])
+def test_auto_takes_flash_where_the_table_says_so(case):
+    """Key padding and soft-capping with gradients at B=4 H=16 N=4096 D=128 (bf16): FLASH by the
+    measured table (flexflash._tuning); the result agrees with the Triton kernel's."""
     _flash_or_skip()
-    from flexflash import _compile, _tuning
+    from flexflash import _tuning
     if _tuning.capability(torch.device("cuda")) != (9, 0):
         pytest.skip("the table is measured on sm90")
-    gen = torch.Generator().manual_seed(seed_of("flash-auto"))
+    gen = torch.Generator().manual_seed(seed_of("flash-auto", case))
     q, k, v = _inputs(4, 16, 16, 4096, 4096, 128, torch.bfloat16, gen)
-    mask = (torch.arange(4096)[None] < torch.tensor([[4096], [3072], [2048], [1024]])).cuda()
-    out = flexflash.attention(q, k, v, mask=mask)
-    kinds = [kind for kind in _compile._KERNELS if kind[0].structure.mask_full == (True, False, False, True)
-             and kind[1] == (16, 16, 128, 128) and kind[4]]
-    assert any(dict(kind[0].kernel_options).get("BACKEND") == "FLASH" for kind in kinds), kinds
-    ref = flexflash.attention(q, k, v, mask=mask, kernel_options={"BACKEND": "TRITON"})
+    if case == "key_padding":
+        kw = dict(mask=(torch.arange(4096)[None] < torch.tensor([[4096], [3072], [2048], [1024]])).cuda())
+    else:
+        kw = dict(score_mod=mods.tanh_softcap(30.0))
+    assert flexflash.functional.generator(q, k, v, **kw) == "flash"
+    with torch.no_grad():  # the forward-only choice differs (soft-capping: FLASH too; key padding: Triton)
+        assert flexflash.functional.generator(q, k, v, **kw) == ("flash" if case == "softcap" else "triton")
+    from flexflash import _compile
+    _compile.reset()
+    out = flexflash.attention(q, k, v, **kw)
+    ran = [dict(kind[0].kernel_options).get("BACKEND") for kind in _compile._KERNELS]
+    assert ran == ["FLASH"], ran  # the call itself ran on FLASH
+    ref = flexflash.attention(q, k, v, kernel_options={"BACKEND": "TRITON"}, **kw)
     # Two bf16 kernels of the same attention (outputs of magnitude below 1): they differ by
     # rounding, 2-3e-3 relative as measured between the two generators; a wrong mask would differ by O(1).
     assert (out.float() - ref.float()).abs().max().item() < 2e-2

@@ -3,10 +3,13 @@ chooses FlashAttention-4 where it cannot run or was not measured faster."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
-from flexflash import _tuning
+from flexflash import _tuning, mods
+from flexflash._compose import Structure
 
 CUDA = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -66,3 +69,67 @@ def test_masked_forward_tiles_only_where_measured(monkeypatch):
     assert _tuning.masked_options(torch.device("cpu"), BF16, 128, (128, 128)) is None
     monkeypatch.setattr(_tuning, "capability", lambda device: (8, 0))
     assert _tuning.masked_options(CUDA, BF16, 128, (128, 128)) is None
+
+
+def test_new_cases_of_the_table(sm90_with_flash):
+    at_4096 = work(4, 16, 4096, 128)  # 5.5e11, where these were measured
+    for case in ("causal", "gqa_causal", "softcap", "alibi_causal", "prefix_lm"):
+        assert _tuning.flash_choice(case, True, CUDA, BF16, 128, 128, at_4096), case
+        assert not _tuning.flash_choice(case, True, CUDA, BF16, 128, 128, work(4, 16, 2048, 128)), case
+        assert not _tuning.flash_choice(case, True, CUDA, BF16, 64, 64, 1e15), case  # D=64: not measured
+    # forward only: FLASH won for causal and soft-capping, lost for the rest
+    assert _tuning.flash_choice("causal", False, CUDA, BF16, 128, 128, at_4096)
+    assert _tuning.flash_choice("softcap", False, CUDA, BF16, 128, 128, at_4096)
+    for case in ("gqa_causal", "alibi_causal", "prefix_lm"):
+        assert not _tuning.flash_choice(case, False, CUDA, BF16, 128, 128, 1e15), case
+
+
+def _fake_cuda(*shape, requires_grad=False):
+    """What flash_case reads of a tensor (device type, shape), for a CUDA call on a CPU machine."""
+    return types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), shape=shape, requires_grad=requires_grad)
+
+
+def _case(q, k, *, causal=False, mask=None, mask_mod=None, score_mod=None, dropout=False, return_lse=False, Nk=None):
+    from flexflash._compile import flash_case, inspect_modifier
+    st = Structure(causal=causal, mask_full=None if mask is None else tuple(s > 1 for s in mask),
+                   bias_full=None, has_mask_mod=mask_mod is not None, has_score_mod=score_mod is not None,
+                   causal_aligned=causal and (Nk is None or Nk == q.shape[2]))
+    return flash_case(st, q, k, mask_mod=mask_mod, score_mod=score_mod,
+                      infos=(inspect_modifier(mask_mod), inspect_modifier(score_mod)), dropout=dropout,
+                      return_lse=return_lse)
+
+
+def test_flash_cases_are_made_of_flexflash_parts_only():
+    """The generator table's cases are recognised by structure and by flexflash.mods' own code;
+    everything else (the caller's functions, biases, other masks, offsets read from 0-d tensors,
+    dropout, return_lse) is no case, so it stays on Triton."""
+    q, k, kv4 = _fake_cuda(2, 16, 256, 128), _fake_cuda(2, 16, 256, 128), _fake_cuda(2, 4, 256, 128)
+    assert _case(q, k) == "dense"
+    assert _case(q, k, causal=True) == "causal"
+    assert _case(q, kv4, causal=True) == "gqa_causal"
+    assert _case(q, kv4) is None  # grouped heads without causal: not measured
+    assert _case(q, k, mask=(2, 1, 1, 256)) == "key_padding"
+    assert _case(q, k, mask=(1, 1, 256, 256)) is None
+    assert _case(q, k, score_mod=mods.tanh_softcap(30.0)) == "softcap"
+    assert _case(q, k, causal=True, score_mod=mods.alibi(16)) == "alibi_causal"
+    assert _case(q, k, score_mod=mods.alibi(16)) is None  # measured with causal only
+    assert _case(q, k, mask_mod=mods.prefix_lm(torch.tensor([3, 100]))) == "prefix_lm"
+    assert _case(q, k, mask_mod=mods.prefix_lm(64)) == "prefix_lm"
+    # a 0-d offset tensor (FLASH cannot read it), causal with Nq != Nk, the caller's own functions
+    assert _case(q, k, mask_mod=mods.prefix_lm(64, offset=torch.tensor(0))) is None
+    assert _case(q, k, causal=True, Nk=512) is None
+    assert _case(q, k, score_mod=lambda s, b, h, i, j: 30.0 * torch.tanh(s / 30.0)) is None
+    assert _case(q, k, mask_mod=mods.sliding_window(128)) is None  # slower on FLASH
+    assert _case(q, k, mask_mod=mods.document(torch.zeros(256, dtype=torch.long))) is None
+    assert _case(q, k, score_mod=mods.tanh_softcap(30.0), causal=True) is None  # a composition not measured
+    assert _case(q, k, dropout=True) is None and _case(q, k, return_lse=True) is None
+
+
+def test_family_names_flexflash_modifiers_only():
+    assert mods.family(mods.tanh_softcap(2.0)) == "tanh_softcap"
+    assert mods.family(mods.alibi(8, offset=3)) == "alibi"
+    assert mods.family(mods.prefix_lm(torch.tensor([1, 2]))) == "prefix_lm"
+    assert mods.family(mods.causal(2)) == "causal"
+    assert mods.family(lambda b, h, i, j: i >= j) is None
+    assert mods.family(mods.and_masks(mods.causal(), mods.causal())) is None
+    assert mods.family("not a function") is None
