@@ -129,6 +129,18 @@ def masked_options(device: torch.device, dtype: torch.dtype, head_dim: int, bloc
 #   ALiBi + causal              4096   128  fwd+bwd    3.330    2.816    6.613
 #   prefix-LM (B,) lengths      4096   128  fwd        1.350    1.472    1.824
 #   prefix-LM                   4096   128  fwd+bwd    3.446    3.239    6.543
+#   causal                      4096    64  fwd        1.353    1.276    0.750
+#   causal                      4096    64  fwd+bwd    4.076    3.286    2.598
+#   tanh soft-cap               4096    64  fwd        5.038    3.664    (SDPA cannot)
+#   tanh soft-cap               4096    64  fwd+bwd   16.642    9.008    (SDPA cannot)
+#   ALiBi + causal              4096    64  fwd        1.719    1.621    2.335
+#   ALiBi + causal              4096    64  fwd+bwd    4.812    3.419    7.766
+#   prefix-LM                   4096    64  fwd        1.527    1.615    2.370
+#   prefix-LM                   4096    64  fwd+bwd    4.318    3.524    7.837
+#   causal                      16384  128  fwd        2.599    2.540    1.893
+#   causal                      16384  128  fwd+bwd    7.269    7.311    7.343
+#   causal, GQA                 16384  128  fwd        2.725    2.688    2.015
+#   causal, GQA                 16384  128  fwd+bwd    7.440    7.395    7.319
 #
 # FLASH's kernels are faster (GPU time: dense 0.77 vs 1.19 ms forward), but each call costs about
 # 0.3-0.5 ms more host time than a Triton call (its launcher converts every tensor argument), so
@@ -143,7 +155,7 @@ def masked_options(device: torch.device, dtype: torch.dtype, head_dim: int, bloc
 # above), sliding windows and documents (slower, above), dropout (FLASH has no gradient through
 # the log-sum-exp), causal with Nq != Nk (its offset is a 0-d tensor, which FLASH cannot read),
 # deterministic mode (FLASH's backward with a block mask is not deterministic on Hopper), GPUs
-# other than sm90, and every case at D=64 not in the table (not measured).
+# other than sm90, and every case and head dim not in the table (not measured).
 
 # (case, needs grad, head dim) -> the least work (flops of 4*B*Hq*Nq*Nk*D) at which FLASH is taken.
 _FLASH_MIN_WORK = {
@@ -155,11 +167,28 @@ _FLASH_MIN_WORK = {
     ("key_padding", False, 128): 2.0e12,  # N=16384: 4.102 vs 5.796; N=4096 loses (1.452 vs 1.215)
     ("causal", True, 128): 5.0e11,        # N=4096 B=4 H=16 (5.5e11): 2.714 vs Triton 3.121
     ("causal", False, 128): 5.0e11,       # 0.954 vs 1.047
+    ("causal", True, 64): 5.0e11,         # N=4096 B=4 H=32 (5.5e11): 3.286 vs 4.076
+    ("causal", False, 64): 5.0e11,        # 1.276 vs 1.353
     ("gqa_causal", True, 128): 5.0e11,    # 2.864 vs 3.481; the forward loses (1.230 vs 0.998)
     ("softcap", True, 128): 5.0e11,       # 8.555 vs 10.581
     ("softcap", False, 128): 5.0e11,      # 2.101 vs 3.058
+    ("softcap", True, 64): 5.0e11,        # 9.008 vs 16.642
+    ("softcap", False, 64): 5.0e11,       # 3.664 vs 5.038
     ("alibi_causal", True, 128): 5.0e11,  # 2.816 vs 3.330; the forward loses (1.205 vs 1.135)
+    ("alibi_causal", True, 64): 5.0e11,   # 3.419 vs 4.812
+    ("alibi_causal", False, 64): 5.0e11,  # 1.621 vs 1.719
     ("prefix_lm", True, 128): 5.0e11,     # 3.239 vs 3.446; the forward loses (1.472 vs 1.350)
+    ("prefix_lm", True, 64): 5.0e11,      # 3.524 vs 4.318; the forward loses (1.615 vs 1.527)
+}
+
+# Cases whose FLASH kernels stop winning at larger work: (case, head dim) -> the work from which
+# Triton is taken again. Causal at N=16384 B=1 H=16 D=128 (2.2e12): FLASH 7.311 vs Triton 7.269 ms
+# forward+backward, 2.540 vs 2.599 forward, the same GPU time (1.01x); grouped heads alike (7.395
+# vs 7.440, 2.688 vs 2.725): a tie, so Triton. D=64 was not measured there.
+_FLASH_MAX_WORK = {
+    ("causal", 128): 2.0e12,
+    ("gqa_causal", 128): 2.0e12,
+    ("causal", 64): 2.0e12,
 }
 
 _FLASH_AVAILABLE: list[bool] = []
@@ -191,7 +220,7 @@ def flash_choice(case: str | None, grad: bool, device: torch.device, dtype: torc
     if case is None or device.type != "cuda" or dtype != torch.bfloat16 or head_dim != v_head_dim:
         return False
     least = _FLASH_MIN_WORK.get((case, grad, head_dim))
-    if least is None or work < least:
+    if least is None or work < least or work >= _FLASH_MAX_WORK.get((case, head_dim), float("inf")):
         return False
     if torch.are_deterministic_algorithms_enabled() or capability(device) != (9, 0):
         return False

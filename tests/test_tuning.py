@@ -76,12 +76,19 @@ def test_new_cases_of_the_table(sm90_with_flash):
     for case in ("causal", "gqa_causal", "softcap", "alibi_causal", "prefix_lm"):
         assert _tuning.flash_choice(case, True, CUDA, BF16, 128, 128, at_4096), case
         assert not _tuning.flash_choice(case, True, CUDA, BF16, 128, 128, work(4, 16, 2048, 128)), case
-        assert not _tuning.flash_choice(case, True, CUDA, BF16, 64, 64, 1e15), case  # D=64: not measured
-    # forward only: FLASH won for causal and soft-capping, lost for the rest
+        # D=64 (B=4 H=32 at N=4096: the same work); grouped heads were not measured there
+        assert _tuning.flash_choice(case, True, CUDA, BF16, 64, 64, at_4096) == (case != "gqa_causal"), case
+    # forward only: FLASH won for causal and soft-capping (and ALiBi at D=64), lost for the rest
     assert _tuning.flash_choice("causal", False, CUDA, BF16, 128, 128, at_4096)
     assert _tuning.flash_choice("softcap", False, CUDA, BF16, 128, 128, at_4096)
+    assert _tuning.flash_choice("alibi_causal", False, CUDA, BF16, 64, 64, at_4096)
     for case in ("gqa_causal", "alibi_causal", "prefix_lm"):
         assert not _tuning.flash_choice(case, False, CUDA, BF16, 128, 128, 1e15), case
+    assert not _tuning.flash_choice("prefix_lm", False, CUDA, BF16, 64, 64, 1e15)
+    # causal ties Triton at N=16384 B=1 (2.2e12): Triton there; soft-capping keeps FLASH
+    for case in ("causal", "gqa_causal"):
+        assert not _tuning.flash_choice(case, True, CUDA, BF16, 128, 128, work(1, 16, 16384, 128)), case
+    assert _tuning.flash_choice("softcap", True, CUDA, BF16, 128, 128, work(1, 16, 16384, 128))
 
 
 def _fake_cuda(*shape, requires_grad=False):
