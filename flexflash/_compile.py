@@ -456,8 +456,8 @@ def _tensor_flags(mask: Tensor, Nq: int, Nk: int, block: tuple[int, int]) -> tup
 
 def _block_mask_tensors(some: Tensor, every: Tensor) -> tuple[Tensor, ...]:
     """FlexAttention's eight BlockMask tensors from block flags."""
-    nqb, nkb = some.shape[-2:]
-    partial, full = some & ~every, every
+    partial, full = torch.broadcast_tensors(some & ~every, every)
+    nqb, nkb = partial.shape[-2:]
     # At least two blocks per dimension: the extra rows are empty and never visited by the kernel,
     # and Dynamo then never specialises the kernel on a 1-block mask.
     pad = (0, max(0, 2 - nkb), 0, max(0, 2 - nqb))
@@ -483,6 +483,16 @@ def _build_blocks(q, k, offset, mask, mask_mod, static: _BuildStatic):
     return _block_mask_tensors(some, every)
 
 
+# The block mask of a kind of mask is built by its compiled builder from this build on; earlier
+# ones eagerly. Compiling a builder takes several seconds (on an H200, the first call of a
+# prefix-LM case took 14.7 s against 4.8 s for soft-capping, which has no block mask), while the
+# eager build of one block mask takes milliseconds at N = 4096 (query chunks of a few kernels
+# each): a mask that is built once (a causal or sliding-window mask for one length, the same
+# document ids in every layer) never pays for the compilation, and one rebuilt on every step
+# (new padding or document ids per batch) compiles at its second build.
+_COMPILED_BUILDS_FROM = 2
+
+
 class _MaskBuilder:
     """A compiled copy of :func:`_build_blocks` with a code object (and a Dynamo cache) of its own,
     for one kind of mask; sizes are dynamic."""
@@ -490,6 +500,7 @@ class _MaskBuilder:
     def __init__(self, static: _BuildStatic, label: str):
         self.static = static
         self.label = label
+        self.builds = 0  # block masks of this kind built so far (see _COMPILED_BUILDS_FROM)
         self._fresh()
 
     def _fresh(self):
@@ -604,11 +615,12 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     mask_mod captures), so that calls with the same mask tensors (the layers of a model, repeated
     steps on one batch) build it once. A tensor written in place has a new version and rebuilds it.
 
-    On CUDA, one compiled builder per kind of mask evaluates the whole mask (causal, the ``mask``
-    tensor, the mask_mod) and reduces it to block flags and FlexAttention's index tensors in a few
-    fused kernels (``q``, ``k`` give it the sizes and the causal offset).
-    Elsewhere (CPU, and inside a caller's torch.compile) the flags come from up to two parts whose
-    flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor (a
+    On CUDA, from the second block mask of a kind of mask on (``_COMPILED_BUILDS_FROM``), one
+    compiled builder per kind evaluates the whole mask (causal, the ``mask`` tensor, the mask_mod)
+    and reduces it to block flags and FlexAttention's index tensors in a few fused kernels (``q``,
+    ``k`` give it the sizes and the causal offset). The first block mask of a kind, and every one
+    elsewhere (CPU, and inside a caller's torch.compile), is built eagerly: the flags come from up
+    to two parts whose flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor (a
     reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
     allowed" is exact."""
@@ -628,8 +640,13 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     if device.type == "cuda" and not torch.compiler.is_compiling():
         mask_st = Structure(causal=st.causal, mask_full=st.mask_full, bias_full=None, has_mask_mod=st.has_mask_mod,
                             has_score_mod=False, causal_aligned=st.causal_aligned)
-        tensors = _mask_builder(mask_st, mask_fp, block, mask)(q, k, offset_tensor, mask, mask_mod)
-        return _cache_put(key, tensors, roots) if cacheable else tensors
+        builder = _mask_builder(mask_st, mask_fp, block, mask)
+        builder.builds += 1
+        if builder.builds >= _COMPILED_BUILDS_FROM:
+            # The compiled builder indexes the mask by its full dimensions only (see run_flex).
+            squeezed = None if mask is None else squeeze_broadcast(mask, st.mask_full)
+            tensors = builder(q, k, offset_tensor, squeezed, mask_mod)
+            return _cache_put(key, tensors, roots) if cacheable else tensors
     some = every = None
     fn_st = Structure(causal=st.causal, mask_full=None, bias_full=None, has_mask_mod=st.has_mask_mod,
                       has_score_mod=False, single_query=st.single_query)
@@ -876,15 +893,15 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         offset = Nk - Nq
     elif causal and not st.causal_aligned:
         offset = _scalar_tensor(Nk - Nq, torch.int32, q.device)
+    blocks = None
+    if st.masked:
+        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, q.shape[-2], Nk, block, q.device,
+                                q=q, k=k, offset_tensor=offset)
     if q.device.type == "cuda" and not tracing:
         # The compiled kernels index masks and biases by their full dimensions only (no constant
         # indices, which FlashAttention-4 cannot generate code for).
         mask = None if mask is None else squeeze_broadcast(mask, st.mask_full)
         bias = None if bias is None else squeeze_broadcast(bias, st.bias_full)
-    blocks = None
-    if st.masked:
-        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, q.shape[-2], Nk, block, q.device,
-                                q=q, k=k, offset_tensor=offset)
     drop = None
     if use_dropout:
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)

@@ -400,6 +400,33 @@ def test_auto_takes_flash_where_the_table_says_so(case):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("case", ["key_padding", "mask_4d", "document"])
+def test_first_block_mask_eager_then_compiled_builder(case):
+    """The first block mask of a kind of mask is built eagerly, later ones (here: equal mask values
+    in new tensors, so the cache misses) by the kind's compiled builder; both give the kernel the
+    same block mask, so the outputs are bitwise equal, and the first matches the reference."""
+    from flexflash import _compile
+    _compile.reset()
+    gen = torch.Generator().manual_seed(seed_of("eager-builder", case))
+    Nq, Nk = 300, 520
+    q, k, v = _inputs(2, 4, 4, Nq, Nk, 64, torch.bfloat16, gen)
+    if case == "key_padding":
+        data = (torch.arange(Nk)[None] < torch.tensor([[Nk], [333]])).cuda()
+        make = lambda t: dict(mask=t)  # noqa: E731
+    elif case == "mask_4d":
+        data = (torch.rand(1, 4, Nq, Nk, generator=gen) < 0.7).cuda()
+        make = lambda t: dict(mask=t)  # noqa: E731
+    else:
+        data = torch.sort(torch.randint(0, 4, (2, Nk), generator=gen), dim=-1).values.cuda()
+        make = lambda t: dict(mask_mod=mods.document(t[:, Nk - Nq:], t), causal=True)  # noqa: E731
+    out = check_against_reference(q, k, v, **make(data))
+    builders = list(_compile._BUILDERS.values())
+    assert len(builders) == 1 and builders[0].builds == 1 and builders[0].compiles == 0
+    second = flexflash.attention(q, k, v, **make(data.clone()))  # equal values, a new tensor
+    assert builders[0].builds == 2 and builders[0].compiles == 1
+    assert torch.equal(out, second)
+
+
 @pytest.mark.parametrize("case", ["key_padding", "mask_4d", "sliding_window", "document"])
 @pytest.mark.parametrize("Nq,Nk", [(97, 1025), (256, 256)])
 def test_masked_calls_with_tuned_tiles(case, Nq, Nk):
