@@ -619,13 +619,13 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     compiled builder per kind evaluates the whole mask (causal, the ``mask`` tensor, the mask_mod)
     and reduces it to block flags and FlexAttention's index tensors in a few fused kernels (``q``,
     ``k`` give it the sizes and the causal offset). The first block mask of a kind, and every one
-    elsewhere (CPU, and inside a caller's torch.compile), is built eagerly: the flags come from up
-    to two parts whose flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor (a
-    reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
+    elsewhere (CPU, and inside a caller's torch.compile), is built eagerly from up to two parts
+    whose flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor
+    (a reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
     allowed" is exact."""
     mask_fp = info.fp
-    pure = mask is None and info.pure
+    pure = mask is None and info.pure  # index-only: cached by shape
     key, roots = (mask_fp, st, offset, B, H, Nq, Nk, block, device), ()
     cacheable = pure
     if not cacheable and not torch.compiler.is_compiling() and info.tensors_only:

@@ -353,23 +353,18 @@ def compose_scores(*score_mods: ScoreMod) -> ScoreMod:
 
 # --- families of this module's modifiers -------------------------------------------------------
 
-def _codes(*fns) -> list:
-    return [fn.__code__ for fn in fns]
-
-
 # Code objects of the functions the factories above return, by family: a function with one of these
 # code objects was made here, so its generated kernel code is known (flexflash._tuning measured it).
 _FAMILIES = {code: name for name, fns in (
     ("tanh_softcap", (tanh_softcap(1.0),)),
     ("alibi", (alibi(1),)),
     ("prefix_lm", (prefix_lm(0), prefix_lm(torch.zeros(1, dtype=torch.int64)))),
-    ("causal", (causal(),)),
-    ("sliding_window", (sliding_window(1),)),
-) for code in _codes(*fns)}
+) for code in (fn.__code__ for fn in fns)}
 
 
 def family(fn: object) -> str | None:
-    """The factory of this module that made ``fn`` ("tanh_softcap", "alibi", "prefix_lm", "causal",
-    "sliding_window"), recognised by its code object; None for any other function."""
+    """The factory of this module that made ``fn``, for the modifiers flexflash's kernel choice
+    knows ("tanh_softcap", "alibi", "prefix_lm"; see flexflash._compile.flash_case), recognised by
+    its code object; None for any other function."""
     return _FAMILIES.get(getattr(fn, "__code__", None))
 
