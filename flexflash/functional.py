@@ -189,7 +189,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     p, infos, dropout_p = _validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
                                     score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
                                     kernel_options=kernel_options, return_lse=return_lse, backend=backend)
-    captured = [*infos[0].tensors, *infos[1].tensors]
+    captured = _captured(infos)
     path = _path(p, captured, backend=backend, causal=causal, mask_mod=mask_mod, score_mod=score_mod,
                  dropout_p=dropout_p, kernel_options=kernel_options, return_lse=return_lse, block_size=block_size)
     common = dict(causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod, score_mod=score_mod)
@@ -220,6 +220,26 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     return (out, lse) if return_lse else out
 
 
+# attention()'s keywords and their defaults, for route() and generator().
+_KEYWORDS = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None, scale=None, dropout_p=0.0,
+                 block_size=None, kernel_options=None, return_lse=False, backend="auto")
+
+
+def _planned(name: str, q: Tensor, k: Tensor, v: Tensor, kwargs: dict):
+    """Validates a call described by ``kwargs`` (attention()'s keywords) as the call would and
+    returns ``(options, p, infos, dropout_p, path)``."""
+    unknown = sorted(set(kwargs) - set(_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{name}: unknown keyword(s) {unknown}; expected those of flexflash.attention")
+    options = {**_KEYWORDS, **kwargs}
+    p, infos, dropout_p = _validate(q, k, v, **options)
+    path = _path(p, _captured(infos), backend=options["backend"], causal=options["causal"],
+                 mask_mod=options["mask_mod"], score_mod=options["score_mod"], dropout_p=dropout_p,
+                 kernel_options=options["kernel_options"], return_lse=options["return_lse"],
+                 block_size=options["block_size"])
+    return options, p, infos, dropout_p, path
+
+
 def route(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str:
     """The path :func:`attention` takes for these arguments (the same keywords), without running it:
     ``"flex"`` (compiled FlexAttention), ``"sdpa"`` (PyTorch's SDPA, ``backend="auto"`` only),
@@ -227,15 +247,7 @@ def route(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str:
     ``"reference"`` (``backend="reference"``, and empty problems). Whether gradients are needed is
     read from the inputs and the current grad mode, as a call would. Raises what the call would
     raise for invalid arguments."""
-    options = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None, scale=None, dropout_p=0.0,
-                   block_size=None, kernel_options=None, return_lse=False, backend="auto")
-    unknown = sorted(set(kwargs) - set(options))
-    if unknown:
-        raise TypeError(f"route: unknown keyword(s) {unknown}; expected those of flexflash.attention")
-    options.update(kwargs)
-    p, infos, dropout_p = _validate(q, k, v, **options)
-    del options["mask"], options["bias"], options["scale"], options["dropout_p"]
-    return _path(p, [*infos[0].tensors, *infos[1].tensors], dropout_p=dropout_p, **options)
+    return _planned("route", q, k, v, kwargs)[-1]
 
 
 def generator(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
@@ -243,12 +255,9 @@ def generator(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
     without running it: ``"flash"`` (FlashAttention-4 kernels, FlexAttention's FLASH backend),
     ``"triton"`` (FlexAttention's Triton templates, or its CPU template on CPU), or None where the
     call does not take the FlexAttention path (see :func:`route`)."""
-    if route(q, k, v, **kwargs) != "flex":
+    options, p, infos, dropout_p, path = _planned("generator", q, k, v, kwargs)
+    if path != "flex":
         return None
-    options = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None, scale=None, dropout_p=0.0,
-                   block_size=None, kernel_options=None, return_lse=False, backend="auto")
-    options.update(kwargs)
-    p, infos, dropout_p = _validate(q, k, v, **options)
     st = structure(p.q, p.k, causal=options["causal"], mask=p.mask, bias=p.bias, mask_mod=options["mask_mod"],
                    score_mod=options["score_mod"])
     chosen, _ = measured_options(st, p.q, p.k, p.v, bias=p.bias, mask_mod=options["mask_mod"],
@@ -256,6 +265,11 @@ def generator(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
                                  block=block_sizes(options["block_size"]), kernel_options=options["kernel_options"],
                                  dropout=dropout_p > 0, return_lse=options["return_lse"])
     return "flash" if (chosen or {}).get("BACKEND") == "FLASH" else "triton"
+
+
+def _captured(infos: tuple[Modifier, Modifier]) -> list[Tensor]:
+    """The tensors the call's modifiers read."""
+    return [*infos[0].tensors, *infos[1].tensors]
 
 
 def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropout_p, block_size, kernel_options,
