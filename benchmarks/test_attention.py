@@ -16,7 +16,8 @@ and the reference where their ``(B, H, N, N)`` intermediates would not fit (``MA
 Compilation and warm-up run before the timed rounds; each round ends with a CUDA synchronisation;
 pytest-benchmark reports medians. ``extra_info``: TFLOP/s (4*B*H*Nq*Nk*D times the fraction of
 allowed entries; forward+backward counts 3.5x), the fraction, the path flexflash took, the first
-call's time (compilation), the GPU, torch version and the case parameters.
+call's time (compilation), the GPU, torch version, flexflash's compile mode (set it for a run with
+``FLEXFLASH_COMPILE_MODE=max-autotune``) and the case parameters.
 
 The full matrix is large; narrow it with ``-k`` or these environment variables (comma lists):
 ``FLEXFLASH_BENCH_N`` (default 512,1024,2048,4096,8192,16384), ``FLEXFLASH_BENCH_D`` (64,128),
@@ -292,4 +293,5 @@ def test_attention(benchmark, name, N, D, dtype, direction, impl):
     benchmark.extra_info.update(
         case=name, N=N, D=D, dtype=dtype, direction=direction, impl=impl, path=path, B=B, H=H,
         Nq=Nq, Nk=c.k.shape[-2], density=c.density, tflops=flops / median / 1e12 if median > 0 else math.nan,
-        first_call_s=first, gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+        first_call_s=first, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+        compile_mode=flexflash.get_compile_mode())

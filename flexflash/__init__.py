@@ -6,11 +6,11 @@ reference (:mod:`flexflash.reference`) defines the semantics and checks every pa
 """
 
 from . import mods, reference
-from ._compile import compile_stats
+from ._compile import compile_stats, get_compile_mode, set_compile_mode
 from .functional import attention
 from .modules import ChunkedAttention, FlashAttention, FlashAttentionTwo, FlashMHA
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "mods", "reference", "compile_stats", "FlashAttention", "FlashMHA", "FlashAttentionTwo",
+__all__ = ["attention", "mods", "reference", "compile_stats", "set_compile_mode", "get_compile_mode", "FlashAttention", "FlashMHA", "FlashAttentionTwo",
            "ChunkedAttention", "__version__"]

@@ -26,6 +26,8 @@ Why it looks like this:
   indices are cached by shape, masks that read tensors by those tensors' identity and version.
 * Kernel options without the caller's own come from ``flexflash._tuning``: the generator
   (FlexAttention's Triton templates or FlashAttention-4) and tuned tiles, from measurements.
+* The compile mode (:func:`set_compile_mode`) is part of every kind: switching it compiles anew
+  and keeps the kernels of the other mode.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import types
 import warnings
 import weakref
@@ -54,9 +57,54 @@ try:  # torch >= 2.9; the return_lse flag is deprecated there
 except ImportError:  # pragma: no cover - older torch
     AuxRequest = None
 
-__all__ = ["run_flex", "Modifier", "inspect_modifier", "captured_tensors", "compile_stats", "reset"]
+__all__ = ["run_flex", "Modifier", "inspect_modifier", "captured_tensors", "compile_stats", "reset",
+           "set_compile_mode", "get_compile_mode"]
 
 log = logging.getLogger("flexflash")
+
+# --- the compile mode (a user setting) ---------------------------------------------------------
+
+# Inductor settings per mode. "max-autotune" is torch's "max-autotune-no-cudagraphs": CUDA graphs
+# replay into static output buffers, so a kernel called twice in one step (every layer of a model)
+# would overwrite the output of its earlier call.
+_COMPILE_MODES = {
+    "default": {},
+    "max-autotune": torch._inductor.list_mode_options("max-autotune-no-cudagraphs"),
+}
+_COMPILE_MODE_ENV = "FLEXFLASH_COMPILE_MODE"
+
+
+def _checked_mode(mode: Any, name: str) -> str:
+    if not isinstance(mode, str) or mode not in _COMPILE_MODES:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, _COMPILE_MODES))}, got {mode!r}")
+    return mode
+
+
+_MODE = [_checked_mode(os.environ.get(_COMPILE_MODE_ENV, "default"), _COMPILE_MODE_ENV)]
+
+
+def set_compile_mode(mode: str) -> str:
+    """Sets how flexflash compiles its kernels from now on, process-wide; returns the previous mode.
+
+    * ``"default"``: FlexAttention's default kernel configurations, with the tiles and generator
+      flexflash chose from measurements (``flexflash._tuning``).
+    * ``"max-autotune"``: Inductor benchmarks several kernel configurations the first time each
+      kind of call compiles and keeps the fastest (torch's ``"max-autotune-no-cudagraphs"``). First
+      calls take much longer (tens of seconds to minutes per kind). flexflash then passes none of
+      its tuned tiles, so the autotuner chooses them; the generator choice and the caller's own
+      ``kernel_options`` stand.
+
+    The initial mode comes from the ``FLEXFLASH_COMPILE_MODE`` environment variable (default
+    ``"default"``). Kernels already compiled in another mode are kept for when it comes back.
+    Inside a caller's ``torch.compile`` the caller's mode applies: flexflash's kernel is traced
+    into the caller's graph."""
+    previous, _MODE[0] = _MODE[0], _checked_mode(mode, "mode")
+    return previous
+
+
+def get_compile_mode() -> str:
+    """The mode set by :func:`set_compile_mode` (or ``FLEXFLASH_COMPILE_MODE``)."""
+    return _MODE[0]
 
 _MASK_CHUNK_ELEMENTS = 1 << 24  # mask entries evaluated at once when building a block mask
 _BLOCK_MASK_CACHE_SIZE = 64
@@ -257,10 +305,11 @@ def _own_code(fn, name: str):
 class _Kernel:
     """A compiled copy of :func:`_flex_kernel` with a code object (and a Dynamo cache) of its own."""
 
-    def __init__(self, static: _Static, label: str, static_buffers: bool = False):
+    def __init__(self, static: _Static, label: str, static_buffers: bool = False, mode: str = "default"):
         self.static = static
         self.label = label
         self.static_buffers = static_buffers
+        self.mode = mode
         self.compiles = 0
         self.generation = 0
         self._fn = self._compile()
@@ -268,11 +317,15 @@ class _Kernel:
     def _compile(self):
         fn = _own_code(_flex_kernel, f"flexflash_{self.label}_{next(_SERIAL)}")
         inductor = torch._dynamo.lookup_backend("inductor")
+        patches = _COMPILE_MODES[self.mode]
 
         def counting_backend(gm, example_inputs):
             self.compiles += 1
             _STATS["compiles"] += 1
-            log.debug("flexflash: compiling %s (graph %d)", fn.__name__, self.compiles)
+            log.debug("flexflash: compiling %s (graph %d, mode %s)", fn.__name__, self.compiles, self.mode)
+            if patches:  # compile_fx applies them to the forward and the (later) backward compilation
+                from torch._inductor.compile_fx import compile_fx
+                return compile_fx(gm, example_inputs, config_patches=patches)
             return inductor(gm, example_inputs)
 
         # dynamic=None: sizes marked dynamic in __call__ are symbolic from the first compilation;
@@ -799,7 +852,8 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     """The kernel options of a call and those of its dropout passes: the caller's own, whole, or
     else those chosen from measurements (flexflash._tuning: the generator, tuned tiles)."""
     pass_options = ((), ())
-    if dropout and kernel_options is None:
+    tiles = _MODE[0] == "default"  # under max-autotune the autotuner chooses the tiles
+    if dropout and kernel_options is None and tiles:
         pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)
     if (kernel_options is None and q.device.type == "cuda" and q.element_size() < 4 and any(
             t.is_floating_point() and t.element_size() > q.element_size()
@@ -818,7 +872,8 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
         if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, D, v.shape[-1],
                                 _tuning.work(B, Hq, Nq, k.shape[-2], D)):
             return {"BACKEND": "FLASH"}, pass_options
-    if kernel_options is None and not dropout and not st.scored and (st.mask_full is not None or st.has_mask_mod):
+    if (kernel_options is None and tiles and not dropout and not st.scored
+            and (st.mask_full is not None or st.has_mask_mod)):
         kernel_options = _tuning.masked_options(q.device, q.dtype, q.shape[-1], block)
     return kernel_options, pass_options
 
@@ -866,7 +921,8 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
         t is not None and t.requires_grad for t in (q, k, v, bias))
     # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
     heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
-    kind = (static, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp)
+    mode = _MODE[0]
+    kind = (static, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp, mode)
     static_buffers = (q.device.type == "cuda" and not tracing and _STATIC_SEQUENCE_BUFFERS
                       and st.bias_full is not None and st.bias_full[2] and st.bias_full[3])
     if static_buffers:
@@ -885,7 +941,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
             "dropout" if use_dropout else "",
         ])) or "dense"
         label = "".join(c if c.isalnum() else "_" for c in label)[:60]
-        kernel = _KERNELS[kind] = _Kernel(static, label, static_buffers=static_buffers)
+        kernel = _KERNELS[kind] = _Kernel(static, label, static_buffers=static_buffers, mode=mode)
         _STATS["kernels"] += 1
 
     offset = None

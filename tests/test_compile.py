@@ -305,3 +305,76 @@ def test_block_mask_builder_never_runs_past_the_recompile_limit(monkeypatch):
     assert builder.compiles == 1 and builder._fn is first
     builder(q, k, offset, mask, None)  # at the limit: a fresh code object and cache
     assert builder._fn is not first and builder.compiles == 1
+
+
+def test_compile_mode_setting_is_checked_and_returns_the_previous_mode():
+    assert flexflash.get_compile_mode() == "default"
+    for bad in ("fast", "max-autotune-no-cudagraphs", "reduce-overhead", None, 1):
+        with pytest.raises(ValueError, match=r"mode: expected one of 'default', 'max-autotune', got"):
+            flexflash.set_compile_mode(bad)
+    assert flexflash.get_compile_mode() == "default"  # a refused mode changes nothing
+    assert flexflash.set_compile_mode("max-autotune") == "default"
+    try:
+        assert flexflash.get_compile_mode() == "max-autotune"
+    finally:
+        assert flexflash.set_compile_mode("default") == "max-autotune"
+
+
+@pytest.mark.parametrize("value, ok", [("max-autotune", True), ("fastest", False)])
+def test_compile_mode_from_the_environment(value, ok):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "FLEXFLASH_COMPILE_MODE": value}
+    run = subprocess.run([sys.executable, "-c", "import flexflash; print(flexflash.get_compile_mode())"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == value
+    else:
+        assert run.returncode != 0
+        assert "FLEXFLASH_COMPILE_MODE: expected one of 'default', 'max-autotune', got 'fastest'" in run.stderr
+
+
+def test_max_autotune_leaves_the_tiles_to_the_autotuner(monkeypatch):
+    from flexflash import _compile, _tuning
+    tiles = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
+    monkeypatch.setattr(_tuning, "masked_options", lambda *args: dict(tiles))
+    q = torch.randn(1, 2, 64, 16)
+    window = mods.sliding_window(8)
+    st = _compile.structure(q, q, causal=False, mask=None, bias=None, mask_mod=window, score_mod=None)
+    infos = (_compile.inspect_modifier(window), _compile.inspect_modifier(None))
+
+    def options(kernel_options=None):
+        return _compile.measured_options(st, q, q, q, bias=None, mask_mod=window, score_mod=None, infos=infos,
+                                         block=(128, 128), kernel_options=kernel_options, dropout=False,
+                                         return_lse=False)[0]
+
+    assert options() == tiles
+    monkeypatch.setattr(_compile, "_MODE", ["max-autotune"])
+    assert options() is None
+    assert options({"BLOCK_M": 32}) == {"BLOCK_M": 32}  # the caller's own options stand
+
+
+def test_each_compile_mode_has_its_own_kernels():
+    """A mode is part of the kind: switching compiles the kernel anew under that mode (once), both
+    agree with the reference, and switching back reuses the first kernel."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=gen) for _ in range(3))
+    window = mods.sliding_window(5)
+    expected = flexflash.reference.attention(q, k, v, mask_mod=window)
+    with torch.no_grad():
+        torch.testing.assert_close(flexflash.attention(q, k, v, mask_mod=window), expected)
+        before = compile_stats()
+        flexflash.set_compile_mode("max-autotune")
+        try:
+            torch.testing.assert_close(flexflash.attention(q, k, v, mask_mod=window), expected)
+            tuned = compile_stats()
+            assert (tuned["kernels"], tuned["compiles"]) == (before["kernels"] + 1, before["compiles"] + 1)
+            assert [kern.mode for kern in _kernel_for("sliding_window")][-1] == "max-autotune"
+            torch.testing.assert_close(flexflash.attention(q, k, v, mask_mod=window), expected)
+        finally:
+            flexflash.set_compile_mode("default")
+        torch.testing.assert_close(flexflash.attention(q, k, v, mask_mod=window), expected)
+    after = compile_stats()
+    assert (after["kernels"], after["compiles"]) == (tuned["kernels"], tuned["compiles"])

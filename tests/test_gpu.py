@@ -441,3 +441,20 @@ def test_masked_calls_with_tuned_tiles(case, Nq, Nk):
         tuned = [kind for kind in _compile._KERNELS if kind[1] == (4, 4, 128, 128) and kind[3] == torch.bfloat16
                  and dict(kind[0].kernel_options).get("fwd_BLOCK_M") == 64]
         assert tuned, "the tuned forward tiles were not used"
+
+
+@pytest.mark.parametrize("case", ["sliding_window", "key_padding"])
+def test_max_autotune_mode_matches_reference(case):
+    """Under set_compile_mode("max-autotune") Inductor autotunes the kernels' tiles, forward and
+    backward, instead of flexflash's tuned ones; the results agree with the reference."""
+    from flexflash import _compile
+    gen = torch.Generator().manual_seed(seed_of("autotune", case))
+    q, k, v = _inputs(2, 4, 4, 256, 256, 128, torch.bfloat16, gen)
+    kw = _gpu_kwargs(case, 256, 256, gen)
+    previous = flexflash.set_compile_mode("max-autotune")
+    try:
+        check_against_reference(q, k, v, **kw)
+    finally:
+        flexflash.set_compile_mode(previous)
+    tuned = [kern for kern in _compile._KERNELS.values() if kern.mode == "max-autotune"]
+    assert tuned and not any("fwd_BLOCK_M" in dict(kern.static.kernel_options) for kern in tuned)

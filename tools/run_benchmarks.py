@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--summarize", help="only write the markdown summary of this JSON file")
     for name in ("n", "d", "cases", "impls", "dirs", "dtypes"):
         parser.add_argument(f"--{name}", help=f"comma list (FLEXFLASH_BENCH_{name.upper()})")
+    parser.add_argument("--compile-mode", choices=("default", "max-autotune"),
+                        help="flexflash's compile mode for the run (FLEXFLASH_COMPILE_MODE)")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     if args.summarize:
@@ -78,6 +80,8 @@ def main() -> int:
     for name in ("n", "d", "cases", "impls", "dirs", "dtypes"):
         if getattr(args, name):
             env[f"FLEXFLASH_BENCH_{name.upper()}"] = getattr(args, name)
+    if args.compile_mode:
+        env["FLEXFLASH_COMPILE_MODE"] = args.compile_mode
     json_path = out / "attention.json"
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "benchmarks" / "test_attention.py"),
