@@ -874,7 +874,7 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
             return {"BACKEND": "FLASH"}, pass_options
     if (kernel_options is None and tiles and not dropout and not st.scored
             and (st.mask_full is not None or st.has_mask_mod)):
-        kernel_options = _tuning.masked_options(q.device, q.dtype, q.shape[-1], block)
+        kernel_options = _tuning.masked_options(q.device, q.dtype, q.shape[-1], block, mask_mod=st.has_mask_mod)
     return kernel_options, pass_options
 
 
