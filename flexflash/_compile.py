@@ -452,8 +452,10 @@ def _mask_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int
     qb, kb = block
     nqb, nkb = -(-Nq // qb), -(-Nk // kb)
     some = every = None
-    rows = max(1, _MASK_CHUNK_ELEMENTS // max(1, B * H * qb * nkb * kb))  # query blocks per chunk
-    for r0 in range(0, nqb, rows):
+    per_block_row = qb * nkb * kb  # mask entries of one query block, per batch and head
+    rows = max(1, _MASK_CHUNK_ELEMENTS // max(1, B * H * per_block_row))  # query blocks per chunk
+    r0 = 0
+    while r0 < nqb:
         r1 = min(nqb, r0 + rows)
         q0, q1 = r0 * qb, min(Nq, r1 * qb)
 
@@ -467,8 +469,12 @@ def _mask_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int
         if some is None:
             some = torch.zeros(m.shape[0], m.shape[1], nqb, nkb, dtype=torch.bool, device=device)
             every = torch.zeros_like(some)
+            # The first chunk shows which of batch and head the mask depends on: later chunks are
+            # sized by those alone (a causal mask at N = 128k: 2 chunks, not one per query block).
+            rows = max(1, _MASK_CHUNK_ELEMENTS // max(1, m.shape[0] * m.shape[1] * per_block_row))
         some[:, :, r0:r1] = m.any(dim=5).any(dim=3)
         every[:, :, r0:r1] = m.all(dim=5).all(dim=3)
+        r0 = r1
     return some, every
 
 

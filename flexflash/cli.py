@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, mods, reference
+from ._compile import get_compile_mode, set_compile_mode
 from .functional import attention, route
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -355,12 +356,22 @@ def cmd_bench(args) -> int:
         tokens, D, H = 1024, 64, 4
     if args.plot:
         _require_matplotlib("--plot")
+    if args.compile_mode:
+        previous = set_compile_mode(args.compile_mode)
+        try:
+            return _bench(args, device, dtype, cases, seq_lens, tokens, D, H)
+        finally:
+            set_compile_mode(previous)
+    return _bench(args, device, dtype, cases, seq_lens, tokens, D, H)
+
+
+def _bench(args, device, dtype, cases, seq_lens, tokens, D, H) -> int:
     measure = _timer(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
     plan = [(case, N) for case in cases for N in seq_lens]
     print(f"flexflash {__version__} bench on {device} ({dtype}), torch {torch.__version__}; "
-          f"B*N = {tokens} tokens, H = {H}, D = {D}", flush=True)
+          f"B*N = {tokens} tokens, H = {H}, D = {D}; compile mode {get_compile_mode()}", flush=True)
     for i, (case, N) in enumerate(plan, 1):
         B = max(1, tokens // N)
         qkv, flex, sdpa, density = _bench_inputs(case, B, H, N, D, dtype, device, gen)
@@ -387,7 +398,8 @@ def cmd_bench(args) -> int:
         print(f"{case:15} N={N:<6} flexflash[{path}] {times['flexflash']:9.3f} ms {r['tflops']['flexflash']:8.3f} TFLOP/s"
               f"  | {others} | best SDPA / flexflash {ratio}", flush=True)
     meta = dict(device=str(device), name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, flexflash=__version__, date=time.strftime("%Y-%m-%d"))
+                torch=torch.__version__, flexflash=__version__, date=time.strftime("%Y-%m-%d"),
+                compile_mode=get_compile_mode())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
@@ -523,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cases", help=f"comma-separated subset of {', '.join(BENCH_CASES)}")
     bench.add_argument("--seq-lens", help="comma-separated sequence lengths (default 1024,2048,4096 on CUDA, "
                                           "128,256,512 on CPU)")
+    bench.add_argument("--compile-mode", choices=["default", "max-autotune"],
+                       help="flexflash's compile mode for this run (default: the current one, see "
+                            "flexflash.set_compile_mode)")
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("--plot", metavar="PNG", help="draw TFLOP/s against sequence length (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import flexflash
 from flexflash import __version__, cli
 
 
@@ -31,6 +32,7 @@ def test_version_and_help_of_every_subcommand():
     (["bench", "--seq-lens", "12,x"], "--seq-lens: expected comma-separated positive integers"),
     (["check", "--cases", "causal,nothing"], "--cases: unknown case(s) ['nothing']"),
     (["bench", "--device", "tpu"], "invalid choice"),
+    (["bench", "--compile-mode", "fast"], "invalid choice"),
     ([], "the following arguments are required"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(args, message):
@@ -77,6 +79,16 @@ def test_check_passes_and_reports_a_failure(capsys, monkeypatch):
     monkeypatch.setattr(cli, "attention", wrong)
     assert cli.main(["check", "--device", "cpu", "--cases", "causal"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_compile_mode_applies_to_the_run_only(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", "--device", "cpu", "--cases", "sliding_window", "--seq-lens", "32",
+                     "--compile-mode", "max-autotune", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["meta"]["compile_mode"] == "max-autotune"
+    assert "compile mode max-autotune" in capsys.readouterr().out
+    assert flexflash.get_compile_mode() == "default"  # restored after the run
 
 
 def test_bench_on_cpu_writes_json_and_plot(tmp_path, capsys):

@@ -258,6 +258,39 @@ def test_fused_flags_match_the_chunked_flags(Nq, Nk, block):
             assert torch.equal(a.expand(shape), b.expand(shape)), name
 
 
+@pytest.mark.parametrize("depends_on", ["nothing", "batch", "head"])
+def test_mask_chunks_are_sized_by_the_dimensions_the_mask_depends_on(monkeypatch, depends_on):
+    """The chunked evaluation bounds its memory by the mask's own batch and head sizes: a mask of
+    the indices alone is evaluated in few large chunks however large B*H is, one depending on b or h
+    in smaller ones; the flags are those of the materialised mask either way."""
+    from flexflash import _compile
+    monkeypatch.setattr(_compile, "_MASK_CHUNK_ELEMENTS", 1 << 16)
+    B, H, N, block = 4, 8, 512, (64, 64)  # one query block row of every (b, h): 32 * 64 * 512 = 2^20
+
+    def mask_fn(b, h, i, j):
+        m = (j <= i) & (i - j < 200)
+        if depends_on == "batch":
+            m = m & (j < 512 - 64 * b)
+        elif depends_on == "head":
+            m = m & ((j + h) % 3 != 0)
+        return m
+
+    calls = []
+
+    def counted(b, h, i, j):
+        calls.append(i.shape)
+        return mask_fn(b, h, i, j)
+
+    some, every = _compile._mask_flags(counted, B, H, N, N, block, torch.device("cpu"))
+    from flexflash.reference import index_grids
+    full = mask_fn(*index_grids(B, H, N, N, "cpu")).expand(B, H, N, N)
+    want_some, want_every = _compile._tensor_flags(full, N, N, block)
+    assert torch.equal(some.expand(B, H, 8, 8), want_some) and torch.equal(every.expand(B, H, 8, 8), want_every)
+    # nothing: 1 query block row first (sized for B*H), then 2 per chunk; batch: 1 row of 4*2^15
+    # entries fits 0 times, so 1 row per chunk; head likewise
+    assert len(calls) == {"nothing": 1 + 4, "batch": 8, "head": 8}[depends_on]
+
+
 def test_compiled_block_mask_builder():
     """The compiled builder (the CUDA path, compiled here on CPU) returns FlexAttention's block-mask
     tensors equal to those of the eager builder; new sizes compile at most once more (the tensors
