@@ -12,5 +12,5 @@ from .modules import ChunkedAttention, FlashAttention, FlashAttentionTwo, FlashM
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "mods", "reference", "compile_stats", "set_compile_mode", "get_compile_mode", "FlashAttention", "FlashMHA", "FlashAttentionTwo",
-           "ChunkedAttention", "__version__"]
+__all__ = ["attention", "mods", "reference", "compile_stats", "set_compile_mode", "get_compile_mode",
+           "FlashAttention", "FlashMHA", "FlashAttentionTwo", "ChunkedAttention", "__version__"]

@@ -91,8 +91,9 @@ def set_compile_mode(mode: str) -> str:
     * ``"max-autotune"``: Inductor benchmarks several kernel configurations the first time each
       kind of call compiles and keeps the fastest (torch's ``"max-autotune-no-cudagraphs"``). First
       calls take much longer (tens of seconds to minutes per kind). flexflash then passes none of
-      its tuned tiles, so the autotuner chooses them; the generator choice and the caller's own
-      ``kernel_options`` stand.
+      its tuned tiles, so the autotuner chooses them; the generator choice, the two-stage pipeline
+      a wide bias needs to fit shared memory and the caller's own ``kernel_options`` stand. It
+      was not reliably faster than the default where measured (the README has the figures).
 
     The initial mode comes from the ``FLEXFLASH_COMPILE_MODE`` environment variable (default
     ``"default"``). Kernels already compiled in another mode are kept for when it comes back.

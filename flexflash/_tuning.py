@@ -2,7 +2,8 @@
 
 Each entry names the GPU, the case and the figures that chose it. An entry applies only where the
 caller passed no ``kernel_options`` (a caller's options always win, whole); elsewhere FlexAttention's
-own defaults stand.
+own defaults stand. Under ``flexflash.set_compile_mode("max-autotune")`` the tiles below are not
+passed (Inductor's autotuner chooses them); the generator choice still applies.
 
 Dropout passes (H100 SXM, torch 2.11, bf16, B=4 H=16 N=4096 D=128, causal; raw FlexAttention,
 medians in ms; ``tools/gpu_dropout_breakdown.py`` measures the same passes):
