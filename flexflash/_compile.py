@@ -859,7 +859,9 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     """The kernel options of a call and those of its dropout passes: the caller's own, whole, or
     else those chosen from measurements (flexflash._tuning: the generator, tuned tiles)."""
     pass_options = ((), ())
-    tiles = _MODE[0] == "default"  # under max-autotune the autotuner chooses the tiles
+    # Under max-autotune the autotuner chooses the tiles; inside a caller's torch.compile the
+    # caller's mode applies, not flexflash's.
+    tiles = _MODE[0] == "default" or torch.compiler.is_compiling()
     if dropout and kernel_options is None and tiles:
         pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)
     if (kernel_options is None and q.device.type == "cuda" and q.element_size() < 4 and any(

@@ -387,6 +387,8 @@ def test_max_autotune_leaves_the_tiles_to_the_autotuner(monkeypatch):
     monkeypatch.setattr(_compile, "_MODE", ["max-autotune"])
     assert options() is None
     assert options({"BLOCK_M": 32}) == {"BLOCK_M": 32}  # the caller's own options stand
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert options() == tiles  # traced into a caller's torch.compile: the caller's mode applies
 
 
 def test_each_compile_mode_has_its_own_kernels():

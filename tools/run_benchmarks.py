@@ -4,7 +4,8 @@ summary (ms, TFLOP/s, the ratio best SDPA / flexflash per case).
 Usage::
 
     python tools/run_benchmarks.py --out results/ [--n 4096] [--d 128] [--cases causal,document]
-                                   [--impls ...] [--dirs fwd] [--dtypes bfloat16] [-- extra pytest args]
+                                   [--impls ...] [--dirs fwd] [--dtypes bfloat16]
+                                   [--compile-mode max-autotune] [-- extra pytest args]
     python tools/run_benchmarks.py --summarize results/attention.json   # only the markdown
 
 The JSON is pytest-benchmark's own (``pytest-benchmark compare`` reads it; save a baseline with
