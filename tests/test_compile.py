@@ -391,9 +391,19 @@ def test_max_autotune_leaves_the_tiles_to_the_autotuner(monkeypatch):
     assert options() == tiles  # traced into a caller's torch.compile: the caller's mode applies
 
 
-def test_each_compile_mode_has_its_own_kernels():
-    """A mode is part of the kind: switching compiles the kernel anew under that mode (once), both
-    agree with the reference, and switching back reuses the first kernel."""
+def test_each_compile_mode_has_its_own_kernels(monkeypatch):
+    """A mode is part of the kind: switching compiles the kernel anew under that mode (once), with
+    Inductor's max-autotune settings, both agree with the reference, and switching back reuses the
+    first kernel."""
+    import torch._inductor.compile_fx as compile_fx_module
+    patches_seen = []
+    compile_fx = compile_fx_module.compile_fx
+
+    def recording_compile_fx(gm, example_inputs, **kwargs):
+        patches_seen.append(kwargs.get("config_patches"))
+        return compile_fx(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, 2, 48, 16, generator=gen) for _ in range(3))
     window = mods.sliding_window(5)
@@ -401,12 +411,16 @@ def test_each_compile_mode_has_its_own_kernels():
     with torch.no_grad():
         torch.testing.assert_close(flexflash.attention(q, k, v, mask_mod=window), expected)
         before = compile_stats()
+        default_compiles = len(patches_seen)
         flexflash.set_compile_mode("max-autotune")
         try:
             torch.testing.assert_close(flexflash.attention(q, k, v, mask_mod=window), expected)
             tuned = compile_stats()
             assert (tuned["kernels"], tuned["compiles"]) == (before["kernels"] + 1, before["compiles"] + 1)
             assert [kern.mode for kern in _kernel_for("sliding_window")][-1] == "max-autotune"
+            # the default kernel compiled without patches, the new one with max-autotune's
+            assert all(p is None for p in patches_seen[:default_compiles])
+            assert {"max_autotune": True, "coordinate_descent_tuning": True} in patches_seen[default_compiles:]
             torch.testing.assert_close(flexflash.attention(q, k, v, mask_mod=window), expected)
         finally:
             flexflash.set_compile_mode("default")
