@@ -165,10 +165,7 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
     if Hq != Hkv:  # GQA: query head h reads key/value head h // (Hq / Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-    st = Structure(causal=causal,
-                   mask_full=None if mask is None else tuple(s > 1 for s in mask.shape),
-                   bias_full=None if bias is None else tuple(s > 1 for s in bias.shape),
-                   has_mask_mod=mask_mod is not None, has_score_mod=score_mod is not None)
+    st = Structure.of(causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
     mask_fn = compose_mask(st, k.shape[2] - q.shape[2], mask, mask_mod)
     score_fn = compose_score(st, bias, score_mod)
     extra = ([bias] if bias is not None else []) + [t for t in captured if t is not bias]

@@ -839,12 +839,8 @@ def structure(q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None, bias: 
               score_mod) -> Structure:
     """The :class:`Structure` of a validated call (4-D mask/bias)."""
     Nq, Nk = q.shape[-2], k.shape[-2]
-    return Structure(
-        causal=causal,
-        mask_full=None if mask is None else tuple(s > 1 for s in mask.shape),
-        bias_full=None if bias is None else tuple(s > 1 for s in bias.shape),
-        has_mask_mod=mask_mod is not None,
-        has_score_mod=score_mod is not None,
+    return Structure.of(
+        causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
         single_query=q.device.type == "cpu" and Nq == 1,
         # On CUDA, causal self-attention lengths (Nq == Nk) are a kind of their own with the
         # constant offset 0: nothing to read per entry, and FlashAttention-4 can generate it (it

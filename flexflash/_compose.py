@@ -58,6 +58,16 @@ class Structure:
     # Causal with Nq == Nk: the offset is the constant 0 (no captured offset to read).
     causal_aligned: bool = False
 
+    @classmethod
+    def of(cls, *, causal: bool, mask: Tensor | None, bias: Tensor | None, mask_mod, score_mod,
+           **flags: bool) -> Structure:
+        """The structure of a validated call (4-D mask/bias); ``flags``: ``single_query``,
+        ``causal_aligned``."""
+        return cls(causal=causal,
+                   mask_full=None if mask is None else tuple(s > 1 for s in mask.shape),
+                   bias_full=None if bias is None else tuple(s > 1 for s in bias.shape),
+                   has_mask_mod=mask_mod is not None, has_score_mod=score_mod is not None, **flags)
+
     @property
     def masked(self) -> bool:
         return self.causal or self.mask_full is not None or self.has_mask_mod
