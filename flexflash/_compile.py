@@ -40,7 +40,7 @@ import types
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -698,8 +698,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
             return hit
     _STATS["block_masks_built"] += 1
     if device.type == "cuda" and not torch.compiler.is_compiling():
-        mask_st = Structure(causal=st.causal, mask_full=st.mask_full, bias_full=None, has_mask_mod=st.has_mask_mod,
-                            has_score_mod=False, causal_aligned=st.causal_aligned)
+        mask_st = replace(st, bias_full=None, has_score_mod=False)  # the mask's part of the call
         builder = _mask_builder(mask_st, mask_fp, block, mask)
         builder.builds += 1
         if builder.builds >= _COMPILED_BUILDS_FROM:
@@ -708,8 +707,8 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
             tensors = builder(q, k, offset_tensor, squeezed, mask_mod)
             return _cache_put(key, tensors, roots) if cacheable else tensors
     some = every = None
-    fn_st = Structure(causal=st.causal, mask_full=None, bias_full=None, has_mask_mod=st.has_mask_mod,
-                      has_score_mod=False, single_query=st.single_query)
+    # the mask functions' part (causal, mask_mod), evaluated with the offset as a Python int
+    fn_st = replace(st, mask_full=None, bias_full=None, has_score_mod=False, causal_aligned=False)
     if fn_st.masked:
         # A mask_mod may depend on batch and head: its flags are (B, H); causal alone is (1, 1).
         Bm, Hm = (B, H) if st.has_mask_mod else (1, 1)
