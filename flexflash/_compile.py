@@ -876,10 +876,26 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
         if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, D, v.shape[-1],
                                 _tuning.work(B, Hq, Nq, k.shape[-2], D)):
             return {"BACKEND": "FLASH"}, pass_options
-    if (kernel_options is None and tiles and not dropout and not st.scored
-            and (st.mask_full is not None or st.has_mask_mod)):
-        kernel_options = _tuning.masked_options(q.device, q.dtype, q.shape[-1], block, mask_mod=st.has_mask_mod)
+    if kernel_options is None and tiles and not dropout:
+        kernel_options = _tuning.triton_options(q.device, q.dtype, q.shape[-1], block,
+                                                case=triton_case(st, score_mod))
     return kernel_options, pass_options
+
+
+def triton_case(st: Structure, score_mod) -> str | None:
+    """The case of a call for the tuned Triton tiles (flexflash._tuning.triton_options): "bias" (a
+    bias tensor, any masks, no score function), "alibi" or "tanh_softcap" (a score function of
+    flexflash.mods, any masks, no bias), "mask_mod" or "mask" (masked, nothing scored beyond
+    causal), or None (dense, causal alone, the caller's own score functions, a bias with a score
+    function)."""
+    if st.bias_full is not None:
+        return None if st.has_score_mod else "bias"
+    if st.has_score_mod:
+        fam = mods.family(score_mod)
+        return fam if fam in ("alibi", "tanh_softcap") else None
+    if st.has_mask_mod:
+        return "mask_mod"
+    return "mask" if st.mask_full is not None else None
 
 
 def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,

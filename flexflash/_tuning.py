@@ -62,10 +62,52 @@ fp16 document + causal      0.337    0.301       0.603       0.332       0.414
 fp16 key padding            0.869    0.782       1.001       0.882       does not compile
 ==========================  =======  ==========  ==========  ==========  ==========
 
-So at D=64 (bf16) a mask_mod's forward takes 128x64 tiles, 4 warps, 3 stages (document 1.9x
-faster); a mask tensor at D=64 keeps the defaults (its Triton default was not measured: key padding
-runs on FLASH there). fp16 at D=128 takes the bf16 tiles. Other head dims, dtypes and GPUs were not
-measured and keep the defaults.
+The same tile choices at D=64 for every Triton case, with FlexAttention's sm90 defaults as the
+baseline (forward 128x128 tiles, 4 warps, 3 stages; backward 64/128 tiles, 8 warps, 3 stages), and
+at D=128 for a (B, H, N, N) bias with causal (H200, torch 2.11, N=4096 B=4, H=32 at D=64 and 16
+at D=128, ``kernel_options={"BACKEND": "TRITON", ...}``, GPU time per call in ms from the
+profiler, inputs without grad for the forward):
+
+==========================  =======  ==========  ==========  ==========  ==========  ======
+forward                     default  128x64      64x64       128x64      128x128     TMA
+                                     w4s3        w4s3        w8s2        w8s2
+==========================  =======  ==========  ==========  ==========  ==========  ======
+D=64  bias + causal         1.525    0.987       1.017       1.946       1.467
+D=64  key padding           1.370    0.920       0.982
+D=64  ALiBi + causal        1.051    0.963       1.002
+D=64  tanh soft-cap         4.377    4.154       2.824
+D=64  dense                 1.369    1.435       1.343
+D=64  causal                0.788    0.810       0.791
+fp16 D=64 bias + causal     1.517    0.997       1.025
+fp16 D=64 key padding       1.371    0.922       0.983
+fp16 D=64 document          0.614    0.326       0.390
+fp16 D=64 sliding window    0.298    0.289       0.296
+fp16 D=64 causal            0.790    0.808       0.795
+D=128 bias + causal         0.885    1.178       1.077       1.210       0.960       0.843
+==========================  =======  ==========  ==========  ==========  ==========  ======
+
+==========================  =======  ==========  ==========  ==========  ==========
+forward+backward            default  bwd 64x64   bwd 64/128  bwd 64/128  bwd 32/128
+                                     w4s3        w4s3        w8s2        w4s3
+==========================  =======  ==========  ==========  ==========  ==========
+D=64  bias + causal         5.099    4.659       17.213      5.622
+D=64  document + causal     1.714    1.592       3.169       1.747
+D=64  sliding window 512    1.274    1.181       2.789       1.361
+D=128 bias + causal         3.658    5.606                   3.699       10.110
+D=128 bias with its grad    9.629    11.684                  9.816       17.799
+==========================  =======  ==========  ==========  ==========  ==========
+
+(forward tiles: the defaults; the D=128 rows through ``.backward()``, whose accumulation into the
+bias's ``.grad`` takes 1.6 ms of the last row.)
+
+So at D=64 the forward of masks, mask_mods, biases and ALiBi takes 128x64 tiles, 4 warps, 3 stages
+(up to 1.9x faster), soft-capping 64x64 tiles (1.55x), and bf16 mask_mods and biases also take
+64x64 backward tiles, 4 warps, 3 stages (7-9% of forward+backward); dense and causal keep the
+defaults, which tie or win. fp16 at D=128 takes the bf16 tiles. At D=128 a bias keeps the
+defaults (TMA loads gain 5% forward; not taken: its layout limits are not the kernel's). Other
+head dims, dtypes and GPUs were not measured and keep the defaults. A score function of
+flexflash.mods keeps its tiles with masks added; a bias with a score function, or a caller's own
+score function, keeps the defaults.
 """
 
 from __future__ import annotations
@@ -109,21 +151,40 @@ def dropout_pass_options(device: torch.device, dtype: torch.dtype, head_dim: int
     return tuple(sorted(_SMALL_TILES_FWD.items())), tuple(sorted({**_SMALL_TILES_FWD, **_SMALL_TILES_BWD}.items()))
 
 
-def masked_options(device: torch.device, dtype: torch.dtype, head_dim: int, block: tuple[int, int], *,
-                   mask_mod: bool) -> dict | None:
-    """Kernel options of a masked call (a mask tensor or a mask_mod, ``mask_mod`` says whether there
-    is one; no bias or score_mod) on the Triton kernels: the forward tiles measured above, or None
-    where nothing was measured."""
-    if device.type != "cuda" or capability(device) != (9, 0):
+# (case, head dim, dtype) -> the Triton kernel options measured above. Cases: "mask" (a mask
+# tensor), "mask_mod", "bias" (a bias tensor, any masks), "alibi" and "tanh_softcap" (the score
+# functions of flexflash.mods, any masks); see flexflash._compile.triton_case.
+_TRITON_TILES = {
+    ("mask", 128, torch.bfloat16): _SMALL_TILES_FWD,
+    ("mask", 128, torch.float16): _SMALL_TILES_FWD,
+    ("mask_mod", 128, torch.bfloat16): _SMALL_TILES_FWD,
+    ("mask_mod", 128, torch.float16): _SMALL_TILES_FWD,
+    ("mask", 64, torch.bfloat16): _WIDE_TILES_FWD,
+    ("mask", 64, torch.float16): _WIDE_TILES_FWD,
+    ("mask_mod", 64, torch.bfloat16): {**_WIDE_TILES_FWD, **_SMALL_TILES_BWD},
+    ("mask_mod", 64, torch.float16): _WIDE_TILES_FWD,
+    ("bias", 64, torch.bfloat16): {**_WIDE_TILES_FWD, **_SMALL_TILES_BWD},
+    ("bias", 64, torch.float16): _WIDE_TILES_FWD,
+    ("alibi", 64, torch.bfloat16): _WIDE_TILES_FWD,
+    ("tanh_softcap", 64, torch.bfloat16): _SMALL_TILES_FWD,
+}
+
+
+def triton_options(device: torch.device, dtype: torch.dtype, head_dim: int, block: tuple[int, int], *,
+                   case: str | None) -> dict | None:
+    """Kernel options of a call of ``case`` (see ``_TRITON_TILES``) on the Triton kernels: the
+    tiles measured above, or None where nothing was measured or the tiles do not divide the
+    call's sparsity blocks ``block``."""
+    if case is None or device.type != "cuda" or capability(device) != (9, 0):
         return None
-    if head_dim == 128 and dtype in (torch.bfloat16, torch.float16):
-        tiles = _SMALL_TILES_FWD
-    elif head_dim == 64 and dtype == torch.bfloat16 and mask_mod:
-        tiles = _WIDE_TILES_FWD
-    else:
+    tiles = _TRITON_TILES.get((case, head_dim, dtype))
+    if tiles is None:
         return None
-    if block[0] % tiles["fwd_BLOCK_M"] or block[1] % tiles["fwd_BLOCK_N"]:
-        return None  # the tiles must divide the sparsity blocks
+    for key, size in tiles.items():
+        rows = key.startswith("fwd_BLOCK_M") or key.startswith("bwd_BLOCK_M")
+        cols = key.startswith("fwd_BLOCK_N") or key.startswith("bwd_BLOCK_N")
+        if (rows and block[0] % size) or (cols and block[1] % size):
+            return None  # the tiles must divide the sparsity blocks
     return dict(tiles)
 
 

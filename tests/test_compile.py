@@ -372,7 +372,7 @@ def test_compile_mode_from_the_environment(value, ok):
 def test_max_autotune_leaves_the_tiles_to_the_autotuner(monkeypatch):
     from flexflash import _compile, _tuning
     tiles = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
-    monkeypatch.setattr(_tuning, "masked_options", lambda *args, **kwargs: dict(tiles))
+    monkeypatch.setattr(_tuning, "triton_options", lambda *args, **kwargs: dict(tiles))
     q = torch.randn(1, 2, 64, 16)
     window = mods.sliding_window(8)
     st = _compile.structure(q, q, causal=False, mask=None, bias=None, mask_mod=window, score_mod=None)

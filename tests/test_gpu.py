@@ -443,21 +443,29 @@ def test_masked_calls_with_tuned_tiles(case, Nq, Nk):
         assert tuned, "the tuned forward tiles were not used"
 
 
-@pytest.mark.parametrize("dtype,D,case", [(torch.float16, 128, "key_padding"), (torch.float16, 128, "document"),
-                                          (torch.bfloat16, 64, "sliding_window"), (torch.bfloat16, 64, "document")])
-def test_masked_calls_with_tuned_tiles_fp16_and_d64(dtype, D, case):
-    """The tiles measured for fp16 at D=128 (64x64) and for mask_mods at D=64 in bf16 (128x64) on
-    sm90: forward and backward against the reference, lengths multiples of 128 and not."""
+@pytest.mark.parametrize("dtype,D,case,block_m,block_m_bwd", [
+    (torch.float16, 128, "key_padding", 64, None), (torch.float16, 128, "document", 64, None),
+    (torch.bfloat16, 64, "sliding_window", 128, 64), (torch.bfloat16, 64, "document", 128, 64),
+    (torch.bfloat16, 64, "key_padding", 128, None), (torch.float16, 64, "key_padding", 128, None),
+    (torch.bfloat16, 64, "causal_mask_bias", 128, 64), (torch.float16, 64, "bias_3d", 128, None),
+    (torch.bfloat16, 64, "alibi_causal", 128, None), (torch.bfloat16, 64, "softcap", 64, None)])
+def test_tuned_tiles_fp16_and_d64(dtype, D, case, block_m, block_m_bwd):
+    """The tiles measured for fp16 at D=128 (64x64) and at D=64 (128x64 forward tiles for masks,
+    biases and ALiBi, 64x64 for soft-capping; 64x64 backward tiles for bf16 mask_mods and biases)
+    on sm90: forward and backward against the reference, lengths multiples of 128 and not."""
     from flexflash import _compile, _tuning
+    _compile.reset()  # only this test's kernels below
     gen = torch.Generator().manual_seed(seed_of("tuned", case, D, str(dtype)))
     for Nq, Nk in ((97, 1025), (256, 256)):
         q, k, v = _inputs(2, 4, 4, Nq, Nk, D, dtype, gen)
-        check_against_reference(q, k, v, **_gpu_kwargs(case, Nq, Nk, gen))
+        kw = dict(score_mod=mods.tanh_softcap(2.0)) if case == "softcap" else _gpu_kwargs(case, Nq, Nk, gen)
+        check_against_reference(q, k, v, **kw)
     if _tuning.capability(torch.device("cuda")) == (9, 0):
-        block_m = 64 if D == 128 else 128
-        tuned = [kind for kind in _compile._KERNELS if kind[1] == (4, 4, D, D) and kind[3] == dtype
-                 and dict(kind[0].kernel_options).get("fwd_BLOCK_M") == block_m]
-        assert tuned, "the tuned forward tiles were not used"
+        options = [dict(kind[0].kernel_options) for kind in _compile._KERNELS
+                   if kind[1] == (4, 4, D, D) and kind[3] == dtype]
+        tuned = [o for o in options if o.get("fwd_BLOCK_M") == block_m and o.get("bwd_BLOCK_M1") == block_m_bwd]
+        assert tuned, f"the tuned tiles were not used: {options}"
+
 
 @pytest.mark.parametrize("case", ["sliding_window", "key_padding"])
 def test_max_autotune_mode_matches_reference(case):

@@ -1,8 +1,10 @@
 """The generator choice (flexflash._tuning.flash_choice) follows its measured table, and never
-chooses FlashAttention-4 where it cannot run or was not measured faster."""
+chooses FlashAttention-4 where it cannot run or was not measured faster; the tuned Triton tiles
+apply only where they were measured."""
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -58,26 +60,61 @@ def test_never_where_not_measured_or_not_possible(sm90_with_flash, monkeypatch):
     assert not _tuning.flash_choice("dense", True, CUDA, BF16, 128, 128, big)
 
 
-def test_masked_forward_tiles_only_where_measured(monkeypatch):
+def test_triton_tiles_only_where_measured(monkeypatch):
     monkeypatch.setattr(_tuning, "capability", lambda device: (9, 0))
     small = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
     wide = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
-    for mask_mod in (False, True):  # D=128: mask tensors and mask_mods, bf16 and fp16
+    small_bwd = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                 "bwd_num_warps": 4, "bwd_num_stages": 3}
+    options = functools.partial(_tuning.triton_options, CUDA)
+    for case in ("mask", "mask_mod"):  # D=128: mask tensors and mask_mods, bf16 and fp16
         for dtype in (BF16, torch.float16):
-            tuned = _tuning.masked_options(CUDA, dtype, 128, (128, 128), mask_mod=mask_mod)
+            tuned = options(dtype, 128, (128, 128), case=case)
             assert tuned == small
             assert not any(key.startswith("bwd_") for key in tuned)  # the backward keeps the defaults
-        assert _tuning.masked_options(CUDA, torch.float32, 128, (128, 128), mask_mod=mask_mod) is None
-        assert _tuning.masked_options(CUDA, BF16, 128, (32, 128), mask_mod=mask_mod) is None  # tiles divide blocks
-        assert _tuning.masked_options(CUDA, BF16, 80, (128, 128), mask_mod=mask_mod) is None
-    # D=64: a mask_mod in bf16 only (a mask tensor's Triton default was not measured there)
-    assert _tuning.masked_options(CUDA, BF16, 64, (128, 128), mask_mod=True) == wide
-    assert _tuning.masked_options(CUDA, BF16, 64, (64, 128), mask_mod=True) is None  # 128 rows per tile
-    assert _tuning.masked_options(CUDA, BF16, 64, (128, 128), mask_mod=False) is None
-    assert _tuning.masked_options(CUDA, torch.float16, 64, (128, 128), mask_mod=True) is None
-    assert _tuning.masked_options(torch.device("cpu"), BF16, 128, (128, 128), mask_mod=True) is None
+        assert options(torch.float32, 128, (128, 128), case=case) is None
+        assert options(BF16, 128, (32, 128), case=case) is None  # tiles divide blocks
+        assert options(BF16, 80, (128, 128), case=case) is None
+    # D=128: a bias, ALiBi, soft-capping, dense and causal keep the defaults
+    for case in ("bias", "alibi", "tanh_softcap", None):
+        assert options(BF16, 128, (128, 128), case=case) is None
+    # D=64: 128x64 forward tiles for masks, mask_mods, biases and ALiBi; 64x64 for soft-capping;
+    # 64x64 backward tiles for bf16 mask_mods and biases
+    assert options(BF16, 64, (128, 128), case="mask") == wide
+    assert options(torch.float16, 64, (128, 128), case="mask") == wide
+    for case in ("mask_mod", "bias"):
+        assert options(BF16, 64, (128, 128), case=case) == {**wide, **small_bwd}
+        assert options(torch.float16, 64, (128, 128), case=case) == wide
+        assert options(BF16, 64, (64, 128), case=case) is None  # 128 rows per forward tile
+    assert options(BF16, 64, (128, 128), case="alibi") == wide
+    assert options(BF16, 64, (128, 128), case="tanh_softcap") == small
+    assert options(BF16, 64, (64, 64), case="tanh_softcap") == small
+    assert options(BF16, 64, (128, 32), case="tanh_softcap") is None  # 64 columns per tile
+    assert options(torch.float16, 64, (128, 128), case="alibi") is None  # not measured
+    assert options(BF16, 64, (128, 128), case=None) is None
+    assert _tuning.triton_options(torch.device("cpu"), BF16, 128, (128, 128), case="mask") is None
     monkeypatch.setattr(_tuning, "capability", lambda device: (8, 0))
-    assert _tuning.masked_options(CUDA, BF16, 128, (128, 128), mask_mod=True) is None
+    assert options(BF16, 128, (128, 128), case="mask_mod") is None
+
+
+def test_triton_case_of_a_call():
+    from flexflash._compile import structure, triton_case
+    q = torch.randn(1, 2, 8, 4)
+
+    def case(**kw):
+        kw = dict(dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None), **kw)
+        return triton_case(structure(q, q, **kw), kw["score_mod"])
+
+    window, own = mods.sliding_window(2), (lambda s, b, h, i, j: s * 2)
+    bias, mask = torch.randn(2, 8, 8), torch.rand(1, 8) > 0.5
+    assert case() is None and case(causal=True) is None
+    assert case(mask=mask) == "mask"
+    assert case(mask=mask, mask_mod=window) == "mask_mod" == case(mask_mod=window, causal=True)
+    assert case(bias=bias) == "bias" == case(bias=bias, causal=True, mask=mask, mask_mod=window)
+    assert case(bias=bias, score_mod=mods.alibi(2)) is None  # not measured
+    assert case(score_mod=mods.alibi(2), causal=True) == "alibi"
+    assert case(score_mod=mods.tanh_softcap(5.0), mask_mod=window) == "tanh_softcap"
+    assert case(score_mod=own) is None and case(score_mod=own, mask=mask) is None
 
 
 def test_new_cases_of_the_table(sm90_with_flash):
