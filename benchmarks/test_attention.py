@@ -12,6 +12,9 @@ Each baseline gets the case the way it accepts it: SDPA takes ``is_causal`` wher
 plain causal and a materialised mask or bias otherwise; a backend that refuses the case is skipped
 (SDPA's flash backend takes no mask, nothing in SDPA does soft-capping), and so are the math backend
 and the reference where their ``(B, H, N, N)`` intermediates would not fit (``MAX_DENSE_GIB``).
+Where the bias needs its gradient, SDPA gets the masked bias as a leaf tensor of its own (the
+case's values, ``-inf`` where masked, filled once outside the timed rounds) and differentiates
+that; the gradients of allowed entries are the same.
 
 Compilation and warm-up run before the timed rounds; each round ends with a CUDA synchronisation;
 pytest-benchmark reports medians. ``extra_info``: TFLOP/s (4*B*H*Nq*Nk*D times the fraction of
@@ -174,9 +177,17 @@ def _sdpa_mask(c: Case) -> torch.Tensor | None:
         return c.sdpa_mask
     bias = c.bias if c.bias is not None else c.score_bias(torch.zeros((), device="cuda", dtype=torch.float32), *grids).to(c.q.dtype)
     if allowed is not None:
-        bias = bias.masked_fill(~allowed, float("-inf"))
+        bias = bias.detach().masked_fill(~allowed, float("-inf")).requires_grad_(bias.requires_grad)
     c.sdpa_mask = bias
     return c.sdpa_mask
+
+
+def _grads(impl: str, c: Case) -> list[torch.Tensor]:
+    """The tensors ``impl``'s forward+backward differentiates: the case's, with SDPA's own leaf
+    copy of a masked bias in place of the bias (see the module docstring)."""
+    if not impl.startswith("sdpa") or c.bias is None or not c.bias.requires_grad:
+        return c.grads
+    return [c.sdpa_mask if t is c.bias else t for t in c.grads]
 
 
 def _dense_gib(c: Case, direction: str) -> float:
@@ -254,15 +265,16 @@ def test_attention(benchmark, name, N, D, dtype, direction, impl):
     if impl in ("sdpa-math", "reference") and _dense_gib(c, direction) > MAX_DENSE_GIB:
         pytest.skip(f"{impl} would materialise about {_dense_gib(c, direction):.0f} GiB")
     forward = attention_fn(impl, c)
+    grads = _grads(impl, c)
     if direction == "fwd":
         def step():
-            with torch.no_grad() if not c.grads else torch.enable_grad():
+            with torch.no_grad() if not grads else torch.enable_grad():
                 forward()
     else:
         d_out = torch.randn(c.q.shape[:-1] + (c.v.shape[-1],), device="cuda", dtype=c.q.dtype)
 
         def step():
-            torch.autograd.grad(forward(), c.grads, d_out)
+            torch.autograd.grad(forward(), grads, d_out)
 
     def timed():
         step()

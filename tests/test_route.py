@@ -60,3 +60,37 @@ def test_generator_names_the_kernel_generator_of_the_flex_path():
     assert generator(q.requires_grad_(), q, q) is None  # memory-bounded path on CPU
     with pytest.raises(TypeError, match="unknown keyword"):
         generator(q, q, q, casual=True)
+
+
+def test_sdpa_route_puts_its_backends_first_for_the_call_only(monkeypatch):
+    """The SDPA route runs SDPA with cuDNN, flash and efficient attention first in its priority
+    order, restores the caller's order afterwards (also when SDPA raises), and leaves the enabled
+    backends as the caller set them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flexflash import functional
+    real = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append((torch._C._get_sdp_priority_order(), torch.backends.cuda.cudnn_sdp_enabled()))
+        if kwargs.get("scale") == 0.0:
+            raise RuntimeError("refused")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    q, k, v = _qkv()
+    before = torch._C._get_sdp_priority_order()
+    first = [int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.EFFICIENT_ATTENTION)]
+    out = functional._sdpa(q, k, v, causal=True, scale=0.25)
+    torch.testing.assert_close(out, real(q, k, v, is_causal=True, scale=0.25))
+    order, cudnn_enabled = seen[-1]
+    assert order[:3] == first and sorted(order) == sorted(before)
+    assert torch._C._get_sdp_priority_order() == before
+    with pytest.raises(RuntimeError, match="refused"):
+        functional._sdpa(q, k, v, causal=False, scale=0.0)
+    assert torch._C._get_sdp_priority_order() == before
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):  # the caller turned cuDNN off
+        functional._sdpa(q, k, v, causal=True, scale=0.25)
+        order, cudnn_enabled = seen[-1]
+        assert order[:3] == first and not cudnn_enabled

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import flexflash  # noqa: E402
-from test_attention import attention_fn, make_case  # noqa: E402
+from test_attention import _grads, attention_fn, make_case  # noqa: E402
 
 CASES = ["dense", "causal", "key_padding", "sliding_window_512", "document", "prefix_lm", "softcap", "bool_mask"]
 SDPA = ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient"]
@@ -91,8 +91,8 @@ def run(cases, n, dims) -> list[dict]:
             for variant, forward in _variants(c):
                 row = dict(case=name, N=n, D=D, variant=variant)
 
-                def step(forward=forward):
-                    torch.autograd.grad(forward(), c.grads, d_out)
+                def step(forward=forward, grads=_grads(variant, c)):
+                    torch.autograd.grad(forward(), grads, d_out)
                 try:
                     start = time.perf_counter()
                     forward()
