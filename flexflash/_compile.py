@@ -280,6 +280,36 @@ def _mark_squeezed_dynamic(t: Tensor | None, full: tuple[bool, ...] | None) -> N
             torch._dynamo.maybe_mark_dynamic(t, i)
 
 
+_WEAK_DYNAMIC = "_dynamo_weak_dynamic_indices"  # where torch._dynamo.maybe_mark_dynamic keeps its marks
+
+
+def _with_dynamic_sizes(tensors, fn, *args):
+    """Calls ``fn(*args)`` with every dimension larger than 1 of ``tensors`` (the caller's own
+    tensors a mask_mod reads) marked dynamic, and removes the marks afterwards, so they do not
+    leak into the caller's own ``torch.compile`` of code using those tensors. The marks only
+    matter while Dynamo traces (a first compilation): with them, a mask_mod's tensors of a new
+    length (document ids, prefix lengths of a new batch size) reuse the kernel instead of
+    compiling it a second time with the sizes that changed made dynamic."""
+    saved = []
+    for t in tensors:
+        if any(size > 1 for size in t.shape):
+            saved.append((t, getattr(t, _WEAK_DYNAMIC, None)))
+            before = saved[-1][1]
+            if before is not None:
+                setattr(t, _WEAK_DYNAMIC, set(before))  # a copy: the caller's set stays as it was
+            for dim, size in enumerate(t.shape):
+                if size > 1:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+    try:
+        return fn(*args)
+    finally:
+        for t, before in saved:
+            if before is None:
+                delattr(t, _WEAK_DYNAMIC)
+            else:
+                setattr(t, _WEAK_DYNAMIC, before)
+
+
 def _without_duck_sizing(fn, *args):
     """Calls the compiled ``fn`` with Dynamo's duck sizing off. Duck sizing gives sizes that are
     equal at the first compilation one symbol, and the graph then guards on the equality: a batch of
@@ -385,6 +415,14 @@ class _Kernel:
                 for dim in range(t.dim()):
                     if dim != 1 or t.dim() == 1:
                         torch._dynamo.maybe_mark_dynamic(t, dim)
+        if q.device.type == "cuda":
+            # A mask_mod's tensors are read on partial blocks only, and from a second length on
+            # Dynamo compiles them with symbolic sizes anyway (the document rows at N = 2048 and
+            # 8192 of benchmarks/RESULTS.md ran such kernels). A score_mod's tensors keep static
+            # shapes until a size changes: they are read on every entry, where symbolic strides
+            # slowed biases several times (_STATIC_SEQUENCE_BUFFERS).
+            return _with_dynamic_sizes(captured_tensors(args[7]), _without_duck_sizing, self._fn, *args,
+                                       self.static)
         return _without_duck_sizing(self._fn, *args, self.static)
 
 
@@ -588,7 +626,8 @@ class _MaskBuilder:
                 if t.shape[dim] > 1:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
         _mark_squeezed_dynamic(mask, self.static.structure.mask_full)
-        tensors = _without_duck_sizing(self._fn, q, k, offset, mask, mask_mod, self.static)
+        tensors = _with_dynamic_sizes(captured_tensors(mask_mod), _without_duck_sizing, self._fn, q, k, offset,
+                                      mask, mask_mod, self.static)
         self.compiled = True  # compiled with symbolic sizes: later calls need no marks
         return tensors
 

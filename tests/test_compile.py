@@ -427,3 +427,29 @@ def test_each_compile_mode_has_its_own_kernels(monkeypatch):
         torch.testing.assert_close(flexflash.attention(q, k, v, mask_mod=window), expected)
     after = compile_stats()
     assert (after["kernels"], after["compiles"]) == (tuned["kernels"], tuned["compiles"])
+
+
+def test_dynamic_marks_on_a_mask_mods_tensors_last_for_the_call_only():
+    """The caller's tensors read by a mask_mod are marked dynamic while the kernel or the block-mask
+    builder compiles (so a new length reuses it) and unmarked afterwards, marks the caller set
+    included, so nothing leaks into the caller's own torch.compile."""
+    from flexflash._compile import _WEAK_DYNAMIC, _with_dynamic_sizes
+    ids, lengths, scalar = torch.zeros(2, 64), torch.zeros(1, 8), torch.zeros(())
+    torch._dynamo.maybe_mark_dynamic(lengths, 1)  # the caller's own mark
+    seen = {}
+
+    def traced(x):
+        seen.update((name, set(getattr(t, _WEAK_DYNAMIC, ()))) for name, t in
+                    (("ids", ids), ("lengths", lengths), ("scalar", scalar)))
+        return x + 1
+
+    assert _with_dynamic_sizes([ids, lengths, scalar], traced, 1) == 2
+    assert seen == {"ids": {0, 1}, "lengths": {1}, "scalar": set()}  # sizes of 1 stay static
+    assert not hasattr(ids, _WEAK_DYNAMIC) and getattr(lengths, _WEAK_DYNAMIC) == {1}
+
+    def failing(x):
+        raise RuntimeError("compilation failed")
+
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        _with_dynamic_sizes([ids], failing, 1)
+    assert not hasattr(ids, _WEAK_DYNAMIC)

@@ -108,6 +108,24 @@ def test_lengths_do_not_recompile_on_gpu():
     assert after["compiles"] - before["compiles"] <= 2, (before, after)
 
 
+def test_lengths_of_a_mask_mod_reading_tensors_do_not_recompile_on_gpu():
+    """Eight lengths and two batch sizes of a document mask whose ids are tensors: one kernel for
+    multiples of 128, one for the rest, each compiled once (the ids' sizes are dynamic from the
+    first compilation), and the kind's block-mask builder compiled once, at its second build."""
+    from flexflash import _compile
+    _compile.reset()
+    gen = torch.Generator().manual_seed(seed_of("document-lengths"))
+    for i, n in enumerate((256, 384, 1000, 513, 2048, 300, 128, 4096)):
+        B = 2 + i % 2
+        q = torch.randn(B, 4, n, 64, device="cuda", dtype=torch.bfloat16)
+        ids = torch.sort(torch.randint(0, 4, (B, n), generator=gen), dim=-1).values.cuda()
+        flexflash.attention(q, q, q, causal=True, mask_mod=mods.document(ids, ids))
+    stats = flexflash.compile_stats()
+    assert stats["kernels"] == 2 and stats["compiles"] <= 2, stats
+    builders = list(_compile._BUILDERS.values())
+    assert [(b.builds, b.compiles) for b in builders] == [(8, 1)]
+
+
 @pytest.mark.parametrize("case,dropout_p", [("causal", 0.0), ("key_padding", 0.0), ("document", 0.0),
                                             ("causal_mask_bias", 0.0), ("causal", 0.2), ("key_padding", 0.2)])
 @pytest.mark.parametrize("Nq,Nk", [(256, 256), (128, 384)])
