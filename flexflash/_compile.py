@@ -293,8 +293,8 @@ def _with_dynamic_sizes(tensors, fn, *args):
     saved = []
     for t in tensors:
         if any(size > 1 for size in t.shape):
-            saved.append((t, getattr(t, _WEAK_DYNAMIC, None)))
-            before = saved[-1][1]
+            before = getattr(t, _WEAK_DYNAMIC, None)
+            saved.append((t, before))
             if before is not None:
                 setattr(t, _WEAK_DYNAMIC, set(before))  # a copy: the caller's set stays as it was
             for dim, size in enumerate(t.shape):
