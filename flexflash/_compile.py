@@ -523,15 +523,21 @@ def _fused_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, in
     index grids ``(b, h, query block, row, key block, column)``: compiled, the evaluation fuses into
     the block reductions and nothing of size ``Nq x Nk`` is stored (evaluated eagerly it would be:
     use it compiled). Indices past the ends are clamped to the last row/column for the evaluation
-    (so captured tensors are never read out of bounds) and count as masked."""
+    (so captured tensors are never read out of bounds) and count as masked.
+
+    The flags have at least two blocks per dimension (the extra ones empty), the padding
+    :func:`_block_mask_tensors` gives a 1-block mask, here as ``sym_max`` sizes of the grids:
+    compiled with symbolic sizes, a padding or a slice after the evaluation would guard on the
+    number of blocks being 1 or not (through the strides of the operands), so a builder compiled at
+    some length would compile again at a length of one block."""
     qb, kb = block
-    nqb, nkb = (Nq + qb - 1) // qb, (Nk + kb - 1) // kb
+    rq, rk = torch.sym_max(2, (Nq + qb - 1) // qb), torch.sym_max(2, (Nk + kb - 1) // kb)
 
     def ar(n):
         return torch.arange(n, device=device, dtype=torch.int32)
 
-    i = ar(nqb * qb).view(1, 1, nqb, qb, 1, 1)
-    j = ar(nkb * kb).view(1, 1, 1, 1, nkb, kb)
+    i = ar(rq * qb).view(1, 1, rq, qb, 1, 1)
+    j = ar(rk * kb).view(1, 1, 1, 1, rk, kb)
     m = mask_fn(ar(B).view(B, 1, 1, 1, 1, 1), ar(H).view(1, H, 1, 1, 1, 1),
                 torch.clamp(i, max=Nq - 1), torch.clamp(j, max=Nk - 1))
     m = m & (i < Nq) & (j < Nk)
@@ -552,14 +558,18 @@ def _tensor_flags(mask: Tensor, Nq: int, Nk: int, block: tuple[int, int]) -> tup
     return some, every & complete_q[:, None] & complete_k[None, :]
 
 
-def _block_mask_tensors(some: Tensor, every: Tensor) -> tuple[Tensor, ...]:
-    """FlexAttention's eight BlockMask tensors from block flags."""
-    partial, full = torch.broadcast_tensors(some & ~every, every)
-    nqb, nkb = partial.shape[-2:]
-    # At least two blocks per dimension: the extra rows are empty and never visited by the kernel,
-    # and Dynamo then never specialises the kernel on a 1-block mask.
-    pad = (0, max(0, 2 - nkb), 0, max(0, 2 - nqb))
-    partial, full = F.pad(partial, pad), F.pad(full, pad)
+def _block_mask_tensors(some: Tensor, every: Tensor, padded: bool = False) -> tuple[Tensor, ...]:
+    """FlexAttention's eight BlockMask tensors from block flags; ``padded``: the flags have one
+    shape and at least two blocks per dimension already (:func:`_fused_flags`)."""
+    if padded:
+        partial, full = some & ~every, every
+    else:
+        partial, full = torch.broadcast_tensors(some & ~every, every)
+        nqb, nkb = partial.shape[-2:]
+        # At least two blocks per dimension: the extra rows are empty and never visited by the
+        # kernel, and Dynamo then never specialises the kernel on a 1-block mask.
+        pad = (0, max(0, 2 - nkb), 0, max(0, 2 - nqb))
+        partial, full = F.pad(partial, pad), F.pad(full, pad)
     kv_num, kv_idx = _ordered(partial)
     full_kv_num, full_kv_idx = _ordered(full)
     q_num, q_idx = _ordered(partial.transpose(-1, -2))
@@ -578,7 +588,7 @@ def _build_blocks(q, k, offset, mask, mask_mod, static: _BuildStatic):
     B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     fn = compose_mask(static.structure, offset, mask, mask_mod)
     some, every = _fused_flags(fn, B, H, Nq, Nk, static.block, q.device)
-    return _block_mask_tensors(some, every)
+    return _block_mask_tensors(some, every, padded=True)
 
 
 # The block mask of a kind of mask is built by its compiled builder from this build on; earlier

@@ -241,10 +241,12 @@ def _structure(parts):
                      bias_full=None, has_mask_mod=bool(parts.get("mask_mod")), has_score_mod=False)
 
 
-@pytest.mark.parametrize("Nq,Nk,block", [(70, 100, (16, 32)), (33, 33, (16, 16)), (5, 130, (8, 64))])
+@pytest.mark.parametrize("Nq,Nk,block", [(70, 100, (16, 32)), (33, 33, (16, 16)), (5, 130, (8, 64)),
+                                           (40, 20, (16, 32))])
 def test_fused_flags_match_the_chunked_flags(Nq, Nk, block):
     """The 6-D one-pass evaluation used by the compiled builder gives the same block flags as the
-    chunked evaluation, including incomplete edge blocks and masks that broadcast over b or h."""
+    chunked evaluation, including incomplete edge blocks and masks that broadcast over b or h; a
+    dimension of one block gets a second, empty one."""
     from flexflash._compile import _fused_flags, _mask_flags
     from flexflash._compose import compose_mask
     gen = torch.Generator().manual_seed(Nq)
@@ -253,7 +255,11 @@ def test_fused_flags_match_the_chunked_flags(Nq, Nk, block):
         fn = compose_mask(_structure(parts), Nk - Nq, mask, mask_mod)
         want = _mask_flags(fn, B, H, Nq, Nk, block, torch.device("cpu"))
         got = _fused_flags(fn, B, H, Nq, Nk, block, torch.device("cpu"))
+        nqb, nkb = want[0].shape[-2:]
         for a, b in zip(got, want):
+            assert a.shape[-2:] == (max(2, nqb), max(2, nkb)), (name, a.shape)
+            assert not a[..., nqb:, :].any() and not a[..., nkb:].any(), name
+            a = a[..., :nqb, :nkb]
             shape = torch.broadcast_shapes(a.shape, b.shape)
             assert torch.equal(a.expand(shape), b.expand(shape)), name
 
@@ -291,26 +297,33 @@ def test_mask_chunks_are_sized_by_the_dimensions_the_mask_depends_on(monkeypatch
     assert len(calls) == {"nothing": 1 + 4, "batch": 8, "head": 8}[depends_on]
 
 
-def test_compiled_block_mask_builder():
+def test_compiled_block_mask_builder(monkeypatch):
     """The compiled builder (the CUDA path, compiled here on CPU) returns FlexAttention's block-mask
-    tensors equal to those of the eager builder; new sizes compile at most once more (the tensors
-    a mask_mod captures become dynamic after their first change of size, as Dynamo does)."""
+    tensors equal to those of the eager builder, and compiles once for all sizes: the tensors a
+    mask_mod captures have dynamic sizes from the first compilation, and a length of one block
+    (padded to two) needs no graph of its own."""
     from torch._dynamo.utils import counters
     from flexflash._compile import _block_mask_tensors, _BuildStatic, _mask_builder, _mask_flags
-    from flexflash._compose import compose_mask
+    from flexflash._compose import compose_mask, squeeze_broadcast
     from flexflash import mods
     block = (16, 16)
+    # A hit in Inductor's and AOTAutograd's caches installs the guards of the graph cached there
+    # (another builder's, compiled at other sizes earlier in the process): the count of graphs
+    # would depend on the tests that ran before.
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     parts = dict(causal=True, mask=(1, 0, 0, 1), mask_mod=True)
     st = _structure(parts)
     builder = _mask_builder(st, ("test-builder",), block, torch.zeros(2, 1, 1, 8, dtype=torch.bool))
     before = counters["stats"]["unique_graphs"]
-    for B, Nq, Nk in [(2, 40, 70), (3, 70, 100), (2, 64, 64), (4, 20, 200)]:
+    for B, Nq, Nk in [(2, 40, 70), (3, 70, 100), (2, 64, 64), (4, 20, 200), (3, 10, 12), (2, 16, 40)]:
         gen = torch.Generator().manual_seed(Nk)
         mask = torch.rand(B, 1, 1, Nk, generator=gen) > 0.3
         ids = torch.sort(torch.randint(0, 3, (B, Nk), generator=gen), dim=-1).values
         mask_mod = mods.document(ids[:, Nk - Nq:].contiguous(), ids)
         q, k = torch.zeros(B, 2, Nq, 8), torch.zeros(B, 2, Nk, 8)
-        got = builder(q, k, torch.tensor(Nk - Nq, dtype=torch.int32), mask, mask_mod)
+        # the mask by its full dimensions, as _block_tensors passes it
+        got = builder(q, k, torch.tensor(Nk - Nq, dtype=torch.int32), squeeze_broadcast(mask, st.mask_full), mask_mod)
         fn = compose_mask(st, Nk - Nq, mask, mask_mod)
         want = _block_mask_tensors(*_mask_flags(fn, B, 2, Nq, Nk, block, torch.device("cpu")))
         nkb = -(-Nk // 16)
@@ -319,7 +332,7 @@ def test_compiled_block_mask_builder():
             b = _dense(want[num], want[idx], nkb)
             shape = torch.broadcast_shapes(a.shape, b.shape)
             assert torch.equal(a.expand(shape), b.expand(shape)), (name, B, Nq, Nk)
-    assert counters["stats"]["unique_graphs"] - before <= 2
+    assert counters["stats"]["unique_graphs"] - before == 1
 
 
 def test_block_mask_builder_never_runs_past_the_recompile_limit(monkeypatch):
