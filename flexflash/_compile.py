@@ -517,6 +517,13 @@ def _mask_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int
     return some, every
 
 
+def _at_least_two(n):
+    """``max(2, n)`` for a number of blocks: ``torch.sym_max`` where ``n`` is symbolic (no guard
+    on ``n`` being 1 or not), Python's ``max`` where it is an int (Dynamo does not trace
+    ``torch.sym_max`` of ints: a builder compiled with a static length)."""
+    return max(2, n) if isinstance(n, int) else torch.sym_max(2, n)
+
+
 def _fused_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int],
                  device: torch.device) -> tuple[Tensor, Tensor]:
     """The same flags as :func:`_mask_flags`, from one evaluation of the mask function over 6-D
@@ -531,7 +538,7 @@ def _fused_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, in
     number of blocks being 1 or not (through the strides of the operands), so a builder compiled at
     some length would compile again at a length of one block."""
     qb, kb = block
-    rq, rk = torch.sym_max(2, (Nq + qb - 1) // qb), torch.sym_max(2, (Nk + kb - 1) // kb)
+    rq, rk = _at_least_two((Nq + qb - 1) // qb), _at_least_two((Nk + kb - 1) // kb)
 
     def ar(n):
         return torch.arange(n, device=device, dtype=torch.int32)

@@ -264,6 +264,19 @@ def test_fused_flags_match_the_chunked_flags(Nq, Nk, block):
             assert torch.equal(a.expand(shape), b.expand(shape)), name
 
 
+def test_fused_flags_compile_with_static_sizes():
+    """The fused evaluation traces where Dynamo keeps the sizes static (Python ints: a builder
+    compiled at a size-1 dimension, or a static length), as well as with symbolic ones (torch
+    2.11's Dynamo does not trace ``torch.sym_max`` of ints)."""
+    from flexflash._compile import _fused_flags
+    fn = lambda b, h, i, j: (j <= i) & (i - j < 20)  # noqa: E731
+    compiled = torch.compile(lambda q, k: _fused_flags(fn, q.shape[0], q.shape[1], q.shape[2], k.shape[2], (16, 16),
+                                                       q.device), fullgraph=True, dynamic=False)
+    got = compiled(torch.zeros(1, 1, 40, 8), torch.zeros(1, 1, 70, 8))
+    want = _fused_flags(fn, 1, 1, 40, 70, (16, 16), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("depends_on", ["nothing", "batch", "head"])
 def test_mask_chunks_are_sized_by_the_dimensions_the_mask_depends_on(monkeypatch, depends_on):
     """The chunked evaluation bounds its memory by the mask's own batch and head sizes: a mask of
