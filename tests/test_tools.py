@@ -1,0 +1,72 @@
+"""tools/run_benchmarks.py and pytest-benchmark on a saved run of the benchmark suite
+(``tests/data/benchmark_run.json``: eight benchmarks of an H200 run of
+``benchmarks/test_attention.py``, each with its first five timings): the markdown summary with the
+ratio to the best SDPA backend, and ``pytest-benchmark compare`` against a second run."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "tests" / "data" / "benchmark_run.json"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("run_benchmarks", ROOT / "tools" / "run_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _medians(data):
+    return {(b["extra_info"]["case"], b["extra_info"]["direction"], b["extra_info"]["impl"]): b["stats"]["median"]
+            for b in data["benchmarks"]}
+
+
+def _row(table: str, case: str, direction: str) -> list[str]:
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    found = [r for r in rows if r[0] == case and r[4] == direction]
+    assert len(found) == 1, (case, direction, table)
+    return found[0]
+
+
+def test_summary_gives_the_ratio_to_the_best_sdpa_backend_that_ran():
+    data = json.loads(RUN.read_text())
+    table = _tool().summarize(data)
+    m = _medians(data)
+    assert "NVIDIA H200" in table.splitlines()[0] and "2.11.0+cu130" in table.splitlines()[0]
+    for direction in ("fwd", "fwd+bwd"):
+        row = _row(table, "document", direction)
+        best = min(m["document", direction, "sdpa-cudnn"], m["document", direction, "sdpa-efficient"])
+        assert row[-1] == f"{best / m['document', direction, 'flexflash']:.2f}"
+        assert row[6] == f"{m['document', direction, 'flexflash'] * 1e3:.3f}"
+        assert row[5] == "flex (triton)"
+    # soft-capping has no SDPA baseline (SDPA cannot express it): no ratio, not a made-up one
+    assert _row(table, "softcap", "fwd")[-1] == "—"
+
+
+def test_run_benchmarks_summarize_prints_the_table():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "run_benchmarks.py"), "--summarize", str(RUN)],
+                         capture_output=True, text=True, check=True).stdout
+    assert _row(out, "document", "fwd")[-1] == _row(_tool().summarize(json.loads(RUN.read_text())), "document", "fwd")[-1]
+
+
+def test_pytest_benchmark_compare_reads_saved_runs(tmp_path):
+    """A regression run is compared with ``pytest-benchmark compare`` against a saved one."""
+    data = json.loads(RUN.read_text())
+    for bench in data["benchmarks"]:  # a second run, 10% slower
+        for key in ("min", "max", "mean", "median", "q1", "q3"):
+            bench["stats"][key] *= 1.1
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps(data))
+    cli = "import sys; from pytest_benchmark.cli import main; sys.argv[0] = 'pytest-benchmark'; main()"
+    result = subprocess.run([sys.executable, "-c", cli, "compare", str(RUN), str(later), "--columns=median",
+                             "--group-by=name", "--time-unit=us"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    flex_fwd = _medians(json.loads(RUN.read_text()))["document", "fwd", "flexflash"] * 1e6
+    lines = [line for line in result.stdout.splitlines()
+             if line.startswith("test_attention[document-N1024-D64-bfloat16-fwd-flexflash]")]
+    assert len(lines) == 2, result.stdout  # one per run, side by side, the later one relative to the first
+    assert f"{flex_fwd:.4f} (1.0)" in lines[0] and f"{flex_fwd * 1.1:.4f} (1.10)" in lines[1]
