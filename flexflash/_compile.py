@@ -375,9 +375,10 @@ class _Kernel:
             self.compiles = 0
             self.generation += 1
             self._fn = self._compile()
-        if self.compiles and args[0].device.type == "cuda":
+        if self.compiles:
             # Compiled already with symbolic sizes: the marks below only matter for a first
-            # compilation (a later one makes sizes that changed dynamic by itself).
+            # compilation (a later one makes sizes that changed dynamic by itself; on CPU the
+            # tensors the modifiers read keep their first shapes, which are part of the kind).
             q, k, v = args[:3]
             if q is k or k is v or q is v:
                 # attention(x, x, x): the first compilation saw distinct aliases (below), and Dynamo

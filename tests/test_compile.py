@@ -479,3 +479,25 @@ def test_dynamic_marks_on_a_mask_mods_tensors_last_for_the_call_only():
     with pytest.raises(RuntimeError, match="compilation failed"):
         _with_dynamic_sizes([ids], failing, 1)
     assert not hasattr(ids, _WEAK_DYNAMIC)
+
+
+def test_a_compiled_kernel_marks_no_sizes_on_later_calls(monkeypatch):
+    """Once a kind has compiled (with symbolic sizes), its calls go straight to the compiled kernel:
+    no shape marks (each costs host time on every call), on CPU too; a new length reuses it."""
+    gen = torch.Generator().manual_seed(11)
+    pad = torch.rand(2, 96, generator=gen) > 0.3
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for n in (80, 96, 96))
+    flexflash.attention(q, k, v, mask=pad, backend="flex")  # compiles the kind
+    compiles = flexflash.compile_stats()["compiles"]
+    calls = []
+    # (torch._dynamo.mark_static is left alone: FlexAttention's traced code reads it, so replacing
+    # it would fail a guard and compile again)
+    original = torch._dynamo.maybe_mark_dynamic
+    monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda *a: (calls.append(a[1:]), original(*a))[1])
+    out = flexflash.attention(q, k, v, mask=pad, backend="flex")
+    q2 = torch.randn(2, 2, 70, 16, generator=gen)
+    out2 = flexflash.attention(q2, k, v, mask=pad, backend="flex")  # a new query length
+    assert calls == [] and flexflash.compile_stats()["compiles"] == compiles
+    check = lambda o, qq: torch.testing.assert_close(  # noqa: E731
+        o, flexflash.reference.attention(qq, k, v, mask=pad), atol=1e-4, rtol=1e-4)
+    check(out, q), check(out2, q2)
