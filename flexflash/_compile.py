@@ -568,7 +568,9 @@ def _tensor_flags(mask: Tensor, Nq: int, Nk: int, block: tuple[int, int]) -> tup
 
 def _block_mask_tensors(some: Tensor, every: Tensor, padded: bool = False) -> tuple[Tensor, ...]:
     """FlexAttention's eight BlockMask tensors from block flags; ``padded``: the flags have one
-    shape and at least two blocks per dimension already (:func:`_fused_flags`)."""
+    shape and at least two blocks per dimension already (:func:`_fused_flags`, compiled), so
+    neither the broadcast nor the padding runs (each would compare symbolic sizes, which is where
+    guards on a one-block length come from)."""
     if padded:
         partial, full = some & ~every, every
     else:
