@@ -533,11 +533,11 @@ def _fused_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, in
     use it compiled). Indices past the ends are clamped to the last row/column for the evaluation
     (so captured tensors are never read out of bounds) and count as masked.
 
-    The flags have at least two blocks per dimension (the extra ones empty), the padding
-    :func:`_block_mask_tensors` gives a 1-block mask, here as ``sym_max`` sizes of the grids:
-    compiled with symbolic sizes, a padding or a slice after the evaluation would guard on the
-    number of blocks being 1 or not (through the strides of the operands), so a builder compiled at
-    some length would compile again at a length of one block."""
+    The flags have at least two blocks per dimension, the extra ones empty (the padding
+    :func:`_block_mask_tensors` gives the flags of a one-block mask), through ``sym_max`` sizes of
+    the grids: compiled with symbolic sizes, padding or slicing the flags after the evaluation would
+    guard on the number of blocks being 1 or not (through the operands' strides), and a builder
+    compiled at one length would compile again at a length of one block."""
     qb, kb = block
     rq, rk = _at_least_two((Nq + qb - 1) // qb), _at_least_two((Nk + kb - 1) // kb)
 

@@ -317,7 +317,7 @@ def test_compiled_block_mask_builder(monkeypatch):
     tensors equal to those of the eager builder, and compiles once for all sizes: the tensors a
     mask_mod captures have dynamic sizes from the first compilation, and a length of one block
     (padded to two) needs no graph of its own."""
-    from flexflash._compile import _block_mask_tensors, _BuildStatic, _mask_builder, _mask_flags
+    from flexflash._compile import _block_mask_tensors, _mask_builder, _mask_flags
     from flexflash._compose import compose_mask, squeeze_broadcast
     from flexflash import mods
     block = (16, 16)
@@ -490,10 +490,15 @@ def test_a_compiled_kernel_marks_no_sizes_on_later_calls(monkeypatch):
     flexflash.attention(q, k, v, mask=pad, backend="flex")  # compiles the kind
     compiles = flexflash.compile_stats()["compiles"]
     calls = []
+    original = torch._dynamo.maybe_mark_dynamic
+
+    def recording(t, dim):
+        calls.append(dim)
+        return original(t, dim)
+
     # (torch._dynamo.mark_static is left alone: FlexAttention's traced code reads it, so replacing
     # it would fail a guard and compile again)
-    original = torch._dynamo.maybe_mark_dynamic
-    monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda *a: (calls.append(a[1:]), original(*a))[1])
+    monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", recording)
     out = flexflash.attention(q, k, v, mask=pad, backend="flex")
     q2 = torch.randn(2, 2, 70, 16, generator=gen)
     out2 = flexflash.attention(q2, k, v, mask=pad, backend="flex")  # a new query length
