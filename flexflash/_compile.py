@@ -19,7 +19,7 @@ Why it looks like this:
   so a new length does not recompile. On CUDA, lengths that are multiples of 128 (every kernel
   tile) are a kind of their own, compiled without the per-tile boundary checks (``IS_DIVISIBLE``):
   a case compiles at most twice over all its lengths. The exception is a ``(..., Nq, Nk)`` bias on
-  CUDA, compiled with static shapes (``_STATIC_SEQUENCE_BUFFERS``).
+  CUDA, compiled with static shapes for its first few shapes (``_STATIC_SEQUENCE_BUFFERS``).
 * Block masks are built on CUDA by one compiled builder per kind of mask, elsewhere eagerly in
   query chunks (memory bounded by ``_MASK_CHUNK_ELEMENTS``), and padded to at least two blocks per
   dimension, which keeps Dynamo from specialising on 1-block masks. Masks that depend only on
@@ -270,6 +270,49 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
 _SERIAL = itertools.count()
 
 
+def _cpu_static_bias(st: Structure) -> bool:
+    """Whether a CPU call's bias keeps static shapes: one full along the keys but broadcast along
+    the queries (a per-key bias) does not compile with a symbolic key length (torch 2.13: the
+    generated C++ names an undeclared variable)."""
+    return st.bias_full is not None and st.bias_full[3] and not st.bias_full[2]
+
+
+def _cpu_static_shapes(st: Structure, mask: Tensor | None, bias: Tensor | None, mask_info: Modifier,
+                       score_info: Modifier, every: bool = False) -> tuple:
+    """The static sizes of a CPU call's kind (see _Kernel.__call__). The CPU kernel template
+    compiles some buffers of symbolic size into C++ that names undeclared variables (torch 2.13,
+    found by compiling every broadcast pattern): a mask's or bias's batch dimension indexed by a
+    symbolic batch, a per-key bias, and (not knowing their layout) the tensors a score_mod reads.
+    Those stay static: their sizes are part of the kind, and a new size compiles once more. The
+    sequence dimensions of masks and biases, and the tensors a mask_mod reads (document ids,
+    lengths), are symbolic, so new lengths reuse the kernel. Where that still fails to compile (a
+    mask_mod reading a strided slice of a tensor, say), the kind is kept in ``_CPU_STATIC_KINDS``
+    and every shape is static (``every``): one compilation per shape, as for any new shape."""
+    if every:
+        return ("static",) + tuple(tuple(t.shape) for t in (mask, bias, *mask_info.tensors, *score_info.tensors)
+                                   if t is not None)
+    bias_shape = None
+    if bias is not None:
+        bias_shape = tuple(bias.shape) if _cpu_static_bias(st) else bias.shape[0]
+    return (None if mask is None else mask.shape[0], bias_shape,
+            tuple(tuple(t.shape) for t in score_info.tensors))
+
+
+# CPU kinds (without their shapes) whose kernel failed to compile with symbolic buffer sizes.
+_CPU_STATIC_KINDS: set = set()
+
+
+def _is_cpp_compile_error(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is Inductor's C++ compile error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "CppCompileError" or "CppCompileError" in str(e).split("\n", 1)[0]:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _mark_squeezed_dynamic(t: Tensor | None, full: tuple[bool, ...] | None) -> None:
     """Marks the batch and length dimensions of a CUDA mask or bias dynamic (heads stay static);
     ``t`` is squeezed to its full dimensions (see run_flex), ``full`` says which those are."""
@@ -377,8 +420,8 @@ class _Kernel:
             self._fn = self._compile()
         if self.compiles:
             # Compiled already with symbolic sizes: the marks below only matter for a first
-            # compilation (a later one makes sizes that changed dynamic by itself; on CPU the
-            # tensors the modifiers read keep their first shapes, which are part of the kind).
+            # compilation (a later one makes sizes that changed dynamic by itself; on CPU the sizes
+            # that stay static are part of the kind: _cpu_static_shapes).
             q, k, v = args[:3]
             if q is k or k is v or q is v:
                 # attention(x, x, x): the first compilation saw distinct aliases (below), and Dynamo
@@ -393,12 +436,27 @@ class _Kernel:
         for t in (q, k, v):  # batch and sequence lengths
             torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
-        if q.device.type == "cpu":
-            # The CPU kernel template miscompiles buffers of symbolic size: on CPU, tensors read by
-            # the modifiers keep static shapes (a new shape of a mask or bias compiles anew).
+        if q.device.type == "cpu" and self.static_buffers:  # every buffer static (_cpu_static_shapes)
             for t in (mask, bias, *captured_tensors(args[7]), *captured_tensors(args[8])):
                 if t is not None:
                     torch._dynamo.mark_static(t)
+            return _without_duck_sizing(self._fn, *args, self.static)
+        if q.device.type == "cpu":
+            # The CPU kernel template compiles some buffers of symbolic size into C++ that names
+            # undeclared variables (torch 2.13): see _cpu_static_shapes for what stays static.
+            st = self.static.structure
+            for t, full in ((mask, st.mask_full), (bias, st.bias_full)):
+                if t is None:
+                    continue
+                if full is st.bias_full and _cpu_static_bias(st):
+                    torch._dynamo.mark_static(t)
+                    continue
+                torch._dynamo.mark_static(t, 0)
+                for dim in (2, 3):
+                    if full[dim]:
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
+            for t in captured_tensors(args[8]):
+                torch._dynamo.mark_static(t)
         else:
             st = self.static.structure
             if bias is not None and self.static_buffers:
@@ -416,15 +474,12 @@ class _Kernel:
                 for dim in range(t.dim()):
                     if dim != 1 or t.dim() == 1:
                         torch._dynamo.maybe_mark_dynamic(t, dim)
-        if q.device.type == "cuda":
-            # A mask_mod's tensors are read on partial blocks only, and from a second length on
-            # Dynamo compiles them with symbolic sizes anyway (the document rows at N = 2048 and
-            # 8192 of benchmarks/RESULTS.md ran such kernels). A score_mod's tensors keep static
-            # shapes until a size changes: they are read on every entry, where symbolic strides
-            # slowed biases several times (_STATIC_SEQUENCE_BUFFERS).
-            return _with_dynamic_sizes(captured_tensors(args[7]), _without_duck_sizing, self._fn, *args,
-                                       self.static)
-        return _without_duck_sizing(self._fn, *args, self.static)
+        # A mask_mod's tensors are read on partial blocks only, and from a second length on Dynamo
+        # compiles them with symbolic sizes anyway (the document rows at N = 2048 and 8192 of
+        # benchmarks/RESULTS.md ran such kernels). A score_mod's tensors keep static shapes until a
+        # size changes on CUDA (they are read on every entry, where symbolic strides slowed biases
+        # several times: _STATIC_SEQUENCE_BUFFERS), and always on CPU (_cpu_static_shapes).
+        return _with_dynamic_sizes(captured_tensors(args[7]), _without_duck_sizing, self._fn, *args, self.static)
 
 
 _KERNELS: dict[Any, _Kernel] = {}
@@ -443,6 +498,8 @@ def reset() -> None:
     _BUILDERS.clear()
     _BLOCK_MASKS.clear()
     _DEAD_KEYS.clear()
+    _CPU_STATIC_KINDS.clear()
+    _BIAS_SHAPES.clear()
     for key in _STATS:
         _STATS[key] = 0
 
@@ -845,6 +902,14 @@ def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: tor
 # of that shape measured the same either way once indexed by their full dimensions only (H200:
 # 1.685 / 1.686 ms GPU time at D=128), so they stay symbolic (one compilation for all lengths).
 _STATIC_SEQUENCE_BUFFERS = True
+# How many shapes of such a bias compile statically per kind, before one kernel of symbolic shapes
+# takes every further shape: the first shapes (a training run's one length, a few evaluation
+# lengths) get the fast kernel, and many lengths still do not compile once per length. Declaring
+# the lengths multiples of 16 inside the kernel (torch._check) did not make the symbolic kernel
+# faster (H200, torch 2.11, bf16, causal + (B, H, N, N) bias, N = 4096, forward GPU time: static
+# 0.99 / 0.90 ms, symbolic 2.57 / 5.09 ms, symbolic with the checks 2.56 / 5.09 ms at D = 64 / 128).
+_STATIC_BIAS_SHAPES = 4
+_BIAS_SHAPES: dict[Any, set] = {}
 
 _DIVISIBLE_TILE = 128  # the largest default FlexAttention tile, forward and backward
 
@@ -957,7 +1022,19 @@ def triton_case(st: Structure, score_mod) -> str | None:
     return "mask" if st.mask_full is not None else None
 
 
-def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
+class _StaticOnCpu(Exception):
+    """A CPU kind with symbolic buffer sizes failed to compile: call again with static ones."""
+
+
+def run_flex(*args, **kwargs) -> tuple[Tensor, Tensor | None]:
+    """Runs one validated call through compiled FlexAttention (see :func:`_run_flex`)."""
+    try:
+        return _run_flex(*args, **kwargs)
+    except _StaticOnCpu:
+        return _run_flex(*args, **kwargs)
+
+
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
              mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
              return_lse: bool, dropout_p: float = 0.0,
              dropout_params: Tensor | None = None,
@@ -972,6 +1049,10 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     score_info = inspect_modifier(score_mod) if score_info is None else score_info
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[-2]
+    if q.device.type == "cpu" and bias is not None and bias.shape[-2] == 1 < bias.shape[-1] and Nq > 1:
+        # A per-key bias does not compile on CPU with a symbolic key length (_cpu_static_bias); its
+        # stride-0 expansion along the queries does.
+        bias = bias.expand(*bias.shape[:2], Nq, Nk)
     st = structure(q, k, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
     single_query = st.single_query
     if single_query:
@@ -1006,11 +1087,17 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
                       and st.bias_full is not None and st.bias_full[2] and st.bias_full[3])
     if static_buffers:
         # A bias with both sequence dimensions full compiles with static shapes (see
-        # _STATIC_SEQUENCE_BUFFERS): a kind per shape.
-        kind += (tuple(bias.shape),)
-    if q.device.type == "cpu":  # captured tensors have static shapes on CPU (see _Kernel.__call__)
-        kind += (tuple(tuple(t.shape) for t in (mask, bias, *mask_info.tensors, *score_info.tensors)
-                       if t is not None),)
+        # _STATIC_SEQUENCE_BUFFERS): a kind per shape, for the first _STATIC_BIAS_SHAPES shapes of
+        # the kind; further shapes share one kernel of symbolic shapes.
+        shapes = _BIAS_SHAPES.setdefault(kind, set())
+        if tuple(bias.shape) in shapes or len(shapes) < _STATIC_BIAS_SHAPES:
+            shapes.add(tuple(bias.shape))
+            kind += (tuple(bias.shape),)
+        else:
+            static_buffers = False
+    cpu_static = q.device.type == "cpu" and kind in _CPU_STATIC_KINDS
+    if q.device.type == "cpu":
+        kind += (_cpu_static_shapes(st, mask, bias, mask_info, score_info, every=cpu_static),)
     kernel = _KERNELS.get(kind) if not tracing else functools.partial(_flex_kernel, static=static)
     if kernel is None:
         label = "_".join(filter(None, [
@@ -1020,7 +1107,7 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
             "dropout" if use_dropout else "",
         ])) or "dense"
         label = "".join(c if c.isalnum() else "_" for c in label)[:60]
-        kernel = _KERNELS[kind] = _Kernel(static, label, static_buffers=static_buffers, mode=mode)
+        kernel = _KERNELS[kind] = _Kernel(static, label, static_buffers=static_buffers or cpu_static, mode=mode)
         _STATS["kernels"] += 1
 
     offset = None
@@ -1041,7 +1128,18 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | No
     if use_dropout:
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)
         drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device))
-    out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
+    try:
+        out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
+    except Exception as e:
+        if q.device.type != "cpu" or tracing or kernel.static_buffers or not _is_cpp_compile_error(e):
+            raise
+        # The CPU kernel template generated C++ that does not compile for some buffer of symbolic
+        # size (see _cpu_static_shapes): this kind compiles with static shapes from now on.
+        log.info("flexflash: the CPU kernel for %s compiles with static buffer shapes (%s)", kernel.label,
+                 str(e).splitlines()[0][:200])
+        _CPU_STATIC_KINDS.add(kind[:-1])
+        _KERNELS.pop(kind, None)
+        raise _StaticOnCpu from e
     if single_query:
         out = out[:, :, :1]
         lse = None if lse is None else lse[:, :, :1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flexflash
-from flexflash import mods
+from flexflash import _compile, mods
 from flexflash._compile import _KERNELS, _recompile_limit, compile_stats
 
 from .helpers import as64, assert_close_to_golden
@@ -47,6 +47,72 @@ def test_new_mask_and_bias_values_of_one_shape_reuse_the_kernel():
             out = flexflash.attention(q, q, q, mask=mask, bias=bias)
             torch.testing.assert_close(out, flexflash.reference.attention(q, q, q, mask=mask, bias=bias))
     assert compile_stats()["compiles"] == before
+
+
+@pytest.mark.parametrize("case", ["bool_mask_and_key_bias", "key_padding_and_full_bias", "document"])
+def test_new_lengths_with_masks_biases_and_captured_tensors_do_not_recompile_each_time(case):
+    """Masks, biases and the tensors a mask_mod reads take new sequence lengths without a
+    compilation per length, on CPU too (where some of their dimensions stay static: see
+    flexflash._compile._cpu_static_shapes). Covered: a (1, 1, Nq, Nk) bool mask with a per-key bias,
+    a (B, Nk) padding mask with a (B, H, Nq, Nk) bias, document ids of shape (B, N)."""
+    gen = torch.Generator().manual_seed(12)
+    _compile.reset()
+    for n in (40, 57, 96, 130):
+        q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for _ in range(3))
+        if case == "bool_mask_and_key_bias":
+            kw = dict(mask=torch.rand(1, 1, n, n, generator=gen) > 0.4, bias=torch.randn(1, 1, 1, n, generator=gen))
+        elif case == "key_padding_and_full_bias":
+            pad = torch.arange(n) < torch.tensor([[n], [n // 2]])
+            kw = dict(mask=pad, bias=torch.randn(2, 2, n, n, generator=gen))
+        else:
+            kw = dict(mask_mod=mods.document(torch.arange(n).expand(2, n) // 23))
+        with torch.no_grad():
+            out = flexflash.attention(q, k, v, backend="flex", **kw)
+        ref = flexflash.reference.attention(q, k, v, **kw)
+        golden = flexflash.reference.attention(as64(q), as64(k), as64(v), **kw)
+        assert_close_to_golden("out", out, ref, golden, torch.float32)
+    # The first length compiles; at most one more graph where a size Dynamo first kept static
+    # changes (it then makes it dynamic), never one per length.
+    assert compile_stats()["compiles"] <= 2
+
+
+def test_a_cpu_kind_that_fails_to_compile_with_symbolic_buffers_compiles_static(monkeypatch):
+    """Where Inductor's CPU template generates C++ that does not compile for a buffer of symbolic
+    size, the kind compiles again with static shapes (and stays static) instead of failing."""
+    class CppCompileError(RuntimeError):
+        pass
+
+    original = _compile._Kernel.__call__
+    dynamic_tries = []
+
+    def failing_when_symbolic(self, *args):
+        if not self.static_buffers:
+            dynamic_tries.append(self.label)
+            raise CppCompileError("C++ compile error")
+        return original(self, *args)
+
+    monkeypatch.setattr(_compile._Kernel, "__call__", failing_when_symbolic)
+    _compile.reset()
+    gen = torch.Generator().manual_seed(13)
+    for n in (40, 57):
+        q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for _ in range(3))
+        ids = torch.sort(torch.randint(0, 3, (2, n), generator=gen), dim=-1).values
+        with torch.no_grad():
+            out = flexflash.attention(q, k, v, mask_mod=mods.document(ids), backend="flex")
+        kw = dict(mask_mod=mods.document(ids))
+        ref = flexflash.reference.attention(q, k, v, **kw)
+        golden = flexflash.reference.attention(as64(q), as64(k), as64(v), **kw)
+        assert_close_to_golden("out", out, ref, golden, torch.float32)
+    assert len(dynamic_tries) == 1 and len(_compile._CPU_STATIC_KINDS) == 1  # static from then on
+    assert len(_KERNELS) == 2 and all(kern.static_buffers for kern in _KERNELS.values())  # one per shape
+
+    def failing_otherwise(self, *args):
+        raise RuntimeError("another error")
+
+    monkeypatch.setattr(_compile._Kernel, "__call__", failing_otherwise)
+    with pytest.raises(RuntimeError, match="another error"), torch.no_grad():  # other errors propagate
+        flexflash.attention(q, k, v, causal=True, backend="flex")
+    _compile.reset()
 
 
 def test_many_distinct_modifiers_never_fall_back_to_the_unfused_path():
@@ -312,6 +378,10 @@ def test_mask_chunks_are_sized_by_the_dimensions_the_mask_depends_on(monkeypatch
     assert len(calls) == {"nothing": 1 + 4, "batch": 8, "head": 8}[depends_on]
 
 
+@pytest.mark.skipif(torch.__version__ < "2.13", reason=(
+    "Inductor's C++ backend in torch 2.11 generates code that does not compile for the fused flags "
+    "('tmp1' was not declared). flexflash builds block masks eagerly on CPU and compiles the builder "
+    "only on CUDA, where tests/test_gpu.py covers it on torch 2.11; this test compiles it on CPU"))
 def test_compiled_block_mask_builder(monkeypatch):
     """The compiled builder (the CUDA path, compiled here on CPU) returns FlexAttention's block-mask
     tensors equal to those of the eager builder, and compiles once for all sizes: the tensors a

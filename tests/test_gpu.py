@@ -108,6 +108,26 @@ def test_lengths_do_not_recompile_on_gpu():
     assert after["compiles"] - before["compiles"] <= 2, (before, after)
 
 
+def test_lengths_of_a_full_bias_compile_a_bounded_number_of_times_on_gpu():
+    """A (B, H, Nq, Nk) bias compiles with static shapes for its kind's first
+    _STATIC_BIAS_SHAPES shapes, then one kernel of symbolic shapes takes every further length:
+    eight lengths (multiples of 128, one kind) compile 4 + 1 times, not 8, and agree with the
+    reference."""
+    from flexflash import _compile
+    _compile.reset()
+    gen = torch.Generator().manual_seed(seed_of("bias-lengths"))
+    for n in (256, 384, 512, 640, 768, 896, 1024, 1152):
+        q, k, v = (torch.randn(2, 2, n, 64, generator=gen).cuda().to(torch.bfloat16) for _ in range(3))
+        bias = torch.randn(2, 2, n, n, generator=gen).cuda().to(torch.bfloat16)
+        out = flexflash.attention(q, k, v, causal=True, bias=bias)
+        kw = dict(causal=True, bias=bias)
+        ref = flexflash.reference.attention(q, k, v, **kw)
+        golden = flexflash.reference.attention(*(t.double() for t in (q, k, v)), causal=True, bias=bias.double())
+        assert_close_to_golden("out", out, ref, golden, torch.bfloat16)
+    stats = flexflash.compile_stats()
+    assert stats["kernels"] == _compile._STATIC_BIAS_SHAPES + 1 and stats["compiles"] <= stats["kernels"], stats
+
+
 def test_lengths_of_a_mask_mod_reading_tensors_do_not_recompile_on_gpu():
     """Eight lengths and two batch sizes of a document mask whose ids are tensors: one kernel for
     multiples of 128, one for the rest, each compiled once (the ids' sizes are dynamic from the
