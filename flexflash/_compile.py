@@ -1095,7 +1095,8 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
             kind += (tuple(bias.shape),)
         else:
             static_buffers = False
-    cpu_static = q.device.type == "cpu" and kind in _CPU_STATIC_KINDS
+    shapeless_kind = kind
+    cpu_static = q.device.type == "cpu" and shapeless_kind in _CPU_STATIC_KINDS
     if q.device.type == "cpu":
         kind += (_cpu_static_shapes(st, mask, bias, mask_info, score_info, every=cpu_static),)
     kernel = _KERNELS.get(kind) if not tracing else functools.partial(_flex_kernel, static=static)
@@ -1137,7 +1138,7 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         # size (see _cpu_static_shapes): this kind compiles with static shapes from now on.
         log.info("flexflash: the CPU kernel for %s compiles with static buffer shapes (%s)", kernel.label,
                  str(e).splitlines()[0][:200])
-        _CPU_STATIC_KINDS.add(kind[:-1])
+        _CPU_STATIC_KINDS.add(shapeless_kind)
         _KERNELS.pop(kind, None)
         raise _StaticOnCpu from e
     if single_query:
