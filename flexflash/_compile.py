@@ -1052,7 +1052,9 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     if q.device.type == "cpu" and bias is not None and bias.shape[-2] == 1 < bias.shape[-1] and Nq > 1:
         # A per-key bias does not compile on CPU with a symbolic key length (_cpu_static_bias); its
         # stride-0 expansion along the queries does.
-        bias = bias.expand(*bias.shape[:2], Nq, Nk)
+        # (The view gives its size-1 dimensions the strides that the first compilation's alias,
+        # a view too, saw: Dynamo guards on them.)
+        bias = bias.expand(*bias.shape[:2], Nq, Nk).view(*bias.shape[:2], Nq, Nk)
     st = structure(q, k, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
     single_query = st.single_query
     if single_query:
