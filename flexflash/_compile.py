@@ -445,16 +445,17 @@ class _Kernel:
             # The CPU kernel template compiles some buffers of symbolic size into C++ that names
             # undeclared variables (torch 2.13): see _cpu_static_shapes for what stays static.
             st = self.static.structure
-            for t, full in ((mask, st.mask_full), (bias, st.bias_full)):
-                if t is None:
-                    continue
-                if full is st.bias_full and _cpu_static_bias(st):
-                    torch._dynamo.mark_static(t)
-                    continue
-                torch._dynamo.mark_static(t, 0)
-                for dim in (2, 3):
-                    if full[dim]:
-                        torch._dynamo.maybe_mark_dynamic(t, dim)
+            buffers = [(mask, st.mask_full)]
+            if _cpu_static_bias(st):
+                torch._dynamo.mark_static(bias)
+            else:
+                buffers.append((bias, st.bias_full))
+            for t, full in buffers:
+                if t is not None:
+                    torch._dynamo.mark_static(t, 0)
+                    for dim in (2, 3):
+                        if full[dim]:
+                            torch._dynamo.maybe_mark_dynamic(t, dim)
             for t in captured_tensors(args[8]):
                 torch._dynamo.mark_static(t)
         else:
@@ -1098,7 +1099,7 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         else:
             static_buffers = False
     shapeless_kind = kind
-    cpu_static = q.device.type == "cpu" and shapeless_kind in _CPU_STATIC_KINDS
+    cpu_static = q.device.type == "cpu" and bool(_CPU_STATIC_KINDS) and shapeless_kind in _CPU_STATIC_KINDS
     if q.device.type == "cpu":
         kind += (_cpu_static_shapes(st, mask, bias, mask_info, score_info, every=cpu_static),)
     kernel = _KERNELS.get(kind) if not tracing else functools.partial(_flex_kernel, static=static)
