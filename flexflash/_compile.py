@@ -202,6 +202,9 @@ class _Static:
     dropout: bool = False
     # Extra options of the dropout passes (kept entries, undropped lse), from flexflash._tuning.
     pass_options: tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]] = ((), ())
+    # Whether the mask and the bias (in this order) arrive with their key dimension split in two,
+    # (..., Nk // 16, 16) (_split_keys): the kernel joins it again.
+    split_keys: tuple[bool, bool] = (False, False)
 
 
 def _flex(q, k, v, score_fn, block_mask, static: _Static, return_lse: bool, extra=()):
@@ -235,6 +238,10 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     full-block path (no mask evaluation, no per-entry select), forward and backward."""
     st = static.structure
     Nq, Nk = q.shape[-2], k.shape[-2]
+    if static.split_keys[0]:
+        mask = _join_keys(mask, st.mask_full)
+    if static.split_keys[1]:
+        bias = _join_keys(bias, st.bias_full)
     mask_fn = compose_mask(st, offset, mask, mask_mod)
     score_fn = compose_score(st, bias, score_mod)
     block_mask = None
@@ -268,6 +275,44 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
 
 
 _SERIAL = itertools.count()
+
+# Masks and biases full along the keys are read on every entry of a tile (on partial blocks for
+# masks, everywhere for biases): Triton loads a row of such a buffer in vectors only where it can
+# prove the row's start aligned. With symbolic lengths the row stride is a symbol of unknown
+# divisibility, and every entry was loaded alone: a (B, H, N, N) bias + causal forward took 5.2 ms
+# against 0.88 ms with static shapes, a dense (N, N) bool mask 6.1 ms against 1.7 ms (H200, torch
+# 2.11, bf16, B = 4, H = 16, N = 4096, D = 128, lengths multiples of the tiles). Passed as a view
+# of shape (..., Nk // 16, 16) and joined again inside the kernel, the row stride is 16 times a
+# symbol, and the symbolic kernels run at the static ones' speed (0.88 and 1.72 ms): one
+# compilation for every length. Only where the lengths are multiples of the tiles: otherwise the
+# kernel's boundary checks index modulo the symbolic length, which no layout makes vectorisable.
+# Not for a bias that needs its gradient: FlexAttention's backward does not lower the gradient of
+# a captured tensor that is a view made inside the graph (torch 2.11: "int() argument must be ...
+# not 'tuple'"); the bias's own gradient dominates that backward anyway.
+_KEY_SPLIT = 16
+
+
+def _static_sequence_buffers(st: Structure, split_keys: tuple[bool, bool]) -> tuple[bool, bool]:
+    """Whether the mask and the bias (in this order) are full along both sequence dimensions and
+    not split (_split_keys): the buffers that compile with static shapes on CUDA for the first
+    shapes of their kind (_STATIC_SEQUENCE_BUFFERS)."""
+    full = lambda f: f is not None and f[2] and f[3]  # noqa: E731
+    return full(st.mask_full) and not split_keys[0], full(st.bias_full) and not split_keys[1]
+
+
+def _split_keys(t: Tensor | None, full: tuple[bool, ...] | None) -> Tensor | None:
+    """``t`` (squeezed to its full dimensions) with its last, key dimension split as
+    ``(Nk // 16, 16)`` where it is full along the keys; unchanged otherwise."""
+    if t is None or not full[3]:
+        return t
+    return t.unflatten(-1, (t.shape[-1] // _KEY_SPLIT, _KEY_SPLIT))
+
+
+def _join_keys(t: Tensor | None, full: tuple[bool, ...] | None) -> Tensor | None:
+    """The inverse of :func:`_split_keys`, inside the compiled kernel."""
+    if t is None or not full[3]:
+        return t
+    return t.flatten(-2)
 
 
 def _cpu_static_bias(st: Structure) -> bool:
@@ -460,11 +505,13 @@ class _Kernel:
                 torch._dynamo.mark_static(t)
         else:
             st = self.static.structure
-            if bias is not None and self.static_buffers:
-                torch._dynamo.mark_static(bias)
-            else:
-                _mark_squeezed_dynamic(bias, st.bias_full)
-            _mark_squeezed_dynamic(mask, st.mask_full)
+            static_mask, static_bias = (_static_sequence_buffers(st, self.static.split_keys) if self.static_buffers
+                                        else (False, False))
+            for t, full, static in ((mask, st.mask_full, static_mask), (bias, st.bias_full, static_bias)):
+                if t is not None and static:
+                    torch._dynamo.mark_static(t)
+                else:
+                    _mark_squeezed_dynamic(t, full)
         drop = args[9]
         for t in blocks or ():
             for dim in range(t.dim()):
@@ -500,7 +547,7 @@ def reset() -> None:
     _BLOCK_MASKS.clear()
     _DEAD_KEYS.clear()
     _CPU_STATIC_KINDS.clear()
-    _BIAS_SHAPES.clear()
+    _STATIC_SHAPES.clear()
     for key in _STATS:
         _STATS[key] = 0
 
@@ -896,21 +943,18 @@ def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: tor
     return r1.view(B, H, Nq), r2.view(B, H, Nq), c
 
 
-# Biases with both sequence dimensions full ((..., Nq, Nk) tensors) compile with static shapes on
-# CUDA, one kernel per shape: with symbolic sizes FlexAttention's kernels read them element by
-# element (H100, torch 2.11, bf16, B=4 H=16 N=4096 D=128, causal + (B, H, N, N) bias forward, raw
-# FlexAttention: 5.04 ms symbolic, 0.88 ms static; flexflash's symbolic kernel 4.9 ms). Bool masks
-# of that shape measured the same either way once indexed by their full dimensions only (H200:
-# 1.685 / 1.686 ms GPU time at D=128), so they stay symbolic (one compilation for all lengths).
+# Masks and biases full along both sequence dimensions ((..., Nq, Nk) tensors) that are not split
+# (_split_keys: lengths that are not multiples of the tiles, a bias that needs its gradient)
+# compile with static shapes on CUDA: with symbolic sizes the kernel's boundary checks index them
+# modulo a symbolic length, element by element (H200, torch 2.11, bf16, B=4 H=16 N=4000 D=128,
+# forward GPU time of raw FlexAttention, static / symbolic: causal + (B, H, N, N) bias 0.98 /
+# 3.93 ms, a dense (N, N) bool mask 1.91 / 5.81 ms).
 _STATIC_SEQUENCE_BUFFERS = True
-# How many shapes of such a bias compile statically per kind, before one kernel of symbolic shapes
-# takes every further shape: the first shapes (a training run's one length, a few evaluation
-# lengths) get the fast kernel, and many lengths still do not compile once per length. Declaring
-# the lengths multiples of 16 inside the kernel (torch._check) did not make the symbolic kernel
-# faster (H200, torch 2.11, bf16, causal + (B, H, N, N) bias, N = 4096, forward GPU time: static
-# 0.99 / 0.90 ms, symbolic 2.57 / 5.09 ms, symbolic with the checks 2.56 / 5.09 ms at D = 64 / 128).
-_STATIC_BIAS_SHAPES = 4
-_BIAS_SHAPES: dict[Any, set] = {}
+# How many shapes of such buffers compile statically per kind, before one kernel of symbolic
+# shapes takes every further shape: the first shapes (a training run's one length, a few
+# evaluation lengths) get the fast kernel, and many lengths still do not compile once per length.
+_STATIC_BUFFER_SHAPES = 4
+_STATIC_SHAPES: dict[Any, set] = {}
 
 _DIVISIBLE_TILE = 128  # the largest default FlexAttention tile, forward and backward
 
@@ -1067,7 +1111,8 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
                                                     infos=(mask_info, score_info), block=block,
                                                     kernel_options=kernel_options, dropout=use_dropout,
                                                     return_lse=return_lse)
-    if q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options):
+    divisible = q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options)
+    if divisible:
         # Lengths are symbolic in the compiled kernel, so FlexAttention cannot prove them multiples
         # of its tiles and compiles boundary checks into every tile (measured on an H100: +10%
         # forward, +25% forward+backward, 2x a dropout pass). Where the lengths are multiples of
@@ -1078,26 +1123,32 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     tracing = torch.compiler.is_compiling()
     mask_fp, score_fp = mask_info.fp, score_info.fp
     options = tuple(sorted((kernel_options or {}).items()))
-    static = _Static(st, block, scale, Hq != k.shape[1], return_lse, options, dropout=use_dropout,
-                     pass_options=pass_options)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias))
+    # Lengths multiples of the tiles: masks and biases full along the keys reach the kernel with
+    # their key dimension split (_split_keys), so symbolic lengths read them in vectors; not a
+    # bias whose gradient is needed.
+    split = divisible and not tracing
+    split_keys = (split, split and not (grad and bias is not None and bias.requires_grad))
+    static = _Static(st, block, scale, Hq != k.shape[1], return_lse, options, dropout=use_dropout,
+                     pass_options=pass_options, split_keys=split_keys)
     # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
     heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
     mode = _MODE[0]
     kind = (static, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp, mode)
-    static_buffers = (q.device.type == "cuda" and not tracing and _STATIC_SEQUENCE_BUFFERS
-                      and st.bias_full is not None and st.bias_full[2] and st.bias_full[3])
-    if static_buffers:
-        # A bias with both sequence dimensions full compiles with static shapes (see
-        # _STATIC_SEQUENCE_BUFFERS): a kind per shape, for the first _STATIC_BIAS_SHAPES shapes of
-        # the kind; further shapes share one kernel of symbolic shapes.
-        shapes = _BIAS_SHAPES.setdefault(kind, set())
-        if tuple(bias.shape) in shapes or len(shapes) < _STATIC_BIAS_SHAPES:
-            shapes.add(tuple(bias.shape))
-            kind += (tuple(bias.shape),)
-        else:
-            static_buffers = False
+    static_buffers = False
+    if q.device.type == "cuda" and not tracing and _STATIC_SEQUENCE_BUFFERS:
+        static_mask, static_bias = _static_sequence_buffers(st, split_keys)
+        if static_mask or static_bias:
+            # Such buffers compile with static shapes (see _STATIC_SEQUENCE_BUFFERS): a kind per
+            # shape, for the first _STATIC_BUFFER_SHAPES shapes of the kind; further shapes share
+            # one kernel of symbolic shapes.
+            shape = (tuple(mask.shape) if static_mask else None, tuple(bias.shape) if static_bias else None)
+            shapes = _STATIC_SHAPES.setdefault(kind, set())
+            if shape in shapes or len(shapes) < _STATIC_BUFFER_SHAPES:
+                shapes.add(shape)
+                kind += (shape,)
+                static_buffers = True
     shapeless_kind = kind
     cpu_static = q.device.type == "cpu" and bool(_CPU_STATIC_KINDS) and shapeless_kind in _CPU_STATIC_KINDS
     if q.device.type == "cpu":
@@ -1128,6 +1179,10 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         # indices, which FlashAttention-4 cannot generate code for).
         mask = None if mask is None else squeeze_broadcast(mask, st.mask_full)
         bias = None if bias is None else squeeze_broadcast(bias, st.bias_full)
+        if split_keys[0]:
+            mask = _split_keys(mask, st.mask_full)
+        if split_keys[1]:
+            bias = _split_keys(bias, st.bias_full)
     drop = None
     if use_dropout:
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)

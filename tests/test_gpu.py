@@ -109,23 +109,101 @@ def test_lengths_do_not_recompile_on_gpu():
 
 
 def test_lengths_of_a_full_bias_compile_a_bounded_number_of_times_on_gpu():
-    """A (B, H, Nq, Nk) bias compiles with static shapes for its kind's first
-    _STATIC_BIAS_SHAPES shapes, then one kernel of symbolic shapes takes every further length:
-    eight lengths (multiples of 128, one kind) compile 4 + 1 times, not 8, and agree with the
-    reference."""
+    """A (B, H, Nq, Nk) bias compiles once for all lengths that are multiples of the tiles (its
+    key dimension reaches the kernel split in 16s, so symbolic lengths keep vector loads:
+    _split_keys). At other lengths it compiles with static shapes for the kind's first
+    _STATIC_BUFFER_SHAPES shapes, then one kernel of symbolic shapes takes every further length.
+    Every length agrees with the reference."""
     from flexflash import _compile
     _compile.reset()
     gen = torch.Generator().manual_seed(seed_of("bias-lengths"))
-    for n in (256, 384, 512, 640, 768, 896, 1024, 1152):
+
+    def call(n):
         q, k, v = (torch.randn(2, 2, n, 64, generator=gen).cuda().to(torch.bfloat16) for _ in range(3))
         bias = torch.randn(2, 2, n, n, generator=gen).cuda().to(torch.bfloat16)
         out = flexflash.attention(q, k, v, causal=True, bias=bias)
-        kw = dict(causal=True, bias=bias)
-        ref = flexflash.reference.attention(q, k, v, **kw)
+        ref = flexflash.reference.attention(q, k, v, causal=True, bias=bias)
         golden = flexflash.reference.attention(*(t.double() for t in (q, k, v)), causal=True, bias=bias.double())
         assert_close_to_golden("out", out, ref, golden, torch.bfloat16)
+
+    for n in (256, 384, 512, 640, 768, 896, 1024, 1152):
+        call(n)
     stats = flexflash.compile_stats()
-    assert stats["kernels"] == _compile._STATIC_BIAS_SHAPES + 1 and stats["compiles"] <= stats["kernels"], stats
+    assert stats["kernels"] == 1 and stats["compiles"] == 1, stats
+    for n in (200, 300, 400, 500, 600, 700):
+        call(n)
+    stats = flexflash.compile_stats()
+    assert stats["kernels"] == 1 + _compile._STATIC_BUFFER_SHAPES + 1 and stats["compiles"] <= stats["kernels"], stats
+
+
+def test_lengths_of_a_dense_bool_mask_compile_a_bounded_number_of_times_on_gpu():
+    """A (1, 1, N, N) bool mask, like a bias: eight lengths that are multiples of the tiles share
+    one kernel compiled once (its key dimension split in 16s); other lengths compile with static
+    shapes for the kind's first shapes, then share one kernel of symbolic shapes."""
+    from flexflash import _compile
+    _compile.reset()
+    gen = torch.Generator().manual_seed(seed_of("mask-lengths"))
+
+    def call(n):
+        q = torch.randn(2, 2, n, 64, generator=gen).cuda().to(torch.bfloat16)
+        mask = (torch.rand(1, 1, n, n, generator=gen) < 0.5).cuda()
+        out = flexflash.attention(q, q, q, mask=mask)
+        ref = flexflash.reference.attention(q, q, q, mask=mask)
+        golden = flexflash.reference.attention(*(q.double(),) * 3, mask=mask)
+        assert_close_to_golden("out", out, ref, golden, torch.bfloat16)
+
+    for n in (256, 384, 512, 640, 768, 896, 1024, 1152):
+        call(n)
+    stats = flexflash.compile_stats()
+    assert stats["kernels"] == 1 and stats["compiles"] == 1, stats
+    for n in (200, 300, 400, 500, 600, 700):
+        call(n)
+    stats = flexflash.compile_stats()
+    assert stats["kernels"] == 1 + _compile._STATIC_BUFFER_SHAPES + 1 and stats["compiles"] <= stats["kernels"], stats
+
+
+def _layout_kwargs(layout, B, H, Nq, Nk, gen):
+    """Masks and biases of one layout each, full along the keys (those _split_keys splits); a
+    bias requires grad unless the layout ends in "_nograd" (only those are split)."""
+    grad = not layout.endswith("_nograd")
+    layout = layout.removesuffix("_nograd")
+    r = lambda *shape: torch.randn(*shape, generator=gen).cuda().to(torch.bfloat16).requires_grad_(grad)  # noqa: E731
+    m = lambda *shape: (torch.rand(*shape, generator=gen) < 0.6).cuda()  # noqa: E731
+    if layout == "bias_4d":
+        return dict(bias=r(B, H, Nq, Nk))
+    if layout == "bias_transposed":
+        return dict(bias=r(B, H, Nk, Nq).transpose(-1, -2))
+    if layout == "bias_sliced":  # rows of a wider tensor, starting 3 entries in
+        return dict(causal=True, bias=r(B, H, Nq, Nk + 5)[..., 3:Nk + 3])
+    if layout == "bias_per_key":
+        return dict(bias=r(B, H, 1, Nk))
+    if layout == "bias_2d_softcap":
+        return dict(bias=r(Nq, Nk), score_mod=mods.tanh_softcap(2.0))
+    if layout == "mask_4d":
+        return dict(mask=m(B, 1, Nq, Nk))
+    if layout == "mask_expanded":
+        return dict(causal=True, mask=m(1, 1, Nq, Nk).expand(B, H, Nq, Nk))
+    if layout == "mask_sliced":
+        return dict(mask=m(B, 1, Nq, Nk + 5)[..., 3:Nk + 3])
+    if layout == "key_padding_bias_per_query":
+        return dict(mask=m(B, Nk), bias=r(B, H, Nq, 1))
+    raise KeyError(layout)
+
+
+_BIAS_LAYOUTS = ["bias_4d", "bias_transposed", "bias_sliced", "bias_per_key", "bias_2d_softcap"]
+
+
+@pytest.mark.parametrize("layout", _BIAS_LAYOUTS + [f"{b}_nograd" for b in _BIAS_LAYOUTS] + [
+    "mask_4d", "mask_expanded", "mask_sliced", "key_padding_bias_per_query"])
+def test_masks_and_biases_of_every_layout_at_lengths_multiple_of_the_tiles(layout):
+    """Lengths multiples of the tiles hand masks and biases full along the keys to the kernel with
+    their key dimension split in 16s (flexflash._compile._split_keys): strided, transposed,
+    expanded and misaligned ones agree with the reference too, forward and backward (with and
+    without the bias's gradient: a bias that needs it is not split), at two lengths of one kernel."""
+    gen = torch.Generator().manual_seed(seed_of("split-keys", layout))
+    for Nq, Nk in ((128, 256), (256, 384)):
+        q, k, v = _inputs(2, 4, 4, Nq, Nk, 64, torch.bfloat16, gen)
+        check_against_reference(q, k, v, **_layout_kwargs(layout, 2, 4, Nq, Nk, gen))
 
 
 def test_lengths_of_a_mask_mod_reading_tensors_do_not_recompile_on_gpu():
