@@ -1054,9 +1054,9 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
 def triton_case(st: Structure, score_mod) -> str | None:
     """The case of a call for the tuned Triton tiles (flexflash._tuning.triton_options): "bias" (a
     bias tensor, any masks, no score function), "alibi" or "tanh_softcap" (a score function of
-    flexflash.mods, any masks, no bias), "mask_mod" or "mask" (masked, nothing scored beyond
-    causal), or None (dense, causal alone, the caller's own score functions, a bias with a score
-    function)."""
+    flexflash.mods, any masks, no bias), "mask_mod", "dense_mask" (a mask tensor full along both
+    sequence dimensions) or "mask" (masked, nothing scored beyond causal), or None (dense, causal
+    alone, the caller's own score functions, a bias with a score function)."""
     if st.bias_full is not None:
         return None if st.has_score_mod else "bias"
     if st.has_score_mod:
@@ -1064,7 +1064,9 @@ def triton_case(st: Structure, score_mod) -> str | None:
         return fam if fam in ("alibi", "tanh_softcap") else None
     if st.has_mask_mod:
         return "mask_mod"
-    return "mask" if st.mask_full is not None else None
+    if st.mask_full is None:
+        return None
+    return "dense_mask" if st.mask_full[-2] and st.mask_full[-1] else "mask"
 
 
 class _StaticOnCpu(Exception):

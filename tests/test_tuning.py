@@ -93,8 +93,14 @@ def test_triton_tiles_only_where_measured(monkeypatch):
     assert options(torch.float16, 64, (128, 128), case="alibi") is None  # not measured
     assert options(BF16, 64, (128, 128), case=None) is None
     assert _tuning.triton_options(torch.device("cpu"), BF16, 128, (128, 128), case="mask") is None
+    # dense masks: 128x64 tiles, 8 warps at D=128 bf16; elsewhere the tiles of masks
+    assert options(BF16, 128, (128, 128), case="dense_mask") == {**wide, "fwd_num_warps": 8}
+    assert options(BF16, 128, (64, 128), case="dense_mask") is None  # 128 rows per forward tile
+    assert options(torch.float16, 128, (128, 128), case="dense_mask") == small
+    assert options(BF16, 64, (128, 128), case="dense_mask") == wide
     monkeypatch.setattr(_tuning, "capability", lambda device: (8, 0))
     assert options(BF16, 128, (128, 128), case="mask_mod") is None
+    assert options(BF16, 128, (128, 128), case="dense_mask") is None
 
 
 def test_triton_case_of_a_call():
@@ -109,6 +115,10 @@ def test_triton_case_of_a_call():
     bias, mask = torch.randn(2, 8, 8), torch.rand(1, 8) > 0.5
     assert case() is None and case(causal=True) is None
     assert case(mask=mask) == "mask"
+    dense = torch.rand(1, 1, 8, 8) > 0.5  # full along both sequence dimensions
+    assert case(mask=dense) == "dense_mask" == case(mask=dense, causal=True)
+    assert case(mask=torch.rand(1, 1, 8, 1) > 0.5) == "mask"  # a per-query mask
+    assert case(mask=dense, mask_mod=window) == "mask_mod"
     assert case(mask=mask, mask_mod=window) == "mask_mod" == case(mask_mod=window, causal=True)
     assert case(bias=bias) == "bias" == case(bias=bias, causal=True, mask=mask, mask_mod=window)
     assert case(bias=bias, score_mod=mods.alibi(2)) is None  # not measured
