@@ -343,6 +343,10 @@ def _cpu_static_shapes(st: Structure, mask: Tensor | None, bias: Tensor | None, 
             tuple(tuple(t.shape) for t in score_info.tensors))
 
 
+# Whether FlexAttention's CPU lowering needs the query, key and value in distinct buffers (torch
+# 2.11 raises "Unsupported for now if query, key, value are the same buffer"; 2.13 does not).
+_CPU_NEEDS_DISTINCT_QKV = torch.__version__ < "2.13"
+
 # CPU kinds (without their shapes) whose kernel failed to compile with symbolic buffer sizes.
 _CPU_STATIC_KINDS: set = set()
 
@@ -1189,6 +1193,13 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     if use_dropout:
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)
         drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device))
+    if tracing and q.device.type == "cpu" and _CPU_NEEDS_DISTINCT_QKV:
+        # torch < 2.13's CPU lowering of FlexAttention rejects a query, key and value that are
+        # views of one buffer (a fused qkv projection, attention(x, x, x)): inside a caller's graph
+        # they get buffers of their own (copies of O(N * D); the attention is O(N^2 * D)). All
+        # three: the lowering reads the query's buffer as 4-D, which a view of a projection is not.
+        # Outside a caller's graph they are distinct inputs of the compiled kernel already.
+        q, k, v = q.clone(), k.clone(), v.clone()
     try:
         out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     except Exception as e:

@@ -408,6 +408,22 @@ def test_flash_mha_dropout_only_in_training():
     assert not torch.allclose(a, c)
 
 
+def test_fused_qkv_in_a_callers_graph_with_key_and_value_copied(monkeypatch):
+    """torch < 2.13's CPU lowering of FlexAttention needs the query, key and value in distinct
+    buffers, and FlashMHA's fused projection gives views of one: inside a caller's graph flexflash
+    then copies key and value (_CPU_NEEDS_DISTINCT_QKV, on by default on torch 2.11, where the
+    test below failed to lower without it). With the copies the compiled module agrees with the
+    eager one."""
+    from flexflash import _compile
+    monkeypatch.setattr(_compile, "_CPU_NEEDS_DISTINCT_QKV", True)
+    torch.manual_seed(12)
+    mha = flexflash.FlashMHA(16, 2, causal=True).eval()
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mha, fullgraph=True, dynamic=False)(x), mha(x),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_modules_under_torch_compile_fullgraph():
     """Inference with fullgraph=True: the attention call traces into the caller's graph."""
     torch.manual_seed(11)
