@@ -108,6 +108,21 @@ def test_lengths_do_not_recompile_on_gpu():
     assert after["compiles"] - before["compiles"] <= 2, (before, after)
 
 
+def _assert_bounded_compilations_over_lengths(call):
+    """``call(n)`` (one flexflash call of one kind at length n, after _compile.reset()) at eight
+    lengths that are multiples of the tiles compiles one kernel, once; at six other lengths, one
+    kernel per shape for the kind's first _STATIC_BUFFER_SHAPES shapes, then one for the rest."""
+    from flexflash import _compile
+    for n in (256, 384, 512, 640, 768, 896, 1024, 1152):
+        call(n)
+    stats = flexflash.compile_stats()
+    assert stats["kernels"] == 1 and stats["compiles"] == 1, stats
+    for n in (200, 300, 400, 500, 600, 700):
+        call(n)
+    stats = flexflash.compile_stats()
+    assert stats["kernels"] == 1 + _compile._STATIC_BUFFER_SHAPES + 1 and stats["compiles"] <= stats["kernels"], stats
+
+
 def test_lengths_of_a_full_bias_compile_a_bounded_number_of_times_on_gpu():
     """A (B, H, Nq, Nk) bias compiles once for all lengths that are multiples of the tiles (its
     key dimension reaches the kernel split in 16s, so symbolic lengths keep vector loads:
@@ -126,14 +141,7 @@ def test_lengths_of_a_full_bias_compile_a_bounded_number_of_times_on_gpu():
         golden = flexflash.reference.attention(*(t.double() for t in (q, k, v)), causal=True, bias=bias.double())
         assert_close_to_golden("out", out, ref, golden, torch.bfloat16)
 
-    for n in (256, 384, 512, 640, 768, 896, 1024, 1152):
-        call(n)
-    stats = flexflash.compile_stats()
-    assert stats["kernels"] == 1 and stats["compiles"] == 1, stats
-    for n in (200, 300, 400, 500, 600, 700):
-        call(n)
-    stats = flexflash.compile_stats()
-    assert stats["kernels"] == 1 + _compile._STATIC_BUFFER_SHAPES + 1 and stats["compiles"] <= stats["kernels"], stats
+    _assert_bounded_compilations_over_lengths(call)
 
 
 def test_lengths_of_a_dense_bool_mask_compile_a_bounded_number_of_times_on_gpu():
@@ -152,14 +160,7 @@ def test_lengths_of_a_dense_bool_mask_compile_a_bounded_number_of_times_on_gpu()
         golden = flexflash.reference.attention(*(q.double(),) * 3, mask=mask)
         assert_close_to_golden("out", out, ref, golden, torch.bfloat16)
 
-    for n in (256, 384, 512, 640, 768, 896, 1024, 1152):
-        call(n)
-    stats = flexflash.compile_stats()
-    assert stats["kernels"] == 1 and stats["compiles"] == 1, stats
-    for n in (200, 300, 400, 500, 600, 700):
-        call(n)
-    stats = flexflash.compile_stats()
-    assert stats["kernels"] == 1 + _compile._STATIC_BUFFER_SHAPES + 1 and stats["compiles"] <= stats["kernels"], stats
+    _assert_bounded_compilations_over_lengths(call)
 
 
 def _layout_kwargs(layout, B, H, Nq, Nk, gen):
