@@ -413,15 +413,24 @@ def test_fused_qkv_in_a_callers_graph_with_key_and_value_copied(monkeypatch):
     buffers, and FlashMHA's fused projection gives views of one: inside a caller's graph flexflash
     then copies key and value (_CPU_NEEDS_DISTINCT_QKV, on by default on torch 2.11, where the
     test below failed to lower without it). With the copies the compiled module agrees with the
-    eager one."""
+    eager one, and the caller's graph holds the three copies."""
+    from torch._inductor.compile_fx import compile_fx
+
     from flexflash import _compile
     monkeypatch.setattr(_compile, "_CPU_NEEDS_DISTINCT_QKV", True)
+    clones = []
+
+    def backend(gm, example_inputs):  # Inductor, counting the copies in the traced graph first
+        clones.append(sum(n.op == "call_method" and n.target == "clone" for n in gm.graph.nodes))
+        return compile_fx(gm, example_inputs)
+
     torch.manual_seed(12)
     mha = flexflash.FlashMHA(16, 2, causal=True).eval()
     x = torch.randn(2, 9, 16)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(mha, fullgraph=True, dynamic=False)(x), mha(x),
+        torch.testing.assert_close(torch.compile(mha, backend=backend, fullgraph=True, dynamic=False)(x), mha(x),
                                    rtol=1e-5, atol=1e-6)
+    assert clones == [3]
 
 
 def test_modules_under_torch_compile_fullgraph():
