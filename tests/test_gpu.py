@@ -123,23 +123,34 @@ def _assert_bounded_compilations_over_lengths(call):
     assert stats["kernels"] == 1 + _compile._STATIC_BUFFER_SHAPES + 1 and stats["compiles"] <= stats["kernels"], stats
 
 
-def test_lengths_of_a_full_bias_compile_a_bounded_number_of_times_on_gpu():
-    """A (B, H, Nq, Nk) bias compiles once for all lengths that are multiples of the tiles (its
-    key dimension reaches the kernel split in 16s, so symbolic lengths keep vector loads:
-    _split_keys). At other lengths it compiles with static shapes for the kind's first
-    _STATIC_BUFFER_SHAPES shapes, then one kernel of symbolic shapes takes every further length.
-    Every length agrees with the reference."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_lengths_of_a_full_bias_compile_a_bounded_number_of_times_on_gpu(grad):
+    """A (B, H, Nq, Nk) bias, with or without its gradient, compiles once for all lengths that are
+    multiples of the tiles (its key dimension reaches the kernel split in 16s, or, needing its
+    gradient, with its lengths asserted multiples of 16, so symbolic lengths keep vector loads:
+    _KEY_SPLIT). At other lengths it compiles with static shapes for the
+    kind's first _STATIC_BUFFER_SHAPES shapes, then one kernel of symbolic shapes takes every
+    further length. Every length agrees with the reference, the gradients too."""
     from flexflash import _compile
     _compile.reset()
     gen = torch.Generator().manual_seed(seed_of("bias-lengths"))
 
     def call(n):
-        q, k, v = (torch.randn(2, 2, n, 64, generator=gen).cuda().to(torch.bfloat16) for _ in range(3))
-        bias = torch.randn(2, 2, n, n, generator=gen).cuda().to(torch.bfloat16)
+        q, k, v = (torch.randn(2, 2, n, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_(grad)
+                   for _ in range(3))
+        bias = torch.randn(2, 2, n, n, generator=gen).cuda().to(torch.bfloat16).requires_grad_(grad)
         out = flexflash.attention(q, k, v, causal=True, bias=bias)
         ref = flexflash.reference.attention(q, k, v, causal=True, bias=bias)
-        golden = flexflash.reference.attention(*(t.double() for t in (q, k, v)), causal=True, bias=bias.double())
+        inputs64 = [t.detach().double().requires_grad_(grad) for t in (q, k, v, bias)]
+        golden = flexflash.reference.attention(*inputs64[:3], causal=True, bias=inputs64[3])
         assert_close_to_golden("out", out, ref, golden, torch.bfloat16)
+        if grad:
+            g = torch.randn(out.shape, generator=gen).cuda().to(torch.bfloat16)
+            got = torch.autograd.grad(out, (q, k, v, bias), g)
+            want = torch.autograd.grad(ref, (q, k, v, bias), g)
+            gold = torch.autograd.grad(golden, inputs64, g.double())
+            for name, a, b, c in zip(("dq", "dk", "dv", "dbias"), got, want, gold):
+                assert_close_to_golden(name, a, b, c, torch.bfloat16)
 
     _assert_bounded_compilations_over_lengths(call)
 
@@ -165,7 +176,8 @@ def test_lengths_of_a_dense_bool_mask_compile_a_bounded_number_of_times_on_gpu()
 
 def _layout_kwargs(layout, B, H, Nq, Nk, gen):
     """Masks and biases of one layout each, full along the keys (those _split_keys splits); a
-    bias requires grad unless the layout ends in "_nograd" (only those are split)."""
+    bias requires grad unless the layout ends in "_nograd" (only those are split; the others have
+    their lengths asserted in the kernel)."""
     grad = not layout.endswith("_nograd")
     layout = layout.removesuffix("_nograd")
     r = lambda *shape: torch.randn(*shape, generator=gen).cuda().to(torch.bfloat16).requires_grad_(grad)  # noqa: E731

@@ -408,29 +408,35 @@ def test_flash_mha_dropout_only_in_training():
     assert not torch.allclose(a, c)
 
 
-def test_fused_qkv_in_a_callers_graph_with_key_and_value_copied(monkeypatch):
+@pytest.mark.parametrize("same_tensor", [False, True])
+def test_query_key_value_of_one_buffer_in_a_callers_graph_reach_the_kernel_apart(monkeypatch, same_tensor):
     """torch < 2.13's CPU lowering of FlexAttention needs the query, key and value in distinct
-    buffers, and FlashMHA's fused projection gives views of one: inside a caller's graph flexflash
-    then copies key and value (_CPU_NEEDS_DISTINCT_QKV, on by default on torch 2.11, where the
-    test below failed to lower without it). With the copies the compiled module agrees with the
-    eager one, and the caller's graph holds the three copies."""
-    from torch._inductor.compile_fx import compile_fx
+    buffers; FlashMHA's fused projection gives views of one, and attention(x, x, x) one tensor
+    thrice. Inside a caller's graph flexflash then copies all three (_CPU_NEEDS_DISTINCT_QKV, on by
+    default on torch 2.11, where both failed to lower before). The compiled module agrees with the
+    eager one, and three copies survive Inductor's graph passes (which remove clones with their
+    input's layout and merge identical ones, as they did on torch 2.11) up to the lowering."""
+    from torch._inductor import config as inductor_config
 
     from flexflash import _compile
     monkeypatch.setattr(_compile, "_CPU_NEEDS_DISTINCT_QKV", True)
-    clones = []
+    copies = []
 
-    def backend(gm, example_inputs):  # Inductor, counting the copies in the traced graph first
-        clones.append(sum(n.op == "call_method" and n.target == "clone" for n in gm.graph.nodes))
-        return compile_fx(gm, example_inputs)
+    def count_copies(graph):  # each graph the lowering receives (the modifiers' subgraphs too)
+        copies.append(sum(n.target is torch.ops.flexflash.copy_apart.default for n in graph.nodes))
 
+    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", count_copies)
     torch.manual_seed(12)
-    mha = flexflash.FlashMHA(16, 2, causal=True).eval()
-    x = torch.randn(2, 9, 16)
+    if same_tensor:
+        module, x = flexflash.FlashAttention(causal=True).eval(), torch.randn(1, 2, 7, 8)
+        args = (x, x, x)
+    else:
+        module, x = flexflash.FlashMHA(16, 2, causal=True).eval(), torch.randn(2, 9, 16)
+        args = (x,)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(mha, backend=backend, fullgraph=True, dynamic=False)(x), mha(x),
+        torch.testing.assert_close(torch.compile(module, fullgraph=True, dynamic=False)(*args), module(*args),
                                    rtol=1e-5, atol=1e-6)
-    assert clones == [3]
+    assert sum(copies) == 3, copies
 
 
 def test_modules_under_torch_compile_fullgraph():
