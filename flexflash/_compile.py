@@ -202,9 +202,6 @@ class _Static:
     dropout: bool = False
     # Extra options of the dropout passes (kept entries, undropped lse), from flexflash._tuning.
     pass_options: tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]] = ((), ())
-    # Lengths multiples of the tiles in every call (CUDA, not inside a caller's graph): masks and
-    # biases full along the keys reach the kernel split or with their sizes asserted (_KEY_SPLIT).
-    aligned: bool = False
     # Whether the mask and the bias (in this order) arrive with their key dimension split in two,
     # (..., Nk // 16, 16) (_split_keys): the kernel joins it again.
     split_keys: tuple[bool, bool] = (False, False)
@@ -241,12 +238,6 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     full-block path (no mask evaluation, no per-entry select), forward and backward."""
     st = static.structure
     Nq, Nk = q.shape[-2], k.shape[-2]
-    if static.aligned and bias is not None and st.bias_full[3] and not static.split_keys[1]:
-        # A bias that needs its gradient, not split (see _KEY_SPLIT): its lengths, multiples of
-        # the tiles in every call of this kernel, asserted so that Inductor proves its rows aligned.
-        torch._check(bias.shape[-1] % _KEY_SPLIT == 0)
-        if st.bias_full[2]:
-            torch._check(bias.shape[-2] % _KEY_SPLIT == 0)
     if static.split_keys[0]:
         mask = _join_keys(mask, st.mask_full)
     if static.split_keys[1]:
@@ -297,22 +288,16 @@ _SERIAL = itertools.count()
 # kernel's boundary checks index modulo the symbolic length, which no layout makes vectorisable.
 # Not for a bias that needs its gradient: FlexAttention's backward does not lower the gradient of
 # a captured tensor that is a view made inside the graph (torch 2.11: "int() argument must be ...
-# not 'tuple'"). Such a bias arrives whole, and the kernel asserts its lengths multiples of 16
-# (torch._check), from which Inductor proves its row stride aligned: symbolic lengths then ran
-# faster than static ones (bias + causal forward+backward with the bias's gradient, N = 4096:
-# 7.23 ms against 8.54 at D = 128, 10.90 against 14.11 at D = 64). The assertion alone did not
-# serve a bias without gradient (its symbolic forward took 5.56 ms against 1.23 with the split,
-# D = 128; not explained), so those are split.
+# not 'tuple'"); the bias's own gradient dominates that backward anyway.
 _KEY_SPLIT = 16
 
 
-def _static_sequence_buffers(st: Structure, aligned: bool) -> tuple[bool, bool]:
-    """Whether the mask and the bias (in this order) are full along both sequence dimensions, at
-    lengths that are not multiples of the tiles (``not aligned``, see _KEY_SPLIT): the buffers that
-    compile with static shapes on CUDA for the first shapes of their kind
-    (_STATIC_SEQUENCE_BUFFERS)."""
+def _static_sequence_buffers(st: Structure, split_keys: tuple[bool, bool]) -> tuple[bool, bool]:
+    """Whether the mask and the bias (in this order) are full along both sequence dimensions and
+    not split (_split_keys): the buffers that compile with static shapes on CUDA for the first
+    shapes of their kind (_STATIC_SEQUENCE_BUFFERS)."""
     full = lambda f: f is not None and f[2] and f[3]  # noqa: E731
-    return full(st.mask_full) and not aligned, full(st.bias_full) and not aligned
+    return full(st.mask_full) and not split_keys[0], full(st.bias_full) and not split_keys[1]
 
 
 def _split_keys(t: Tensor | None, full: tuple[bool, ...] | None) -> Tensor | None:
@@ -535,7 +520,7 @@ class _Kernel:
                 torch._dynamo.mark_static(t)
         else:
             st = self.static.structure
-            static_mask, static_bias = (_static_sequence_buffers(st, self.static.aligned) if self.static_buffers
+            static_mask, static_bias = (_static_sequence_buffers(st, self.static.split_keys) if self.static_buffers
                                         else (False, False))
             for t, full, static in ((mask, st.mask_full, static_mask), (bias, st.bias_full, static_bias)):
                 if t is not None and static:
@@ -972,9 +957,9 @@ def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: tor
     return r1.view(B, H, Nq), r2.view(B, H, Nq), c
 
 
-# Masks and biases full along both sequence dimensions ((..., Nq, Nk) tensors) at lengths that are
-# not multiples of the tiles (neither split nor asserted aligned: _KEY_SPLIT) compile with static
-# shapes on CUDA: with symbolic sizes the kernel's boundary checks index them
+# Masks and biases full along both sequence dimensions ((..., Nq, Nk) tensors) that are not split
+# (_split_keys: lengths that are not multiples of the tiles, a bias that needs its gradient)
+# compile with static shapes on CUDA: with symbolic sizes the kernel's boundary checks index them
 # modulo a symbolic length, element by element (H200, torch 2.11, bf16, B=4 H=16 N=4000 D=128,
 # forward GPU time of raw FlexAttention, static / symbolic: causal + (B, H, N, N) bias 0.98 /
 # 3.93 ms, a dense (N, N) bool mask 1.91 / 5.81 ms).
@@ -1157,19 +1142,19 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias))
     # Lengths multiples of the tiles: masks and biases full along the keys reach the kernel with
-    # their key dimension split (_split_keys), or a bias whose gradient is needed with its lengths
-    # asserted, so that symbolic lengths read them in vectors (_KEY_SPLIT).
-    aligned = divisible and not tracing
-    split_keys = (aligned, aligned and not (grad and bias is not None and bias.requires_grad))
+    # their key dimension split (_split_keys), so symbolic lengths read them in vectors; not a
+    # bias whose gradient is needed.
+    split = divisible and not tracing
+    split_keys = (split, split and not (grad and bias is not None and bias.requires_grad))
     static = _Static(st, block, scale, Hq != k.shape[1], return_lse, options, dropout=use_dropout,
-                     pass_options=pass_options, aligned=aligned, split_keys=split_keys)
+                     pass_options=pass_options, split_keys=split_keys)
     # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
     heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
     mode = _MODE[0]
     kind = (static, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp, mode)
     static_buffers = False
     if q.device.type == "cuda" and not tracing and _STATIC_SEQUENCE_BUFFERS:
-        static_mask, static_bias = _static_sequence_buffers(st, aligned)
+        static_mask, static_bias = _static_sequence_buffers(st, split_keys)
         if static_mask or static_bias:
             # Such buffers compile with static shapes (see _STATIC_SEQUENCE_BUFFERS): a kind per
             # shape, for the first _STATIC_BUFFER_SHAPES shapes of the kind; further shapes share

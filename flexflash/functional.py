@@ -29,8 +29,10 @@ _NOTED: set[str] = set()
 
 def _note_once(key: str, message) -> None:
     """Tells the user once per process which path a call took (a warning and a log record);
-    ``message`` is a function building the text, called only the first time."""
-    if key not in _NOTED:
+    ``message`` is a function building the text, called only the first time. Not while a caller's
+    torch.compile traces the call: logging there breaks the caller's graph (Dynamo does not trace
+    logger methods), and the traced code runs no Python to tell anything later."""
+    if key not in _NOTED and not torch.compiler.is_compiling():
         _NOTED.add(key)
         text = message()
         log.info(text)
