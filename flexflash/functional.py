@@ -25,6 +25,11 @@ log = logging.getLogger("flexflash")
 # Tile sizes of the memory-bounded path when no block_size is given (zeta's bucket sizes).
 _DEFAULT_CHUNKS = (512, 1024)
 _NOTED: set[str] = set()
+# CPU training through the tiled path inside a caller's torch.compile: on torch 2.11 the traced
+# path computed wrong input gradients (FlashAttentionTwo, fullgraph), and a graph break before it
+# (the old note of the path) made graphs whose cache entries torch 2.11 crashed saving. Correct on
+# torch 2.13 (tests/test_modules.py, test_modules_under_torch_compile_fullgraph).
+_TRACED_CPU_TRAINING_FAILS = torch.__version__ < "2.13"
 
 
 def _note_once(key: str, message) -> None:
@@ -234,6 +239,13 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None,
                 dropout_offsets=dropout_offsets if dropout_p > 0 else None)
     if path == "memory-bounded":
+        if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.bias)):
+            raise NotImplementedError(
+                f"flexflash: a CPU call whose inputs require grad, inside torch.compile, is not supported on torch "
+                f"{torch.__version__} (expected torch >= 2.13): traced whole, its tiled path gave wrong gradients "
+                "there, and with a graph break before it torch 2.11 crashed saving the compile cache; call it "
+                "outside torch.compile (torch.compiler.disable) or use torch >= 2.13")
         _note_once("cpu-chunked", lambda: f"flexflash: CPU call with {_cpu_reason(p, captured, dropout_p, return_lse)}: "
                                           f"compiled FlexAttention cannot do this on CPU in torch {torch.__version__}, "
                                           "so the exact memory-bounded tiled path is used (this message is shown once)")
