@@ -1168,7 +1168,10 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
                 kind += (shape,)
                 static_buffers = True
     shapeless_kind = kind
-    cpu_static = q.device.type == "cpu" and bool(_CPU_STATIC_KINDS) and shapeless_kind in _CPU_STATIC_KINDS
+    # (Not while tracing: no kernel of flexflash's is used then, and Dynamo 2.11 cannot trace
+    # bool() of a set.)
+    cpu_static = (q.device.type == "cpu" and not tracing and bool(_CPU_STATIC_KINDS)
+                  and shapeless_kind in _CPU_STATIC_KINDS)
     if q.device.type == "cpu":
         kind += (_cpu_static_shapes(st, mask, bias, mask_info, score_info, every=cpu_static),)
     kernel = _KERNELS.get(kind) if not tracing else functools.partial(_flex_kernel, static=static)
