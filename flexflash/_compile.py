@@ -343,11 +343,6 @@ def _cpu_static_shapes(st: Structure, mask: Tensor | None, bias: Tensor | None, 
             tuple(tuple(t.shape) for t in score_info.tensors))
 
 
-# Whether FlexAttention's CPU lowering needs the query, key and value in buffers of their own:
-# torch 2.11 raises "Unsupported for now if query, key, value are the same buffer", and torch 2.13
-# fails on views of a 2-D projection (FlashAttentionTwo's key and value: "not enough values to
-# unpack (expected 4, got 2)").
-_CPU_NEEDS_DISTINCT_QKV = True
 _LIB = torch.library.Library("flexflash", "DEF")
 # A contiguous copy, as an operator of flexflash's own: Inductor removes a clone whose result has
 # its input's layout, and merges identical clones of one tensor (attention(x, x, x)), so clones do
@@ -1208,11 +1203,13 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     if use_dropout:
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)
         drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device))
-    if tracing and q.device.type == "cpu" and _CPU_NEEDS_DISTINCT_QKV and not grad:
+    if tracing and q.device.type == "cpu" and not grad:
         # FlexAttention's CPU lowering rejects a query, key and value that are views of one buffer
-        # (torch 2.11: a fused qkv projection, attention(x, x, x)) or views of a 2-D projection
-        # (torch 2.13): inside a caller's graph they get buffers of their own (copies of O(N * D);
-        # the attention is O(N^2 * D)). All three: the lowering reads the query's buffer as 4-D.
+        # (torch 2.11: "Unsupported for now if query, key, value are the same buffer", for a fused
+        # qkv projection or attention(x, x, x)) or views of a 2-D projection (torch 2.13: "not
+        # enough values to unpack (expected 4, got 2)", FlashAttentionTwo's key and value): inside
+        # a caller's graph they get buffers of their own (copies of O(N * D); the attention is
+        # O(N^2 * D)). All three: the lowering reads the query's buffer as 4-D.
         # Outside a caller's graph they are distinct inputs of the compiled kernel already. (CPU
         # calls that need gradients do not come here: they take the tiled path.)
         q, k, v = (torch.ops.flexflash.copy_apart(t, i) for i, t in enumerate((q, k, v)))

@@ -408,18 +408,16 @@ def test_flash_mha_dropout_only_in_training():
     assert not torch.allclose(a, c)
 
 
-@pytest.mark.parametrize("same_tensor", [False, True])
-def test_query_key_value_of_one_buffer_in_a_callers_graph_reach_the_kernel_apart(monkeypatch, same_tensor):
-    """torch 2.11's CPU lowering of FlexAttention needs the query, key and value in distinct
-    buffers; FlashMHA's fused projection gives views of one, and attention(x, x, x) one tensor
-    thrice. Inside a caller's graph flexflash then copies all three (_CPU_NEEDS_DISTINCT_QKV; on
-    torch 2.11 both failed to lower before). The compiled module agrees with the
-    eager one, and three copies survive Inductor's graph passes (which remove clones with their
-    input's layout and merge identical ones, as they did on torch 2.11) up to the lowering."""
+@pytest.mark.parametrize("case", ["fused_qkv", "same_tensor", "kv_projection"])
+def test_query_key_value_in_a_callers_graph_reach_the_kernel_in_buffers_of_their_own(monkeypatch, case):
+    """FlexAttention's CPU lowering needs the query, key and value in buffers of their own: torch
+    2.11 rejects views of one buffer (FlashMHA's fused projection, attention(x, x, x)), torch 2.13
+    views of a 2-D projection (FlashAttentionTwo's key and value). Inside a caller's graph
+    flexflash copies all three: the compiled module agrees with the eager one, and three copies
+    survive Inductor's graph passes (which remove clones with their input's layout and merge
+    identical ones) up to the lowering."""
     from torch._inductor import config as inductor_config
 
-    from flexflash import _compile
-    monkeypatch.setattr(_compile, "_CPU_NEEDS_DISTINCT_QKV", True)
     copies = []
 
     def count_copies(graph):  # each graph the lowering receives (the modifiers' subgraphs too)
@@ -427,19 +425,21 @@ def test_query_key_value_of_one_buffer_in_a_callers_graph_reach_the_kernel_apart
 
     monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", count_copies)
     torch.manual_seed(12)
-    if same_tensor:
+    if case == "same_tensor":
         module, x = flexflash.FlashAttention(causal=True).eval(), torch.randn(1, 2, 7, 8)
         args = (x, x, x)
+    elif case == "fused_qkv":
+        module, args = flexflash.FlashMHA(16, 2, causal=True).eval(), (torch.randn(2, 9, 16),)
     else:
-        module, x = flexflash.FlashMHA(16, 2, causal=True).eval(), torch.randn(2, 9, 16)
-        args = (x,)
+        module, args = flexflash.FlashAttentionTwo(dim=16, heads=2, dim_head=8).eval(), (torch.randn(2, 9, 16),)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(module, fullgraph=True, dynamic=False)(*args), module(*args),
-                                   rtol=1e-5, atol=1e-6)
+        want = module(*args)
+        got = torch.compile(module, fullgraph=True, dynamic=False)(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert sum(copies) == 3, copies
 
 
-def functional_fails_training():
+def _traced_cpu_training_fails():
     from flexflash import functional
     return functional._TRACED_CPU_TRAINING_FAILS
 
@@ -454,12 +454,11 @@ def test_cpu_training_inside_torch_compile_raises_where_torch_fails_it(monkeypat
     xg = torch.randn(2, 9, 16, requires_grad=True)
     with pytest.raises(Exception, match="expected torch >= 2.13"):
         torch.compile(two, fullgraph=True)(xg)
-    with torch.no_grad():  # inference is unaffected
-        torch.testing.assert_close(torch.compile(two, fullgraph=True)(xg), two(xg), rtol=1e-5, atol=1e-6)
 
 
 def test_modules_under_torch_compile_fullgraph():
-    """Inference with fullgraph=True: the attention call traces into the caller's graph."""
+    """Inference with fullgraph=True: the attention call traces into the caller's graph; so does
+    training on CPU (torch >= 2.13), whose gradients match the eager module's."""
     torch.manual_seed(11)
     mha = flexflash.FlashMHA(16, 2, causal=True).eval()
     x = torch.randn(2, 9, 16)
@@ -477,7 +476,7 @@ def test_modules_under_torch_compile_fullgraph():
     # torch 2.11 crashed saving and torch 2.13 saved corrupt.)
     two = flexflash.FlashAttentionTwo(dim=16, heads=2, dim_head=8)
     xg = torch.randn(2, 9, 16, requires_grad=True)
-    if functional_fails_training():
+    if _traced_cpu_training_fails():
         pytest.skip(f"CPU training inside torch.compile raises on torch {torch.__version__} (tested above)")
     torch.compile(two, fullgraph=True)(xg).sum().backward()
     g_compiled = xg.grad.clone()
