@@ -28,7 +28,7 @@ _NOTED: set[str] = set()
 # CPU training through the tiled path inside a caller's torch.compile: on torch 2.11 the traced
 # path computed wrong input gradients (FlashAttentionTwo, fullgraph), and a graph break before it
 # (the old note of the path) made graphs whose cache entries torch 2.11 crashed saving. Correct on
-# torch 2.13 (tests/test_modules.py, test_modules_under_torch_compile_fullgraph).
+# torch 2.13 (tests/test_modules.py, test_cpu_training_under_torch_compile_fullgraph).
 _TRACED_CPU_TRAINING_FAILS = torch.__version__ < "2.13"
 
 
