@@ -18,8 +18,11 @@ Why it looks like this:
   for causal self-attention on CUDA, a kind of its own) or as tensor shapes, never as Python ints,
   so a new length does not recompile. On CUDA, lengths that are multiples of 128 (every kernel
   tile) are a kind of their own, compiled without the per-tile boundary checks (``IS_DIVISIBLE``):
-  a case compiles at most twice over all its lengths. The exception is a ``(..., Nq, Nk)`` bias on
-  CUDA, compiled with static shapes for its first few shapes (``_STATIC_SEQUENCE_BUFFERS``).
+  a case compiles at most twice over all its lengths. Masks and biases full along the keys reach
+  those kernels with their key dimension split in 16s (``_split_keys``), so symbolic lengths read
+  them in vectors. The exception is a ``(..., Nq, Nk)`` mask or bias that is not split (other
+  lengths, a bias that needs its gradient) on CUDA: static shapes for its kind's first few shapes,
+  then one symbolic kernel (``_STATIC_SEQUENCE_BUFFERS``).
 * Block masks are built on CUDA by one compiled builder per kind of mask, elsewhere eagerly in
   query chunks (memory bounded by ``_MASK_CHUNK_ELEMENTS``), and padded to at least two blocks per
   dimension, which keeps Dynamo from specialising on 1-block masks. Masks that depend only on
@@ -354,6 +357,7 @@ _LIB.impl("copy_apart", lambda t, tag: t.clone(memory_format=torch.contiguous_fo
 @torch.library.register_fake("flexflash::copy_apart")
 def _(t: Tensor, tag: int) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
+
 
 # CPU kinds (without their shapes) whose kernel failed to compile with symbolic buffer sizes.
 _CPU_STATIC_KINDS: set = set()
