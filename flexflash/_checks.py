@@ -2,7 +2,8 @@
 
 Everything a caller can get wrong is checked here, before any compilation, and reported as a
 ``ValueError``/``TypeError`` that names the argument, what was expected and what was given,
-followed by the shapes of all tensors of the call (one per line, as xformers does).
+followed by the shapes of all tensors of the call (one per line, as xformers does). A tensor of the
+wrong dtype raises :class:`DtypeError`, which is both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ import torch
 from torch import Tensor
 
 __all__ = ["Problem", "normalize", "describe"]
+
+
+
+class DtypeError(TypeError, ValueError):
+    """A tensor argument of the wrong dtype (a float mask, an integer bias, q in int64, ...).
+
+    It is a ``ValueError``, as a mask of non-bool dtype must be, and a ``TypeError``, so callers
+    may catch either.
+    """
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "flex", "reference")
@@ -108,11 +119,11 @@ def normalize(
 
     # --- dtypes -------------------------------------------------------------------------------
     if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q: expected a floating dtype (float16, bfloat16, float32, float64), "
+        raise DtypeError(f"q: expected a floating dtype (float16, bfloat16, float32, float64), "
                         f"got {q.dtype}\n{ctx()}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}\n{ctx()}")
+            raise DtypeError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}\n{ctx()}")
 
     # --- devices ------------------------------------------------------------------------------
     for name, t in (("k", k), ("v", v), ("mask", mask), ("bias", bias)):
@@ -148,7 +159,7 @@ def normalize(
     if mask is not None:
         mask = _check_tensor("mask", mask, ctx)
         if mask.dtype != torch.bool:
-            raise TypeError(
+            raise DtypeError(
                 f"mask: expected a bool tensor (True = may attend), got dtype {mask.dtype}; for an "
                 f"additive float mask pass it as bias=\n{ctx()}")
         if mask.dim() == 2:
@@ -168,7 +179,7 @@ def normalize(
     if bias is not None:
         bias = _check_tensor("bias", bias, ctx)
         if not bias.is_floating_point():
-            raise TypeError(f"bias: expected a floating tensor added to the scores, got dtype {bias.dtype}"
+            raise DtypeError(f"bias: expected a floating tensor added to the scores, got dtype {bias.dtype}"
                             f" (for a boolean mask use mask=)\n{ctx()}")
         if bias.dim() == 2:
             if tuple(bias.shape) != (Nq, Nk):

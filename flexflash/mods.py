@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._checks import DtypeError
+
 __all__ = [
     "MaskMod",
     "ScoreMod",
@@ -233,9 +235,10 @@ def _as_4d(name: str, t: Tensor) -> Tensor:
 def dense_mask(mask: Tensor) -> MaskMod:
     """A dense bool mask (True = may attend) of shape ``(Nq, Nk)``, ``(H, Nq, Nk)`` or 4-D
     ``(B, H, Nq, Nk)``, where any dimension may be 1 to broadcast."""
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask: expected a bool tensor (True = may attend), got "
-                        f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask: expected a bool tensor (True = may attend), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise DtypeError(f"mask: expected a bool tensor (True = may attend), got {mask.dtype}")
     m = _as_4d("mask", mask)
     full = tuple(s > 1 for s in m.shape)
 
@@ -250,9 +253,10 @@ def dense_mask(mask: Tensor) -> MaskMod:
 def additive_bias(bias: Tensor) -> ScoreMod:
     """Adds ``bias`` to the scores: shape ``(Nq, Nk)``, ``(H, Nq, Nk)`` or 4-D ``(B, H, Nq, Nk)``
     (size-1 dimensions broadcast). ``-inf`` entries act as a mask; gradients flow to ``bias``."""
-    if not isinstance(bias, Tensor) or not bias.is_floating_point():
-        raise TypeError(f"bias: expected a floating tensor, got "
-                        f"{bias.dtype if isinstance(bias, Tensor) else type(bias).__name__}")
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias: expected a floating tensor, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise DtypeError(f"bias: expected a floating tensor, got {bias.dtype}")
     t = _as_4d("bias", bias)
     full = tuple(s > 1 for s in t.shape)
 

@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from . import parallel
+from ._checks import DtypeError
 from .functional import attention
 
 __all__ = ["FlashAttention", "FlashMHA", "FlashAttentionTwo", "ChunkedAttention"]
@@ -47,7 +48,7 @@ def _tensor(name: str, x, dims: tuple[int, ...], what: str, floating: bool = Fal
     if x.dim() not in dims:
         raise ValueError(f"{name}: expected {what}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor {what}, got dtype {x.dtype} "
+        raise DtypeError(f"{name}: expected a floating-point tensor {what}, got dtype {x.dtype} "
                         f"(shape {tuple(x.shape)})")
     return x
 
@@ -238,7 +239,7 @@ def _mha_masks(key_padding_mask: Tensor | None, attn_mask: Tensor | None, B: int
         (masks if am.dtype == torch.bool else biases).append(am)
     for t in biases:
         if not t.is_floating_point():
-            raise TypeError(f"key_padding_mask, attn_mask: expected bool or floating masks, got {t.dtype}")
+            raise DtypeError(f"key_padding_mask, attn_mask: expected bool or floating masks, got {t.dtype}")
     mask = None
     for m in masks:
         mask = ~m if mask is None else mask & ~m  # True = masked out -> True = may attend

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import flexflash
 from flexflash import mods
 from flexflash.reference import index_grids
 
@@ -96,8 +97,8 @@ def test_composition():
     (lambda: mods.document_from_offsets([1, 3]), ValueError, ["offsets", "starting at 0"]),
     (lambda: mods.key_padding(), ValueError, ["exactly one", "neither"]),
     (lambda: mods.key_padding(mask=torch.ones(2, 3)), ValueError, ["mask", "bool"]),
-    (lambda: mods.dense_mask(torch.ones(2, 2)), TypeError, ["mask", "bool", "float32"]),
-    (lambda: mods.additive_bias(torch.ones(2, 2, dtype=torch.long)), TypeError, ["bias", "int64"]),
+    (lambda: mods.dense_mask(torch.ones(2, 2)), ValueError, ["mask", "bool", "float32"]),
+    (lambda: mods.additive_bias(torch.ones(2, 2, dtype=torch.long)), flexflash.DtypeError, ["bias", "int64"]),
     (lambda: mods.alibi(0), ValueError, ["num_heads", "0"]),
     (lambda: mods.tanh_softcap(0.0), ValueError, ["cap", "0.0"]),
     (lambda: mods.and_masks(), ValueError, ["and_masks", "at least one"]),

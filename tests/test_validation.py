@@ -17,19 +17,20 @@ v = torch.randn(2, 2, 11, 8)
 
 BAD = [
     # (kwargs overriding q/k/v/options, exception, words the message must contain)
-    (dict(q=q.to(torch.int64)), TypeError, ["q", "floating", "int64"]),
-    (dict(k=k.double()), TypeError, ["k", "float32", "float64"]),
+    (dict(q=q.to(torch.int64)), flexflash.DtypeError, ["q", "floating", "int64"]),
+    (dict(k=k.double()), flexflash.DtypeError, ["k", "float32", "float64"]),
     (dict(q=q[0]), ValueError, ["q", "4 dimensions", "(4, 9, 16)"]),
     (dict(k=k[0, 0]), ValueError, ["k, v", "3-D", "2"]),
     (dict(k=torch.randn(3, 2, 11, 16)), ValueError, ["batch size 2", "3"]),
     (dict(k=torch.randn(2, 2, 11, 8)), ValueError, ["k", "D=16", "8"]),
     (dict(v=torch.randn(2, 2, 10, 8)), ValueError, ["v", "(2, 2, 11)", "(2, 2, 10)"]),
     (dict(k=torch.randn(2, 3, 11, 16), v=torch.randn(2, 3, 11, 8)), ValueError, ["multiple", "Hq=4", "Hkv=3"]),
-    (dict(mask=torch.ones(2, 11)), TypeError, ["mask", "bool", "float32", "bias="]),
+    (dict(mask=torch.ones(2, 11)), ValueError, ["mask", "bool", "float32", "bias="]),  # SPEC §2: a ValueError
+    (dict(mask=torch.ones(1, 1, 9, 11, dtype=torch.int8)), ValueError, ["mask", "bool", "int8", "bias="]),
     (dict(mask=torch.ones(9, 11, dtype=torch.bool)), ValueError, ["mask", "(B, Nk) = (2, 11)", "(9, 11)"]),
     (dict(mask=torch.ones(2, 4, 9, dtype=torch.bool)), ValueError, ["mask", "3-D", "(2, 4, 9)"]),
     (dict(mask=torch.ones(2, 3, 9, 11, dtype=torch.bool)), ValueError, ["mask", "dimension 1", "size 3", "1 or 4"]),
-    (dict(bias=torch.ones(9, 11, dtype=torch.int32)), TypeError, ["bias", "floating", "int32"]),
+    (dict(bias=torch.ones(9, 11, dtype=torch.int32)), flexflash.DtypeError, ["bias", "floating", "int32"]),
     (dict(bias=torch.ones(9, 12)), ValueError, ["bias", "(9, 11)", "(9, 12)"]),
     (dict(bias=torch.ones(3, 9, 11)), ValueError, ["bias", "size 3", "1 or 4"]),
     (dict(bias=torch.ones(11)), ValueError, ["bias", "1-D"]),
@@ -62,6 +63,12 @@ def test_bad_input_is_a_clear_error(override, exc, words, backend):
     for word in words:
         assert word in message, f"{word!r} not in: {message}"
     assert compile_stats()["compiles"] == before  # raised before any compilation
+
+
+def test_a_wrong_dtype_is_both_a_value_error_and_a_type_error():
+    with pytest.raises(flexflash.DtypeError) as info:
+        flexflash.attention(q, k, v, mask=torch.ones(2, 11))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
 
 
 def test_captured_tensor_on_wrong_device_is_named():
