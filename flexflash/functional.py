@@ -253,7 +253,13 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
                                      captured=captured, **common, **drop)
         return (out, lse) if return_lse else out
 
-    out, lse = run_flex(p.q, p.k, p.v, scale=p.scale, block=block_sizes(block_size),
+    q, k, v = p.q, p.k, p.v
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        # Under no_grad, inputs that require grad are plain inputs; FlexAttention's CPU entry
+        # rejects any that require grad, whatever the grad mode.
+        q, k, v = q.detach(), k.detach(), v.detach()
+        common.update(bias=p.bias.detach() if p.bias is not None else None)
+    out, lse = run_flex(q, k, v, scale=p.scale, block=block_sizes(block_size),
                         kernel_options=kernel_options, return_lse=return_lse, mask_info=infos[0], score_info=infos[1],
                         **common, **drop)
     return (out, lse) if return_lse else out

@@ -27,6 +27,21 @@ def test_cpu_paths():
     assert route(*_qkv(Nq=0)) == "reference"  # empty problems
 
 
+def test_inputs_requiring_grad_under_no_grad_run_the_compiled_kernel():
+    """Under no_grad a CPU call whose q, k, v and bias require grad takes the flex path, which
+    FlexAttention's CPU entry would refuse for inputs that require grad (whatever the grad mode)."""
+    q, k, v = _qkv(grad=True, Nq=24, Nk=40)
+    bias = torch.randn(24, 40, requires_grad=True)
+    expected = flexflash.reference.attention(q, k, v, bias=bias, causal=True).detach()
+    with torch.no_grad():
+        assert route(q, k, v, bias=bias, causal=True) == "flex"
+        for backend in ("auto", "flex"):
+            out = flexflash.attention(q, k, v, bias=bias, causal=True, backend=backend)
+            assert not out.requires_grad
+            # float32 against the float32 reference: the kernel and the reference sum in different orders.
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_route_raises_what_the_call_raises():
     q, k, v = _qkv(grad=True)
     with pytest.raises(NotImplementedError, match="backend='flex'.*backward"):
