@@ -438,12 +438,19 @@ def _own_code(fn, name: str):
 
 
 class _Kernel:
-    """A compiled copy of :func:`_flex_kernel` with a code object (and a Dynamo cache) of its own."""
+    """A compiled copy of :func:`_flex_kernel` with a code object (and a Dynamo cache) of its own.
 
-    def __init__(self, static: _Static, label: str, static_buffers: bool = False, mode: str = "default"):
+    ``static_mask_bias``: on CUDA, whether the mask and the bias (in this order) compile with
+    static shapes (_STATIC_SEQUENCE_BUFFERS). ``every_buffer_static``: on CPU, whether every mask,
+    bias and captured tensor does (a kind whose C++ failed to compile otherwise: _cpu_static_shapes).
+    """
+
+    def __init__(self, static: _Static, label: str, *, static_mask_bias: tuple[bool, bool] = (False, False),
+                 every_buffer_static: bool = False, mode: str = "default"):
         self.static = static
         self.label = label
-        self.static_buffers = static_buffers
+        self.static_mask_bias = static_mask_bias
+        self.every_buffer_static = every_buffer_static
         self.mode = mode
         self.compiles = 0
         self.generation = 0
@@ -497,7 +504,7 @@ class _Kernel:
         for t in (q, k, v):  # batch and sequence lengths
             torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
-        if q.device.type == "cpu" and self.static_buffers:  # every buffer static (_cpu_static_shapes)
+        if q.device.type == "cpu" and self.every_buffer_static:  # (_cpu_static_shapes)
             for t in (mask, bias, *captured_tensors(args[7]), *captured_tensors(args[8])):
                 if t is not None:
                     torch._dynamo.mark_static(t)
@@ -521,8 +528,7 @@ class _Kernel:
                 torch._dynamo.mark_static(t)
         else:
             st = self.static.structure
-            static_mask, static_bias = (_static_sequence_buffers(st, self.static.split_keys) if self.static_buffers
-                                        else (False, False))
+            static_mask, static_bias = self.static_mask_bias
             for t, full, static in ((mask, st.mask_full, static_mask), (bias, st.bias_full, static_bias)):
                 if t is not None and static:
                     torch._dynamo.mark_static(t)
@@ -1153,7 +1159,7 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
     mode = _MODE[0]
     kind = (static, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp, mode)
-    static_buffers = False
+    static_mask_bias = (False, False)
     if q.device.type == "cuda" and not tracing and _STATIC_SEQUENCE_BUFFERS:
         static_mask, static_bias = _static_sequence_buffers(st, split_keys)
         if static_mask or static_bias:
@@ -1165,7 +1171,7 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
             if shape in shapes or len(shapes) < _STATIC_BUFFER_SHAPES:
                 shapes.add(shape)
                 kind += (shape,)
-                static_buffers = True
+                static_mask_bias = (static_mask, static_bias)
     shapeless_kind = kind
     # (Not while tracing: no kernel of flexflash's is used then, and Dynamo 2.11 cannot trace
     # bool() of a set.)
@@ -1182,7 +1188,8 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
             "dropout" if use_dropout else "",
         ])) or "dense"
         label = "".join(c if c.isalnum() else "_" for c in label)[:60]
-        kernel = _KERNELS[kind] = _Kernel(static, label, static_buffers=static_buffers or cpu_static, mode=mode)
+        kernel = _KERNELS[kind] = _Kernel(static, label, static_mask_bias=static_mask_bias,
+                                          every_buffer_static=cpu_static, mode=mode)
         _STATS["kernels"] += 1
 
     offset = None
@@ -1220,7 +1227,7 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     try:
         out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
     except Exception as e:
-        if q.device.type != "cpu" or tracing or kernel.static_buffers or not _is_cpp_compile_error(e):
+        if q.device.type != "cpu" or tracing or kernel.every_buffer_static or not _is_cpp_compile_error(e):
             raise
         # The CPU kernel template generated C++ that does not compile for some buffer of symbolic
         # size (see _cpu_static_shapes): this kind compiles with static shapes from now on.
