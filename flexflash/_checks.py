@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Problem", "normalize", "describe"]
-
+__all__ = ["DtypeError", "Problem", "normalize", "describe"]
 
 
 class DtypeError(TypeError, ValueError):
@@ -120,7 +119,7 @@ def normalize(
     # --- dtypes -------------------------------------------------------------------------------
     if q.dtype not in _FLOAT_DTYPES:
         raise DtypeError(f"q: expected a floating dtype (float16, bfloat16, float32, float64), "
-                        f"got {q.dtype}\n{ctx()}")
+                         f"got {q.dtype}\n{ctx()}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise DtypeError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}\n{ctx()}")
@@ -180,7 +179,7 @@ def normalize(
         bias = _check_tensor("bias", bias, ctx)
         if not bias.is_floating_point():
             raise DtypeError(f"bias: expected a floating tensor added to the scores, got dtype {bias.dtype}"
-                            f" (for a boolean mask use mask=)\n{ctx()}")
+                             f" (for a boolean mask use mask=)\n{ctx()}")
         if bias.dim() == 2:
             if tuple(bias.shape) != (Nq, Nk):
                 raise ValueError(f"bias: a 2-D bias must have shape (Nq, Nk) = {(Nq, Nk)}, got "

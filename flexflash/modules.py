@@ -49,7 +49,7 @@ def _tensor(name: str, x, dims: tuple[int, ...], what: str, floating: bool = Fal
         raise ValueError(f"{name}: expected {what}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
         raise DtypeError(f"{name}: expected a floating-point tensor {what}, got dtype {x.dtype} "
-                        f"(shape {tuple(x.shape)})")
+                         f"(shape {tuple(x.shape)})")
     return x
 
 
