@@ -376,7 +376,9 @@ def _is_cpp_compile_error(e: BaseException) -> bool:
 
 def _mark_squeezed_dynamic(t: Tensor | None, full: tuple[bool, ...] | None) -> None:
     """Marks the batch and length dimensions of a CUDA mask or bias dynamic (heads stay static);
-    ``t`` is squeezed to its full dimensions (see run_flex), ``full`` says which those are."""
+    ``t`` is squeezed to its full dimensions (see run_flex), ``full`` says which those are. A
+    tensor whose key dimension is split (_split_keys) has one more, trailing dimension of 16,
+    which stays static."""
     if t is None:
         return
     for i, dim in enumerate(d for d, f in enumerate(full) if f):
@@ -1173,8 +1175,8 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
                 kind += (shape,)
                 static_mask_bias = (static_mask, static_bias)
     shapeless_kind = kind
-    # (Not while tracing: no kernel of flexflash's is used then, and Dynamo 2.11 cannot trace
-    # bool() of a set.)
+    # Not while tracing (no kernel of flexflash's is used then; Dynamo 2.11 cannot trace bool() of
+    # a set); the emptiness test spares hashing the kind on every CPU call.
     cpu_static = (q.device.type == "cpu" and not tracing and bool(_CPU_STATIC_KINDS)
                   and shapeless_kind in _CPU_STATIC_KINDS)
     if q.device.type == "cpu":

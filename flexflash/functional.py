@@ -239,8 +239,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None,
                 dropout_offsets=dropout_offsets if dropout_p > 0 else None)
     if path == "memory-bounded":
-        if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.bias)):
+        if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and _needs_grad(p, captured):
             raise NotImplementedError(
                 f"flexflash: a CPU call whose inputs require grad, inside torch.compile, is not supported on torch "
                 f"{torch.__version__} (expected torch >= 2.13): traced whole, its tiled path gave wrong gradients "
