@@ -380,20 +380,26 @@ def test_mask_chunks_are_sized_by_the_dimensions_the_mask_depends_on(monkeypatch
     "Inductor's C++ backend in torch 2.11 generates code that does not compile for the fused flags "
     "('tmp1' was not declared). flexflash builds block masks eagerly on CPU and compiles the builder "
     "only on CUDA, where tests/test_gpu.py covers it on torch 2.11; this test compiles it on CPU"))
-def test_compiled_block_mask_builder(monkeypatch):
+def test_compiled_block_mask_builder():
     """The compiled builder (the CUDA path, compiled here on CPU) returns FlexAttention's block-mask
     tensors equal to those of the eager builder, and compiles once for all sizes: the tensors a
     mask_mod captures have dynamic sizes from the first compilation, and a length of one block
     (padded to two) needs no graph of its own."""
-    from flexflash._compile import _block_mask_tensors, _mask_builder, _mask_flags
-    from flexflash._compose import compose_mask, squeeze_broadcast
-    from flexflash import mods
     block = (16, 16)
     # A hit in Inductor's and AOTAutograd's caches installs the guards of the graph cached there
     # (another builder's, compiled at other sizes earlier in the process): the count of graphs
     # would depend on the tests that ran before.
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    # (Patched through the configs' own patch(): monkeypatch's undo deletes an attribute missing
+    # from the module's __dict__, which torch's config modules take as removing the setting.)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        _check_compiled_block_mask_builder(block)
+
+
+def _check_compiled_block_mask_builder(block):
+    from flexflash._compile import _block_mask_tensors, _mask_builder, _mask_flags
+    from flexflash._compose import compose_mask, squeeze_broadcast
+    from flexflash import mods
     parts = dict(causal=True, mask=(1, 0, 0, 1), mask_mod=True)
     st = _structure(parts)
     builder = _mask_builder(st, ("test-builder",), block, torch.zeros(2, 1, 1, 8, dtype=torch.bool))

@@ -409,7 +409,7 @@ def test_flash_mha_dropout_only_in_training():
 
 
 @pytest.mark.parametrize("case", ["fused_qkv", "same_tensor", "kv_projection"])
-def test_query_key_value_in_a_callers_graph_reach_the_kernel_in_buffers_of_their_own(monkeypatch, case):
+def test_query_key_value_in_a_callers_graph_reach_the_kernel_in_buffers_of_their_own(case):
     """FlexAttention's CPU lowering needs the query, key and value in buffers of their own: torch
     2.11 rejects views of one buffer (FlashMHA's fused projection, attention(x, x, x)), torch 2.13
     views of a 2-D projection (FlashAttentionTwo's key and value). Inside a caller's graph
@@ -423,7 +423,11 @@ def test_query_key_value_in_a_callers_graph_reach_the_kernel_in_buffers_of_their
     def count_copies(graph):  # each graph the lowering receives (the modifiers' subgraphs too)
         copies.append(sum(n.target is torch.ops.flexflash.copy_apart.default for n in graph.nodes))
 
-    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", count_copies)
+    with inductor_config.patch(post_grad_custom_post_pass=count_copies):  # (see test_compile's builder test)
+        _compile_with_copies_counted(case, copies)
+
+
+def _compile_with_copies_counted(case, copies):
     torch.manual_seed(12)
     if case == "same_tensor":
         module, x = flexflash.FlashAttention(causal=True).eval(), torch.randn(1, 2, 7, 8)

@@ -1,6 +1,6 @@
 """Every code block of README.md runs: python blocks are executed, bash blocks' commands are run
 (blocks marked ``<!-- no-test ... -->`` need a GPU, several processes or the network, and the test
-command block is what runs this file)."""
+command block is what runs this file; the install-command block is what CI installs with)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _blocks():
     for n, m in enumerate(_BLOCK.finditer(text)):
         marker, lang, body = m.groups()
         line = text[:m.start()].count("\n") + 1
-        if marker in ("no-test", "test-command"):
+        if marker in ("no-test", "test-command", "install-command"):
             continue
         yield pytest.param(lang, body, id=f"{lang}-line{line}")
 
