@@ -5,7 +5,8 @@ so CPU training runs here. Queries and keys are processed in ``(q_chunk, kv_chun
 online softmax in fp32 (fp64 for fp64 inputs); the forward pass keeps only the output and the
 log-sum-exp, and the backward pass recomputes each tile's probabilities from the saved log-sum-exp
 (FlashAttention-2, Algorithm 2). Peak extra memory is a few ``(B, H, q_chunk, kv_chunk)`` tiles,
-never ``(Nq, Nk)``. Tiles in which the mask allows nothing are skipped.
+never ``(Nq, Nk)``. Tiles in which the mask allows nothing are skipped (outside a caller's
+torch.compile, where the test would be data-dependent).
 
 Masks and score modifiers are evaluated over broadcast index grids of each tile. Gradients reach
 ``bias`` and any tensor a score modifier captures that requires grad (they are passed to the
@@ -36,14 +37,12 @@ class _ChunkedAttention(torch.autograd.Function):
         # (visible where O is not representable, e.g. a single key with dropout scaling).
         out = torch.zeros(B, H, Nq, Dv, dtype=acc_dtype, device=q.device)
         lse = torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype, device=q.device)
-        for q0 in range(0, Nq, qc):
-            q1 = min(Nq, q0 + qc)
+        for q0, q1 in _tiles(Nq, qc):
             qi = q[:, :, q0:q1].to(acc_dtype)
             m = torch.full((B, H, q1 - q0), float("-inf"), dtype=acc_dtype, device=q.device)
             l = torch.zeros_like(m)
             acc = torch.zeros(B, H, q1 - q0, Dv, dtype=acc_dtype, device=q.device)
-            for k0 in range(0, Nk, kc):
-                k1 = min(Nk, k0 + kc)
+            for k0, k1 in _tiles(Nk, kc):
                 s = _scores(qi, k, q0, q1, k0, k1, mask_fn, score_fn, scale, acc_dtype)
                 if s is None:
                     continue
@@ -72,6 +71,7 @@ class _ChunkedAttention(torch.autograd.Function):
         Nk = k.shape[2]
         acc_dtype = lse.dtype
         want = [t for t in captured if t.requires_grad]
+        traced = torch.compiler.is_compiling()
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
@@ -84,16 +84,24 @@ class _ChunkedAttention(torch.autograd.Function):
         if d_lse is not None:
             delta = delta - torch.where(torch.isneginf(lse), 0.0, d_lse.to(acc_dtype))
         safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-        for q0 in range(0, Nq, qc):
-            q1 = min(Nq, q0 + qc)
+        for q0, q1 in _tiles(Nq, qc):
             qi = q[:, :, q0:q1].to(acc_dtype)
             doi = d_out[:, :, q0:q1].to(acc_dtype)
-            for k0 in range(0, Nk, kc):
-                k1 = min(Nk, k0 + kc)
+            for k0, k1 in _tiles(Nk, kc):
                 kj, vj = k[:, :, k0:k1].to(acc_dtype), v[:, :, k0:k1].to(acc_dtype)
-                with torch.enable_grad():
-                    raw = (scale * (qi @ kj.transpose(-1, -2))).detach().requires_grad_(score_fn is not None)
-                    s = _modify(raw, q0, q1, k0, k1, mask_fn, score_fn)
+                score_vjp = None
+                if traced:
+                    # Dynamo does not trace torch.autograd.grad here; torch.func.vjp it does.
+                    raw = scale * (qi @ kj.transpose(-1, -2))
+                    if score_fn is None:
+                        s = _modify(raw, q0, q1, k0, k1, mask_fn, None)
+                    else:
+                        s, score_vjp = torch.func.vjp(
+                            lambda r, q0=q0, q1=q1, k0=k0, k1=k1: _modify(r, q0, q1, k0, k1, mask_fn, score_fn), raw)
+                else:
+                    with torch.enable_grad():
+                        raw = (scale * (qi @ kj.transpose(-1, -2))).detach().requires_grad_(score_fn is not None)
+                        s = _modify(raw, q0, q1, k0, k1, mask_fn, score_fn)
                 if s is None:
                     continue
                 p = torch.exp(s.detach() - safe_lse[:, :, q0:q1, None])  # (B, H, rows, cols)
@@ -105,7 +113,11 @@ class _ChunkedAttention(torch.autograd.Function):
                 else:
                     dv[:, :, k0:k1] += p.transpose(-1, -2) @ doi
                 ds = p * (dp - delta[:, :, q0:q1, None])
-                if score_fn is not None:
+                if score_vjp is not None:
+                    (ds,) = score_vjp(ds)
+                    if want:  # the bias (chunked_attention lets no other captured tensor need grad here)
+                        _add_broadcast(d_captured[0], ds, q0, q1, k0, k1)
+                elif score_fn is not None:
                     grads = torch.autograd.grad(s, [raw, *want], ds, allow_unused=True)
                     ds = grads[0] if grads[0] is not None else torch.zeros_like(raw)
                     for acc, g in zip(d_captured, grads[1:]):
@@ -116,6 +128,28 @@ class _ChunkedAttention(torch.autograd.Function):
         it = iter(d_captured)
         d_cap = [next(it).to(t.dtype) if t.requires_grad else None for t in captured]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, *d_cap)
+
+
+def _add_broadcast(acc: Tensor, ds: Tensor, q0, q1, k0, k1) -> None:
+    """Adds the gradient ``ds`` of one tile's scores ``(B, H, rows, cols)`` to the gradient ``acc``
+    of a 4-D bias added to them, summed over the bias's broadcast (size-1) dimensions."""
+    Bb, Hb, Mq, Mk = acc.shape
+    g = ds
+    for dim, size in ((0, Bb), (1, Hb), (2, Mq), (3, Mk)):
+        if size == 1:
+            g = g.sum(dim, keepdim=True)
+    rows = slice(q0, q1) if Mq != 1 else slice(0, 1)
+    cols = slice(k0, k1) if Mk != 1 else slice(0, 1)
+    acc[:, :, rows, cols] += g.to(acc.dtype)
+
+
+def _tiles(n, size: int):
+    """``(start, end)`` of the tiles of ``[0, n)``. Counted and clamped without comparing ``n``
+    itself, so that traced inside a caller's torch.compile a symbolic length stays symbolic (a
+    ``range(0, n, size)`` would specialise the graph to one length): the graph guards only on the
+    number of tiles."""
+    for i in range((n + size - 1) // size):
+        yield i * size, torch.sym_min(n, (i + 1) * size)
 
 
 def _kept(drop, B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> Tensor:
@@ -135,7 +169,9 @@ def _modify(raw: Tensor, q0: int, q1: int, k0: int, k1: int, mask_fn, score_fn) 
     s = raw
     if mask_fn is not None:
         allowed = mask_fn(b, h, qi, kj)
-        if not bool(allowed.any()):
+        # Skipping a tile is a data-dependent branch: inside a caller's torch.compile every tile
+        # is computed (an empty one adds exact zeros), so the call traces into one graph.
+        if not torch.compiler.is_compiling() and not bool(allowed.any()):
             return None
     if score_fn is not None:
         s = score_fn(s, b, h, qi, kj)
@@ -169,6 +205,11 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
     mask_fn = compose_mask(st, k.shape[2] - q.shape[2], mask, mask_mod)
     score_fn = compose_score(st, bias, score_mod)
     extra = ([bias] if bias is not None else []) + [t for t in captured if t is not bias]
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and any(t.requires_grad for t in extra[bias is not None:]):
+        raise NotImplementedError(
+            "flexflash: inside torch.compile on CPU, a score_mod that reads a tensor requiring grad is not "
+            "supported (its gradient is taken with torch.autograd.grad, which Dynamo does not trace); pass an "
+            "additive tensor as bias=, or call flexflash outside torch.compile (torch.compiler.disable)")
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     drop = (dropout_params, float(dropout_p), acc_dtype, dropout_offsets) if dropout_p > 0 else None
     return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, drop, *extra)

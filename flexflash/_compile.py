@@ -883,8 +883,10 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
         hit = _cache_get(key)
         if hit is not None:
             return hit
-    _STATS["block_masks_built"] += 1
-    if device.type == "cuda" and not torch.compiler.is_compiling():
+    tracing = torch.compiler.is_compiling()
+    if not tracing:  # (Dynamo would guard on the count: a recompilation per call)
+        _STATS["block_masks_built"] += 1
+    if device.type == "cuda" and not tracing:
         mask_st = replace(st, bias_full=None, has_score_mod=False)  # the mask's part of the call
         builder = _mask_builder(mask_st, mask_fp, block, mask)
         builder.builds += 1
@@ -1036,7 +1038,9 @@ def structure(q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None, bias: 
         # On CUDA, causal self-attention lengths (Nq == Nk) are a kind of their own with the
         # constant offset 0: nothing to read per entry, and FlashAttention-4 can generate it (it
         # cannot read a captured 0-d tensor, and the lowering takes no size expression there).
-        causal_aligned=causal and Nq == Nk and q.device.type == "cuda" and not torch.compiler.is_compiling(),
+        # Inside a caller's torch.compile too, on every device: there the offset would be a size
+        # expression, and the constant 0 of equal lengths fails the CPU lowering (torch 2.13).
+        causal_aligned=causal and Nq == Nk and (q.device.type == "cuda" or torch.compiler.is_compiling()),
     )
 
 
@@ -1195,17 +1199,18 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         _STATS["kernels"] += 1
 
     offset = None
-    if causal and tracing:
-        offset = Nk - Nq
+    if causal and tracing and not st.causal_aligned:
+        offset = Nk - Nq  # a size expression, inside the caller's graph
     elif causal and not st.causal_aligned:
         offset = _scalar_tensor(Nk - Nq, torch.int32, q.device)
     blocks = None
     if st.masked:
         blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, q.shape[-2], Nk, block, q.device,
                                 q=q, k=k, offset_tensor=offset)
-    if q.device.type == "cuda" and not tracing:
+    if q.device.type == "cuda" or tracing:
         # The compiled kernels index masks and biases by their full dimensions only (no constant
-        # indices, which FlashAttention-4 cannot generate code for).
+        # indices, which FlashAttention-4 cannot generate code for; inside a caller's graph on CPU,
+        # a broadcast dimension of symbolic-size buffers fails the C++ lowering, torch 2.13).
         mask = None if mask is None else squeeze_broadcast(mask, st.mask_full)
         bias = None if bias is None else squeeze_broadcast(bias, st.bias_full)
         if split_keys[0]:

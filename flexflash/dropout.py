@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["draw_seed", "keep", "threshold", "row_words", "column_word", "entry_keep"]
+__all__ = ["draw_seed", "draw_seed_for", "keep", "threshold", "row_words", "column_word", "entry_keep"]
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)  # the same 32-bit pattern as an int32
@@ -81,6 +81,29 @@ def draw_seed(p: float, device: torch.device | str) -> Tensor:
     params = torch.randint(0, _LOW31, (4,), dtype=torch.int32, device=device)
     params[3:].fill_(threshold(p))  # a fill kernel with a scalar argument: no host-to-device copy
     return params
+
+
+# The draw as an operator of flexflash's own, for calls traced into a caller's torch.compile: there
+# torch.randint would become Inductor's random stream, and the compiled call would drop other
+# entries than the eager one. As an opaque operator it draws from the device's default generator
+# at run time, as the eager call does. ``like`` is a tensor of the call (its query), so that two
+# calls of one graph are distinct operations to the graph passes that merge identical ones; the
+# tag keeps them from being merged or folded as constants.
+_LIB = torch.library.Library("flexflash", "FRAGMENT")
+_LIB.define("draw_seed(Tensor like, float p) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
+_LIB.impl("draw_seed", lambda like, p: draw_seed(p, like.device), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flexflash::draw_seed")
+def _(like: Tensor, p: float) -> Tensor:
+    return torch.empty(4, dtype=torch.int32, device=like.device)
+
+
+def draw_seed_for(p: float, like: Tensor) -> Tensor:
+    """:func:`draw_seed` for a call whose query is ``like``, also inside a caller's torch.compile."""
+    if torch.compiler.is_compiling():
+        return torch.ops.flexflash.draw_seed(like, p)
+    return draw_seed(p, like.device)
 
 
 def row_words(params: Tensor, num_heads: int, b: Tensor, h: Tensor, q_idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,7 +37,7 @@ def _note_once(key: str, message) -> None:
     ``message`` is a function building the text, called only the first time. Not while a caller's
     torch.compile traces the call: logging there breaks the caller's graph (Dynamo does not trace
     logger methods), and the traced code runs no Python to tell anything later."""
-    if key not in _NOTED and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and key not in _NOTED:
         _NOTED.add(key)
         text = message()
         log.info(text)
@@ -236,7 +236,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     if path == "sdpa":
         return _sdpa(p.q, p.k, p.v, causal=causal, scale=p.scale)
     # One draw per call from the device's default generator, on every path (see flexflash.dropout).
-    drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed(dropout_p, p.q.device) if dropout_p > 0 else None,
+    drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed_for(dropout_p, p.q) if dropout_p > 0 else None,
                 dropout_offsets=dropout_offsets if dropout_p > 0 else None)
     if path == "memory-bounded":
         if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and _needs_grad(p, captured):
@@ -361,6 +361,12 @@ def _path(p, captured, *, backend, causal, mask_mod, score_mod, dropout_p, kerne
                                          return_lse=return_lse, block_size=block_size):
         return "sdpa"
     why = _cpu_reason(p, captured, dropout_p, return_lse) if p.q.device.type == "cpu" else None
+    if why is None and backend == "auto" and p.q.device.type == "cpu" and torch.compiler.is_compiling():
+        # Inside a caller's torch.compile, FlexAttention's CPU lowering generates C++ that does not
+        # compile once lengths are symbolic (torch 2.13: masks and biases with a broadcast
+        # dimension, tensors a mask_mod reads), and the caller's graph decides what is symbolic.
+        # The tiled path is plain tensor code, which Inductor compiles for any length.
+        return "memory-bounded"
     if why is None:
         return "flex"
     if backend == "flex":

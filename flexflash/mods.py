@@ -359,16 +359,20 @@ def compose_scores(*score_mods: ScoreMod) -> ScoreMod:
 
 # Code objects of the functions the factories above return, by family: a function with one of these
 # code objects was made here, so its generated kernel code is known (flexflash._tuning measured it).
-_FAMILIES = {code: name for name, fns in (
+_FAMILIES = tuple((name, fn.__code__) for name, fns in (
     ("tanh_softcap", (tanh_softcap(1.0),)),
     ("alibi", (alibi(1),)),
     ("prefix_lm", (prefix_lm(0), prefix_lm(torch.zeros(1, dtype=torch.int64)))),
-) for code in (fn.__code__ for fn in fns)}
+) for fn in fns)
 
 
 def family(fn: object) -> str | None:
     """The factory of this module that made ``fn``, for the modifiers flexflash's kernel choice
     knows ("tanh_softcap", "alibi", "prefix_lm"; see flexflash._compile.flash_case), recognised by
-    its code object; None for any other function."""
-    return _FAMILIES.get(getattr(fn, "__code__", None))
-
+    its code object; None for any other function. (Compared by identity, not looked up in a dict
+    keyed by code objects: Dynamo cannot guard on such a lookup inside a caller's torch.compile.)"""
+    code = getattr(fn, "__code__", None)
+    for name, family_code in _FAMILIES:
+        if code is family_code:
+            return name
+    return None

@@ -37,17 +37,16 @@ from torch import Tensor
 __all__ = ["attention", "is_dtensor", "parallelize", "world_mesh"]
 
 
-_DTENSOR: list = []  # the DTensor class once imported (empty: not yet; [None]: unavailable)
-
-
 def is_dtensor(t: Any) -> bool:
-    if not _DTENSOR:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - torch without distributed
-            DTensor = None
-        _DTENSOR.append(DTensor)
-    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
+    """Whether ``t`` is a DTensor. Keeps no state (it runs inside callers' torch.compile, where
+    Dynamo guards on module state it reads); plain tensors are told apart without the import."""
+    if not isinstance(t, Tensor) or type(t) in (Tensor, torch.nn.Parameter):
+        return False
+    try:  # imported already wherever a DTensor exists
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _chunk(size: int, parts: int, index: int) -> tuple[int, int]:
