@@ -39,6 +39,7 @@ import functools
 import itertools
 import logging
 import os
+import threading
 import types
 import warnings
 import weakref
@@ -117,6 +118,24 @@ _BLOCK_MASK_CACHE_SIZE = 64
 def _recompile_limit() -> int:
     cfg = torch._dynamo.config
     return int(getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", 8)))
+
+
+class _Counted:
+    """A compiled function of flexflash's, counting the graphs it has compiled (``compiles``, set
+    by its backend) against Dynamo's recompile limit, past which Dynamo runs new graphs eagerly."""
+
+    compiles = 0
+    _checked_at = None
+
+    def _budget_spent(self) -> bool:
+        # torch's setting is read only when the count has changed since the last check: reading a
+        # config attribute costs microseconds, on every call of a warm kernel otherwise.
+        if self.compiles == self._checked_at:
+            return False
+        if self.compiles >= _recompile_limit():
+            return True
+        self._checked_at = self.compiles
+        return False
 
 
 # --- fingerprints ----------------------------------------------------------------------------
@@ -386,23 +405,28 @@ def _mark_squeezed_dynamic(t: Tensor | None, full: tuple[bool, ...] | None) -> N
             torch._dynamo.maybe_mark_dynamic(t, i)
 
 
-_WEAK_DYNAMIC = "_dynamo_weak_dynamic_indices"  # where torch._dynamo.maybe_mark_dynamic keeps its marks
+# Where torch._dynamo.maybe_mark_dynamic keeps its marks on a tensor (the second since torch 2.12:
+# a flag that any marking happened, which Dynamo's guards check).
+_MARK_ATTRIBUTES = ("_dynamo_weak_dynamic_indices", "_has_dynamo_dim_marking")
+_ABSENT = object()
 
 
 def _with_dynamic_sizes(tensors, fn, *args):
     """Calls ``fn(*args)`` with every dimension larger than 1 of ``tensors`` (the caller's own
-    tensors a mask_mod reads) marked dynamic, and removes the marks afterwards, so they do not
-    leak into the caller's own ``torch.compile`` of code using those tensors. The marks only
-    matter while Dynamo traces (a first compilation): with them, a mask_mod's tensors of a new
-    length (document ids, prefix lengths of a new batch size) reuse the kernel instead of
-    compiling it a second time with the sizes that changed made dynamic."""
+    tensors a mask_mod reads) marked dynamic, and restores the tensors' marks afterwards, so they do
+    not leak into the caller's own ``torch.compile`` of code using those tensors (there a mark left
+    behind fails Dynamo's guards: "_has_dynamo_dim_marking is present on runtime tensor but was
+    absent at compile time"). The marks only matter while Dynamo traces (a first compilation):
+    with them, a mask_mod's tensors of a new length (document ids, prefix lengths of a new batch
+    size) reuse the kernel instead of compiling it a second time with the sizes that changed made
+    dynamic."""
     saved = []
     for t in tensors:
         if any(size > 1 for size in t.shape):
-            before = getattr(t, _WEAK_DYNAMIC, None)
+            before = tuple(getattr(t, name, _ABSENT) for name in _MARK_ATTRIBUTES)
             saved.append((t, before))
-            if before is not None:
-                setattr(t, _WEAK_DYNAMIC, set(before))  # a copy: the caller's set stays as it was
+            if isinstance(before[0], set):
+                setattr(t, _MARK_ATTRIBUTES[0], set(before[0]))  # a copy: the caller's set stays as it was
             for dim, size in enumerate(t.shape):
                 if size > 1:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
@@ -410,10 +434,12 @@ def _with_dynamic_sizes(tensors, fn, *args):
         return fn(*args)
     finally:
         for t, before in saved:
-            if before is None:
-                delattr(t, _WEAK_DYNAMIC)
-            else:
-                setattr(t, _WEAK_DYNAMIC, before)
+            for name, value in zip(_MARK_ATTRIBUTES, before):
+                if value is _ABSENT:
+                    if hasattr(t, name):
+                        delattr(t, name)
+                else:
+                    setattr(t, name, value)
 
 
 def _without_duck_sizing(fn, *args):
@@ -439,7 +465,7 @@ def _own_code(fn, name: str):
     return types.FunctionType(code, fn.__globals__, name)
 
 
-class _Kernel:
+class _Kernel(_Counted):
     """A compiled copy of :func:`_flex_kernel` with a code object (and a Dynamo cache) of its own.
 
     ``static_mask_bias``: on CUDA, whether the mask and the bias (in this order) compile with
@@ -478,7 +504,7 @@ class _Kernel:
         return torch.compile(fn, backend=counting_backend, fullgraph=True, dynamic=None)
 
     def __call__(self, *args):
-        if self.compiles >= _recompile_limit():
+        if self._budget_spent():
             # Dynamo would run the next new graph eagerly (the unfused path): start a fresh cache.
             warnings.warn(
                 f"flexflash: the kernel for {self.label} was compiled {self.compiles} times; starting a "
@@ -739,7 +765,7 @@ def _build_blocks(q, k, offset, mask, mask_mod, static: _BuildStatic):
 _COMPILED_BUILDS_FROM = 2
 
 
-class _MaskBuilder:
+class _MaskBuilder(_Counted):
     """A compiled copy of :func:`_build_blocks` with a code object (and a Dynamo cache) of its own,
     for one kind of mask; sizes are dynamic."""
 
@@ -762,7 +788,7 @@ class _MaskBuilder:
 
     def __call__(self, q, k, offset, mask, mask_mod):
         q, k = q.detach(), k.detach()  # only their sizes are read: no autograd wrapper
-        if self.compiles >= _recompile_limit():
+        if self._budget_spent():
             # Past the limit Dynamo would evaluate the mask eagerly over the whole (B, H, Nq, Nk)
             # grid: start a fresh cache instead (as the kernels do).
             self._fresh()
@@ -1100,12 +1126,24 @@ class _StaticOnCpu(Exception):
     """A CPU kind with symbolic buffer sizes failed to compile: call again with static ones."""
 
 
+# Serialises eager calls of compiled FlexAttention across threads: a call may compile (Dynamo's
+# tracing, the process-wide duck-sizing setting switched for the call, shape marks set on aliases)
+# and update the caches, none of which is safe from several threads at once. Held around the whole
+# call, as whether it compiles is known only once Dynamo checks its guards; a CUDA call only
+# launches kernels, and a CPU kernel runs on every core already. Not taken inside a caller's
+# torch.compile (Dynamo holds its own lock there, and nothing of flexflash's compiles).
+_LOCK = threading.RLock()
+
+
 def run_flex(*args, **kwargs) -> tuple[Tensor, Tensor | None]:
     """Runs one validated call through compiled FlexAttention (see :func:`_run_flex`)."""
-    try:
+    if torch.compiler.is_compiling():
         return _run_flex(*args, **kwargs)
-    except _StaticOnCpu:
-        return _run_flex(*args, **kwargs)
+    with _LOCK:
+        try:
+            return _run_flex(*args, **kwargs)
+        except _StaticOnCpu:
+            return _run_flex(*args, **kwargs)
 
 
 def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,

@@ -418,6 +418,12 @@ class ChunkedAttention(nn.Module):
                 raise TypeError(f"mask: expected a bool or floating tensor, got {type(mask).__name__}")
             kw = dict(mask=mask) if mask.dtype == torch.bool else dict(bias=mask)
         Nq = q.shape[2]
+        if torch.compiler.is_compiling():
+            # Inside a caller's torch.compile, one call: a loop over query chunks would compile the
+            # caller's graph anew for every number of chunks. Memory stays bounded by the path the
+            # call takes (FlexAttention's kernel, or the tiled path on CPU).
+            out = attention(q, k, v, **kw)  # (B, h, Nq, d)
+            return self.fc_out(rearrange(out, "b h n d -> b n (h d)"))
         chunks = []
         for q0 in range(0, Nq, self.chunk_size):
             q1 = min(Nq, q0 + self.chunk_size)

@@ -410,12 +410,12 @@ def test_flash_mha_dropout_only_in_training():
 
 @pytest.mark.parametrize("case", ["fused_qkv", "same_tensor", "kv_projection"])
 def test_query_key_value_in_a_callers_graph_reach_the_kernel_in_buffers_of_their_own(case):
-    """FlexAttention's CPU lowering needs the query, key and value in buffers of their own: torch
-    2.11 rejects views of one buffer (FlashMHA's fused projection, attention(x, x, x)), torch 2.13
-    views of a 2-D projection (FlashAttentionTwo's key and value). Inside a caller's graph
-    flexflash copies all three: the compiled module agrees with the eager one, and three copies
-    survive Inductor's graph passes (which remove clones with their input's layout and merge
-    identical ones) up to the lowering."""
+    """backend="flex" inside a caller's graph on CPU (where "auto" takes the tiled path):
+    FlexAttention's CPU lowering needs the query, key and value in buffers of their own: torch 2.11
+    rejects views of one buffer (a fused qkv projection, attention(x, x, x)), torch 2.13 views of a
+    2-D projection (FlashAttentionTwo's key and value). flexflash copies all three: the compiled
+    call agrees with the eager one, and three copies survive Inductor's graph passes (which remove
+    clones with their input's layout and merge identical ones) up to the lowering."""
     from torch._inductor import config as inductor_config
 
     copies = []
@@ -423,22 +423,27 @@ def test_query_key_value_in_a_callers_graph_reach_the_kernel_in_buffers_of_their
     def count_copies(graph):  # each graph the lowering receives (the modifiers' subgraphs too)
         copies.append(sum(n.target is torch.ops.flexflash.copy_apart.default for n in graph.nodes))
 
-    with inductor_config.patch(post_grad_custom_post_pass=count_copies):  # (see test_compile's builder test)
-        _compile_with_copies_counted(case, copies)
-
-
-def _compile_with_copies_counted(case, copies):
     torch.manual_seed(12)
+    B, N, H, D = 2, 9, 2, 8
+    w = torch.randn(H * D, 3 * H * D)
+    heads = lambda t: t.unflatten(-1, (H, D)).transpose(1, 2)  # noqa: E731  (B, N, H*D) -> (B, H, N, D)
     if case == "same_tensor":
-        module, x = flexflash.FlashAttention(causal=True).eval(), torch.randn(1, 2, 7, 8)
-        args = (x, x, x)
+        fn = lambda x: flexflash.attention(x, x, x, causal=True, backend="flex")  # noqa: E731
+        x = torch.randn(1, H, 7, D)
     elif case == "fused_qkv":
-        module, args = flexflash.FlashMHA(16, 2, causal=True).eval(), (torch.randn(2, 9, 16),)
-    else:
-        module, args = flexflash.FlashAttentionTwo(dim=16, heads=2, dim_head=8).eval(), (torch.randn(2, 9, 16),)
-    with torch.no_grad():
-        want = module(*args)
-        got = torch.compile(module, fullgraph=True, dynamic=False)(*args)
+        fn = lambda x: flexflash.attention(*map(heads, (x @ w).chunk(3, dim=-1)), causal=True,  # noqa: E731
+                                           backend="flex")
+        x = torch.randn(B, N, H * D)
+    else:  # a query projection and a key/value projection whose halves are views
+        def fn(x):
+            k, v = (x @ w[:, H * D:]).chunk(2, dim=-1)
+            return flexflash.attention(heads(x @ w[:, :H * D]), heads(k), heads(v), backend="flex")
+        x = torch.randn(B, N, H * D)
+    with torch.no_grad(), inductor_config.patch(post_grad_custom_post_pass=count_copies):
+        # (torch settings are patched through their own patch(): pytest's monkeypatch undoes with
+        # delattr, which torch's config modules take as removing the setting for the process)
+        want = fn(x)
+        got = torch.compile(fn, fullgraph=True, dynamic=False)(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert sum(copies) == 3, copies
 
@@ -462,7 +467,7 @@ def test_cpu_training_under_torch_compile_fullgraph():
     and its custom backward) traces into the caller's graph, and the gradients match the eager
     module's. (A graph break there, at the note of the path taken, made the projection's key and
     value views outputs of a graph, whose cache entry torch 2.11 crashed saving and torch 2.13 saved
-    corrupt.) Inference in a caller's graph: the test of q, k, v in buffers of their own above."""
+    corrupt.) More kinds of call and modules: tests/test_traced.py."""
     torch.manual_seed(11)
     two = flexflash.FlashAttentionTwo(dim=16, heads=2, dim_head=8)
     xg = torch.randn(2, 9, 16, requires_grad=True)

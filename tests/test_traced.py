@@ -1,0 +1,245 @@
+"""flexflash traced inside a caller's torch.compile, as users run it: every kind of call and every
+module compiles once for one shape and at most once more for new lengths (the recompile that
+makes them symbolic), never breaks the graph (``fullgraph=True``), and equals the eager call; and
+first calls from several threads at once."""
+
+from __future__ import annotations
+
+import threading
+import types
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import flexflash
+from flexflash import mods
+
+from .helpers import FLOOR, as64, seed_of
+
+
+
+def _skip_cpu_training_where_it_raises():
+    if flexflash.functional._TRACED_CPU_TRAINING_FAILS:
+        pytest.skip(f"CPU training inside torch.compile raises on torch {torch.__version__} (tests/test_modules.py)")
+
+B, H, D = 2, 4, 16
+LENGTHS = (40, 40, 56, 72)  # one length twice (new mask values), then two new ones
+
+
+def _kind(name: str, N: int, gen: torch.Generator) -> tuple[dict, int]:
+    """The keywords of one kind of call at length N (new tensor values at every call), and the
+    key/value head count."""
+    if name == "causal":
+        return dict(causal=True), H
+    if name == "key_padding":
+        return dict(mask=torch.rand(B, N, generator=gen) > 0.3), H
+    if name == "sliced_mask":  # a view of a larger mask, offset along both lengths
+        big = torch.rand(B, 1, N + 5, N + 3, generator=gen) > 0.3
+        return dict(mask=big[..., 5:, 3:], causal=True), H
+    if name == "bias":
+        return dict(bias=torch.randn(H, N, N, generator=gen)), H
+    if name == "bias_grad":
+        return dict(bias=torch.randn(1, H, N, N, generator=gen).requires_grad_(), causal=True), H
+    if name == "document":  # a mask_mod reading tensors
+        ids = torch.sort(torch.randint(0, 3, (B, N), generator=gen), dim=-1).values
+        return dict(mask_mod=mods.document(ids)), H
+    if name == "sliding_window":
+        return dict(mask_mod=mods.sliding_window(8), causal=True), H
+    if name == "alibi":
+        return dict(score_mod=mods.alibi(H), causal=True), H
+    if name == "dropout":
+        return dict(dropout_p=0.25, causal=True), H
+    if name == "gqa":
+        return dict(causal=True, mask=torch.rand(B, N, generator=gen) > 0.2), 2
+    raise AssertionError(name)
+
+
+KINDS = ["causal", "key_padding", "sliced_mask", "bias", "bias_grad", "document", "sliding_window", "alibi",
+         "dropout", "gqa"]
+
+
+def _close(name, got, eager, golden, dtype=torch.float32):
+    """``got`` (compiled) at most twice as far from the fp64 ``golden`` as the eager call is, plus
+    a few ulps (the compiled and eager calls may take different kernels: the compiled one sums in
+    another order, but must be as accurate)."""
+    got, eager, golden = got.double(), eager.double(), golden.double()
+    err = (got - golden).abs().max().item()
+    bound = 2 * (eager - golden).abs().max().item() + FLOOR[dtype] * max(1.0, golden.abs().max().item())
+    assert err <= bound, f"{name}: compiled error {err:.3g} > {bound:.3g}"
+
+
+def _call(q, k, v, kw):
+    return flexflash.attention(q, k, v, **kw)
+
+
+def _fresh_code(fn, name: str):
+    """``fn`` with a code object of its own: Dynamo keeps its graphs (and its recompile budget) per
+    code object, so each test counts only its own."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
+
+
+def _attention_step(kw, q, k, v, train, fn):
+    """One call (and its backward when training); returns the output and the gradients."""
+    leaves = [t for t in (q, k, v, kw.get("bias")) if t is not None and t.requires_grad]
+    torch.manual_seed(7)  # dropout: the compiled and eager calls draw the same entries
+    with torch.set_grad_enabled(train):
+        out = fn(q, k, v, kw)
+        if not train:
+            return out, []
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return out, list(grads)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("name", KINDS)
+def test_functional_call_compiles_once_per_shape_and_once_more_for_new_lengths(name, train):
+    if name == "bias_grad" and not train:
+        pytest.skip("the same as 'bias' without gradients")
+    if train:
+        _skip_cpu_training_where_it_raises()
+
+    call = _fresh_code(_call, f"call_{name}_{train}")
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(call, backend=counter, fullgraph=True)
+    graphs = []
+    for step, N in enumerate(LENGTHS):
+        gen = torch.Generator().manual_seed(seed_of(name, N, step))
+        kw, Hkv = _kind(name, N, gen)
+        q = torch.randn(B, H, N, D, generator=gen).requires_grad_(train)
+        k, v = (torch.randn(B, Hkv, N, D, generator=gen).requires_grad_(train) for _ in range(2))
+        out, grads = _attention_step(kw, q, k, v, train, compiled)
+        want, want_grads = _attention_step(kw, q, k, v, train, call)
+        kw64 = {key: as64(value) for key, value in kw.items()}
+        gold, gold_grads = _attention_step(kw64, as64(q), as64(k), as64(v), train,
+                                           lambda *a: flexflash.attention(*a[:3], backend="reference", **a[3]))
+        _close(f"{name} out N={N}", out, want, gold)
+        for i, (a, b, c) in enumerate(zip(grads, want_grads, gold_grads)):
+            _close(f"{name} grad {i} N={N}", a, b, c)
+        graphs.append(counter.frame_count)
+    # one graph for the first length (the second call with new values reuses it), at most one
+    # more with symbolic lengths for both new ones
+    assert graphs[0] == graphs[1] == 1, graphs
+    assert graphs[-1] <= 2, graphs
+
+
+class _Block(torch.nn.Module):
+    """A small pre-norm transformer block around one flexflash module, as a model would use it."""
+
+    def __init__(self, module: str, dim: int = 32):
+        super().__init__()
+        self.kind = module
+        self.norm = torch.nn.LayerNorm(dim)
+        if module == "FlashMHA":
+            self.attn = flexflash.FlashMHA(dim, 4, causal=True, dropout=0.1)
+        elif module == "FlashAttentionTwo":
+            self.attn = flexflash.FlashAttentionTwo(dim=dim, heads=4, dim_head=8, causal=True)
+        elif module == "ChunkedAttention":
+            self.attn = flexflash.ChunkedAttention(dim, 4, chunk_size=16)
+        else:  # FlashAttention: the inner attention, with the block's own projections
+            self.attn = flexflash.FlashAttention(causal=True, dropout=0.1)
+            self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, padding):
+        h = self.norm(x)
+        if self.kind == "FlashMHA":
+            a = self.attn(h, key_padding_mask=padding)
+        elif self.kind == "FlashAttentionTwo":
+            a = self.attn(h, mask=padding)
+        elif self.kind == "ChunkedAttention":
+            a = self.attn(h, h, h, mask=padding[:, None, None, :])
+        else:
+            q, k, v = (t.unflatten(-1, (4, -1)).transpose(1, 2) for t in self.qkv(h).chunk(3, dim=-1))
+            a = self.attn(q, k, v, mask=padding[:, None, None, :]).transpose(1, 2).flatten(2)
+        return x + self.out(a)
+
+
+@pytest.mark.parametrize("module", ["FlashAttention", "FlashMHA", "FlashAttentionTwo", "ChunkedAttention"])
+def test_module_in_a_compiled_model_trains_and_evaluates_without_recompiling(module):
+    """Each module inside a model under torch.compile(fullgraph=True): training steps (with an
+    optimizer; dropout on where the module has it) and evaluation steps over three lengths, with new
+    padding every step. Losses and gradients equal those of the same model run eagerly."""
+    _skip_cpu_training_where_it_raises()
+    torch.manual_seed(seed_of(module))
+    block = type(f"Block_{module}", (_Block,), {"forward": _fresh_code(_Block.forward, f"forward_{module}")})
+    model = block(module)
+    eager = block(module)
+    eager.load_state_dict(model.state_dict())
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager)]
+    graphs = {True: [], False: []}
+    for step, N in enumerate(LENGTHS):
+        gen = torch.Generator().manual_seed(seed_of(module, step))
+        x = torch.randn(2, N, 32, generator=gen)
+        padding = torch.arange(N)[None, :] < torch.tensor([N, N - 5])[:, None]  # (B, N), True = real
+        for train in (True, False):
+            before = counter.frame_count
+            losses = []
+            for m, net, opt in ((compiled, model, optimizers[0]), (eager, eager, optimizers[1])):
+                net.train(train)
+                torch.manual_seed(step)  # the same dropout draws in both
+                with torch.set_grad_enabled(train):
+                    loss = m(x, padding).pow(2).mean()
+                if train:
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                losses.append(loss.detach())
+            # 10 ulps of the loss: the two models hold equal weights, the compiled one sums in
+            # another order (and the drift of earlier optimizer steps stays that small)
+            torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+            graphs[train].append(counter.frame_count - before)
+    for train, new in graphs.items():
+        # per mode: a graph at the first length, none for new values, at most one more after
+        assert new[0] == 1 and new[1] == 0 and sum(new) <= 2, (train, new)
+    for a, b in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_first_calls_from_several_threads_at_once():
+    """Four threads make the first call of four kinds at once (each compiles); every result equals
+    the reference, and nothing raises."""
+    gen = torch.Generator().manual_seed(3)
+    N = 48
+    q, k, v = (torch.randn(B, H, N, D, generator=gen) for _ in range(3))
+    kinds = [dict(causal=True), dict(mask_mod=mods.sliding_window(6), causal=True),
+             dict(bias=torch.randn(H, N, N, generator=gen)), dict(mask=torch.rand(B, N, generator=gen) > 0.3)]
+    results, errors = {}, []
+    start = threading.Barrier(len(kinds))
+
+    def run(i, kw):
+        try:
+            start.wait()
+            results[i] = flexflash.attention(q, k, v, **kw)
+        except Exception as e:  # reported below, with the kind
+            errors.append((kw, e))
+
+    threads = [threading.Thread(target=run, args=(i, kw)) for i, kw in enumerate(kinds)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, kw in enumerate(kinds):
+        want = flexflash.attention(q, k, v, backend="reference", **kw)
+        torch.testing.assert_close(results[i], want, rtol=1e-5, atol=2e-5)
+
+
+def test_the_callers_own_compile_of_a_mask_mods_tensors_after_a_call():
+    """flexflash marks the tensors a mask_mod reads dynamic while its kernel compiles, and leaves
+    no mark behind: the caller's own torch.compile of FlexAttention with the same mask_mod (a
+    block mask built from the same document ids) compiles and runs (a mark left behind fails its
+    guards on the frame that made them)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    gen = torch.Generator().manual_seed(5)
+    N = 64
+    q, k, v = (torch.randn(1, 2, N, D, generator=gen) for _ in range(3))
+    doc = mods.document(torch.sort(torch.randint(0, 3, (1, N), generator=gen), dim=-1).values)
+    with torch.no_grad():
+        ours = flexflash.attention(q, k, v, mask_mod=doc)
+        block_mask = create_block_mask(doc, 1, 2, N, N, device="cpu")
+        theirs = torch.compile(flex_attention)(q, k, v, block_mask=block_mask)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5)
