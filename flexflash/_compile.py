@@ -975,6 +975,23 @@ def _words_flat(params: Tensor, rows: Tensor, q_len: Tensor, cols: Tensor) -> tu
 _words_compiled = torch.compile(_words_flat, dynamic=True, fullgraph=True)
 
 
+def _eager_words(params: Tensor, B: int, H: int, Nq: int, Nk: int) -> tuple[Tensor, Tensor, Tensor]:
+    rows = torch.arange(B * H * Nq, device=params.device, dtype=torch.int32)
+    cols = torch.arange(Nk, device=params.device, dtype=torch.int32)
+    r1, r2, c = _words_flat(params, rows, torch.tensor(Nq, dtype=torch.int32, device=params.device), cols)
+    return r1.view(B, H, Nq), r2.view(B, H, Nq), c
+
+
+_LIB.define("dropout_words(Tensor params, SymInt B, SymInt H, SymInt Nq, SymInt Nk) -> (Tensor, Tensor, Tensor)")
+_LIB.impl("dropout_words", _eager_words, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flexflash::dropout_words")
+def _(params: Tensor, B, H, Nq, Nk) -> tuple[Tensor, Tensor, Tensor]:
+    row = params.new_empty((B, H, Nq))
+    return row, params.new_empty((B, H, Nq)), params.new_empty((Nk,))
+
+
 def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: torch.device,
                    offsets: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Row words ``(B, H, Nq)`` (two) and column words ``(Nk,)`` of the dropout hash for one call.
@@ -987,9 +1004,14 @@ def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: tor
         c = dropout.column_word(params, torch.arange(Nk, device=device, dtype=torch.int32))
         shape = (B, H, Nq)
         return r1.expand(shape).contiguous(), r2.expand(shape).contiguous(), c
+    if torch.compiler.is_compiling():
+        # In a caller's graph, as an operator of flexflash's own: computed in the graph, torch
+        # 2.11's FlexAttention lowering met the words' buffers unfrozen ("convert FlexibleLayout
+        # to FixedLayout first"); an operator's outputs are buffers of fixed layout.
+        return torch.ops.flexflash.dropout_words(params, B, H, Nq, Nk)
     rows = torch.arange(B * H * Nq, device=device, dtype=torch.int32)
     cols = torch.arange(Nk, device=device, dtype=torch.int32)
-    fn = _words_compiled if device.type == "cuda" and not torch.compiler.is_compiling() else _words_flat
+    fn = _words_compiled if device.type == "cuda" else _words_flat
     r1, r2, c = fn(params, rows, _scalar_tensor(Nq, torch.int32, device), cols)
     return r1.view(B, H, Nq), r2.view(B, H, Nq), c
 

@@ -2,12 +2,16 @@
 
 * ``flexflash check`` runs every modifier, every module and the dropout statistics against the eager
   reference on a device and prints a table (case, max error, tolerance, ok); it exits 1 when a case
-  fails.
+  fails. Warnings raised during the run are summarised on stderr after the table.
 * ``flexflash bench`` times flexflash against SDPA's backends (and the reference where it fits) on a
-  table of shapes, printing ms, TFLOP/s and the ratio; ``--json`` and ``--plot`` save them.
+  table of shapes, printing ms, TFLOP/s and the ratio; ``--json`` and ``--plot`` save them. It warns
+  on stderr about rows whose repeats are too far apart to compare.
 * ``flexflash mask`` draws a mask as text or, with ``--png``, as an image.
 
-Bad arguments print a one-line error (no traceback) and exit 2.
+Both long commands show a progress line on stderr, only when stderr is a terminal (stdout, the
+table, never gets it). A missing command or an unknown flag prints the usage and an error naming it;
+a bad value prints a one-line error naming the argument and the values expected. Neither prints a
+traceback; both exit 2.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 import time
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, NamedTuple, NoReturn, TextIO
 
 import torch
 
@@ -63,6 +69,49 @@ def _choices(text: str | None, known: list[str], name: str) -> list[str]:
     return chosen
 
 
+class _Progress:
+    """A status line on stderr (``[3/17] causal ...``), rewritten in place and erased before each
+    result is printed, so that it never ends up between the rows of the stdout table. Written only
+    when the stream is a terminal: in a pipe or a log file the carriage returns would leave every
+    state behind, one after the other, in the middle of the output."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = sys.stderr if stream is None else stream  # read now: tests and callers swap sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        try:
+            self.enabled = bool(isatty and isatty())
+        except ValueError:  # a closed stream
+            self.enabled = False
+        self.width = 0
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write("\r" + text + " " * max(0, self.width - len(text)))
+            self.stream.flush()
+            self.width = len(text)
+
+    def clear(self) -> None:
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def _warning_summary(caught: list[warnings.WarningMessage], command: str) -> list[str]:
+    """The warnings recorded during a run, one line per distinct (category, message) with how often it
+    came, printed after the table instead of in the middle of it."""
+    counts: dict[tuple[str, str], int] = {}
+    for w in caught:
+        key = (w.category.__name__, " ".join(str(w.message).split()))
+        counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return []
+    total = sum(counts.values())
+    lines = [f"{command}: {total} warning{'s' * (total != 1)} during the run:"]
+    lines += [f"  {category}{f' (x{n})' if n > 1 else ''}: {message}" for (category, message), n in counts.items()]
+    return lines
+
+
 # --- check -----------------------------------------------------------------------------------
 
 # The error allowed is a multiple of the reference's own error against float64 in the same dtype
@@ -71,6 +120,14 @@ def _choices(text: str | None, known: list[str], name: str) -> list[str]:
 # at the output's scale.
 _FACTOR = 4.0
 _FLOOR = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+# The case names, known before any tensor is made (for --help); tests/test_cli.py checks them
+# against the cases _modifier_cases and _module_cases build.
+MODIFIER_CASES = ["dense", "causal", "key_padding", "mask_4d", "bias_3d", "causal_mask_bias", "sliding_window",
+                  "prefix_lm", "document", "alibi_causal", "softcap_bias", "window_or_prefix"]
+MODULE_CASES = ["FlashAttention", "FlashMHA", "FlashAttentionTwo", "ChunkedAttention"]
+CHECK_CASES = MODIFIER_CASES + MODULE_CASES + ["dropout"]
 
 
 def _modifier_cases(B: int, Hq: int, Hkv: int, Nq: int, Nk: int, gen: torch.Generator, device) -> dict[str, Callable]:
@@ -227,6 +284,20 @@ def cmd_check(args) -> int:
     module_cases = _module_cases(device, gen)
     known = list(modifier_cases) + list(module_cases) + ["dropout"]
     chosen = _choices(args.cases, known, "--cases")
+    caught: list[warnings.WarningMessage] = []
+    try:
+        # Library warnings (the CPU path note, recompilation notices) would land between the rows.
+        with warnings.catch_warnings(record=True) as caught:
+            return _check_table(args, device, dtype, gen, (B, Hq, Hkv, Nq, Nk, D), modifier_cases, module_cases,
+                                chosen)
+    finally:
+        for line in _warning_summary(caught, "flexflash check"):
+            print(line, file=sys.stderr)
+
+
+def _check_table(args, device, dtype, gen, sizes, modifier_cases, module_cases, chosen) -> int:
+    B, Hq, Hkv, Nq, Nk, D = sizes
+    progress = _Progress()
     print(f"flexflash {__version__} check on {device} ({dtype}), torch {torch.__version__}", flush=True)
     print(f"tolerance = {_FACTOR:g} x the reference's own error against float64 + {_FLOOR[dtype]:g} x scale\n")
     header = f"{'case':18} {'what':30} {'max error':>11} {'tolerance':>11}  ok"
@@ -237,9 +308,11 @@ def cmd_check(args) -> int:
     def show(case, what, err, tol, ok):
         nonlocal failures
         failures += not ok
+        progress.clear()
         print(f"{case:18} {what:30} {err:11.3e} {tol:11.3e}  {'ok' if ok else 'FAIL'}", flush=True)
 
-    for name in chosen:
+    for i, name in enumerate(chosen, 1):
+        progress.show(f"[{i}/{len(chosen)}] {name} ...")
         start = time.perf_counter()
         if name in modifier_cases:
             for grad in (False, True):
@@ -260,6 +333,7 @@ def cmd_check(args) -> int:
         else:
             for case, what, err, tol, ok in _dropout_rows(device):
                 show(case, what, err, tol, ok)
+        progress.clear()
         if args.verbose:
             print(f"  ({time.perf_counter() - start:.1f} s)")
     print(f"\n{'all ' + str(len(chosen)) + ' cases ok' if not failures else str(failures) + ' check(s) FAILED'}")
@@ -305,8 +379,29 @@ def _bench_inputs(case: str, B: int, H: int, N: int, D: int, dtype, device, gen)
     return (q, k, v), flex, sdpa, density
 
 
-def _timer(device) -> Callable[[Callable], float]:
-    def measure(fn, budget: float = 0.3) -> float:
+# Above this spread a row's timings are too far apart for its ratio to mean much.
+_NOISY = 0.10
+
+
+class _Timing(NamedTuple):
+    ms: float  # the median over the repeats
+    spread: float  # _spread of the repeats
+    repeats: int
+
+
+def _spread(times: list[float]) -> float:
+    """The interquartile range of the repeats over their median: how far apart they are, relative to
+    the time reported. Not (max - min) / median: on a shared CPU one repeat in fifty descheduled
+    would flag every row, though it does not move the median reported."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    median = statistics.median(times)
+    return (q3 - q1) / median if median > 0 else 0.0
+
+
+def _timer(device) -> Callable[[Callable], _Timing]:
+    def measure(fn, budget: float = 0.3) -> _Timing:
         fn()  # compilation and warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -318,7 +413,7 @@ def _timer(device) -> Callable[[Callable], float]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        return _Timing(statistics.median(times) * 1e3, _spread(times), len(times))
     return measure
 
 
@@ -369,6 +464,8 @@ def _bench(args, device, dtype, cases, seq_lens, tokens, D, H) -> int:
     measure = _timer(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
+    noisy: list[str] = []
+    progress = _Progress()
     plan = [(case, N) for case in cases for N in seq_lens]
     print(f"flexflash {__version__} bench on {device} ({dtype}), torch {torch.__version__}; "
           f"B*N = {tokens} tokens, H = {H}, D = {D}; compile mode {get_compile_mode()}", flush=True)
@@ -377,26 +474,35 @@ def _bench(args, device, dtype, cases, seq_lens, tokens, D, H) -> int:
         qkv, flex, sdpa, density = _bench_inputs(case, B, H, N, D, dtype, device, gen)
         fits = B * H * N * N * 4 * 3 < (2 << 30)
         flops = 4 * B * H * N * N * D * density
-        times = {}
+        timings: dict[str, _Timing] = {}
         with torch.no_grad():
             for label, fn in _impls(device, flex, sdpa, qkv, fits).items():
-                print(f"\r[{i}/{len(plan)}] {case} N={N}: {label:16}", end="", file=sys.stderr, flush=True)
+                progress.show(f"[{i}/{len(plan)}] {case} N={N}: {label}")
                 try:
-                    times[label] = measure(fn)
+                    timings[label] = measure(fn)
                 except RuntimeError as e:  # a backend that does not take the case
                     if "No available kernel" not in str(e):
                         raise
             path = route(*qkv, **flex)
-        print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+        progress.clear()
+        times = {label: t.ms for label, t in timings.items()}
+        spread = {label: t.spread for label, t in timings.items()}
+        wide = [f"{label} {t.spread:.0%} of {t.repeats}" for label, t in timings.items() if t.spread > _NOISY]
+        if wide:
+            noisy.append(f"{case} N={N}: {', '.join(wide)}")
         baselines = [t for label, t in times.items() if label.startswith("sdpa")]
         rows.append(dict(case=case, N=N, B=B, H=H, D=D, dtype=str(dtype).replace("torch.", ""), path=path,
-                         density=density, ms=times, tflops={k: flops / (t * 1e-3) / 1e12 for k, t in times.items()},
+                         density=density, ms=times, spread=spread,
+                         tflops={k: flops / (t * 1e-3) / 1e12 for k, t in times.items()},
                          ratio=(min(baselines) / times["flexflash"]) if baselines else None))
         r = rows[-1]
         others = "  ".join(f"{k} {t:.3f}" for k, t in times.items() if k != "flexflash")
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "—"
         print(f"{case:15} N={N:<6} flexflash[{path}] {times['flexflash']:9.3f} ms {r['tflops']['flexflash']:8.3f} TFLOP/s"
               f"  | {others} | best SDPA / flexflash {ratio}", flush=True)
+    for line in noisy:  # after the table, so that they do not split it where stdout and stderr meet
+        print(f"flexflash bench: warning: timings too noisy to compare (interquartile range / median of the "
+              f"repeats above {_NOISY:.0%}): {line}", file=sys.stderr)
     meta = dict(device=str(device), name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, flexflash=__version__, date=time.strftime("%Y-%m-%d"),
                 compile_mode=get_compile_mode())
@@ -476,19 +582,29 @@ def cmd_mask(args) -> int:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(max(3, args.kv_len / 8), max(3, args.q_len / 8)))
+        width = max(3, args.kv_len / 8)
+        fig, ax = plt.subplots(figsize=(width, max(3, args.q_len / 8)))
         ax.imshow(grid.numpy(), cmap="Blues", interpolation="nearest", vmin=0, vmax=1)
         ax.set_xlabel("key j")
         ax.set_ylabel("query i")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_wrap_title(title, width, 9), fontsize=9)
         fig.tight_layout()
-        fig.savefig(args.png, dpi=110)
+        # tight: the saved image grows to hold whatever still sticks out (a long word of the title).
+        fig.savefig(args.png, dpi=110, bbox_inches="tight")
         print(f"wrote {args.png}")
         return 0
     print(f"{title}; Nq={args.q_len}, Nk={args.kv_len}; '#' = may attend, '.' = masked")
     for i, row in enumerate(grid.tolist()):
         print(f"{i:4d} " + "".join("#" if x else "." for x in row))
     return 0
+
+
+def _wrap_title(title: str, width_in: float, fontsize: float) -> str:
+    """The title broken into lines that fit a figure ``width_in`` inches wide: one line is centred over
+    the axes and cut off at the figure's edges, which a narrow mask (3 inches) reached at about 40
+    characters. A character is taken as 0.6 em wide, with a margin of 0.3 inch."""
+    chars = max(10, int((width_in - 0.3) * 72 / (0.6 * fontsize)))
+    return textwrap.fill(title, width=chars, break_long_words=False, break_on_hyphens=False)
 
 
 def _split(n: int, parts: int) -> list[int]:
@@ -499,6 +615,8 @@ def _split(n: int, parts: int) -> list[int]:
 # --- entry point -----------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
+    commands: dict[str, argparse.ArgumentParser]  # the top-level parser's subcommands (build_parser)
+
     def error(self, message):  # one line, exit status 2, no traceback
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -516,14 +634,17 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flexflash", description="flexflash: attention as FlexAttention mask/score functions.")
     parser.add_argument("--version", action="version", version=f"flexflash {__version__} (torch {torch.__version__})")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # Not required=True: argparse would then say "the following arguments are required: command"
+    # without the usage; main() prints the usage itself.
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser.commands = sub.choices
 
     check = sub.add_parser("check", help="check every modifier, module and dropout against the reference",
                            description="Runs every modifier (forward and backward), every module and the dropout "
                                        "statistics against the eager reference; exits 1 on any failure.")
     check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     check.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    check.add_argument("--cases", help="comma-separated subset of the cases (default: all)")
+    check.add_argument("--cases", help=f"comma-separated subset of {', '.join(CHECK_CASES)} (default: all)")
     check.add_argument("-v", "--verbose", action="store_true", help="print the time of each case")
     check.set_defaults(func=cmd_check)
 
@@ -556,9 +677,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """The usage, then the error: for a missing command or an unknown flag, where the user needs to
+    see what there is (a bad value gets _Parser.error's one line, which names the values expected)."""
+    parser.print_usage(sys.stderr)
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        where = parser.commands[args.command] if args.command else parser
+        _usage_error(where, f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        _usage_error(parser, f"expected a command: one of {', '.join(parser.commands)}")
     if getattr(args, "kv_len", 0) is None:
         args.kv_len = args.q_len
     try:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -33,12 +36,130 @@ def test_version_and_help_of_every_subcommand():
     (["check", "--cases", "causal,nothing"], "--cases: unknown case(s) ['nothing']"),
     (["bench", "--device", "tpu"], "invalid choice"),
     (["bench", "--compile-mode", "fast"], "invalid choice"),
-    ([], "the following arguments are required"),
+    ([], "flexflash: error: expected a command: one of check, bench, mask"),
+    (["check", "--bogus"], "flexflash check: error: unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(args, message):
     r = _run(*args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,usage,message", [
+    ([], "usage: flexflash [-h]", "flexflash: error: expected a command: one of check, bench, mask"),
+    (["--bogus"], "usage: flexflash [-h]", "flexflash: error: unrecognized arguments: --bogus"),
+    (["check", "--bogus"], "usage: flexflash check [-h]", "flexflash check: error: unrecognized arguments: --bogus"),
+    (["mask", "causal", "--bogus", "1"], "usage: flexflash mask [-h]",
+     "flexflash mask: error: unrecognized arguments: --bogus 1"),
+])
+def test_a_missing_command_or_an_unknown_flag_prints_the_usage(args, usage, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(usage) and captured.err.endswith(message + "\n")
+
+
+def test_a_bad_value_still_gets_one_line(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["mask", "causal", "--q-len", "x"])
+    assert capsys.readouterr().err.splitlines() == [
+        "flexflash mask: error: argument --q-len: expected a positive integer, got 'x'"]
+
+
+def test_check_help_lists_the_cases(capsys):
+    gen = torch.Generator().manual_seed(0)
+    built = list(cli._modifier_cases(2, 4, 2, 37, 53, gen, "cpu")) + list(cli._module_cases("cpu", gen)) + ["dropout"]
+    assert cli.CHECK_CASES == built
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["check", "--help"])
+    assert stop.value.code == 0
+    words = capsys.readouterr().out.replace(",", " ").split()
+    assert all(name in words for name in built)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _screen(text: str) -> str:
+    """What a terminal line shows after ``text``: each carriage return goes back to the start."""
+    line: list[str] = []
+    col = 0
+    for ch in text:
+        if ch == "\r":
+            col = 0
+        else:
+            line[col:col + 1] = [ch]
+            col += 1
+    return "".join(line)
+
+
+def test_progress_is_written_to_a_terminal_only_and_erased():
+    pipe, tty = io.StringIO(), _Terminal()
+    for stream in (pipe, tty):
+        progress = cli._Progress(stream)
+        progress.show("[1/2] causal_mask_bias ...")
+        progress.show("[2/2] dense ...")
+        assert _screen(stream.getvalue()).rstrip() == ("[2/2] dense ..." if stream is tty else "")
+        progress.clear()
+        progress.clear()  # nothing shown: nothing written
+    assert pipe.getvalue() == ""
+    assert _screen(tty.getvalue()).strip() == "" and tty.getvalue().endswith("\r")
+
+
+def test_check_shows_progress_on_a_terminal_and_summarises_warnings_after_the_table(monkeypatch, capsys):
+    def rows(device):  # instead of the dropout run (no compilation): warnings as a library gives them
+        warnings.warn("flexflash: a note", UserWarning)
+        warnings.warn("flexflash:   a\n note", UserWarning)  # the same text, another line
+        warnings.warn("flexflash: recompiled", RuntimeWarning)
+        return [("dropout", "dropped fraction - p", 0.0, 1.0, True)]
+    monkeypatch.setattr(cli, "_dropout_rows", rows)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    with warnings.catch_warnings(record=True) as leaked:
+        assert cli.main(["check", "--device", "cpu", "--cases", "dropout"]) == 0
+    assert leaked == []
+    out, err = capsys.readouterr().out, sys.stderr.getvalue()
+    assert "dropped fraction - p" in out and "note" not in out and "[1/1]" not in out
+    assert "\r[1/1] dropout ..." in err
+    assert err.splitlines()[-3:] == ["flexflash check: 3 warnings during the run:",
+                                     "  UserWarning (x2): flexflash: a note",
+                                     "  RuntimeWarning: flexflash: recompiled"]
+
+
+def test_spread_is_the_interquartile_range_over_the_median():
+    assert cli._spread([2.0]) == 0.0
+    assert cli._spread([1.0, 1.0, 1.0]) == 0.0
+    assert cli._spread([1.0, 2.0, 3.0]) == pytest.approx(0.5)  # quartiles 1.5 and 2.5
+    assert cli._spread([1.0] * 9 + [5.0]) == 0.0  # one descheduled repeat does not make a row noisy
+
+
+def test_bench_warns_about_noisy_rows_and_writes_no_progress_into_a_pipe(monkeypatch, tmp_path, capsys):
+    # In the order _impls gives them on CPU: flexflash, sdpa, reference; nothing is run or compiled.
+    timings = itertools.cycle([cli._Timing(1.0, 0.02, 12), cli._Timing(2.0, 0.25, 8), cli._Timing(3.0, 0.0, 3)])
+    monkeypatch.setattr(cli, "_timer", lambda device: lambda fn: next(timings))
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", "--device", "cpu", "--cases", "causal,dense", "--seq-lens", "16",
+                     "--json", str(path)]) == 0
+    captured = capsys.readouterr()
+    noisy = [line for line in captured.err.splitlines() if "too noisy" in line]
+    assert len(noisy) == 2 and noisy[0].startswith("flexflash bench: warning: ")
+    assert noisy[0].endswith(": causal N=16: sdpa 25% of 8") and noisy[1].endswith(": dense N=16: sdpa 25% of 8")
+    assert "[1/2]" not in captured.err and "\r" not in captured.err  # stderr is not a terminal here
+    rows = json.loads(path.read_text())["rows"]
+    assert rows[0]["ms"] == {"flexflash": 1.0, "sdpa": 2.0, "reference": 3.0}
+    assert rows[0]["spread"] == {"flexflash": 0.02, "sdpa": 0.25, "reference": 0.0}
+    assert rows[0]["ratio"] == 2.0
+
+
+def test_mask_title_is_wrapped_to_the_figure():
+    title = "documents [3, 3, 3] (queries: the last 6 rows)"
+    narrow = cli._wrap_title(title, 3, 9).splitlines()
+    assert len(narrow) > 1 and all(len(line) <= 36 for line in narrow)  # (3 - 0.3) in * 72 / 5.4 pt
+    assert " ".join(narrow) == title
+    assert cli._wrap_title(title, 8, 9) == title
 
 
 def test_mask_text(capsys):
@@ -66,7 +187,9 @@ def test_mask_png(tmp_path):
 def test_check_passes_and_reports_a_failure(capsys, monkeypatch):
     args = ["check", "--device", "cpu", "--cases", "causal,FlashMHA,dropout"]
     assert cli.main(args) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "[1/3]" not in captured.err  # no progress line: stderr is not a terminal here
     assert "all 3 cases ok" in out and "FAIL" not in out
     assert "FlashMHA" in out and "d Wqkv.weight" in out and "dq (memory-bounded)" in out and "out (flex)" in out
 
@@ -102,6 +225,7 @@ def test_bench_on_cpu_writes_json_and_plot(tmp_path, capsys):
                                                            ("key_padding", 64)]
     for r in data["rows"]:
         assert set(r["ms"]) == {"flexflash", "sdpa", "reference"} and all(t > 0 for t in r["ms"].values())
+        assert set(r["spread"]) == set(r["ms"]) and all(s >= 0 for s in r["spread"].values())
         assert r["ratio"] == pytest.approx(r["ms"]["sdpa"] / r["ms"]["flexflash"])
         assert 0 < r["density"] <= 1 and r["tflops"]["flexflash"] > 0
     assert data["rows"][0]["density"] == pytest.approx((32 + 1) / 64)  # causal, 32 x 32

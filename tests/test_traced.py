@@ -27,9 +27,17 @@ B, H, D = 2, 4, 16
 LENGTHS = (40, 40, 56, 72)  # one length twice (new mask values), then two new ones
 
 
-def _kind(name: str, N: int, gen: torch.Generator) -> tuple[dict, int]:
-    """The keywords of one kind of call at length N (new tensor values at every call), and the
-    key/value head count."""
+def _kind(name: str, N: int, gen: torch.Generator, device: str = "cpu") -> tuple[dict, int]:
+    """The keywords of one kind of call at length N on ``device`` (new tensor values at every
+    call), and the key/value head count."""
+    kw, Hkv = _kind_on_cpu(name, N, gen)
+    if name == "document":  # a mask_mod reading tensors
+        kw = dict(mask_mod=mods.document(kw["ids"].to(device)))
+    return {key: value.detach().to(device).requires_grad_(value.requires_grad) if isinstance(value, torch.Tensor)
+            else value for key, value in kw.items()}, Hkv
+
+
+def _kind_on_cpu(name: str, N: int, gen: torch.Generator) -> tuple[dict, int]:
     if name == "causal":
         return dict(causal=True), H
     if name == "key_padding":
@@ -41,9 +49,8 @@ def _kind(name: str, N: int, gen: torch.Generator) -> tuple[dict, int]:
         return dict(bias=torch.randn(H, N, N, generator=gen)), H
     if name == "bias_grad":
         return dict(bias=torch.randn(1, H, N, N, generator=gen).requires_grad_(), causal=True), H
-    if name == "document":  # a mask_mod reading tensors
-        ids = torch.sort(torch.randint(0, 3, (B, N), generator=gen), dim=-1).values
-        return dict(mask_mod=mods.document(ids)), H
+    if name == "document":
+        return dict(ids=torch.sort(torch.randint(0, 3, (B, N), generator=gen), dim=-1).values), H
     if name == "sliding_window":
         return dict(mask_mod=mods.sliding_window(8), causal=True), H
     if name == "alibi":
@@ -91,23 +98,26 @@ def _attention_step(kw, q, k, v, train, fn):
     return out, list(grads)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("name", KINDS)
-def test_functional_call_compiles_once_per_shape_and_once_more_for_new_lengths(name, train):
+def test_functional_call_compiles_once_per_shape_and_once_more_for_new_lengths(name, train, device):
     if name == "bias_grad" and not train:
         pytest.skip("the same as 'bias' without gradients")
-    if train:
+    if train and device == "cpu":
         _skip_cpu_training_where_it_raises()
-
-    call = _fresh_code(_call, f"call_{name}_{train}")
+    call = _fresh_code(_call, f"call_{name}_{train}_{device}")
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(call, backend=counter, fullgraph=True)
     graphs = []
     for step, N in enumerate(LENGTHS):
         gen = torch.Generator().manual_seed(seed_of(name, N, step))
-        kw, Hkv = _kind(name, N, gen)
-        q = torch.randn(B, H, N, D, generator=gen).requires_grad_(train)
-        k, v = (torch.randn(B, Hkv, N, D, generator=gen).requires_grad_(train) for _ in range(2))
+        kw, Hkv = _kind(name, N, gen, device)
+        q = torch.randn(B, H, N, D, generator=gen).to(device).requires_grad_(train)
+        k, v = (torch.randn(B, Hkv, N, D, generator=gen).to(device).requires_grad_(train) for _ in range(2))
         out, grads = _attention_step(kw, q, k, v, train, compiled)
         want, want_grads = _attention_step(kw, q, k, v, train, call)
         kw64 = {key: as64(value) for key, value in kw.items()}
@@ -124,16 +134,17 @@ def test_functional_call_compiles_once_per_shape_and_once_more_for_new_lengths(n
 
 
 class _Block(torch.nn.Module):
-    """A small pre-norm transformer block around one flexflash module, as a model would use it."""
+    """A small pre-norm transformer block around one flexflash module, as a model would use it
+    (heads of 16: FlexAttention's CUDA kernels take no smaller head dim)."""
 
-    def __init__(self, module: str, dim: int = 32):
+    def __init__(self, module: str, dim: int = 64):
         super().__init__()
         self.kind = module
         self.norm = torch.nn.LayerNorm(dim)
         if module == "FlashMHA":
             self.attn = flexflash.FlashMHA(dim, 4, causal=True, dropout=0.1)
         elif module == "FlashAttentionTwo":
-            self.attn = flexflash.FlashAttentionTwo(dim=dim, heads=4, dim_head=8, causal=True)
+            self.attn = flexflash.FlashAttentionTwo(dim=dim, heads=4, dim_head=16, causal=True)
         elif module == "ChunkedAttention":
             self.attn = flexflash.ChunkedAttention(dim, 4, chunk_size=16)
         else:  # FlashAttention: the inner attention, with the block's own projections
@@ -155,16 +166,18 @@ class _Block(torch.nn.Module):
         return x + self.out(a)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("module", ["FlashAttention", "FlashMHA", "FlashAttentionTwo", "ChunkedAttention"])
-def test_module_in_a_compiled_model_trains_and_evaluates_without_recompiling(module):
+def test_module_in_a_compiled_model_trains_and_evaluates_without_recompiling(module, device):
     """Each module inside a model under torch.compile(fullgraph=True): training steps (with an
     optimizer; dropout on where the module has it) and evaluation steps over three lengths, with new
     padding every step. Losses and gradients equal those of the same model run eagerly."""
-    _skip_cpu_training_where_it_raises()
+    if device == "cpu":
+        _skip_cpu_training_where_it_raises()
     torch.manual_seed(seed_of(module))
-    block = type(f"Block_{module}", (_Block,), {"forward": _fresh_code(_Block.forward, f"forward_{module}")})
-    model = block(module)
-    eager = block(module)
+    block = type(f"Block_{module}", (_Block,), {"forward": _fresh_code(_Block.forward, f"forward_{module}_{device}")})
+    model = block(module).to(device)
+    eager = block(module).to(device)
     eager.load_state_dict(model.state_dict())
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
@@ -172,8 +185,8 @@ def test_module_in_a_compiled_model_trains_and_evaluates_without_recompiling(mod
     graphs = {True: [], False: []}
     for step, N in enumerate(LENGTHS):
         gen = torch.Generator().manual_seed(seed_of(module, step))
-        x = torch.randn(2, N, 32, generator=gen)
-        padding = torch.arange(N)[None, :] < torch.tensor([N, N - 5])[:, None]  # (B, N), True = real
+        x = torch.randn(2, N, 64, generator=gen).to(device)
+        padding = (torch.arange(N)[None, :] < torch.tensor([N, N - 5])[:, None]).to(device)  # (B, N), True = real
         for train in (True, False):
             before = counter.frame_count
             losses = []

@@ -7,6 +7,7 @@ Usage::
                                    [--impls ...] [--dirs fwd] [--dtypes bfloat16]
                                    [--compile-mode max-autotune] [-- extra pytest args]
     python tools/run_benchmarks.py --summarize results/attention.json   # only the markdown
+    python tools/run_benchmarks.py --summarize-model model.json         # benchmarks/test_model.py
 
 The JSON is pytest-benchmark's own (``pytest-benchmark compare`` reads it; save a baseline with
 ``--benchmark-save``). Ratios above 1 mean flexflash is faster than every SDPA backend that accepts
@@ -62,16 +63,58 @@ def summarize(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarize_model(data: dict) -> str:
+    """Markdown tables from pytest-benchmark JSON of benchmarks/test_model.py: the training step
+    per mask, mode and implementation (with flexflash's ratios against raw FlexAttention and SDPA,
+    and the graphs compiled while timed), and the host time of small eager calls."""
+    steps: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    host: dict[str, dict[str, float]] = defaultdict(dict)
+    machine = {}
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        machine = dict(gpu=info.get("gpu"), torch=info.get("torch"))
+        if "model_case" in info:
+            steps[(info["model_case"], info["mode"])][info["impl"]] = dict(
+                ms=bench["stats"]["median"] * 1e3, graphs=info.get("graphs_compiled_while_timed"))
+        elif "host_case" in info:
+            host[info["host_case"]][info["impl"]] = bench["stats"]["median"] / info["calls_per_round"] * 1e6
+    lines = [f"GPU: {machine.get('gpu')}, torch {machine.get('torch')}, {data.get('datetime', '')[:10]}.", ""]
+    if steps:
+        lines += ["Training step (4 layers, E=1024, 16 heads, B=8, N=2048, bf16), median ms; ratios are "
+                  "flexflash's time over the other's (< 1: flexflash faster).", "",
+                  "| mask | mode | flexflash | raw FlexAttention | SDPA | flexflash / raw | flexflash / SDPA "
+                  "| graphs compiled while timed (flexflash) |", "|---|---|---|---|---|---|---|---|"]
+        for (case, mode), r in sorted(steps.items()):
+            ms = {impl: r[impl]["ms"] for impl in r}
+            ours = ms.get("flexflash")
+            ratio = lambda other: f"{ours / ms[other]:.3f}" if ours and other in ms else "—"  # noqa: E731
+            cell = lambda impl: f"{ms[impl]:.2f}" if impl in ms else "—"  # noqa: E731
+            lines.append(f"| {case} | {mode} | {cell('flexflash')} | {cell('flex')} | {cell('sdpa')} | "
+                         f"{ratio('flex')} | {ratio('sdpa')} | {r.get('flexflash', {}).get('graphs', '—')} |")
+        lines.append("")
+    if host:
+        lines += ["Host time of small eager calls (B=32, H=16, N=512, D=128, bf16, forward), µs per call.", "",
+                  "| mask | flexflash | raw FlexAttention | difference |", "|---|---|---|---|"]
+        for case, r in sorted(host.items()):
+            diff = f"{r['flexflash'] - r['flex']:+.0f}" if len(r) == 2 else "—"
+            lines.append(f"| {case} | {r.get('flexflash', 0):.0f} | {r.get('flex', 0):.0f} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmark-results")
     parser.add_argument("--summarize", help="only write the markdown summary of this JSON file")
+    parser.add_argument("--summarize-model", help="only write the summary of benchmarks/test_model.py's JSON")
     for name in ("n", "d", "cases", "impls", "dirs", "dtypes"):
         parser.add_argument(f"--{name}", help=f"comma list (FLEXFLASH_BENCH_{name.upper()})")
     parser.add_argument("--compile-mode", choices=("default", "max-autotune"),
                         help="flexflash's compile mode for the run (FLEXFLASH_COMPILE_MODE)")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
+    if args.summarize_model:
+        print(summarize_model(json.loads(Path(args.summarize_model).read_text())))
+        return 0
     if args.summarize:
         print(summarize(json.loads(Path(args.summarize).read_text())))
         return 0
