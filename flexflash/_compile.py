@@ -975,15 +975,19 @@ def _words_flat(params: Tensor, rows: Tensor, q_len: Tensor, cols: Tensor) -> tu
 _words_compiled = torch.compile(_words_flat, dynamic=True, fullgraph=True)
 
 
-def _eager_words(params: Tensor, B: int, H: int, Nq: int, Nk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _words(fn, params: Tensor, B: int, H: int, Nq: int, Nk: int, q_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The row words ``(B, H, Nq)`` (two) and column words ``(Nk,)`` of one call, by ``fn``
+    (:func:`_words_flat`, compiled or not); ``q_len`` is ``Nq`` as a 0-d int32 tensor."""
     rows = torch.arange(B * H * Nq, device=params.device, dtype=torch.int32)
     cols = torch.arange(Nk, device=params.device, dtype=torch.int32)
-    r1, r2, c = _words_flat(params, rows, torch.tensor(Nq, dtype=torch.int32, device=params.device), cols)
+    r1, r2, c = fn(params, rows, q_len, cols)
     return r1.view(B, H, Nq), r2.view(B, H, Nq), c
 
 
 _LIB.define("dropout_words(Tensor params, SymInt B, SymInt H, SymInt Nq, SymInt Nk) -> (Tensor, Tensor, Tensor)")
-_LIB.impl("dropout_words", _eager_words, "CompositeExplicitAutograd")
+_LIB.impl("dropout_words", lambda params, B, H, Nq, Nk: _words(
+    _words_flat, params, B, H, Nq, Nk, torch.tensor(Nq, dtype=torch.int32, device=params.device)),
+    "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("flexflash::dropout_words")
@@ -1009,11 +1013,8 @@ def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: tor
         # 2.11's FlexAttention lowering met the words' buffers unfrozen ("convert FlexibleLayout
         # to FixedLayout first"); an operator's outputs are buffers of fixed layout.
         return torch.ops.flexflash.dropout_words(params, B, H, Nq, Nk)
-    rows = torch.arange(B * H * Nq, device=device, dtype=torch.int32)
-    cols = torch.arange(Nk, device=device, dtype=torch.int32)
     fn = _words_compiled if device.type == "cuda" else _words_flat
-    r1, r2, c = fn(params, rows, _scalar_tensor(Nq, torch.int32, device), cols)
-    return r1.view(B, H, Nq), r2.view(B, H, Nq), c
+    return _words(fn, params, B, H, Nq, Nk, _scalar_tensor(Nq, torch.int32, device))
 
 
 # Masks and biases full along both sequence dimensions ((..., Nq, Nk) tensors) that are not split
@@ -1269,8 +1270,8 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
                                 q=q, k=k, offset_tensor=offset)
     if q.device.type == "cuda" or tracing:
         # The compiled kernels index masks and biases by their full dimensions only (no constant
-        # indices, which FlashAttention-4 cannot generate code for; inside a caller's graph on CPU,
-        # a broadcast dimension of symbolic-size buffers fails the C++ lowering, torch 2.13).
+        # indices, which FlashAttention-4 cannot generate code for); traced into a caller's graph,
+        # the call indexes them the same way.
         mask = None if mask is None else squeeze_broadcast(mask, st.mask_full)
         bias = None if bias is None else squeeze_broadcast(bias, st.bias_full)
         if split_keys[0]:

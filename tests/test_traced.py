@@ -256,3 +256,19 @@ def test_the_callers_own_compile_of_a_mask_mods_tensors_after_a_call():
         block_mask = create_block_mask(doc, 1, 2, N, N, device="cpu")
         theirs = torch.compile(flex_attention)(q, k, v, block_mask=block_mask)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5)
+
+
+def test_dropout_words_in_a_callers_graph_equal_the_eager_ones():
+    """Inside a caller's graph the dropout hash's row and column words come from flexflash's
+    operator (its outputs reach FlexAttention's CUDA lowering as buffers of fixed layout): the
+    same words as the eager computation."""
+    from flexflash._compile import _dropout_words
+    from flexflash.dropout import draw_seed
+
+    torch.manual_seed(2)
+    params = draw_seed(0.3, "cpu")
+    cpu = torch.device("cpu")
+    want = _dropout_words(params, 2, 3, 5, 7, cpu)
+    got = torch.compile(lambda p: _dropout_words(p, 2, 3, 5, 7, cpu), fullgraph=True)(params)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
