@@ -196,7 +196,8 @@ def attention(
             (sm80+), fp16/bf16 dense or causal (``Nq == Nk``) attention, also with grouped
             heads, without mask, bias, modifiers, dropout, ``return_lse``, ``kernel_options`` or
             ``block_size`` goes to PyTorch's SDPA (cuDNN, else flash, else efficient), which is
-            faster there; on CPU with gradients, ``return_lse`` or dropout the exact memory-bounded path,
+            faster there; on CPU with gradients, ``return_lse`` or dropout, or inside a caller's
+            ``torch.compile``, the exact memory-bounded path,
             which it announces once),
             ``"flex"`` (compiled FlexAttention; raises where it cannot run) or ``"reference"``
             (the eager oracle of :mod:`flexflash.reference`).
@@ -287,7 +288,8 @@ def _planned(name: str, q: Tensor, k: Tensor, v: Tensor, kwargs: dict):
 def route(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str:
     """The path :func:`attention` takes for these arguments (the same keywords), without running it:
     ``"flex"`` (compiled FlexAttention), ``"sdpa"`` (PyTorch's SDPA, ``backend="auto"`` only),
-    ``"memory-bounded"`` (the exact tiled path, CPU with gradients, ``return_lse`` or dropout) or
+    ``"memory-bounded"`` (the exact tiled path: CPU with gradients, ``return_lse`` or dropout, or a CPU
+    call inside a caller's ``torch.compile``) or
     ``"reference"`` (``backend="reference"``, and empty problems). Whether gradients are needed is
     read from the inputs and the current grad mode, as a call would. Raises what the call would
     raise for invalid arguments."""
