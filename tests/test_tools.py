@@ -70,3 +70,22 @@ def test_pytest_benchmark_compare_reads_saved_runs(tmp_path):
              if line.startswith("test_attention[document-N1024-D64-bfloat16-fwd-flexflash]")]
     assert len(lines) == 2, result.stdout  # one per run, side by side, the later one relative to the first
     assert f"{flex_fwd:.4f} (1.0)" in lines[0] and f"{flex_fwd * 1.1:.4f} (1.10)" in lines[1]
+
+
+def test_model_summary_of_a_saved_run():
+    """The summary of benchmarks/test_model.py's JSON (an H200 run kept under benchmarks/runs/):
+    one row per mask and mode with each implementation's median step and flexflash's ratios."""
+    runs = ROOT / "benchmarks" / "runs"
+    data = json.loads((runs / "2026-12-04-h200-model-training-step.json").read_text())
+    table = _tool().summarize_model(data)
+    medians = {(b["extra_info"]["model_case"], b["extra_info"]["mode"], b["extra_info"]["impl"]): b["stats"]["median"]
+               for b in data["benchmarks"]}
+    rows = {(r[0], r[1]): r for r in ([c.strip() for c in line.strip("|").split("|")]
+                                      for line in table.splitlines() if line.startswith("| "))}
+    for case, mode in {(c, m) for c, m, _ in medians}:
+        row = rows[(case, mode)]
+        ours, raw, sdpa = (medians[(case, mode, impl)] for impl in ("flexflash", "flex", "sdpa"))
+        assert row[2:5] == [f"{ours * 1e3:.2f}", f"{raw * 1e3:.2f}", f"{sdpa * 1e3:.2f}"]
+        assert row[5:7] == [f"{ours / raw:.3f}", f"{ours / sdpa:.3f}"]
+    host = _tool().summarize_model(json.loads((runs / "2026-12-04-h200-model-host-time.json").read_text()))
+    assert "| document |" in host and "| key_padding |" in host
