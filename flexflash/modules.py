@@ -419,16 +419,16 @@ class ChunkedAttention(nn.Module):
             kw = dict(mask=mask) if mask.dtype == torch.bool else dict(bias=mask)
         Nq = q.shape[2]
         if torch.compiler.is_compiling():
-            # Inside a caller's torch.compile, one call: a loop over query chunks would compile the
-            # caller's graph anew for every number of chunks. Memory stays bounded by the path the
-            # call takes (FlexAttention's kernel, or the tiled path on CPU).
+            # Inside a caller's torch.compile, one call: a loop over query chunks (a range over the
+            # symbolic length) would compile the caller's graph anew for every length. Memory stays
+            # bounded by the path the call takes (FlexAttention's kernel, or the tiled path on CPU).
             out = attention(q, k, v, **kw)  # (B, h, Nq, d)
-            return self.fc_out(rearrange(out, "b h n d -> b n (h d)"))
-        chunks = []
-        for q0 in range(0, Nq, self.chunk_size):
-            q1 = min(Nq, q0 + self.chunk_size)
-            chunks.append(attention(q[:, :, q0:q1], k, v, **_query_rows(kw, q0, q1, Nq)))  # (B, h, rows, d)
-        out = torch.cat(chunks, dim=2) if len(chunks) != 1 else chunks[0]  # (B, h, Nq, d)
+        else:
+            chunks = []
+            for q0 in range(0, Nq, self.chunk_size):
+                q1 = min(Nq, q0 + self.chunk_size)
+                chunks.append(attention(q[:, :, q0:q1], k, v, **_query_rows(kw, q0, q1, Nq)))  # (B, h, rows, d)
+            out = torch.cat(chunks, dim=2) if len(chunks) != 1 else chunks[0]  # (B, h, Nq, d)
         return self.fc_out(rearrange(out, "b h n d -> b n (h d)"))
 
     def extra_repr(self) -> str:
