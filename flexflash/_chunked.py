@@ -130,6 +130,16 @@ class _ChunkedAttention(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, *d_cap)
 
 
+def _reads_grad_tensors(score_mod, device: torch.device) -> bool:
+    """Whether ``score_mod`` reads a tensor that requires grad, told by evaluating it once at one
+    entry: inside a caller's torch.compile the tensors its closure reads are not listed
+    (``captured`` is empty there), but the result of reading one requires grad."""
+    if score_mod is None:
+        return False
+    b, h, q_idx, kv_idx = tile_grids(1, 1, 0, 1, 0, 1, device)  # as the tiles call it, over index grids
+    return bool(score_mod(torch.zeros(1, 1, 1, 1, device=device), b, h, q_idx, kv_idx).requires_grad)
+
+
 def _add_broadcast(acc: Tensor, ds: Tensor, q0, q1, k0, k1) -> None:
     """Adds the gradient ``ds`` of one tile's scores ``(B, H, rows, cols)`` to the gradient ``acc``
     of a 4-D bias added to them, summed over the bias's broadcast (size-1) dimensions."""
@@ -204,8 +214,9 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
     st = Structure.of(causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
     mask_fn = compose_mask(st, k.shape[2] - q.shape[2], mask, mask_mod)
     score_fn = compose_score(st, bias, score_mod)
-    extra = ([bias] if bias is not None else []) + [t for t in captured if t is not bias]
-    if torch.compiler.is_compiling() and torch.is_grad_enabled() and any(t.requires_grad for t in extra[bias is not None:]):
+    others = [t for t in captured if t is not bias]  # tensors the score_mod reads
+    extra = ([bias] if bias is not None else []) + others
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and _reads_grad_tensors(score_mod, q.device):
         raise NotImplementedError(
             "flexflash: inside torch.compile on CPU, a score_mod that reads a tensor requiring grad is not "
             "supported (its gradient is taken with torch.autograd.grad, which Dynamo does not trace); pass an "

@@ -279,3 +279,19 @@ def test_dropout_words_in_a_callers_graph_equal_the_eager_ones():
     got = torch.compile(lambda p: _dropout_words(p, 2, 3, 5, 7, cpu), fullgraph=True)(params)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_a_score_mod_reading_a_tensor_that_needs_grad_raises_inside_compile_on_cpu():
+    """The traced tiled path differentiates score modifiers with torch.func.vjp, which cannot reach
+    a tensor a closure reads: such a call raises, naming what to do, instead of dropping its
+    gradient (a bias passed as bias= gets its gradient)."""
+    _skip_cpu_training_where_it_raises()
+    table = torch.randn(H, requires_grad=True)
+
+    def per_head(score, b, h, q_idx, kv_idx):
+        return score + table[h]
+
+    q, k, v = (torch.randn(1, H, 8, D, requires_grad=True) for _ in range(3))
+    call = torch.compile(_fresh_code(_call, "call_grad_score_mod"), fullgraph=True)
+    with pytest.raises(Exception, match="score_mod that reads a tensor requiring grad"):
+        call(q, k, v, dict(score_mod=per_head))
