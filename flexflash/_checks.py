@@ -166,7 +166,7 @@ def normalize(
                 raise ValueError(
                     f"mask: a 2-D mask is key padding of shape (B, Nk) = {(B, Nk)}, got shape "
                     f"{tuple(mask.shape)} (for a (Nq, Nk) mask use a 4-D mask of shape (1, 1, Nq, Nk))\n{ctx()}")
-            mask = mask[:, None, None, :]  # (B, Nk) -> (B, 1, 1, Nk)
+            mask = mask.view(mask.shape[0], 1, 1, Nk)  # (B, Nk) -> (B, 1, 1, Nk)
         elif mask.dim() == 4:
             _broadcast_pattern("mask", mask, full, ctx, "(B, H, Nq, Nk)")
         else:

@@ -8,7 +8,9 @@ Why it looks like this:
   function shared by every kind of call (dtypes, grad modes, masks, user modifiers) reaches 8
   quickly. So every *kind* of call gets its own copy of the kernel function with its own code
   object, hence its own cache and budget; within a kind only shapes vary, compiled with dynamic
-  shapes (one graph, a few more for size-1 specialisations). Should a kind still exhaust its budget
+  shapes (one graph, a few more for size-1 specialisations). On CUDA a kind's first shape gets a
+  kernel of static shapes of its own, as ``torch.compile`` does by default: a call of a symbolic
+  kernel reads every symbolic size through Dynamo first, host time that small calls feel. Should a kind still exhaust its budget
   (a user modifier whose captured Python values change on every call), it starts a fresh code
   object and says so in a warning, so the kernel never degrades to the unfused path.
 * The kind of a call is fingerprinted like Dynamo guards it: code objects of user modifiers, the
@@ -18,8 +20,8 @@ Why it looks like this:
   for causal self-attention on CUDA, a kind of its own) or as tensor shapes, never as Python ints,
   so a new length does not recompile. On CUDA, lengths that are multiples of 128 (every kernel
   tile) are a kind of their own, compiled without the per-tile boundary checks (``IS_DIVISIBLE``):
-  a case compiles at most twice over all its lengths. Masks and biases full along the keys reach
-  those kernels with their key dimension split in 16s (``_split_keys``), so symbolic lengths read
+  a case compiles at most twice over all its lengths (twice more on CUDA, for the static first shapes). Masks and biases full along the keys reach
+  those kernels with their key dimension split in 16s (``_kernel_layout``), so symbolic lengths read
   them in vectors. The exception is a ``(..., Nq, Nk)`` mask or bias that is not split (other
   lengths, a bias that needs its gradient) on CUDA: static shapes for its kind's first few shapes,
   then one symbolic kernel (``_STATIC_SEQUENCE_BUFFERS``).
@@ -225,7 +227,7 @@ class _Static:
     # Extra options of the dropout passes (kept entries, undropped lse), from flexflash._tuning.
     pass_options: tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]] = ((), ())
     # Whether the mask and the bias (in this order) arrive with their key dimension split in two,
-    # (..., Nk // 16, 16) (_split_keys): the kernel joins it again.
+    # (..., Nk // 16, 16) (_kernel_layout): the kernel joins it again.
     split_keys: tuple[bool, bool] = (False, False)
 
 
@@ -316,22 +318,27 @@ _KEY_SPLIT = 16
 
 def _static_sequence_buffers(st: Structure, split_keys: tuple[bool, bool]) -> tuple[bool, bool]:
     """Whether the mask and the bias (in this order) are full along both sequence dimensions and
-    not split (_split_keys): the buffers that compile with static shapes on CUDA for the first
+    not split (_kernel_layout): the buffers that compile with static shapes on CUDA for the first
     shapes of their kind (_STATIC_SEQUENCE_BUFFERS)."""
     full = lambda f: f is not None and f[2] and f[3]  # noqa: E731
     return full(st.mask_full) and not split_keys[0], full(st.bias_full) and not split_keys[1]
 
 
-def _split_keys(t: Tensor | None, full: tuple[bool, ...] | None) -> Tensor | None:
-    """``t`` (squeezed to its full dimensions) with its last, key dimension split as
-    ``(Nk // 16, 16)`` where it is full along the keys; unchanged otherwise."""
-    if t is None or not full[3]:
-        return t
-    return t.unflatten(-1, (t.shape[-1] // _KEY_SPLIT, _KEY_SPLIT))
+def _kernel_layout(t: Tensor | None, full: tuple[bool, ...] | None, split: bool) -> Tensor | None:
+    """``t`` (4-D) as the compiled kernel takes it, in one reshape (a view: dropping size-1
+    dimensions and splitting one never copies): without its broadcast dimensions
+    (:func:`squeeze_broadcast`) and, with ``split`` where ``t`` is full along the keys, its key
+    dimension split as ``(Nk // 16, 16)``."""
+    if t is None:
+        return None
+    shape = [n for n, f in zip(t.shape, full) if f]
+    if split and full[3]:
+        shape[-1:] = (shape[-1] // _KEY_SPLIT, _KEY_SPLIT)
+    return t.reshape(shape)
 
 
 def _join_keys(t: Tensor | None, full: tuple[bool, ...] | None) -> Tensor | None:
-    """The inverse of :func:`_split_keys`, inside the compiled kernel."""
+    """The inverse of :func:`_kernel_layout`, inside the compiled kernel."""
     if t is None or not full[3]:
         return t
     return t.flatten(-2)
@@ -396,7 +403,7 @@ def _is_cpp_compile_error(e: BaseException) -> bool:
 def _mark_squeezed_dynamic(t: Tensor | None, full: tuple[bool, ...] | None) -> None:
     """Marks the batch and length dimensions of a CUDA mask or bias dynamic (heads stay static);
     ``t`` is squeezed to its full dimensions (see run_flex), ``full`` says which those are. A
-    tensor whose key dimension is split (_split_keys) has one more, trailing dimension of 16,
+    tensor whose key dimension is split (_kernel_layout) has one more, trailing dimension of 16,
     which stays static."""
     if t is None:
         return
@@ -474,8 +481,9 @@ class _Kernel(_Counted):
     """
 
     def __init__(self, static: _Static, label: str, *, static_mask_bias: tuple[bool, bool] = (False, False),
-                 every_buffer_static: bool = False, mode: str = "default"):
+                 every_buffer_static: bool = False, mode: str = "default", static_shapes: bool = False):
         self.static = static
+        self.static_shapes = static_shapes
         self.label = label
         self.static_mask_bias = static_mask_bias
         self.every_buffer_static = every_buffer_static
@@ -501,7 +509,9 @@ class _Kernel(_Counted):
         # dynamic=None: sizes marked dynamic in __call__ are symbolic from the first compilation;
         # Python values captured by modifiers stay constants (they are part of the kind, and the
         # CPU kernel template cannot compile symbolic scalars).
-        return torch.compile(fn, backend=counting_backend, fullgraph=True, dynamic=None)
+        # static_shapes: every size a constant (a kind's first shape on CUDA, see _run_flex).
+        return torch.compile(fn, backend=counting_backend, fullgraph=True,
+                             dynamic=False if self.static_shapes else None)
 
     def __call__(self, *args):
         if self._budget_spent():
@@ -514,15 +524,18 @@ class _Kernel(_Counted):
             self.compiles = 0
             self.generation += 1
             self._fn = self._compile()
-        if self.compiles:
-            # Compiled already with symbolic sizes: the marks below only matter for a first
-            # compilation (a later one makes sizes that changed dynamic by itself; on CPU the sizes
-            # that stay static are part of the kind: _cpu_static_shapes).
+        if self.compiles or self.static_shapes:
+            # Compiled already with symbolic sizes, or static shapes throughout: the marks below
+            # only matter for a first compilation with symbolic sizes (a later one makes sizes that
+            # changed dynamic by itself; on CPU the sizes that stay static are part of the kind:
+            # _cpu_static_shapes).
             q, k, v = args[:3]
             if q is k or k is v or q is v:
                 # attention(x, x, x): the first compilation saw distinct aliases (below), and Dynamo
                 # guards that its inputs are not the same object.
                 args = (q.view(q.shape), k.view(k.shape), v.view(v.shape), *args[3:])
+            if self.static_shapes:  # no size is a symbol: duck sizing does not matter
+                return self._fn(*args, self.static)
             return _without_duck_sizing(self._fn, *args, self.static)
         # Shape marks go on aliases: marking the caller's tensors would leak into the caller's own
         # torch.compile of code that uses them.
@@ -598,6 +611,8 @@ def reset() -> None:
     _DEAD_KEYS.clear()
     _CPU_STATIC_KINDS.clear()
     _STATIC_SHAPES.clear()
+    _FIRST_SHAPES.clear()
+    _KINDS.clear()
     for key in _STATS:
         _STATS[key] = 0
 
@@ -1018,7 +1033,7 @@ def _dropout_words(params: Tensor, B: int, H: int, Nq: int, Nk: int, device: tor
 
 
 # Masks and biases full along both sequence dimensions ((..., Nq, Nk) tensors) that are not split
-# (_split_keys: lengths that are not multiples of the tiles, a bias that needs its gradient)
+# (_kernel_layout: lengths that are not multiples of the tiles, a bias that needs its gradient)
 # compile with static shapes on CUDA: with symbolic sizes the kernel's boundary checks index them
 # modulo a symbolic length, element by element (H200, torch 2.11, bf16, B=4 H=16 N=4000 D=128,
 # forward GPU time of raw FlexAttention, static / symbolic: causal + (B, H, N, N) bias 0.98 /
@@ -1029,6 +1044,16 @@ _STATIC_SEQUENCE_BUFFERS = True
 # evaluation lengths) get the fast kernel, and many lengths still do not compile once per length.
 _STATIC_BUFFER_SHAPES = 4
 _STATIC_SHAPES: dict[Any, set] = {}
+# On CUDA, each kind's first shape compiles with static shapes (see _run_flex).
+_STATIC_FIRST_SHAPE = True
+_FIRST_SHAPES: dict[Any, tuple] = {}
+
+
+def _signature(tensors) -> tuple:
+    """The shapes, strides and storage offsets of a call's tensors: a kernel compiled with static
+    shapes is used for these alone (views at other offsets, such as query chunks, take the
+    symbolic kernel)."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.storage_offset()) for t in tensors)
 
 _DIVISIBLE_TILE = 128  # the largest default FlexAttention tile, forward and backward
 
@@ -1145,6 +1170,75 @@ def triton_case(st: Structure, score_mod) -> str | None:
     return "dense_mask" if st.mask_full[-2] and st.mask_full[-1] else "mask"
 
 
+@dataclass(frozen=True)
+class _KindPlan:
+    """What a call's kind decides, before its tensors are read: its structure, its kernel's
+    constants and the kind's key in _KERNELS (without the shape parts _run_flex adds)."""
+
+    structure: Structure
+    static: _Static
+    kind: tuple
+
+
+# Kind plans of eager calls by _kind_key: a call like an earlier one (the same shapes, flags,
+# modifier fingerprints and options) skips the structure, the kernel options and the key's
+# construction; the key's tuple then holds the same _Static object, compared by identity.
+_KINDS: dict[Any, _KindPlan] = {}
+_KINDS_SIZE = 512
+
+
+def _kind_key(q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None, bias: Tensor | None,
+              infos: tuple[Modifier, Modifier], scale: float, block: tuple[int, int], kernel_options: dict | None,
+              return_lse: bool, dropout: bool, grad: bool) -> tuple | None:
+    """Everything :func:`_kind_plan` reads of a call, as a key (None where kernel_options are not
+    hashable). Shapes stand for lengths: the plan of one shape says whether its lengths are
+    multiples of the tiles."""
+    try:
+        options = None if kernel_options is None else tuple(sorted(kernel_options.items()))
+        key = (q.device, q.dtype, q.shape, k.shape, v.shape[-1], None if mask is None else mask.shape,
+               None if bias is None else (bias.shape, bias.dtype, bias.requires_grad), causal, infos[0].fp,
+               infos[1].fp, scale, block, options, return_lse, dropout, grad,
+               q.requires_grad or k.requires_grad or v.requires_grad, _MODE[0])
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _kind_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
+               mask_mod, score_mod, infos: tuple[Modifier, Modifier], scale: float, block: tuple[int, int],
+               kernel_options: dict | None, return_lse: bool, dropout: bool, grad: bool,
+               tracing: bool) -> _KindPlan:
+    """The structure, kernel constants and kind of a call (see :func:`_run_flex`)."""
+    B, Hq = q.shape[:2]
+    Nk = k.shape[-2]
+    st = structure(q, k, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
+    if st.single_query:
+        q = q.expand(B, Hq, 2, q.shape[-1])
+    kernel_options, pass_options = measured_options(st, q, k, v, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
+                                                    infos=infos, block=block, kernel_options=kernel_options,
+                                                    dropout=dropout, return_lse=return_lse)
+    divisible = q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options)
+    if divisible:
+        # Lengths are symbolic in the compiled kernel, so FlexAttention cannot prove them multiples
+        # of its tiles and compiles boundary checks into every tile (measured on an H100: +10%
+        # forward, +25% forward+backward, 2x a dropout pass). Where the lengths are multiples of
+        # every tile, say so: a kind of its own, so other lengths keep the checked kernel.
+        kernel_options = {**(kernel_options or {}), "IS_DIVISIBLE": True}
+    options = tuple(sorted((kernel_options or {}).items()))
+    # Lengths multiples of the tiles: masks and biases full along the keys reach the kernel with
+    # their key dimension split (_kernel_layout), so symbolic lengths read them in vectors; not a
+    # bias whose gradient is needed.
+    split = divisible and not tracing
+    split_keys = (split, split and not (grad and bias is not None and bias.requires_grad))
+    static = _Static(st, block, scale, Hq != k.shape[1], return_lse, options, dropout=dropout,
+                     pass_options=pass_options, split_keys=split_keys)
+    # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
+    heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
+    kind = (static, heads_dims, q.device.type, q.dtype, grad, infos[0].fp, infos[1].fp, _MODE[0])
+    return _KindPlan(st, static, kind)
+
+
 class _StaticOnCpu(Exception):
     """A CPU kind with symbolic buffer sizes failed to compile: call again with static ones."""
 
@@ -1190,42 +1284,27 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         # (The view gives its size-1 dimensions the strides that the first compilation's alias,
         # a view too, saw: Dynamo guards on them.)
         bias = bias.expand(*bias.shape[:2], Nq, Nk).view(*bias.shape[:2], Nq, Nk)
-    st = structure(q, k, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
+    tracing = torch.compiler.is_compiling()
+    use_dropout = dropout_p > 0
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    key = None if tracing else _kind_key(q, k, v, causal, mask, bias, (mask_info, score_info), scale, block,
+                                         kernel_options, return_lse, use_dropout, grad)
+    kp = _KINDS.get(key) if key is not None else None
+    if kp is None:
+        kp = _kind_plan(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
+                        infos=(mask_info, score_info), scale=scale, block=block, kernel_options=kernel_options,
+                        return_lse=return_lse, dropout=use_dropout, grad=grad, tracing=tracing)
+        if key is not None:
+            if len(_KINDS) >= _KINDS_SIZE:
+                _KINDS.clear()
+            _KINDS[key] = kp
+    st, static, kind = kp.structure, kp.static, kp.kind
+    split_keys = static.split_keys
     single_query = st.single_query
     if single_query:
         # The CPU FlexAttention template does not compile for a single query row: run two
         # identical rows (the modifiers see query 0 for both) and keep the first.
         q = q.expand(B, Hq, 2, q.shape[-1])
-    use_dropout = dropout_p > 0
-    kernel_options, pass_options = measured_options(st, q, k, v, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
-                                                    infos=(mask_info, score_info), block=block,
-                                                    kernel_options=kernel_options, dropout=use_dropout,
-                                                    return_lse=return_lse)
-    divisible = q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options)
-    if divisible:
-        # Lengths are symbolic in the compiled kernel, so FlexAttention cannot prove them multiples
-        # of its tiles and compiles boundary checks into every tile (measured on an H100: +10%
-        # forward, +25% forward+backward, 2x a dropout pass). Where the lengths are multiples of
-        # every tile, say so: a kind of its own, so other lengths keep the checked kernel.
-        kernel_options = {**(kernel_options or {}), "IS_DIVISIBLE": True}
-    # Inside a caller's torch.compile the kernel body is traced into the caller's graph: Dynamo
-    # cannot create compiled functions while tracing, and the caches below are host-side state.
-    tracing = torch.compiler.is_compiling()
-    mask_fp, score_fp = mask_info.fp, score_info.fp
-    options = tuple(sorted((kernel_options or {}).items()))
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias))
-    # Lengths multiples of the tiles: masks and biases full along the keys reach the kernel with
-    # their key dimension split (_split_keys), so symbolic lengths read them in vectors; not a
-    # bias whose gradient is needed.
-    split = divisible and not tracing
-    split_keys = (split, split and not (grad and bias is not None and bias.requires_grad))
-    static = _Static(st, block, scale, Hq != k.shape[1], return_lse, options, dropout=use_dropout,
-                     pass_options=pass_options, split_keys=split_keys)
-    # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
-    heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
-    mode = _MODE[0]
-    kind = (static, heads_dims, q.device.type, q.dtype, grad, mask_fp, score_fp, mode)
     static_mask_bias = (False, False)
     if q.device.type == "cuda" and not tracing and _STATIC_SEQUENCE_BUFFERS:
         static_mask, static_bias = _static_sequence_buffers(st, split_keys)
@@ -1239,6 +1318,18 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
                 shapes.add(shape)
                 kind += (shape,)
                 static_mask_bias = (static_mask, static_bias)
+    if (q.device.type == "cuda" and not tracing and _STATIC_FIRST_SHAPE and q.shape[-2] > block[0]
+            and Nk > block[1]):
+        # The kind's first shape compiles with static shapes, as torch.compile does by default:
+        # a symbolic kernel's call reads each symbolic size through Dynamo before launching
+        # (H200, torch 2.11, B=32 H=16 N=512 D=128 bf16, document mask: 27 sizes, about 150 µs a
+        # call on the host, more than the kernel's own time). Every other shape takes the kind's
+        # one symbolic kernel. Not for lengths of one block: their block masks are padded to two
+        # blocks (_at_least_two), which FlexAttention's lowering of static shapes rejects
+        # (torch 2.11: "NoValidChoicesError" at 97 queries).
+        signature = _signature((q, k, v, mask, bias, *mask_info.tensors, *score_info.tensors))
+        if _FIRST_SHAPES.setdefault(kind, signature) == signature:
+            kind += ("first shape",)
     shapeless_kind = kind
     # Not while tracing (no kernel of flexflash's is used then; Dynamo 2.11 cannot trace bool() of
     # a set); the emptiness test spares hashing the kind on every CPU call.
@@ -1256,7 +1347,8 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         ])) or "dense"
         label = "".join(c if c.isalnum() else "_" for c in label)[:60]
         kernel = _KERNELS[kind] = _Kernel(static, label, static_mask_bias=static_mask_bias,
-                                          every_buffer_static=cpu_static, mode=mode)
+                                          every_buffer_static=cpu_static, mode=_MODE[0],
+                                          static_shapes=kind[-1] == "first shape")
         _STATS["kernels"] += 1
 
     offset = None
@@ -1272,12 +1364,8 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         # The compiled kernels index masks and biases by their full dimensions only (no constant
         # indices, which FlashAttention-4 cannot generate code for); traced into a caller's graph,
         # the call indexes them the same way.
-        mask = None if mask is None else squeeze_broadcast(mask, st.mask_full)
-        bias = None if bias is None else squeeze_broadcast(bias, st.bias_full)
-        if split_keys[0]:
-            mask = _split_keys(mask, st.mask_full)
-        if split_keys[1]:
-            bias = _split_keys(bias, st.bias_full)
+        mask = _kernel_layout(mask, st.mask_full, split_keys[0])
+        bias = _kernel_layout(bias, st.bias_full, split_keys[1])
     drop = None
     if use_dropout:
         words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)

@@ -582,3 +582,63 @@ def test_a_compiled_kernel_marks_no_sizes_on_later_calls(monkeypatch):
         ref = flexflash.reference.attention(qq, k, v, mask=pad)
         golden = flexflash.reference.attention(as64(qq), as64(k), as64(v), mask=pad)
         assert_close_to_golden("out", got, ref, golden, torch.float32)
+
+
+def test_the_kind_of_a_call_is_memoised_by_everything_that_decides_it():
+    """A call's kind (structure, kernel options, constants) is memoised by a key of its shapes,
+    flags, options and modifier fingerprints: calls whose keys are equal must have equal kinds, so
+    each argument that changes the kind changes the key (a bias that starts requiring grad, a
+    broadcast mask, another scale or block size, a new captured value...). Checked on CPU and on
+    CUDA (where the kernel options and the split of masks depend on more of the call), without
+    compiling anything."""
+    gen = torch.Generator().manual_seed(13)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        q = torch.randn(2, 4, 256, 64, generator=gen).to(device)
+        kv = torch.randn(2, 2, 256, 64, generator=gen).to(device)
+        q16, kv16 = q.to(torch.bfloat16), kv.to(torch.bfloat16)
+        pad = (torch.rand(2, 256, generator=gen) > 0.3).to(device)
+        bias = torch.randn(2, 4, 256, 256, generator=gen).to(device)
+        ids = torch.arange(256, device=device).expand(2, 256) // 100
+        base = dict(q=q, k=kv, v=kv, causal=False, mask=None, bias=None, mask_mod=None, score_mod=None,
+                    scale=0.125, block=(128, 128), kernel_options=None, return_lse=False, dropout=False,
+                    grad=False)
+        variants = [
+            {}, dict(causal=True), dict(scale=0.2), dict(block=(64, 128)), dict(return_lse=True),
+            dict(kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}), dict(kernel_options={"num_stages": 2}),
+            dict(mask=pad[:, None, None, :]), dict(mask=pad[:1, None, None, :]),
+            dict(mask=pad[:, None, None, :].expand(2, 4, 256, 256)),
+            dict(bias=bias), dict(bias=bias[:, :1]), dict(bias=bias.to(torch.bfloat16)),
+            dict(bias=bias.requires_grad_(False).clone().requires_grad_(True), grad=True),
+            dict(bias=bias, grad=True), dict(q=q.clone().requires_grad_(True), grad=True),
+            dict(q=q16, k=kv16, v=kv16), dict(q=q16, k=kv16, v=kv16, mask=pad[:, None, None, :]),
+            dict(q=q16, k=kv16, v=kv16, bias=bias), dict(q=q16, k=kv16, v=kv16, dropout=True),
+            dict(q=q[:, :, :255], causal=True), dict(q=q[:, :, :1]), dict(k=kv[:, :, :200], v=kv[:, :, :200]),
+            dict(k=q, v=q), dict(v=kv[..., :32]),
+            dict(mask_mod=mods.sliding_window(16)), dict(mask_mod=mods.sliding_window(32)),
+            dict(mask_mod=mods.document(ids)), dict(score_mod=mods.tanh_softcap(5.0)),
+            dict(score_mod=mods.alibi(4), causal=True),
+        ]
+        seen = {}
+        for change in variants:
+            call = {**base, **change}
+            infos = (_compile.inspect_modifier(call["mask_mod"]), _compile.inspect_modifier(call["score_mod"]))
+            args = (call["q"], call["k"], call["v"])
+            key = _compile._kind_key(*args, call["causal"], call["mask"], call["bias"], infos, call["scale"],
+                                     call["block"], call["kernel_options"], call["return_lse"], call["dropout"],
+                                     call["grad"])
+            assert key is not None
+            plan = _compile._kind_plan(*args, causal=call["causal"], mask=call["mask"], bias=call["bias"],
+                                       mask_mod=call["mask_mod"], score_mod=call["score_mod"], infos=infos,
+                                       scale=call["scale"], block=call["block"],
+                                       kernel_options=call["kernel_options"], return_lse=call["return_lse"],
+                                       dropout=call["dropout"], grad=call["grad"], tracing=False)
+            if key in seen:
+                assert seen[key] == plan, (device, change)
+            seen[key] = plan
+        assert len({plan.kind for plan in seen.values()}) > len(variants) // 2  # the variants do differ
+    # kernel options that cannot be hashed are not memoised (the call still runs)
+    q = torch.randn(1, 1, 8, 16)
+    infos = (_compile.NO_MODIFIER, _compile.NO_MODIFIER)
+    assert _compile._kind_key(q, q, q, False, None, None, infos, 0.25, (128, 128), {"BLOCK_M": [64]}, False,
+                              False, False) is None
