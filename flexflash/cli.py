@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple, NoReturn, TextIO
 import torch
 
 from . import __version__, mods, reference
-from ._compile import get_compile_mode, set_compile_mode
+from ._compiled import get_compile_mode, set_compile_mode
 from .functional import attention, route
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

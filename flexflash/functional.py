@@ -12,13 +12,14 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend
 
 from . import dropout, parallel, reference
-from ._checks import block_sizes, describe, normalize
+from ._checks import block_sizes, normalize
 from ._chunked import chunked_attention
-from ._compile import NO_MODIFIER, Modifier, inspect_modifier, measured_options, run_flex, structure
-from ._tuning import capability, flash_choice, work
+from ._fingerprint import NO_MODIFIER, Modifier, inspect_modifier
+from ._flex import run_flex
 from .parallel import is_dtensor
+from .plan import Plan, make_plan, needs_grad, plan_call
 
-__all__ = ["attention", "route", "generator"]
+__all__ = ["attention", "explain", "route", "generator"]
 
 log = logging.getLogger("flexflash")
 
@@ -55,35 +56,6 @@ def _known_kernel_options() -> set[str] | None:
 # --- the SDPA route of backend="auto" ----------------------------------------------------------
 
 _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-
-
-def _sdpa_route(p, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse, block_size) -> bool:
-    """Whether ``backend="auto"`` sends the call to PyTorch's SDPA: the cases SDPA computes exactly
-    (no mask, bias or modifiers; causal only with ``Nq == Nk``, where its top-left causal mask is
-    our bottom-right one), where its cuDNN/flash kernels beat FlexAttention's Triton kernels on the
-    GPU (measured on an H100, ``benchmarks/RESULTS.md``: causal forward 0.51 vs 0.75 ms, dense
-    0.91 vs 1.15 ms at B=4 H=16 N=4096 D=128 bf16). Dropout stays on FlexAttention (its ``keep`` is
-    flexflash's hash, shared with the reference), and so does any call that asks for what SDPA
-    cannot give: ``return_lse``, ``kernel_options``, a ``block_size``. Grouped-query heads go too
-    (SDPA's ``enable_gqa``; H200, B=4 Hq=16 Hkv=4 N=4096 D=128 causal: cuDNN 0.593 ms forward,
-    2.114 forward+backward, against FlexAttention's best 0.998 and 2.864)."""
-    q = p.q
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if p.mask is not None or p.bias is not None or mask_mod is not None or score_mod is not None:
-        return False
-    if dropout_p > 0 or return_lse or kernel_options is not None or block_size is not None:
-        return False
-    if causal and p.q_len != p.kv_len:
-        return False
-    D, Dv = q.shape[-1], p.v.shape[-1]
-    if D != Dv or D % 8 or D > 256:
-        return False
-    cap = capability(q.device)  # None inside a caller's torch.compile: SDPA is exact on every GPU
-    if cap is not None and not causal and p.q_heads == p.kv_heads and flash_choice(
-            "dense", _needs_grad(p, []), q.device, q.dtype, D, Dv, work(p.batch, p.q_heads, p.q_len, p.kv_len, D)):
-        return False  # FlashAttention-4's kernels are faster here (flexflash._tuning)
-    return cap is None or cap >= (8, 0)
 
 
 _PRIORITIES: dict[tuple[int, ...], list[int]] = {}
@@ -206,7 +178,7 @@ def attention(
     bias of the same shape reuse them.
     """
     if is_dtensor(q) or is_dtensor(k) or is_dtensor(v):
-        return parallel.attention(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
+        return parallel.attention(q, k, v, local=_attention, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
                                   score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
                                   kernel_options=kernel_options, return_lse=return_lse, backend=backend)
     return _attention(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
@@ -222,9 +194,9 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     p, infos, dropout_p = _validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
                                     score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
                                     kernel_options=kernel_options, return_lse=return_lse, backend=backend)
-    captured = _captured(infos)
-    path = _path(p, captured, backend=backend, causal=causal, mask_mod=mask_mod, score_mod=score_mod,
-                 dropout_p=dropout_p, kernel_options=kernel_options, return_lse=return_lse, block_size=block_size)
+    plan = plan_call(p, infos, causal=causal, mask_mod=mask_mod, score_mod=score_mod, dropout_p=dropout_p,
+                     block_size=block_size, kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+    path = plan.path
     common = dict(causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod, score_mod=score_mod)
     if path == "reference":
         if dropout_offsets is not None and dropout_p > 0 and 0 not in (p.batch, p.q_len, p.kv_len):
@@ -240,15 +212,15 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed_for(dropout_p, p.q) if dropout_p > 0 else None,
                 dropout_offsets=dropout_offsets if dropout_p > 0 else None)
     if path == "memory-bounded":
-        if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and _needs_grad(p, captured):
+        captured = [*infos[0].tensors, *infos[1].tensors]
+        if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and needs_grad(p, captured):
             raise NotImplementedError(
                 f"flexflash: a CPU call whose inputs require grad, inside torch.compile, is not supported on torch "
                 f"{torch.__version__} (expected torch >= 2.13): traced whole, its tiled path gave wrong gradients "
                 "there, and with a graph break before it torch 2.11 crashed saving the compile cache; call it "
                 "outside torch.compile (torch.compiler.disable) or use torch >= 2.13")
-        _note_once("cpu-chunked", lambda: f"flexflash: CPU call with {_cpu_reason(p, captured, dropout_p, return_lse)}: "
-                                          f"compiled FlexAttention cannot do this on CPU in torch {torch.__version__}, "
-                                          "so the exact memory-bounded tiled path is used (this message is shown once)")
+        _note_once("cpu-chunked", lambda: f"flexflash: {plan.reasons['flex']}; the exact memory-bounded tiled path "
+                                          "is used (this message is shown once)")
         out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=block_sizes(block_size, _DEFAULT_CHUNKS),
                                      captured=captured, **common, **drop)
         return (out, lse) if return_lse else out
@@ -261,7 +233,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         common.update(bias=p.bias.detach() if p.bias is not None else None)
     out, lse = run_flex(q, k, v, scale=p.scale, block=block_sizes(block_size),
                         kernel_options=kernel_options, return_lse=return_lse, mask_info=infos[0], score_info=infos[1],
-                        **common, **drop)
+                        kind=plan.kind, **common, **drop)
     return (out, lse) if return_lse else out
 
 
@@ -270,52 +242,37 @@ _KEYWORDS = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=No
                  block_size=None, kernel_options=None, return_lse=False, backend="auto")
 
 
-def _planned(name: str, q: Tensor, k: Tensor, v: Tensor, kwargs: dict):
-    """Validates a call described by ``kwargs`` (attention()'s keywords) as the call would and
-    returns ``(options, p, infos, dropout_p, path)``."""
+def explain(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Plan:
+    """The plan of ``attention(q, k, v, **kwargs)`` without running it: its path (``"sdpa"``,
+    ``"flex"``, ``"memory-bounded"`` or ``"reference"``), the kernel generator and options on the flex
+    path, and for each path not taken the reason (``plan.reasons``; ``print(plan)`` shows them all).
+    The call executes exactly this plan. Takes :func:`attention`'s keywords and raises what the
+    call would raise for invalid arguments; whether gradients are needed is read from the inputs
+    and the current grad mode, as the call would."""
+    return _explain("explain", q, k, v, kwargs)
+
+
+def _explain(name: str, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Plan:
     unknown = sorted(set(kwargs) - set(_KEYWORDS))
     if unknown:
         raise TypeError(f"{name}: unknown keyword(s) {unknown}; expected those of flexflash.attention")
     options = {**_KEYWORDS, **kwargs}
     p, infos, dropout_p = _validate(q, k, v, **options)
-    path = _path(p, _captured(infos), backend=options["backend"], causal=options["causal"],
-                 mask_mod=options["mask_mod"], score_mod=options["score_mod"], dropout_p=dropout_p,
-                 kernel_options=options["kernel_options"], return_lse=options["return_lse"],
-                 block_size=options["block_size"])
-    return options, p, infos, dropout_p, path
+    return make_plan(p, infos, causal=options["causal"], mask_mod=options["mask_mod"], score_mod=options["score_mod"],
+                     dropout_p=dropout_p, block_size=options["block_size"], kernel_options=options["kernel_options"],
+                     return_lse=options["return_lse"], backend=options["backend"])
 
 
 def route(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str:
-    """The path :func:`attention` takes for these arguments (the same keywords), without running it:
-    ``"flex"`` (compiled FlexAttention), ``"sdpa"`` (PyTorch's SDPA, ``backend="auto"`` only),
-    ``"memory-bounded"`` (the exact tiled path: CPU with gradients, ``return_lse`` or dropout, or a CPU
-    call inside a caller's ``torch.compile``) or
-    ``"reference"`` (``backend="reference"``, and empty problems). Whether gradients are needed is
-    read from the inputs and the current grad mode, as a call would. Raises what the call would
-    raise for invalid arguments."""
-    return _planned("route", q, k, v, kwargs)[-1]
+    """The path of a call: ``explain(q, k, v, **kwargs).path`` (see :func:`explain`)."""
+    return _explain("route", q, k, v, kwargs).path
 
 
 def generator(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
-    """Which kernel generator a call with these arguments (:func:`attention`'s keywords) runs on,
-    without running it: ``"flash"`` (FlashAttention-4 kernels, FlexAttention's FLASH backend),
-    ``"triton"`` (FlexAttention's Triton templates, or its CPU template on CPU), or None where the
-    call does not take the FlexAttention path (see :func:`route`)."""
-    options, p, infos, dropout_p, path = _planned("generator", q, k, v, kwargs)
-    if path != "flex":
-        return None
-    st = structure(p.q, p.k, causal=options["causal"], mask=p.mask, bias=p.bias, mask_mod=options["mask_mod"],
-                   score_mod=options["score_mod"])
-    chosen, _ = measured_options(st, p.q, p.k, p.v, bias=p.bias, mask_mod=options["mask_mod"],
-                                 score_mod=options["score_mod"], infos=infos,
-                                 block=block_sizes(options["block_size"]), kernel_options=options["kernel_options"],
-                                 dropout=dropout_p > 0, return_lse=options["return_lse"])
-    return "flash" if (chosen or {}).get("BACKEND") == "FLASH" else "triton"
-
-
-def _captured(infos: tuple[Modifier, Modifier]) -> list[Tensor]:
-    """The tensors the call's modifiers read."""
-    return [*infos[0].tensors, *infos[1].tensors]
+    """The kernel generator of a call on the flex path, ``"flash"`` (FlashAttention-4 kernels) or
+    ``"triton"`` (FlexAttention's Triton templates, or its CPU template on CPU), None on the other
+    paths: ``explain(q, k, v, **kwargs).generator`` (see :func:`explain`)."""
+    return _explain("generator", q, k, v, kwargs).generator
 
 
 def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropout_p, block_size, kernel_options,
@@ -337,47 +294,3 @@ def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropou
         if unknown:
             raise ValueError(f"kernel_options: unknown option(s) {unknown}; expected keys among {sorted(known)}")
     return p, infos, float(dropout_p)
-
-
-def _needs_grad(p, captured) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.bias, *captured))
-
-
-def _cpu_reason(p, captured, dropout_p, return_lse) -> str | None:
-    """Why compiled FlexAttention cannot run a CPU call (None: it can)."""
-    if _needs_grad(p, captured):
-        return "inputs that require grad"
-    if return_lse:
-        return "return_lse=True"
-    if dropout_p > 0:
-        return f"dropout_p={dropout_p}"
-    return None
-
-
-def _path(p, captured, *, backend, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse,
-          block_size) -> str:
-    if backend == "reference" or 0 in (p.batch, p.q_len, p.kv_len):
-        return "reference"
-    if backend == "auto" and _sdpa_route(p, causal=causal, mask_mod=mask_mod, score_mod=score_mod,
-                                         dropout_p=dropout_p, kernel_options=kernel_options,
-                                         return_lse=return_lse, block_size=block_size):
-        return "sdpa"
-    why = _cpu_reason(p, captured, dropout_p, return_lse) if p.q.device.type == "cpu" else None
-    if why is None and backend == "auto" and p.q.device.type == "cpu" and torch.compiler.is_compiling():
-        # Inside a caller's torch.compile, FlexAttention's CPU lowering generates C++ that does not
-        # compile once lengths are symbolic (torch 2.13: masks and biases with a broadcast
-        # dimension, tensors a mask_mod reads), and the caller's graph decides what is symbolic.
-        # The tiled path is plain tensor code, which Inductor compiles for any length.
-        return "memory-bounded"
-    if why is None:
-        return "flex"
-    if backend == "flex":
-        needs_grad = why.startswith("inputs")
-        missing = "backward pass" if needs_grad else "log-sum-exp output"
-        if not (needs_grad or return_lse):
-            missing += " (exact dropout needs it)"
-        raise NotImplementedError(
-            f"backend='flex': compiled FlexAttention has no {missing} on CPU in torch {torch.__version__} "
-            f"({why}); use backend='auto' (exact memory-bounded path) or backend='reference'\n"
-            f"{describe(q=p.q, k=p.k, v=p.v)}")
-    return "memory-bounded"

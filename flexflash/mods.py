@@ -368,7 +368,7 @@ _FAMILIES = tuple((name, fn.__code__) for name, fns in (
 
 def family(fn: object) -> str | None:
     """The factory of this module that made ``fn``, for the modifiers flexflash's kernel choice
-    knows ("tanh_softcap", "alibi", "prefix_lm"; see flexflash._compile.flash_case), recognised by
+    knows ("tanh_softcap", "alibi", "prefix_lm"; see flexflash._kinds.flash_case), recognised by
     its code object; None for any other function. (Compared by identity, not looked up in a dict
     keyed by code objects: Dynamo cannot guard on such a lookup inside a caller's torch.compile.)"""
     code = getattr(fn, "__code__", None)

@@ -92,7 +92,7 @@ def _shift(fn, kind: str, b0: int, h0: int, q0: int, device):
     compiled kernel."""
     if fn is None or (b0 == 0 and h0 == 0 and q0 == 0):
         return fn
-    from ._compile import _scalar_tensor
+    from ._kernels import _scalar_tensor
     b0, h0, q0 = (_scalar_tensor(x, torch.int32, device) for x in (b0, h0, q0))
     if kind == "mask":
         def shifted_mask(b, h, q_idx, kv_idx):
@@ -104,14 +104,16 @@ def _shift(fn, kind: str, b0: int, h0: int, q0: int, device):
     return shifted_score
 
 
-def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=None, score_mod=None,
+def attention(q, k, v, *, local, causal: bool = False, mask=None, bias=None, mask_mod=None, score_mod=None,
               scale: float | None = None, dropout_p: float = 0.0, block_size=None, kernel_options=None,
               return_lse: bool = False, backend: str = "auto"):
-    """:func:`flexflash.attention` on DTensor ``q, k, v`` (see the module docstring)."""
+    """:func:`flexflash.attention` on DTensor ``q, k, v`` (see the module docstring). ``local``
+    runs each rank's share on plain tensors: flexflash.functional's entry, which passes itself (so
+    that this module imports nothing above it); it takes attention()'s keywords and
+    ``dropout_offsets``."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     from . import mods
-    from .functional import _attention
 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, DTensor):
@@ -138,7 +140,7 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
 
     if isinstance(placement, Replicate):
         k, v = (t.redistribute(mesh, [Replicate()]) for t in (k, v))
-        out = _attention(q.to_local(), k.to_local(), v.to_local(), causal=causal, mask=mask4, bias=bias4,
+        out = local(q.to_local(), k.to_local(), v.to_local(), causal=causal, mask=mask4, bias=bias4,
                          mask_mod=mask_mod, score_mod=score_mod, **kw)
     elif isinstance(placement, Shard) and placement.dim in (0, 1, 2):
         dim = placement.dim
@@ -184,13 +186,13 @@ def attention(q, k, v, *, causal: bool = False, mask=None, bias=None, mask_mod=N
         if causal and dim == 2:
             # Local query rows, global bottom-right alignment: key j <= (q0 + i) + Nk - Nq (a 0-d
             # tensor offset: one compiled kernel for every rank and length).
-            from ._compile import _scalar_tensor
+            from ._kernels import _scalar_tensor
             causal_mod = mods.causal(offset=_scalar_tensor(Nk - Nq + q0, torch.int32, device))
             mask_mod = causal_mod if mask_mod is None else mods.and_masks(causal_mod, mask_mod)
             causal = False
         # Dropout draws the unsharded call's keep: the hash sees global (b, h, i), and every rank
         # draws the same seed when the ranks' generators are seeded alike.
-        out = _attention(q.to_local(), local_k, local_v, causal=causal, mask=mask4, bias=bias4,
+        out = local(q.to_local(), local_k, local_v, causal=causal, mask=mask4, bias=bias4,
                          mask_mod=mask_mod, score_mod=score_mod, dropout_offsets=(b0, h0, q0, Hq), **kw)
     else:
         raise ValueError(f"q: expected a placement Shard(0), Shard(1), Shard(2) or Replicate(), got {placement}")

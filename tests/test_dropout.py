@@ -15,7 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import flexflash
-from flexflash import dropout, mods
+from flexflash import _flex, _kernels, dropout, mods
 from flexflash.reference import index_grids
 
 from .helpers import check_against_reference, seed_of
@@ -92,7 +92,6 @@ def test_property_against_reference(case, B, heads, Nq, Nk, p, dtype, grad, retu
 def test_two_pass_flex_scheme_matches_reference():
     """The CUDA scheme (kept pass + log-sum-exp pass, out = out' exp(L' - L) / (1 - p)), run with
     uncompiled FlexAttention: same entries dropped, same output, same lse as the reference."""
-    from flexflash import _compile
     from flexflash._checks import normalize
 
     gen = torch.Generator().manual_seed(11)
@@ -100,8 +99,8 @@ def test_two_pass_flex_scheme_matches_reference():
     cases = [dict(), dict(causal=True, bias=torch.randn(4, 97, 130, generator=gen)),
              dict(mask_mod=mods.sliding_window(24, offset=33), score_mod=mods.alibi(4)),
              dict(mask=torch.rand(2, 130, generator=gen) > 0.5)]
-    eager = _compile._Kernel._compile
-    _compile._Kernel._compile = lambda self: _compile._flex_kernel  # run the body uncompiled
+    eager = _kernels._Kernel._compile
+    _kernels._Kernel._compile = lambda self: _kernels._flex_kernel  # run the body uncompiled
     try:
         for kw in cases:
             prob = normalize(q, k, v, mask=kw.get("mask"), bias=kw.get("bias"), scale=None, dropout_p=0.4,
@@ -109,7 +108,7 @@ def test_two_pass_flex_scheme_matches_reference():
             torch.manual_seed(3)
             params = dropout.draw_seed(0.4, "cpu")
             with torch.no_grad():
-                out, lse = _compile.run_flex(
+                out, lse = _flex.run_flex(
                     prob.q, prob.k, prob.v, causal=kw.get("causal", False), mask=prob.mask, bias=prob.bias,
                     mask_mod=kw.get("mask_mod"), score_mod=kw.get("score_mod"), scale=prob.scale, block=(32, 64),
                     kernel_options=None, return_lse=True, dropout_p=0.4, dropout_params=params)
@@ -119,8 +118,8 @@ def test_two_pass_flex_scheme_matches_reference():
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-6)
             torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=5e-6)
     finally:
-        _compile._Kernel._compile = eager
-        _compile.reset()
+        _kernels._Kernel._compile = eager
+        _flex.reset()
 
 
 # --- the dropped probabilities themselves ----------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flexflash
-from flexflash import mods
+from flexflash import _blockmask, _flex, _kernels, _kinds, mods
 
 from .helpers import assert_close_to_golden, check_against_reference, randn, seed_of
 from .test_attention import case_kwargs
@@ -110,13 +110,12 @@ def test_lengths_do_not_recompile_on_gpu():
 
 
 def _assert_bounded_compilations_over_lengths(call, split=True):
-    """``call(n)`` (one flexflash call of one kind at length n, after _compile.reset()) at eight
+    """``call(n)`` (one flexflash call of one kind at length n, after _flex.reset()) at eight
     lengths that are multiples of the tiles compiles one kernel, once, where its mask or bias is
     split (_kernel_layout); otherwise, and at six other lengths, one kernel per shape for the kind's
     first _STATIC_BUFFER_SHAPES shapes, then one for the rest. The kernel that takes the rest
     compiles its first shape as a kernel of static shapes of its own (_STATIC_FIRST_SHAPE)."""
-    from flexflash import _compile
-    bounded = _compile._STATIC_BUFFER_SHAPES + 2
+    bounded = _kinds._STATIC_BUFFER_SHAPES + 2
     for n in (256, 384, 512, 640, 768, 896, 1024, 1152):
         call(n)
     stats = flexflash.compile_stats()
@@ -136,8 +135,7 @@ def test_lengths_of_a_full_bias_compile_a_bounded_number_of_times_on_gpu(grad):
     it compiles with static shapes for the kind's first _STATIC_BUFFER_SHAPES shapes, then one
     kernel of symbolic shapes takes every further length. Every length agrees with the reference,
     the gradients too."""
-    from flexflash import _compile
-    _compile.reset()
+    _flex.reset()
     gen = torch.Generator().manual_seed(seed_of("bias-lengths"))
 
     def call(n):
@@ -164,8 +162,7 @@ def test_lengths_of_a_dense_bool_mask_compile_a_bounded_number_of_times_on_gpu()
     """A (1, 1, N, N) bool mask, like a bias: eight lengths that are multiples of the tiles share
     one kernel compiled once (its key dimension split in 16s); other lengths compile with static
     shapes for the kind's first shapes, then share one kernel of symbolic shapes."""
-    from flexflash import _compile
-    _compile.reset()
+    _flex.reset()
     gen = torch.Generator().manual_seed(seed_of("mask-lengths"))
 
     def call(n):
@@ -214,7 +211,7 @@ _BIAS_LAYOUTS = ["bias_4d", "bias_transposed", "bias_sliced", "bias_per_key", "b
     "mask_4d", "mask_expanded", "mask_sliced", "key_padding_bias_per_query"])
 def test_masks_and_biases_of_every_layout_at_lengths_multiple_of_the_tiles(layout):
     """Lengths multiples of the tiles hand masks and biases full along the keys to the kernel with
-    their key dimension split in 16s (flexflash._compile._kernel_layout): strided, transposed,
+    their key dimension split in 16s (flexflash._kernels._kernel_layout): strided, transposed,
     expanded and misaligned ones agree with the reference too, forward and backward (with and
     without the bias's gradient: a bias that needs it is not split), at two lengths of one kernel."""
     gen = torch.Generator().manual_seed(seed_of("split-keys", layout))
@@ -228,8 +225,7 @@ def test_lengths_of_a_mask_mod_reading_tensors_do_not_recompile_on_gpu():
     of 128 and for the rest, a kernel of static shapes for the first shape and one of symbolic
     shapes for the others, each compiled once (the ids' sizes are dynamic from the first symbolic
     compilation), and the kind's block-mask builder compiled once, at its second build."""
-    from flexflash import _compile
-    _compile.reset()
+    _flex.reset()
     gen = torch.Generator().manual_seed(seed_of("document-lengths"))
     for i, n in enumerate((256, 384, 1000, 513, 2048, 300, 128, 4096)):
         B = 2 + i % 2
@@ -238,7 +234,7 @@ def test_lengths_of_a_mask_mod_reading_tensors_do_not_recompile_on_gpu():
         flexflash.attention(q, q, q, causal=True, mask_mod=mods.document(ids, ids))
     stats = flexflash.compile_stats()
     assert stats["kernels"] == 4 and stats["compiles"] <= 4, stats
-    builders = list(_compile._BUILDERS.values())
+    builders = list(_blockmask._BUILDERS.values())
     assert [(b.builds, b.compiles) for b in builders] == [(8, 1)]
 
 
@@ -521,10 +517,9 @@ def test_auto_takes_flash_where_the_table_says_so(case):
     assert flexflash.functional.generator(q, k, v, **kw) == "flash"
     with torch.no_grad():  # the forward-only choice differs (soft-capping: FLASH too; key padding: Triton)
         assert flexflash.functional.generator(q, k, v, **kw) == ("flash" if case == "softcap" else "triton")
-    from flexflash import _compile
-    _compile.reset()
+    _flex.reset()
     out = flexflash.attention(q, k, v, **kw)
-    ran = [dict(kind[0].kernel_options).get("BACKEND") for kind in _compile._KERNELS]
+    ran = [dict(kind[0].kernel_options).get("BACKEND") for kind in _kernels._KERNELS]
     assert ran == ["FLASH"], ran  # the call itself ran on FLASH
     ref = flexflash.attention(q, k, v, kernel_options={"BACKEND": "TRITON"}, **kw)
     # Two bf16 kernels of the same attention (outputs of magnitude below 1): they differ by
@@ -539,8 +534,7 @@ def test_first_block_mask_eager_then_compiled_builder(case):
     """The first block mask of a kind of mask is built eagerly, later ones (here: equal mask values
     in new tensors, so the cache misses) by the kind's compiled builder; both give the kernel the
     same block mask, so the outputs are bitwise equal, and the first matches the reference."""
-    from flexflash import _compile
-    _compile.reset()
+    _flex.reset()
     gen = torch.Generator().manual_seed(seed_of("eager-builder", case))
     Nq, Nk = 300, 520
     q, k, v = _inputs(2, 4, 4, Nq, Nk, 64, torch.bfloat16, gen)
@@ -554,7 +548,7 @@ def test_first_block_mask_eager_then_compiled_builder(case):
         data = torch.sort(torch.randint(0, 4, (2, Nk), generator=gen), dim=-1).values.cuda()
         make = lambda t: dict(mask_mod=mods.document(t[:, Nk - Nq:], t), causal=True)  # noqa: E731
     out = check_against_reference(q, k, v, **make(data))
-    builders = list(_compile._BUILDERS.values())
+    builders = list(_blockmask._BUILDERS.values())
     assert len(builders) == 1 and builders[0].builds == 1 and builders[0].compiles == 0
     second = flexflash.attention(q, k, v, **make(data.clone()))  # equal values, a new tensor
     assert builders[0].builds == 2 and builders[0].compiles == 1
@@ -567,12 +561,12 @@ def test_masked_calls_with_tuned_tiles(case, Nq, Nk):
     """Masked calls at D=128 bf16 run with the tuned forward tiles of flexflash._tuning on sm90
     (64x64; 128x64 for a mask full along both lengths; also with lengths that are multiples of
     128): forward and backward against the reference."""
-    from flexflash import _compile, _tuning
+    from flexflash import _tuning
     gen = torch.Generator().manual_seed(seed_of("tuned", case, Nq))
     q, k, v = _inputs(2, 4, 4, Nq, Nk, 128, torch.bfloat16, gen)
     check_against_reference(q, k, v, **_gpu_kwargs(case, Nq, Nk, gen))
     if _tuning.capability(torch.device("cuda")) == (9, 0):
-        tuned = [kind for kind in _compile._KERNELS if kind[1] == (4, 4, 128, 128) and kind[3] == torch.bfloat16
+        tuned = [kind for kind in _kernels._KERNELS if kind[1] == (4, 4, 128, 128) and kind[3] == torch.bfloat16
                  and dict(kind[0].kernel_options).get("fwd_BLOCK_M") == (128 if case == "mask_4d" else 64)]
         assert tuned, "the tuned forward tiles were not used"
 
@@ -587,8 +581,8 @@ def test_tuned_tiles_fp16_and_d64(dtype, D, case, block_m, block_m_bwd):
     """The tiles measured for fp16 at D=128 (64x64) and at D=64 (128x64 forward tiles for masks,
     biases and ALiBi, 64x64 for soft-capping; 64x64 backward tiles for bf16 mask_mods and biases)
     on sm90: forward and backward against the reference, lengths multiples of 128 and not."""
-    from flexflash import _compile, _tuning
-    _compile.reset()  # only this test's kernels below
+    from flexflash import _tuning
+    _flex.reset()  # only this test's kernels below
     gen = torch.Generator().manual_seed(seed_of("tuned", case, D, str(dtype)))
     for Nq, Nk in ((97, 1025), (256, 256)):
         q, k, v = _inputs(2, 4, 4, Nq, Nk, D, dtype, gen)
@@ -597,7 +591,7 @@ def test_tuned_tiles_fp16_and_d64(dtype, D, case, block_m, block_m_bwd):
             kw["bias"] = kw["bias"].detach().to(dtype).requires_grad_(kw["bias"].requires_grad)
         check_against_reference(q, k, v, **kw)
     if _tuning.capability(torch.device("cuda")) == (9, 0):
-        options = [dict(kind[0].kernel_options) for kind in _compile._KERNELS
+        options = [dict(kind[0].kernel_options) for kind in _kernels._KERNELS
                    if kind[1] == (4, 4, D, D) and kind[3] == dtype]
         tuned = [o for o in options if o.get("fwd_BLOCK_M") == block_m and o.get("bwd_BLOCK_M1") == block_m_bwd]
         assert tuned, f"the tuned tiles were not used: {options}"
@@ -607,7 +601,6 @@ def test_tuned_tiles_fp16_and_d64(dtype, D, case, block_m, block_m_bwd):
 def test_max_autotune_mode_matches_reference(case):
     """Under set_compile_mode("max-autotune") Inductor autotunes the kernels' tiles, forward and
     backward, instead of flexflash's tuned ones; the results agree with the reference."""
-    from flexflash import _compile
     gen = torch.Generator().manual_seed(seed_of("autotune", case))
     q, k, v = _inputs(2, 4, 4, 256, 256, 128, torch.bfloat16, gen)
     kw = _gpu_kwargs(case, 256, 256, gen)
@@ -616,5 +609,5 @@ def test_max_autotune_mode_matches_reference(case):
         check_against_reference(q, k, v, **kw)
     finally:
         flexflash.set_compile_mode(previous)
-    tuned = [kern for kern in _compile._KERNELS.values() if kern.mode == "max-autotune"]
+    tuned = [kern for kern in _kernels._KERNELS.values() if kern.mode == "max-autotune"]
     assert tuned and not any("fwd_BLOCK_M" in dict(kern.static.kernel_options) for kern in tuned)

@@ -109,3 +109,60 @@ def test_sdpa_route_puts_its_backends_first_for_the_call_only(monkeypatch):
         functional._sdpa(q, k, v, causal=True, scale=0.25)
         order, cudnn_enabled = seen[-1]
         assert order[:3] == first and not cudnn_enabled
+
+
+def test_explain_gives_the_path_and_why_each_other_path_was_not_taken():
+    """explain() returns the call's plan without running it (nothing compiles): the path, the
+    generator and kernel options on the flex path only, and one reason for every other path; the
+    call runs exactly that path; explain raises what the call raises."""
+    from flexflash.plan import PATHS, Plan
+    q, k, v = _qkv(Nq=24, Nk=40)
+    pad = torch.rand(1, 40) > 0.3
+    compiles = flexflash.compile_stats()["compiles"]
+    cases = [
+        (dict(), "flex", {"sdpa": "CUDA only"}),
+        (dict(mask=pad, causal=True), "flex", {"sdpa": "CUDA only"}),
+        (dict(backend="reference"), "reference", {"sdpa": "backend='reference'", "flex": "backend='reference'"}),
+        (dict(return_lse=True), "memory-bounded", {"flex": "return_lse=True"}),
+        (dict(dropout_p=0.2), "memory-bounded", {"flex": "dropout_p=0.2"}),
+    ]
+    for kwargs, path, why in cases:
+        plan = flexflash.explain(q, k, v, **kwargs)
+        assert isinstance(plan, Plan) and plan.path == path == route(q, k, v, **kwargs)
+        assert set(plan.reasons) == set(PATHS) - {path}, plan.reasons
+        assert all(plan.reasons.values())
+        for other, text in why.items():
+            assert text in plan.reasons[other], (kwargs, plan.reasons)
+        assert (plan.generator is not None) == (path == "flex")
+        assert path == "flex" or plan.kernel_options is None
+        assert f"path: {path}" in str(plan) and all(f"not {p}: " in str(plan) for p in plan.reasons)
+    assert flexflash.compile_stats()["compiles"] == compiles  # nothing ran
+    kv_grad = _qkv(grad=True)
+    plan = flexflash.explain(*kv_grad)
+    assert plan.path == "memory-bounded" and "require grad" in plan.reasons["flex"]
+    with torch.no_grad():
+        assert flexflash.explain(*kv_grad).path == "flex"
+    assert flexflash.explain(*_qkv(Nq=0)).reasons["flex"].startswith("an empty problem")
+    # the caller's own kernel options are the plan's (a kernel option flexflash chose is there too)
+    with torch.no_grad():
+        assert flexflash.explain(q, k, v, kernel_options={"BLOCK_M": 16, "BLOCK_N": 16}).kernel_options[
+            "BLOCK_M"] == 16
+    with pytest.raises(NotImplementedError, match="backend='flex'.*backward"):
+        flexflash.explain(*kv_grad, backend="flex")
+    with pytest.raises(TypeError, match="explain: unknown keyword"):
+        flexflash.explain(q, k, v, is_causal=True)
+    with pytest.raises(ValueError, match="mask"):
+        flexflash.explain(q, k, v, mask=torch.ones(3, 40, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+def test_explain_on_cuda_names_what_keeps_a_call_off_sdpa(monkeypatch):
+    """The SDPA route's reasons on CUDA (the capability set as on an H100/H200)."""
+    from flexflash import _tuning
+    monkeypatch.setattr(_tuning, "capability", lambda device: (9, 0))
+    q = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
+    assert flexflash.explain(q, q, q, causal=True).path == "sdpa"
+    assert flexflash.explain(q, q, q, mask_mod=flexflash.mods.sliding_window(8)).reasons["sdpa"] == "a mask_mod is given"
+    assert "dropout_p=0.1" in flexflash.explain(q, q, q, dropout_p=0.1).reasons["sdpa"]
+    assert "top-left" in flexflash.explain(q[:, :, :64], q, q, causal=True).reasons["sdpa"]
+    assert "float16 and bfloat16" in flexflash.explain(q.float(), q.float(), q.float()).reasons["sdpa"]

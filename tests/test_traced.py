@@ -269,7 +269,7 @@ def test_dropout_words_in_a_callers_graph_equal_the_eager_ones():
     """Inside a caller's graph the dropout hash's row and column words come from flexflash's
     operator (its outputs reach FlexAttention's CUDA lowering as buffers of fixed layout): the
     same words as the eager computation."""
-    from flexflash._compile import _dropout_words
+    from flexflash._flex_dropout import _dropout_words
     from flexflash.dropout import draw_seed
 
     torch.manual_seed(2)

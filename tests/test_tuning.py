@@ -5,6 +5,7 @@ apply only where they were measured."""
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 
 import pytest
@@ -104,7 +105,7 @@ def test_triton_tiles_only_where_measured(monkeypatch):
 
 
 def test_triton_case_of_a_call():
-    from flexflash._compile import structure, triton_case
+    from flexflash._kinds import structure, triton_case
     q = torch.randn(1, 2, 8, 4)
 
     def case(**kw):
@@ -154,7 +155,8 @@ def _fake_cuda(*shape, requires_grad=False):
 
 
 def _case(q, k, *, causal=False, mask=None, mask_mod=None, score_mod=None, dropout=False, return_lse=False, Nk=None):
-    from flexflash._compile import flash_case, inspect_modifier
+    from flexflash._kinds import flash_case
+    from flexflash._fingerprint import inspect_modifier
     st = Structure(causal=causal, mask_full=None if mask is None else tuple(s > 1 for s in mask),
                    bias_full=None, has_mask_mod=mask_mod is not None, has_score_mod=score_mod is not None,
                    causal_aligned=causal and (Nk is None or Nk == q.shape[2]))
@@ -197,3 +199,111 @@ def test_family_names_flexflash_modifiers_only():
     assert mods.family(lambda b, h, i, j: i >= j) is None
     assert mods.family(mods.and_masks(mods.causal(), mods.causal())) is None
     assert mods.family("not a function") is None
+
+
+# --- the tables as data: flexflash/tuning.json, loaded once at import --------------------------
+#
+# The expected outputs below were computed from the tables as they stood in the code, before they
+# moved to the data file, over the grid that follows; each string has one character per entry of
+# BLOCKS (triton_options, dropout_pass_options) or of WORKS (flash_choice), "." where the function
+# gives nothing (None, empty options, False). Every point of the grid not listed gives nothing.
+
+BLOCKS = ((128, 128), (64, 64), (64, 128), (128, 64), (32, 128), (128, 32), (256, 256), (192, 128))
+WORKS = (0.0, 1e11, 4.99e11, 5e11, 5.5e11, 1e12, 1.999e12, 2e12, 2.2e12, 1e15, float("inf"))
+DTYPES = {"bf16": BF16, "fp16": torch.float16, "fp32": torch.float32}
+CAPS = ((9, 0), (8, 0), (10, 0))
+FWD_64 = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+FWD_128 = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+BWD_64 = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+          "bwd_num_warps": 4, "bwd_num_stages": 3}
+TILES = {"A": FWD_128, "B": FWD_64, "C": {**FWD_128, "fwd_num_warps": 8}, "D": {**FWD_128, **BWD_64}}
+TRITON_EXPECTED = {  # (case, head dim, dtype) -> a letter of TILES per block
+    ("mask", 64, "bf16"): "A..A..A.", ("mask", 64, "fp16"): "A..A..A.",
+    ("mask", 128, "bf16"): "BBBB..BB", ("mask", 128, "fp16"): "BBBB..BB",
+    ("dense_mask", 64, "bf16"): "A..A..A.", ("dense_mask", 64, "fp16"): "A..A..A.",
+    ("dense_mask", 128, "bf16"): "C..C..C.", ("dense_mask", 128, "fp16"): "BBBB..BB",
+    ("mask_mod", 64, "bf16"): "D..D..D.", ("mask_mod", 64, "fp16"): "A..A..A.",
+    ("mask_mod", 128, "bf16"): "BBBB..BB", ("mask_mod", 128, "fp16"): "BBBB..BB",
+    ("bias", 64, "bf16"): "D..D..D.", ("bias", 64, "fp16"): "A..A..A.",
+    ("alibi", 64, "bf16"): "A..A..A.", ("tanh_softcap", 64, "bf16"): "BBBB..BB",
+}
+DROPOUT_EXPECTED = {(128, "bf16"): "1111..11", (128, "fp16"): "1111..11"}  # (head dim, dtype)
+DROPOUT_OPTIONS = (tuple(sorted(FWD_64.items())), tuple(sorted({**FWD_64, **BWD_64}.items())))
+FLASH_EXPECTED = {  # (case, grad, head dim) -> "1" per work where FLASH is chosen
+    ("dense", True, 64): "...1111111.", ("dense", True, 128): ".......111.",
+    ("key_padding", True, 64): "...1111111.", ("key_padding", True, 128): "...1111111.",
+    ("key_padding", False, 64): "...1111111.", ("key_padding", False, 128): ".......111.",
+    ("causal", True, 64): "...1111....", ("causal", True, 128): "...1111....",
+    ("causal", False, 64): "...1111....", ("causal", False, 128): "...1111....",
+    ("gqa_causal", True, 64): "...1111....", ("gqa_causal", True, 128): "...1111....",
+    ("softcap", True, 64): "...1111111.", ("softcap", True, 128): "...1111111.",
+    ("softcap", False, 64): "...1111111.", ("softcap", False, 128): "...1111111.",
+    ("alibi_causal", True, 64): "...1111111.", ("alibi_causal", True, 128): "...1111111.",
+    ("alibi_causal", False, 64): "...1111111.",
+    ("prefix_lm", True, 64): "...1111111.", ("prefix_lm", True, 128): "...1111111.",
+}
+
+
+def test_tables_load_from_the_data_file():
+    import importlib.resources
+    import json
+    data = json.loads(importlib.resources.files("flexflash").joinpath("tuning.json").read_text())
+    assert {"tiles", "dropout", "triton", "flash"} <= set(data)
+    assert len(_tuning._TRITON_TILES) == len(data["triton"]) == 13
+    assert len(_tuning._FLASH_MIN_WORK) == len(data["flash"]["min_work"]) == 21
+    assert len(_tuning._FLASH_MAX_WORK) == len(data["flash"]["max_work"]) == 4
+
+
+def test_triton_options_over_a_grid(monkeypatch):
+    for cap, device, case, D, dtype in itertools.product(
+            CAPS, (CUDA, torch.device("cpu")), (None, "mask", "dense_mask", "mask_mod", "bias", "alibi",
+                                                 "tanh_softcap", "dense"), (64, 80, 128), DTYPES):
+        monkeypatch.setattr(_tuning, "capability", lambda device, cap=cap: cap)
+        expected = "." * len(BLOCKS)
+        if device.type == "cuda" and cap == (9, 0):
+            expected = TRITON_EXPECTED.get((case, D, dtype), expected)
+        for block, letter in zip(BLOCKS, expected):
+            got = _tuning.triton_options(device, DTYPES[dtype], D, block, case=case)
+            want = None if letter == "." else list(TILES[letter].items())
+            assert (got if got is None else list(got.items())) == want, (cap, device, case, D, dtype, block)
+            if got is not None:
+                got.clear()  # a fresh dict each call: the caller may change it
+                assert _tuning.triton_options(device, DTYPES[dtype], D, block, case=case) == TILES[letter]
+
+
+def test_dropout_pass_options_over_a_grid(monkeypatch):
+    for cap, device, D, dtype in itertools.product(CAPS, (CUDA, torch.device("cpu")), (64, 80, 128), DTYPES):
+        monkeypatch.setattr(_tuning, "capability", lambda device, cap=cap: cap)
+        expected = "." * len(BLOCKS)
+        if device.type == "cuda" and cap == (9, 0):
+            expected = DROPOUT_EXPECTED.get((D, dtype), expected)
+        for block, mark in zip(BLOCKS, expected):
+            want = ((), ()) if mark == "." else DROPOUT_OPTIONS
+            assert _tuning.dropout_pass_options(device, DTYPES[dtype], D, block) == want, (cap, device, D, dtype)
+
+
+def test_flash_choice_over_a_grid(monkeypatch):
+    for cap, available, deterministic in itertools.product(CAPS, (True, False), (False, True)):
+        monkeypatch.setattr(_tuning, "capability", lambda device, cap=cap: cap)
+        monkeypatch.setattr(_tuning, "_FLASH_AVAILABLE", [available])
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            for device, case, grad, dtype, (D, Dv) in itertools.product(
+                    (CUDA, torch.device("cpu")), (None, "dense", "key_padding", "causal", "gqa_causal", "softcap",
+                                                  "alibi_causal", "prefix_lm", "mask"),
+                    (True, False), ("bf16", "fp16"), ((64, 64), (128, 128), (128, 64), (64, 128), (80, 80))):
+                expected = "." * len(WORKS)
+                if (device.type == "cuda" and cap == (9, 0) and available and not deterministic
+                        and dtype == "bf16" and D == Dv):
+                    expected = FLASH_EXPECTED.get((case, grad, D), expected)
+                got = "".join("1" if _tuning.flash_choice(case, grad, device, DTYPES[dtype], D, Dv, w) else "."
+                              for w in WORKS)
+                assert got == expected, (cap, available, deterministic, device, case, grad, dtype, D, Dv)
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+def test_work_counts_flops():
+    assert _tuning.work(4, 16, 4096, 4096, 128) == 4.0 * 4 * 16 * 4096 * 4096 * 128 == 549755813888.0
+    assert _tuning.work(1, 16, 16384, 16384, 128) == 2199023255552.0
+    assert _tuning.work(2, 3, 5, 7, 11) == 9240.0

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import flexflash  # noqa: E402
-from flexflash import _compile  # noqa: E402
+from flexflash import _blockmask  # noqa: E402
 from test_attention import make_case  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main() -> int:
     fwd = _timed(lambda: result.setdefault("out", flexflash.attention(c.q, c.k, c.v, **c.flex)))
     bwd = _timed(lambda: result["out"].float().sum().backward())
     again = _timed(lambda: flexflash.attention(c.q, c.k, c.v, **c.flex))
-    builders = [(b.builds, b.compiles) for b in _compile._BUILDERS.values()]
+    builders = [(b.builds, b.compiles) for b in _blockmask._BUILDERS.values()]
     print(f"{args.case} N={args.n} D={args.d} ({torch.cuda.get_device_name()}, torch {torch.__version__}): "
           f"first forward {fwd:.1f} s, first backward {bwd:.1f} s, second forward {again * 1e3:.1f} ms; "
           f"block-mask builders (builds, compilations): {builders}")

@@ -1,5 +1,5 @@
 """Triton against FlashAttention-4 kernels through flexflash, with SDPA's backends in the same run:
-the measurements behind the generator table in ``flexflash/_tuning.py``.
+the measurements behind the generator table in ``flexflash/tuning.json``.
 
 For each case (``benchmarks/test_attention.py``'s cases and shapes: B*N = 16k tokens, hidden 2048,
 bf16, inputs requiring grad) it runs ``flexflash.attention(..., backend="flex")`` with FlexAttention's

@@ -21,7 +21,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexflash
-from flexflash import _compile, mods
+from flexflash import _kernels, mods
 
 
 def _cases(B: int, N: int, device: str, gen: torch.Generator) -> dict:
@@ -71,7 +71,7 @@ def main() -> int:
     q, k, v = (torch.randn(B, H, N, D, generator=gen).to(device, dtype) for _ in range(3))
     raw = torch.compile(flex_attention)
     seen = {}
-    original = _compile._Kernel.__call__
+    original = _kernels._Kernel.__call__
 
     def spy(kernel, *call_args):
         seen["kernel"] = (kernel, call_args)
@@ -83,10 +83,10 @@ def main() -> int:
     with torch.no_grad():
         for name, (kw, fn, batch) in _cases(B, N, device, gen).items():
             ours = lambda: flexflash.attention(q, k, v, **kw)  # noqa: E731
-            _compile._Kernel.__call__ = spy
+            _kernels._Kernel.__call__ = spy
             for _ in range(3):
                 ours()
-            _compile._Kernel.__call__ = original
+            _kernels._Kernel.__call__ = original
             kernel, call_args = seen["kernel"]
             direct = lambda: kernel._fn(*call_args, kernel.static)  # noqa: E731
             block_mask = create_block_mask(fn, batch, None, N, N, device=device)
@@ -95,11 +95,11 @@ def main() -> int:
             ours_wall, ours_dev = _per_call(ours, device)
             raw_wall, raw_dev = _per_call(theirs, device)
             direct_wall, _ = _per_call(direct, device)
-            _compile._Kernel.__call__ = lambda kernel, *a: (a[0], None)  # the kernel stubbed
+            _kernels._Kernel.__call__ = lambda kernel, *a: (a[0], None)  # the kernel stubbed
             try:
                 python_only, _ = _per_call(ours, device)
             finally:
-                _compile._Kernel.__call__ = original
+                _kernels._Kernel.__call__ = original
             show = lambda x: f"{x:9.0f}" if x is not None else f"{'—':>9}"  # noqa: E731
             print(f"{name:16} {ours_wall:10.0f} {show(ours_dev)} {raw_wall:9.0f} {show(raw_dev)} "
                   f"{python_only:11.0f} {direct_wall:14.0f}")

@@ -9,6 +9,9 @@ Usage::
     python tools/run_benchmarks.py --summarize results/attention.json   # only the markdown
     python tools/run_benchmarks.py --summarize-model model.json         # benchmarks/test_model.py
 
+Runs worth keeping go to ``benchmarks/runs/`` (``DATE-GPU-WHAT.json``); ``python tools/results.py``
+then regenerates ``benchmarks/RESULTS.md`` from every JSON there.
+
 The JSON is pytest-benchmark's own (``pytest-benchmark compare`` reads it; save a baseline with
 ``--benchmark-save``). Ratios above 1 mean flexflash is faster than every SDPA backend that accepts
 the case.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -28,10 +32,33 @@ SDPA = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"]
 COLUMNS = ["flexflash", "flexflash-flex", *SDPA, "reference"]
 
 
-def summarize(data: dict) -> str:
-    """A markdown table from pytest-benchmark JSON produced by benchmarks/test_attention.py."""
+def run_date(data: dict, name: str = "") -> str:
+    """The day of a run: the JSON's ``datetime``, else its ``commit_info`` time, else a YYYY-MM-DD at
+    the start of the file's ``name``; empty when none has one."""
+    stamp = data.get("datetime") or (data.get("commit_info") or {}).get("time") or ""
+    found = re.match(r"\d{4}-\d{2}-\d{2}", stamp) or re.match(r"\d{4}-\d{2}-\d{2}", Path(name).name)
+    return found.group(0) if found else ""
+
+
+def run_line(data: dict, name: str = "") -> str:
+    """``GPU: ..., torch ..., date.`` of a run: the GPU and torch version its benchmarks recorded in
+    ``extra_info`` (each distinct value once; ``machine_info`` where no benchmark has one), the date
+    from ``run_date``."""
+    machine_info = data.get("machine_info") or {}
+
+    def values(key):
+        seen = [b.get("extra_info", {}).get(key) for b in data.get("benchmarks", [])]
+        seen = [str(v) for v in dict.fromkeys(seen) if v is not None] or \
+            ([str(machine_info[key])] if machine_info.get(key) is not None else [])
+        return " / ".join(seen) or "not recorded"
+    date = run_date(data, name) or "date not recorded"
+    return f"GPU: {values('gpu')}, torch {values('torch')}, {date}."
+
+
+def summarize(data: dict, header: bool = True, name: str = "") -> str:
+    """A markdown table from pytest-benchmark JSON produced by benchmarks/test_attention.py (with
+    ``header``, led by ``run_line`` of the run; ``name``: its file's name)."""
     rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    machine = {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         if "case" not in info:
@@ -39,9 +66,8 @@ def summarize(data: dict) -> str:
         key = (info["case"], info["dtype"], info["N"], info["D"], info["direction"])
         rows[key][info["impl"]] = dict(ms=bench["stats"]["median"] * 1e3, tflops=info.get("tflops"),
                                        path=info.get("path"), first=info.get("first_call_s"))
-        machine = dict(gpu=info.get("gpu"), torch=info.get("torch"))
-    date = data.get("datetime", "")[:10]
-    lines = [f"GPU: {machine.get('gpu')}, torch {machine.get('torch')}, {date}. Median ms "
+    lead = f"{run_line(data, name)} " if header else ""
+    lines = [f"{lead}Median ms "
              "(TFLOP/s of flexflash); ratio = best SDPA time / flexflash time (> 1: flexflash faster).", "",
              "| case | dtype | N | D | dir | flexflash path | flexflash ms | TFLOP/s | first call s | "
              + " | ".join(c for c in COLUMNS[1:]) + " | best SDPA / flexflash |",
@@ -63,22 +89,21 @@ def summarize(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarize_model(data: dict) -> str:
+def summarize_model(data: dict, header: bool = True, name: str = "") -> str:
     """Markdown tables from pytest-benchmark JSON of benchmarks/test_model.py: the training step
     per mask, mode and implementation (with flexflash's ratios against raw FlexAttention and SDPA,
-    and the graphs compiled while timed), and the host time of small eager calls."""
+    and the graphs compiled while timed), and the host time of small eager calls (with ``header``,
+    led by ``run_line`` of the run; ``name``: its file's name)."""
     steps: dict[tuple, dict[str, dict]] = defaultdict(dict)
     host: dict[str, dict[str, float]] = defaultdict(dict)
-    machine = {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        machine = dict(gpu=info.get("gpu"), torch=info.get("torch"))
         if "model_case" in info:
             steps[(info["model_case"], info["mode"])][info["impl"]] = dict(
                 ms=bench["stats"]["median"] * 1e3, graphs=info.get("graphs_compiled_while_timed"))
         elif "host_case" in info:
             host[info["host_case"]][info["impl"]] = bench["stats"]["median"] / info["calls_per_round"] * 1e6
-    lines = [f"GPU: {machine.get('gpu')}, torch {machine.get('torch')}, {data.get('datetime', '')[:10]}.", ""]
+    lines = [run_line(data, name), ""] if header else []
     if steps:
         lines += ["Training step (4 layers, E=1024, 16 heads, B=8, N=2048, bf16), median ms; ratios are "
                   "flexflash's time over the other's (< 1: flexflash faster).", "",
@@ -96,8 +121,9 @@ def summarize_model(data: dict) -> str:
         lines += ["Host time of small eager calls (B=32, H=16, N=512, D=128, bf16, forward), µs per call.", "",
                   "| mask | flexflash | raw FlexAttention | difference |", "|---|---|---|---|"]
         for case, r in sorted(host.items()):
-            diff = f"{r['flexflash'] - r['flex']:+.0f}" if len(r) == 2 else "—"
-            lines.append(f"| {case} | {r.get('flexflash', 0):.0f} | {r.get('flex', 0):.0f} | {diff} |")
+            diff = f"{r['flexflash'] - r['flex']:+.0f}" if "flexflash" in r and "flex" in r else "—"
+            ours, raw = (f"{r[impl]:.0f}" if impl in r else "—" for impl in ("flexflash", "flex"))
+            lines.append(f"| {case} | {ours} | {raw} | {diff} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,10 +139,10 @@ def main() -> int:
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     if args.summarize_model:
-        print(summarize_model(json.loads(Path(args.summarize_model).read_text())))
+        print(summarize_model(json.loads(Path(args.summarize_model).read_text()), name=args.summarize_model))
         return 0
     if args.summarize:
-        print(summarize(json.loads(Path(args.summarize).read_text())))
+        print(summarize(json.loads(Path(args.summarize).read_text()), name=args.summarize))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,93 @@
+"""What every compiled function of flexflash's shares: the compile mode (a user setting), the
+recompile budget, a code object per compiled function, the ``flexflash`` operator library and
+the statistics."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import types
+from typing import Any
+
+import torch
+
+from . import _torch_private
+
+__all__ = ["set_compile_mode", "get_compile_mode", "compile_stats"]
+
+# Inductor settings per mode. "max-autotune" is torch's "max-autotune-no-cudagraphs": CUDA graphs
+# replay into static output buffers, so a kernel called twice in one step (every layer of a model)
+# would overwrite the output of its earlier call.
+_COMPILE_MODES = {
+    "default": {},
+    "max-autotune": torch._inductor.list_mode_options("max-autotune-no-cudagraphs"),
+}
+_COMPILE_MODE_ENV = "FLEXFLASH_COMPILE_MODE"
+
+
+def _checked_mode(mode: Any, name: str) -> str:
+    if not isinstance(mode, str) or mode not in _COMPILE_MODES:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, _COMPILE_MODES))}, got {mode!r}")
+    return mode
+_MODE = [_checked_mode(os.environ.get(_COMPILE_MODE_ENV, "default"), _COMPILE_MODE_ENV)]
+
+
+def set_compile_mode(mode: str) -> str:
+    """Sets how flexflash compiles its kernels from now on, process-wide; returns the previous mode.
+
+    * ``"default"``: FlexAttention's default kernel configurations, with the tiles and generator
+      flexflash chose from measurements (``flexflash._tuning``).
+    * ``"max-autotune"``: Inductor benchmarks several kernel configurations the first time each
+      kind of call compiles and keeps the fastest (torch's ``"max-autotune-no-cudagraphs"``). First
+      calls take much longer (tens of seconds to minutes per kind). flexflash then passes none of
+      its tuned tiles, so the autotuner chooses them; the generator choice, the two-stage pipeline
+      a wide bias needs to fit shared memory and the caller's own ``kernel_options`` stand. It
+      was not reliably faster than the default where measured (docs/backends.md has the figures).
+
+    The initial mode comes from the ``FLEXFLASH_COMPILE_MODE`` environment variable (default
+    ``"default"``). Kernels already compiled in another mode are kept for when it comes back.
+    Inside a caller's ``torch.compile`` the caller's mode applies: flexflash's kernel is traced
+    into the caller's graph."""
+    previous, _MODE[0] = _MODE[0], _checked_mode(mode, "mode")
+    return previous
+
+
+def get_compile_mode() -> str:
+    """The mode set by :func:`set_compile_mode` (or ``FLEXFLASH_COMPILE_MODE``)."""
+    return _MODE[0]
+
+
+class _Counted:
+    """A compiled function of flexflash's, counting the graphs it has compiled (``compiles``, set
+    by its backend) against Dynamo's recompile limit, past which Dynamo runs new graphs eagerly."""
+
+    compiles = 0
+    _checked_at = None
+
+    def _budget_spent(self) -> bool:
+        # torch's setting is read only when the count has changed since the last check: reading a
+        # config attribute costs microseconds, on every call of a warm kernel otherwise.
+        if self.compiles == self._checked_at:
+            return False
+        if self.compiles >= _torch_private._recompile_limit():
+            return True
+        self._checked_at = self.compiles
+        return False
+_SERIAL = itertools.count()
+
+
+def _own_code(fn, name: str):
+    """A copy of ``fn`` with a code object of its own (so a ``torch.compile`` of it has its own
+    Dynamo cache and recompile budget), named ``name``."""
+    code = fn.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name)
+_LIB = torch.library.Library("flexflash", "DEF")
+_STATS = {"compiles": 0, "kernels": 0, "block_masks_built": 0, "block_mask_hits": 0}
+
+
+def compile_stats() -> dict[str, int]:
+    """Counters: ``compiles`` (graphs compiled by flexflash's kernels), ``kernels`` (kinds of call
+    seen), ``block_masks_built`` and ``block_mask_hits`` (cache hits)."""
+    return dict(_STATS)

@@ -1,0 +1,87 @@
+"""Every use of a private PyTorch API in the compilation of flexflash's kernels, each with why,
+checked on torch 2.11 and 2.13 (the versions the test suite runs on)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+# Dynamo's duck sizing switch: no public setting (torch 2.11, 2.13).
+from torch.fx.experimental import _config as _fx_config
+
+def _recompile_limit() -> int:
+    cfg = torch._dynamo.config
+    return int(getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", 8)))
+
+
+def _is_cpp_compile_error(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is Inductor's C++ compile error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "CppCompileError" or "CppCompileError" in str(e).split("\n", 1)[0]:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+# Where torch._dynamo.maybe_mark_dynamic keeps its marks on a tensor (the second since torch 2.12:
+# a flag that any marking happened, which Dynamo's guards check).
+_MARK_ATTRIBUTES = ("_dynamo_weak_dynamic_indices", "_has_dynamo_dim_marking")
+_ABSENT = object()
+
+
+def _with_dynamic_sizes(tensors, fn, *args):
+    """Calls ``fn(*args)`` with every dimension larger than 1 of ``tensors`` (the caller's own
+    tensors a mask_mod reads) marked dynamic, and restores the tensors' marks afterwards, so they do
+    not leak into the caller's own ``torch.compile`` of code using those tensors (there a mark left
+    behind fails Dynamo's guards: "_has_dynamo_dim_marking is present on runtime tensor but was
+    absent at compile time"). The marks only matter while Dynamo traces (a first compilation):
+    with them, a mask_mod's tensors of a new length (document ids, prefix lengths of a new batch
+    size) reuse the kernel instead of compiling it a second time with the sizes that changed made
+    dynamic."""
+    saved = []
+    for t in tensors:
+        if any(size > 1 for size in t.shape):
+            before = tuple(getattr(t, name, _ABSENT) for name in _MARK_ATTRIBUTES)
+            saved.append((t, before))
+            if isinstance(before[0], set):
+                setattr(t, _MARK_ATTRIBUTES[0], set(before[0]))  # a copy: the caller's set stays as it was
+            for dim, size in enumerate(t.shape):
+                if size > 1:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+    try:
+        return fn(*args)
+    finally:
+        for t, before in saved:
+            for name, value in zip(_MARK_ATTRIBUTES, before):
+                if value is _ABSENT:
+                    if hasattr(t, name):
+                        delattr(t, name)
+                else:
+                    setattr(t, name, value)
+
+
+def _without_duck_sizing(fn, *args):
+    """Calls the compiled ``fn`` with Dynamo's duck sizing off. Duck sizing gives sizes that are
+    equal at the first compilation one symbol, and the graph then guards on the equality: a batch of
+    2 and a 256-long sequence of 2 blocks, or ``Nq == Nk`` of a first self-attention call, would
+    recompile at the first call where they differ. Sizes stay independent symbols instead. (The
+    setting is read when Dynamo starts tracing, so it is set for the call and restored after.)"""
+    duck = _fx_config.use_duck_shape
+    _fx_config.use_duck_shape = False
+    try:
+        return fn(*args)
+    finally:
+        _fx_config.use_duck_shape = duck
+
+
+def _mark_squeezed_dynamic(t: Tensor | None, full: tuple[bool, ...] | None) -> None:
+    """Marks the batch and length dimensions of a CUDA mask or bias dynamic (heads stay static);
+    ``t`` is squeezed to its full dimensions (see run_flex), ``full`` says which those are. A
+    tensor whose key dimension is split (_kernel_layout) has one more, trailing dimension of 16,
+    which stays static."""
+    if t is None:
+        return
+    for i, dim in enumerate(d for d, f in enumerate(full) if f):
+        if dim != 1 and t.shape[i] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, i)

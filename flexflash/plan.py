@@ -1,0 +1,225 @@
+"""The plan of one call: the path that runs it, the kernel generator and options, and why each
+other path was not taken. It is made once per call, here and nowhere else, and the call executes
+it; :func:`explain` returns it without running the call.
+
+Paths, in the order they are considered:
+
+* ``"reference"``: the eager oracle (:mod:`flexflash.reference`), for ``backend="reference"`` and
+  for empty problems (exact and free there).
+* ``"sdpa"``: PyTorch's SDPA (cuDNN, else flash, else efficient), under ``backend="auto"`` for the
+  calls it computes exactly and faster (CUDA, fp16/bf16, no mask, bias, modifier or dropout).
+* ``"flex"``: compiled FlexAttention, on FlashAttention-4 (``"flash"``) or Triton (``"triton"``,
+  the CPU template on CPU) kernels, with tiles from :mod:`flexflash._tuning`.
+* ``"memory-bounded"``: the exact tiled path (:mod:`flexflash._chunked`), for the CPU calls
+  compiled FlexAttention cannot run (gradients, ``return_lse``, dropout) and CPU calls inside a
+  caller's ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _flex, _kinds, _tuning
+from ._checks import Problem, block_sizes, describe
+from ._fingerprint import Modifier
+
+__all__ = ["Plan", "PATHS", "make_plan"]
+
+PATHS = ("reference", "sdpa", "flex", "memory-bounded")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a call runs.
+
+    Attributes:
+        path: ``"sdpa"``, ``"flex"``, ``"memory-bounded"`` or ``"reference"``.
+        generator: the kernel generator on the flex path, ``"flash"`` (FlashAttention-4 kernels)
+            or ``"triton"`` (FlexAttention's Triton templates; its C++ template on CPU); None on
+            the other paths.
+        kernel_options: the options handed to FlexAttention on the flex path (the caller's own,
+            or tiles and generator chosen from measurements); None elsewhere.
+        reasons: for each path not taken, why (``{"sdpa": "a mask_mod is given", ...}``).
+    """
+
+    path: str
+    generator: str | None
+    kernel_options: dict[str, Any] | None
+    reasons: dict[str, str]
+    # The flex path's kind (structure, kernel constants), handed to flexflash._flex.run_flex.
+    kind: Any = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        head = f"path: {self.path}"
+        if self.generator is not None:
+            head += f" ({self.generator}"
+            head += f", kernel_options={self.kernel_options})" if self.kernel_options else ")"
+        return "\n".join([head] + [f"  not {path}: {why}" for path, why in self.reasons.items()])
+
+
+def needs_grad(p: Problem, captured: list[Tensor]) -> bool:
+    """Whether the call's output needs a backward pass (grad mode on and an input requiring grad,
+    the tensors its modifiers read included)."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.bias, *captured))
+
+
+def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse,
+                  block_size) -> str | None:
+    """Why SDPA does not take a ``backend="auto"`` call, or None where it does: the calls SDPA
+    computes exactly (no mask, bias or modifiers; causal only with ``Nq == Nk``, where its
+    top-left causal mask is flexflash's bottom-right one) on CUDA in fp16/bf16, where its cuDNN and
+    flash kernels beat FlexAttention's Triton kernels (docs/backends.md has the measurements),
+    grouped heads included (SDPA's ``enable_gqa``)."""
+    q = p.q
+    if q.device.type != "cuda":
+        return f"SDPA is taken on CUDA only; q is on {q.device.type}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}: SDPA's fused kernels take float16 and bfloat16"
+    given = [name for name, x in (("a mask", p.mask), ("a bias", p.bias), ("a mask_mod", mask_mod),
+                                  ("a score_mod", score_mod)) if x is not None]
+    if given:
+        return f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given"
+    if dropout_p > 0:
+        return f"dropout_p={dropout_p}: flexflash's dropout (shared with the reference) runs on FlexAttention"
+    if return_lse:
+        return "return_lse=True: SDPA does not return the log-sum-exp"
+    if kernel_options is not None:
+        return "kernel_options are given (FlexAttention's)"
+    if block_size is not None:
+        return "block_size is given (FlexAttention's block mask)"
+    if causal and p.q_len != p.kv_len:
+        return f"causal with Nq={p.q_len} != Nk={p.kv_len}: SDPA's causal mask is top-left"
+    D, Dv = q.shape[-1], p.v.shape[-1]
+    if D != Dv or D % 8 or D > 256:
+        return f"head dims D={D}, Dv={Dv}: SDPA's fused kernels need D == Dv, a multiple of 8, at most 256"
+    cap = _tuning.capability(q.device)  # None inside a caller's torch.compile: SDPA is exact on every GPU
+    if cap is not None and not causal and p.q_heads == p.kv_heads and _tuning.flash_choice(
+            "dense", needs_grad(p, []), q.device, q.dtype, D, Dv,
+            _tuning.work(p.batch, p.q_heads, p.q_len, p.kv_len, D)):
+        return "FlashAttention-4's kernels are faster for this case (measured: flexflash._tuning)"
+    if cap is not None and cap < (8, 0):
+        return f"compute capability {cap[0]}.{cap[1]}: SDPA's fused kernels need 8.0"
+    return None
+
+
+def _cpu_flex_refusal(p: Problem, captured: list[Tensor], dropout_p: float, return_lse: bool) -> str | None:
+    """Why compiled FlexAttention cannot run a CPU call (None: it can)."""
+    if needs_grad(p, captured):
+        return "inputs that require grad"
+    if return_lse:
+        return "return_lse=True"
+    if dropout_p > 0:
+        return f"dropout_p={dropout_p}"
+    return None
+
+
+def _flex_error(p: Problem, why: str, return_lse: bool) -> NotImplementedError:
+    needs = why.startswith("inputs")
+    missing = "backward pass" if needs else "log-sum-exp output"
+    if not (needs or return_lse):
+        missing += " (exact dropout needs it)"
+    return NotImplementedError(
+        f"backend='flex': compiled FlexAttention has no {missing} on CPU in torch {torch.__version__} "
+        f"({why}); use backend='auto' (exact memory-bounded path) or backend='reference'\n"
+        f"{describe(q=p.q, k=p.k, v=p.v)}")
+
+
+_NOT_REFERENCE = "the eager oracle runs only with backend='reference' or an empty problem"
+_NOT_MEMORY_BOUNDED = "it runs only the CPU calls compiled FlexAttention cannot run"
+
+
+def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, mask_mod, score_mod, dropout_p,
+                      kernel_options, return_lse, block_size) -> tuple[str, dict[str, str]]:
+    if backend == "reference" or 0 in (p.batch, p.q_len, p.kv_len):
+        why = "backend='reference'" if backend == "reference" else "an empty problem is exact and free on the reference path"
+        return "reference", {"sdpa": why, "flex": why, "memory-bounded": why}
+    sdpa_why = (_sdpa_refusal(p, causal=causal, mask_mod=mask_mod, score_mod=score_mod, dropout_p=dropout_p,
+                              kernel_options=kernel_options, return_lse=return_lse, block_size=block_size)
+                if backend == "auto" else f"backend={backend!r}")
+    if sdpa_why is None:
+        return "sdpa", {"reference": _NOT_REFERENCE,
+                        "flex": "SDPA computes this call exactly and faster",
+                        "memory-bounded": _NOT_MEMORY_BOUNDED}
+    reasons = {"reference": _NOT_REFERENCE, "sdpa": sdpa_why}
+    cpu = p.q.device.type == "cpu"
+    why = _cpu_flex_refusal(p, captured, dropout_p, return_lse) if cpu else None
+    if why is None and backend == "auto" and cpu and torch.compiler.is_compiling():
+        # FlexAttention's CPU lowering generates C++ that does not compile once the caller's graph
+        # makes lengths symbolic (torch 2.13: broadcast masks and biases, tensors a mask_mod
+        # reads); the tiled path is plain tensor code, which Inductor compiles for any length.
+        why = "inside a caller's torch.compile on CPU (the CPU kernel's lowering fails for symbolic lengths)"
+    if why is None:
+        reasons["memory-bounded"] = _NOT_MEMORY_BOUNDED
+        return "flex", reasons
+    if backend == "flex":
+        raise _flex_error(p, why, return_lse)
+    reasons["flex"] = f"compiled FlexAttention cannot run this CPU call in torch {torch.__version__}: {why}"
+    return "memory-bounded", reasons
+
+
+def make_plan(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, mask_mod, score_mod,
+              dropout_p: float, block_size, kernel_options: dict | None, return_lse: bool,
+              backend: str) -> Plan:
+    """The plan of a validated call (``p``, ``infos``: from flexflash.functional's validation)."""
+    captured = [*infos[0].tensors, *infos[1].tensors]
+    path, reasons = _path_and_reasons(p, captured, backend=backend, causal=causal, mask_mod=mask_mod,
+                                      score_mod=score_mod, dropout_p=dropout_p, kernel_options=kernel_options,
+                                      return_lse=return_lse, block_size=block_size)
+    if path != "flex":
+        return Plan(path, None, None, reasons)
+    kind = _kinds.flex_kind(p.q, p.k, p.v, causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod,
+                              score_mod=score_mod, infos=infos, scale=p.scale, block=block_sizes(block_size),
+                              kernel_options=kernel_options, return_lse=return_lse, dropout=dropout_p > 0)
+    options = dict(kind.static.kernel_options) or None
+    generator = "flash" if (options or {}).get("BACKEND") == "FLASH" else "triton"
+    return Plan(path, generator, options, reasons, kind)
+
+
+# Plans of eager calls, by everything that decides them (see plan_call).
+_PLANS: dict[Any, Plan] = {}
+_PLANS_SIZE = 512
+
+
+def memo_key(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, dropout_p: float, block_size,
+             kernel_options: dict | None, return_lse: bool, backend: str) -> tuple | None:
+    """Everything that decides a call's plan, as a key (None where it cannot be hashed): shapes,
+    dtypes, device, flags, options and the modifiers' fingerprints."""
+    key = _kinds.kind_key(p.q, p.k, p.v, causal, p.mask, p.bias, infos, p.scale, block_sizes(block_size),
+                            kernel_options, return_lse, dropout_p > 0,
+                            needs_grad(p, [*infos[0].tensors, *infos[1].tensors]))
+    return None if key is None else key + (backend, block_size is None)
+
+
+def plan_call(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, mask_mod, score_mod,
+              dropout_p: float, block_size, kernel_options: dict | None, return_lse: bool, backend: str) -> Plan:
+    """:func:`make_plan`, memoised for eager calls: a call like an earlier one (the same shapes,
+    dtypes, flags, options and modifier fingerprints, which include what the modifiers capture)
+    gets the same plan without deciding it again (host time of small calls). Inside a caller's
+    torch.compile every call is planned (nothing is cached while tracing)."""
+    key = None
+    if not torch.compiler.is_compiling():
+        key = memo_key(p, infos, causal=causal, dropout_p=dropout_p, block_size=block_size,
+                       kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+        plan = _PLANS.get(key) if key is not None else None
+        if plan is not None:
+            return plan
+    plan = make_plan(p, infos, causal=causal, mask_mod=mask_mod, score_mod=score_mod, dropout_p=dropout_p,
+                     block_size=block_size, kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+    if key is not None:
+        if len(_PLANS) >= _PLANS_SIZE:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def forget() -> None:
+    """Forgets every memoised plan (flexflash._flex.reset calls it)."""
+    _PLANS.clear()
+
+
+_flex._ON_RESET.append(forget)
