@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["DtypeError", "Problem", "normalize", "describe"]
+from ._fingerprint import NO_MODIFIER, Modifier, inspect_modifier
+
+__all__ = ["DtypeError", "Problem", "normalize", "describe", "validate", "KEYWORDS"]
 
 
 class DtypeError(TypeError, ValueError):
@@ -220,3 +223,53 @@ def block_sizes(block_size: int | tuple[int, int] | None, default: tuple[int, in
         raise ValueError(f"block_size: expected a positive int or a (q_block, kv_block) pair of positive ints, "
                          f"got {block_size!r}")
     return int(pair[0]), int(pair[1])
+
+
+# attention()'s keywords and their defaults.
+KEYWORDS = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None, scale=None, dropout_p=0.0,
+                 block_size=None, kernel_options=None, return_lse=False, backend="auto")
+
+
+def known_kernel_options() -> set[str] | None:
+    try:
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return set(getattr(FlexKernelOptions, "__annotations__", {})) or None
+
+
+def check_modifier(name: str, fn: Any, device: torch.device) -> Modifier:
+    if fn is None:
+        return NO_MODIFIER
+    if not callable(fn):
+        raise TypeError(f"{name}: expected a callable with FlexAttention's signature, got {type(fn).__name__}")
+    info = inspect_modifier(fn)
+    for t in info.tensors:
+        if t.device != device:
+            raise ValueError(
+                f"{name}: {getattr(fn, '__name__', name)} reads a tensor on {t.device} (shape "
+                f"{tuple(t.shape)}), expected the device of q ({device}); move it with .to({str(device)!r})")
+    return info
+
+
+def validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropout_p, block_size, kernel_options,
+              return_lse, backend) -> tuple[Problem, tuple[Modifier, Modifier], float]:
+    """Validates a call of :func:`flexflash.attention` (its keywords, all given): ``(problem,
+    (mask_mod's fingerprint, score_mod's), dropout_p as a float)``."""
+    p = normalize(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p,
+                  block_size=block_size, backend=backend)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
+    infos = check_modifier("mask_mod", mask_mod, p.q.device), check_modifier("score_mod", score_mod, p.q.device)
+    if kernel_options is not None:
+        if not isinstance(kernel_options, dict) or not all(isinstance(key, str) for key in kernel_options):
+            raise TypeError(f"kernel_options: expected a dict with str keys, got {kernel_options!r}")
+        known = known_kernel_options()
+        # FlexAttention also takes any option for one direction alone: "fwd_" or "bwd_" + its name.
+        unknown = sorted(key for key in kernel_options
+                         if key not in known and key.removeprefix("fwd_").removeprefix("bwd_") not in known) if known else []
+        if unknown:
+            raise ValueError(f"kernel_options: unknown option(s) {unknown}; expected keys among {sorted(known)}")
+    return p, infos, float(dropout_p)

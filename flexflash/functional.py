@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend
 
 from . import dropout, parallel, reference
-from ._checks import block_sizes, normalize
+from ._checks import KEYWORDS, block_sizes, validate
 from ._chunked import chunked_attention
-from ._fingerprint import NO_MODIFIER, Modifier, inspect_modifier
 from ._flex import run_flex
+from ._sdpa import sdpa
 from .parallel import is_dtensor
 from .plan import Plan, make_plan, needs_grad, plan_call
 
@@ -43,67 +40,6 @@ def _note_once(key: str, message) -> None:
         text = message()
         log.info(text)
         warnings.warn(text, UserWarning, stacklevel=3)
-
-
-def _known_kernel_options() -> set[str] | None:
-    try:
-        from torch.nn.attention.flex_attention import FlexKernelOptions
-    except ImportError:  # pragma: no cover - older torch
-        return None
-    return set(getattr(FlexKernelOptions, "__annotations__", {})) or None
-
-
-# --- the SDPA route of backend="auto" ----------------------------------------------------------
-
-_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-
-
-_PRIORITIES: dict[tuple[int, ...], list[int]] = {}
-
-
-def _sdpa_priority(previous: list[int]) -> list[int]:
-    """SDPA's backend priority order for the SDPA route: ``_SDPA_ORDER`` first, then the rest in
-    their previous order."""
-    key = tuple(previous)
-    wanted = _PRIORITIES.get(key)
-    if wanted is None:
-        first = [int(b) for b in _SDPA_ORDER]
-        wanted = _PRIORITIES[key] = first + [b for b in previous if b not in first]
-    return wanted
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> Tensor:
-    """PyTorch's SDPA with cuDNN, flash and efficient attention first in its priority order, for
-    the duration of the call. Which backends are enabled stays the caller's choice (e.g. through
-    ``torch.nn.attention.sdpa_kernel``). The priority is switched directly rather than through
-    ``sdpa_kernel``, which costs ~30 µs of host time per call on an H200 machine."""
-    # Grouped heads: SDPA's enable_gqa maps query head h to key/value head h // (Hq // Hkv), as we do.
-    gqa = q.shape[1] != k.shape[1]
-    if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    previous = torch._C._get_sdp_priority_order()
-    wanted = _sdpa_priority(previous)
-    if wanted == previous:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    torch._C._set_sdp_priority_order(wanted)
-    try:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    finally:
-        torch._C._set_sdp_priority_order(previous)
-
-
-def _check_modifier(name: str, fn: Any, device: torch.device) -> Modifier:
-    if fn is None:
-        return NO_MODIFIER
-    if not callable(fn):
-        raise TypeError(f"{name}: expected a callable with FlexAttention's signature, got {type(fn).__name__}")
-    info = inspect_modifier(fn)
-    for t in info.tensors:
-        if t.device != device:
-            raise ValueError(
-                f"{name}: {getattr(fn, '__name__', name)} reads a tensor on {t.device} (shape "
-                f"{tuple(t.shape)}), expected the device of q ({device}); move it with .to({str(device)!r})")
-    return info
 
 
 def attention(
@@ -191,7 +127,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     """:func:`attention` on plain tensors. ``dropout_offsets = (b0, h0, q0, heads)``: this call is a
     shard of a larger one (flexflash.parallel); its dropout draws the larger call's ``keep`` for
     batch, query-head and query-row offsets ``b0, h0, q0`` and ``heads`` query heads in all."""
-    p, infos, dropout_p = _validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
+    p, infos, dropout_p = validate(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
                                     score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
                                     kernel_options=kernel_options, return_lse=return_lse, backend=backend)
     plan = plan_call(p, infos, causal=causal, mask_mod=mask_mod, score_mod=score_mod, dropout_p=dropout_p,
@@ -207,7 +143,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         return reference.attention(p.q, p.k, p.v, scale=p.scale, dropout_p=dropout_p, return_lse=return_lse,
                                    **common)
     if path == "sdpa":
-        return _sdpa(p.q, p.k, p.v, causal=causal, scale=p.scale)
+        return sdpa(p.q, p.k, p.v, causal=causal, scale=p.scale)
     # One draw per call from the device's default generator, on every path (see flexflash.dropout).
     drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed_for(dropout_p, p.q) if dropout_p > 0 else None,
                 dropout_offsets=dropout_offsets if dropout_p > 0 else None)
@@ -237,11 +173,6 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     return (out, lse) if return_lse else out
 
 
-# attention()'s keywords and their defaults, for route() and generator().
-_KEYWORDS = dict(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None, scale=None, dropout_p=0.0,
-                 block_size=None, kernel_options=None, return_lse=False, backend="auto")
-
-
 def explain(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Plan:
     """The plan of ``attention(q, k, v, **kwargs)`` without running it: its path (``"sdpa"``,
     ``"flex"``, ``"memory-bounded"`` or ``"reference"``), the kernel generator and options on the flex
@@ -253,11 +184,11 @@ def explain(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Plan:
 
 
 def _explain(name: str, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Plan:
-    unknown = sorted(set(kwargs) - set(_KEYWORDS))
+    unknown = sorted(set(kwargs) - set(KEYWORDS))
     if unknown:
         raise TypeError(f"{name}: unknown keyword(s) {unknown}; expected those of flexflash.attention")
-    options = {**_KEYWORDS, **kwargs}
-    p, infos, dropout_p = _validate(q, k, v, **options)
+    options = {**KEYWORDS, **kwargs}
+    p, infos, dropout_p = validate(q, k, v, **options)
     return make_plan(p, infos, causal=options["causal"], mask_mod=options["mask_mod"], score_mod=options["score_mod"],
                      dropout_p=dropout_p, block_size=options["block_size"], kernel_options=options["kernel_options"],
                      return_lse=options["return_lse"], backend=options["backend"])
@@ -273,24 +204,3 @@ def generator(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
     ``"triton"`` (FlexAttention's Triton templates, or its CPU template on CPU), None on the other
     paths: ``explain(q, k, v, **kwargs).generator`` (see :func:`explain`)."""
     return _explain("generator", q, k, v, kwargs).generator
-
-
-def _validate(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropout_p, block_size, kernel_options,
-              return_lse, backend):
-    p = normalize(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p,
-                  block_size=block_size, backend=backend)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
-    infos = _check_modifier("mask_mod", mask_mod, p.q.device), _check_modifier("score_mod", score_mod, p.q.device)
-    if kernel_options is not None:
-        if not isinstance(kernel_options, dict) or not all(isinstance(key, str) for key in kernel_options):
-            raise TypeError(f"kernel_options: expected a dict with str keys, got {kernel_options!r}")
-        known = _known_kernel_options()
-        # FlexAttention also takes any option for one direction alone: "fwd_" or "bwd_" + its name.
-        unknown = sorted(key for key in kernel_options
-                         if key not in known and key.removeprefix("fwd_").removeprefix("bwd_") not in known) if known else []
-        if unknown:
-            raise ValueError(f"kernel_options: unknown option(s) {unknown}; expected keys among {sorted(known)}")
-    return p, infos, float(dropout_p)

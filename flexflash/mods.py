@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.attention import flex_attention
 
 from ._checks import DtypeError
 
@@ -320,27 +321,13 @@ def _check_callables(name: str, fns: Sequence[object]) -> None:
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
     """A mask allowing what every one of ``mask_mods`` allows."""
     _check_callables("and_masks", mask_mods)
-
-    def and_mask(b, h, q_idx, kv_idx):
-        result = mask_mods[0](b, h, q_idx, kv_idx)
-        for mod in mask_mods[1:]:
-            result = result & mod(b, h, q_idx, kv_idx)
-        return result
-
-    return _named(and_mask, "and(" + ",".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
+    return _named(flex_attention.and_masks(*mask_mods), "and(" + ",".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
 
 
 def or_masks(*mask_mods: MaskMod) -> MaskMod:
     """A mask allowing what any one of ``mask_mods`` allows."""
     _check_callables("or_masks", mask_mods)
-
-    def or_mask(b, h, q_idx, kv_idx):
-        result = mask_mods[0](b, h, q_idx, kv_idx)
-        for mod in mask_mods[1:]:
-            result = result | mod(b, h, q_idx, kv_idx)
-        return result
-
-    return _named(or_mask, "or(" + ",".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
+    return _named(flex_attention.or_masks(*mask_mods), "or(" + ",".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")")
 
 
 def compose_scores(*score_mods: ScoreMod) -> ScoreMod:

@@ -139,6 +139,11 @@ class FlashMHA(nn.Module):
     ``batch_first=False`` works and any head size FlexAttention supports is accepted.
     """
 
+    # How flexflash.parallel.parallelize shards it: (layer, "column" with the number of parts packed
+    # in it, or "row"), and the attribute holding the head count.
+    _parallel_plan = (("Wqkv", "column", 3), ("out_proj", "row", None))
+    _parallel_heads = "num_heads"
+
     def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, batch_first: bool = True,
                  dropout: float = 0.0, causal: bool = False, device=None, dtype=None):
         super().__init__()
@@ -282,6 +287,10 @@ class FlashAttentionTwo(nn.Module):
     with ``strategy="heads"``; without an initialised process group it raises ``RuntimeError``
     (zeta wrapped the module in ``DataParallel`` inside itself, which could not work).
     """
+
+    # How flexflash.parallel.parallelize shards it (see FlashMHA).
+    _parallel_plan = (("to_q", "column", 1), ("to_kv", "column", 2), ("to_out", "row", None))
+    _parallel_heads = "heads"
 
     def __init__(self, *, dim: int, heads: int = 8, dim_head: int = 64, causal: bool = False,
                  q_bucket_size: int = 512, k_bucket_size: int = 1024, parallel: bool = False,

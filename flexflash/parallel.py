@@ -279,22 +279,25 @@ def sequence_forward(module, mesh, seq_dim: int, *args, **kwargs) -> Tensor:
 
 
 def _plan(module, strategy: str):
-    """(linear name, placements of weight, of bias) for each layer of a supported module."""
+    """(linear name, placements of weight, of bias) for each layer of a module that declares its
+    ``_parallel_plan`` (flexflash's FlashMHA and FlashAttentionTwo)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    from .modules import FlashAttentionTwo, FlashMHA
+    layers = type(module)._parallel_plan
     if strategy == "sequence":
-        names = ["Wqkv", "out_proj"] if isinstance(module, FlashMHA) else ["to_q", "to_kv", "to_out"]
-        return [(name, [Replicate()], [Replicate()]) for name in names]
+        return [(name, [Replicate()], [Replicate()]) for name, _, _ in layers]
     # Column-wise input projections, row-wise output. A packed projection (q|k|v, k|v) is sharded
     # within each part: rank r holds the rows of its heads of q, of k and of v (a strided shard),
     # so the full weight keeps its layout (checkpoints and full_tensor() are unchanged).
-    if isinstance(module, FlashMHA):
-        packed = [_StridedShard(0, split_factor=3)]
-        return [("Wqkv", packed, packed), ("out_proj", [Shard(1)], [Replicate()])]
-    return [("to_q", [Shard(0)], None), ("to_kv", [_StridedShard(0, split_factor=2)], None),
-            ("to_out", [Shard(1)], None)]
+    plan = []
+    for name, kind, parts in layers:
+        if kind == "column":
+            place = [Shard(0)] if parts == 1 else [_StridedShard(0, split_factor=parts)]
+            plan.append((name, place, place))
+        else:
+            plan.append((name, [Shard(1)], [Replicate()]))
+    return plan
 
 
 def _make_style():
@@ -341,8 +344,7 @@ def parallelize(module, mesh, strategy: str = "heads"):
     """
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from .modules import FlashAttentionTwo, FlashMHA
-    if not isinstance(module, (FlashMHA, FlashAttentionTwo)):
+    if getattr(type(module), "_parallel_plan", None) is None:
         raise TypeError(f"module: expected a flexflash FlashMHA or FlashAttentionTwo, got {type(module).__name__}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -350,7 +352,7 @@ def parallelize(module, mesh, strategy: str = "heads"):
         raise ValueError(f"mesh: expected a 1-D DeviceMesh, got {mesh!r}")
     if getattr(module, "_flexflash_parallel", None) is not None:
         raise ValueError("module: already parallelized")
-    heads = module.num_heads if isinstance(module, FlashMHA) else module.heads
+    heads = getattr(module, type(module)._parallel_heads)
     if strategy == "heads" and heads % mesh.size():
         raise ValueError(f"strategy='heads': expected a head count divisible by the mesh size {mesh.size()}, "
                          f"got {heads} heads")

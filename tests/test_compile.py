@@ -592,7 +592,7 @@ def test_the_plan_of_a_call_is_memoised_by_everything_that_decides_it():
     requiring grad, a broadcast mask, another scale or block size, a new captured value...).
     Checked on CPU and on CUDA (where the path and the kernel options depend on more of the call),
     without compiling anything."""
-    from flexflash import functional, plan as plans
+    from flexflash import _checks, plan as plans
     gen = torch.Generator().manual_seed(13)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
@@ -619,9 +619,9 @@ def test_the_plan_of_a_call_is_memoised_by_everything_that_decides_it():
         ]
         seen = {}
         for change in variants:
-            call = {**functional._KEYWORDS, "q": q, "k": kv, "v": kv, **change}
+            call = {**_checks.KEYWORDS, "q": q, "k": kv, "v": kv, **change}
             qq, kk, vv = call.pop("q"), call.pop("k"), call.pop("v")
-            p, infos, dropout_p = functional._validate(qq, kk, vv, **call)
+            p, infos, dropout_p = _checks.validate(qq, kk, vv, **call)
             named = dict(causal=call["causal"], dropout_p=dropout_p, block_size=call["block_size"],
                          kernel_options=call["kernel_options"], return_lse=call["return_lse"], backend=call["backend"])
             key = plans.memo_key(p, infos, **named)
@@ -633,6 +633,6 @@ def test_the_plan_of_a_call_is_memoised_by_everything_that_decides_it():
         assert len(seen) == len(variants)  # the variants do differ
     # kernel options that cannot be hashed are not memoised (the call still runs)
     q = torch.randn(1, 1, 8, 16)
-    p, infos, _ = functional._validate(q, q, q, **{**functional._KEYWORDS, "kernel_options": {"BLOCK_M": [64]}})
+    p, infos, _ = _checks.validate(q, q, q, **{**_checks.KEYWORDS, "kernel_options": {"BLOCK_M": [64]}})
     assert plans.memo_key(p, infos, causal=False, dropout_p=0.0, block_size=None, kernel_options={"BLOCK_M": [64]},
                           return_lse=False, backend="auto") is None

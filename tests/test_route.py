@@ -83,7 +83,7 @@ def test_sdpa_route_puts_its_backends_first_for_the_call_only(monkeypatch):
     backends as the caller set them."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from flexflash import functional
+    from flexflash import _sdpa
     real = torch.nn.functional.scaled_dot_product_attention
     seen = []
 
@@ -97,16 +97,16 @@ def test_sdpa_route_puts_its_backends_first_for_the_call_only(monkeypatch):
     q, k, v = _qkv()
     before = torch._C._get_sdp_priority_order()
     first = [int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.EFFICIENT_ATTENTION)]
-    out = functional._sdpa(q, k, v, causal=True, scale=0.25)
+    out = _sdpa.sdpa(q, k, v, causal=True, scale=0.25)
     torch.testing.assert_close(out, real(q, k, v, is_causal=True, scale=0.25))
     order, cudnn_enabled = seen[-1]
     assert order[:3] == first and sorted(order) == sorted(before)
     assert torch._C._get_sdp_priority_order() == before
     with pytest.raises(RuntimeError, match="refused"):
-        functional._sdpa(q, k, v, causal=False, scale=0.0)
+        _sdpa.sdpa(q, k, v, causal=False, scale=0.0)
     assert torch._C._get_sdp_priority_order() == before
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):  # the caller turned cuDNN off
-        functional._sdpa(q, k, v, causal=True, scale=0.25)
+        _sdpa.sdpa(q, k, v, causal=True, scale=0.25)
         order, cudnn_enabled = seen[-1]
         assert order[:3] == first and not cudnn_enabled
 
