@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from . import parallel
 from ._checks import DtypeError
 from .functional import attention
 
@@ -54,6 +53,32 @@ def _tensor(name: str, x, dims: tuple[int, ...], what: str, floating: bool = Fal
 
 
 # --- zeta FlashAttention ---------------------------------------------------------------------
+
+class _Local:
+    """How the modules' forward computes on one device: its inputs, a linear layer's weights, the
+    heads of a mask or bias and the output projection as they are. flexflash.parallel.parallelize
+    gives a module a sharded counterpart with the same four steps; forward does not know which it
+    runs."""
+
+    @staticmethod
+    def inputs(*xs: Tensor) -> list[Tensor]:
+        return list(xs)
+
+    @staticmethod
+    def weights(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
+        return linear.weight, linear.bias
+
+    @staticmethod
+    def heads(t: Tensor | None, heads: int) -> Tensor | None:
+        return t
+
+    @staticmethod
+    def output(linear: nn.Linear, x: Tensor) -> Tensor:
+        return linear(x)
+
+
+LOCAL = _Local()
+
 
 class FlashAttention(nn.Module):
     r"""zeta's inner attention: ``softmax(q k^T / sqrt(D) + attn_bias) v`` on ``[B, H, N, D]`` tensors.
@@ -143,6 +168,8 @@ class FlashMHA(nn.Module):
     # in it, or "row"), and the attribute holding the head count.
     _parallel_plan = (("Wqkv", "column", 3), ("out_proj", "row", None))
     _parallel_heads = "num_heads"
+    _parallel_inputs = ("query", "key", "value")  # the activations of forward's arguments
+    _sharding = LOCAL  # how forward computes: on one device, or sharded (set by parallelize)
 
     def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, batch_first: bool = True,
                  dropout: float = 0.0, causal: bool = False, device=None, dtype=None):
@@ -160,10 +187,14 @@ class FlashMHA(nn.Module):
         self.Wqkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
 
+    @property
+    def _parallel_sequence_dim(self) -> int:
+        return 1 if self.batch_first else 0
+
     def _project(self, x: Tensor, parts: str) -> Tensor:
         """``x`` through the rows of ``Wqkv`` for ``parts`` (a contiguous run of "qkv"). Under
         ``flexflash.parallel.parallelize(strategy="heads")`` these are the rank's rows of each part."""
-        weight, bias = _parallel_weights(self, self.Wqkv)
+        weight, bias = self._sharding.weights(self.Wqkv)
         third = weight.shape[0] // 3
         start, stop = "qkv".index(parts[0]) * third, ("qkv".index(parts[-1]) + 1) * third
         return F.linear(x, weight[start:stop], None if bias is None else bias[start:stop])
@@ -172,10 +203,6 @@ class FlashMHA(nn.Module):
                 key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
         """``(B, Nq, E)`` (and ``(B, Nk, E)`` key/value) -> ``(B, Nq, E)``; see the class docstring."""
         E, H, d = self.embed_dim, self.num_heads, self.head_dim
-        strategy, mesh = getattr(self, "_flexflash_parallel", (None, None))
-        if strategy == "sequence" and not parallel.is_dtensor(query):  # local sequence shards in and out
-            return parallel.sequence_forward(self, mesh, 1 if self.batch_first else 0, query, key, value,
-                                     key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         layout = "(B, N, E)" if self.batch_first else "(N, B, E)"
         query = _tensor("query", query, (3,), f"of shape {layout} with E={E}", floating=True)
         if key is None and value is not None:
@@ -192,8 +219,7 @@ class FlashMHA(nn.Module):
                              f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)} (batch first)")
         B, Nq, Nk = query.shape[0], query.shape[1], key.shape[1]
 
-        if strategy == "heads":  # this rank's heads; gradients of the inputs sum over the ranks
-            query, key, value = parallel.replicated_inputs(mesh, query, key, value)
+        query, key, value = self._sharding.inputs(query, key, value)
 
         # Heads are counted from the projection's width (all heads, or this rank's under "heads").
         if key is query and value is query:  # self-attention: one packed projection
@@ -207,12 +233,11 @@ class FlashMHA(nn.Module):
                 v = rearrange(self._project(value, "v"), "b n (h d) -> b h n d", d=d)
 
         mask, bias = _mha_masks(key_padding_mask, attn_mask, B, H, Nq, Nk)
-        if strategy == "heads":
-            mask, bias = (parallel.local_heads(mesh, t, H) for t in (mask, bias))
+        mask, bias = (self._sharding.heads(t, H) for t in (mask, bias))
         out = attention(q, k, v, causal=self.causal, mask=mask, bias=bias,
                         dropout_p=self.dropout if self.training else 0.0)  # (B, H, Nq, D)
         out = rearrange(out, "b h n d -> b n (h d)")
-        out = parallel.row_parallel(mesh, self.out_proj, out) if strategy == "heads" else self.out_proj(out)  # (B, Nq, E)
+        out = self._sharding.output(self.out_proj, out)  # (B, Nq, E)
         return out if self.batch_first else out.transpose(0, 1)
 
     def extra_repr(self) -> str:
@@ -291,6 +316,9 @@ class FlashAttentionTwo(nn.Module):
     # How flexflash.parallel.parallelize shards it (see FlashMHA).
     _parallel_plan = (("to_q", "column", 1), ("to_kv", "column", 2), ("to_out", "row", None))
     _parallel_heads = "heads"
+    _parallel_inputs = ("x", "context")
+    _parallel_sequence_dim = 1
+    _sharding = LOCAL
 
     def __init__(self, *, dim: int, heads: int = 8, dim_head: int = 64, causal: bool = False,
                  q_bucket_size: int = 512, k_bucket_size: int = 1024, parallel: bool = False,
@@ -325,21 +353,15 @@ class FlashAttentionTwo(nn.Module):
                 raise ValueError(f"{name}: expected last dimension dim={self.dim}, got shape {tuple(t.shape)}")
         block = (_positive_int("q_bucket_size", self.q_bucket_size if q_bucket_size is None else q_bucket_size),
                  _positive_int("k_bucket_size", self.k_bucket_size if k_bucket_size is None else k_bucket_size))
-        strategy, mesh = getattr(self, "_flexflash_parallel", (None, None))
-        if strategy == "sequence" and not parallel.is_dtensor(x):
-            return parallel.sequence_forward(self, mesh, 1, x, context, mask=mask, q_bucket_size=q_bucket_size,
-                                     k_bucket_size=k_bucket_size)
-        if strategy == "heads":
-            x, context = parallel.replicated_inputs(mesh, x, context)
+        x, context = self._sharding.inputs(x, context)
         d = self.dim_head  # heads from the projection's width (this rank's under "heads")
-        wq, _ = _parallel_weights(self, self.to_q)
-        wkv, _ = _parallel_weights(self, self.to_kv)
+        wq, _ = self._sharding.weights(self.to_q)
+        wkv, _ = self._sharding.weights(self.to_kv)
         q = rearrange(F.linear(x, wq), "b n (h d) -> b h n d", d=d)
         k, v = rearrange(F.linear(context, wkv), "b n (two h d) -> two b h n d", two=2, d=d)
         if mask is not None and isinstance(mask, Tensor) and mask.dtype != torch.bool:
             mask = _keep_flags("mask", mask)
-        if strategy == "heads":
-            mask = parallel.local_heads(mesh, mask, self.heads)
+        mask = self._sharding.heads(mask, self.heads)
         if self.mixed_precision:
             compute = _half_dtype(x.device)
             out = attention(q.to(compute), k.to(compute), v.to(compute), causal=self.causal, mask=mask,
@@ -347,7 +369,7 @@ class FlashAttentionTwo(nn.Module):
         else:
             out = attention(q, k, v, causal=self.causal, mask=mask, block_size=block)  # (B, h, N, d)
         out = rearrange(out, "b h n d -> b n (h d)")
-        return parallel.row_parallel(mesh, self.to_out, out) if strategy == "heads" else self.to_out(out)
+        return self._sharding.output(self.to_out, out)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, causal={self.causal}, "
@@ -453,14 +475,3 @@ def _query_rows(kw: dict, q0: int, q1: int, Nq: int) -> dict:
             t = t[..., q0:q1, :]
         out[name] = t
     return out
-
-
-# --- parallel helpers (flexflash.parallel sets ``_flexflash_parallel = (strategy, mesh)``) -------
-
-def _parallel_weights(module: nn.Module, linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
-    """A linear layer's weight and bias; under the "heads" strategy the rank's local rows."""
-    strategy, _ = getattr(module, "_flexflash_parallel", (None, None))
-    weight, bias = linear.weight, linear.bias
-    if strategy == "heads":
-        weight, bias = weight.to_local(), None if bias is None else bias.to_local()
-    return weight, bias

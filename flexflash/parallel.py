@@ -248,15 +248,69 @@ def row_parallel(mesh, linear, x: Tensor) -> Tensor:
     return F.linear(x, linear.weight, linear.bias).redistribute(mesh, [Replicate()]).to_local()
 
 
-def sequence_forward(module, mesh, seq_dim: int, *args, **kwargs) -> Tensor:
-    """A module's forward on local sequence shards: the activations become DTensors sharded on
-    ``seq_dim`` (keys and values are gathered inside the attention call), the output is this
-    rank's shard again. Masks are given with global shapes."""
+class _HeadsSharding:
+    """The "heads" strategy's steps of a module's forward (the counterpart of flexflash.modules'
+    one-device steps): inputs replicated with gradients summed over the ranks, the rank's rows of
+    the input projections, the rank's heads of masks and biases, the row-wise output projection."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def inputs(self, *xs: Tensor) -> list[Tensor]:
+        return replicated_inputs(self.mesh, *xs)
+
+    @staticmethod
+    def weights(linear) -> tuple[Tensor, Tensor | None]:
+        return linear.weight.to_local(), None if linear.bias is None else linear.bias.to_local()
+
+    def heads(self, t: Tensor | None, heads: int) -> Tensor | None:
+        return local_heads(self.mesh, t, heads)
+
+    def output(self, linear, x: Tensor) -> Tensor:
+        return row_parallel(self.mesh, linear, x)
+
+
+def _sequence_hooks(module, mesh) -> None:
+    """The "sequence" strategy as hooks around a module's forward: local sequence shards of its
+    activations (``_parallel_inputs``) become DTensors sharded on ``_parallel_sequence_dim`` (keys
+    and values are gathered inside the attention call), and the output is this rank's shard again.
+    Masks are given with global shapes. Activations that are DTensors already pass unchanged."""
+    import inspect
+
+    from torch.distributed.tensor import Shard
+    names = type(module)._parallel_inputs
+    signature = inspect.signature(module.forward)
+    converted_calls: list[bool] = []
+
+    def before(mod, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        local = not is_dtensor(bound.arguments.get(names[0]))
+        converted_calls.append(local)
+        if not local:
+            return None
+        given = [n for n in names if n in bound.arguments]
+        for name, t in zip(given, _sequence_inputs(mesh, mod._parallel_sequence_dim,
+                                                   [bound.arguments[n] for n in given])):
+            bound.arguments[name] = t
+        return bound.args, bound.kwargs
+
+    def after(mod, args, kwargs, out):
+        if converted_calls.pop():
+            return out.redistribute(mesh, [Shard(mod._parallel_sequence_dim)]).to_local()
+        return out
+
+    module.register_forward_pre_hook(before, with_kwargs=True)
+    module.register_forward_hook(after, with_kwargs=True)
+
+
+def _sequence_inputs(mesh, seq_dim: int, tensors: list) -> list:
+    """Local sequence shards (split as torch.chunk splits) as DTensors sharded on ``seq_dim``; the
+    same tensor twice (self-attention) stays one DTensor; non-tensors pass unchanged."""
     import torch.distributed as dist
     from torch.distributed.tensor import Shard
     place = [Shard(seq_dim)]
     converted: dict[int, Any] = {}
-    world, rank = mesh.size(), mesh.get_local_rank()
+    world = mesh.size()
 
     def as_dt(t):
         if t is None or not isinstance(t, Tensor):
@@ -274,8 +328,7 @@ def sequence_forward(module, mesh, seq_dim: int, *args, **kwargs) -> Tensor:
             shape[seq_dim] = total
             converted[id(t)] = _dtensor(t.contiguous(), mesh, place, shape)
         return converted[id(t)]
-    out = module(*(as_dt(a) for a in args), **kwargs)
-    return out.redistribute(mesh, place).to_local()
+    return [as_dt(t) for t in tensors]
 
 
 def _plan(module, strategy: str):
@@ -305,8 +358,9 @@ def _make_style():
     from torch.distributed.tensor.parallel import ParallelStyle
 
     class AttentionParallel(ParallelStyle):
-        """Distributes a FlashMHA / FlashAttentionTwo's layers for ``strategy`` and marks the module,
-        whose forward then runs its local part (see :func:`parallelize`)."""
+        """Distributes a FlashMHA / FlashAttentionTwo's layers for ``strategy`` and gives the module
+        the strategy's steps: the sharded counterpart of its one-device steps ("heads"), or hooks
+        around its forward ("sequence"); see :func:`parallelize`."""
 
         def __init__(self, strategy: str):
             super().__init__()
@@ -321,6 +375,10 @@ def _make_style():
                         dt = distribute_tensor(param.data, device_mesh, place, src_data_rank=self.src_data_rank)
                         linear.register_parameter(attr, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
             module._flexflash_parallel = (self.strategy, device_mesh)
+            if self.strategy == "heads":
+                module._sharding = _HeadsSharding(device_mesh)
+            else:
+                _sequence_hooks(module, device_mesh)
             return module
     return AttentionParallel
 
