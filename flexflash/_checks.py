@@ -115,9 +115,21 @@ def normalize(
     q = _check_tensor("q", q, ctx)
     k = _check_tensor("k", k, ctx)
     v = _check_tensor("v", v, ctx)
-
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    q, k, v = _checked_qkv(q, k, v, mask, bias, ctx)
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    mask = None if mask is None else _promoted_mask(mask, B, Hq, Nq, Nk, ctx)
+    bias = None if bias is None else _promoted_bias(bias, B, Hq, Nq, Nk, ctx)
+    scale = _checked_scale(scale, D)
+    _check_dropout_p(dropout_p)
+    block_sizes(block_size)  # validates
+    return Problem(q=q, k=k, v=v, mask=mask, bias=bias, scale=float(scale))
+
+
+def _checked_qkv(q, k, v, mask, bias, ctx) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (tensors) checked: dtypes, devices, ranks, shapes; 3-D k, v as one shared head."""
 
     # --- dtypes -------------------------------------------------------------------------------
     if q.dtype not in _FLOAT_DTYPES:
@@ -155,62 +167,71 @@ def normalize(
             f"heads (grouped-query attention), got Hq={Hq}, Hkv={Hkv}\n{ctx()}")
     if D == 0 or v.shape[-1] == 0:
         raise ValueError(f"q, v: head dims must be positive, got D={D}, Dv={v.shape[-1]}\n{ctx()}")
+    return q, k, v
 
-    # --- mask ---------------------------------------------------------------------------------
+
+def _promoted_mask(mask, B: int, Hq: int, Nq: int, Nk: int, ctx) -> Tensor:
+    """A checked bool mask as a 4-D tensor broadcastable to ``(B, Hq, Nq, Nk)``."""
     full = (B, Hq, Nq, Nk)
-    if mask is not None:
-        mask = _check_tensor("mask", mask, ctx)
-        if mask.dtype != torch.bool:
-            raise DtypeError(
-                f"mask: expected a bool tensor (True = may attend), got dtype {mask.dtype}; for an "
-                f"additive float mask pass it as bias=\n{ctx()}")
-        if mask.dim() == 2:
-            if mask.shape[1] != Nk or mask.shape[0] not in (1, B):
-                raise ValueError(
-                    f"mask: a 2-D mask is key padding of shape (B, Nk) = {(B, Nk)}, got shape "
-                    f"{tuple(mask.shape)} (for a (Nq, Nk) mask use a 4-D mask of shape (1, 1, Nq, Nk))\n{ctx()}")
-            mask = mask.view(mask.shape[0], 1, 1, Nk)  # (B, Nk) -> (B, 1, 1, Nk)
-        elif mask.dim() == 4:
-            _broadcast_pattern("mask", mask, full, ctx, "(B, H, Nq, Nk)")
-        else:
+    mask = _check_tensor("mask", mask, ctx)
+    if mask.dtype != torch.bool:
+        raise DtypeError(
+            f"mask: expected a bool tensor (True = may attend), got dtype {mask.dtype}; for an "
+            f"additive float mask pass it as bias=\n{ctx()}")
+    if mask.dim() == 2:
+        if mask.shape[1] != Nk or mask.shape[0] not in (1, B):
             raise ValueError(
-                f"mask: expected a 2-D key-padding mask (B, Nk) or a 4-D mask broadcastable to "
-                f"(B, H, Nq, Nk) = {full}, got {mask.dim()}-D shape {tuple(mask.shape)}\n{ctx()}")
+                f"mask: a 2-D mask is key padding of shape (B, Nk) = {(B, Nk)}, got shape "
+                f"{tuple(mask.shape)} (for a (Nq, Nk) mask use a 4-D mask of shape (1, 1, Nq, Nk))\n{ctx()}")
+        mask = mask.view(mask.shape[0], 1, 1, Nk)  # (B, Nk) -> (B, 1, 1, Nk)
+    elif mask.dim() == 4:
+        _broadcast_pattern("mask", mask, full, ctx, "(B, H, Nq, Nk)")
+    else:
+        raise ValueError(
+            f"mask: expected a 2-D key-padding mask (B, Nk) or a 4-D mask broadcastable to "
+            f"(B, H, Nq, Nk) = {full}, got {mask.dim()}-D shape {tuple(mask.shape)}\n{ctx()}")
+    return mask
 
-    # --- bias ---------------------------------------------------------------------------------
-    if bias is not None:
-        bias = _check_tensor("bias", bias, ctx)
-        if not bias.is_floating_point():
-            raise DtypeError(f"bias: expected a floating tensor added to the scores, got dtype {bias.dtype}"
-                             f" (for a boolean mask use mask=)\n{ctx()}")
-        if bias.dim() == 2:
-            if tuple(bias.shape) != (Nq, Nk):
-                raise ValueError(f"bias: a 2-D bias must have shape (Nq, Nk) = {(Nq, Nk)}, got "
-                                 f"{tuple(bias.shape)}\n{ctx()}")
-            bias = bias[None, None]  # (Nq, Nk) -> (1, 1, Nq, Nk)
-        elif bias.dim() == 3:
-            _broadcast_pattern("bias", bias, (Hq, Nq, Nk), ctx, "(H, Nq, Nk)")
-            bias = bias[None]  # (H, Nq, Nk) -> (1, H, Nq, Nk)
-        elif bias.dim() == 4:
-            _broadcast_pattern("bias", bias, full, ctx, "(B, H, Nq, Nk)")
-        else:
-            raise ValueError(
-                f"bias: expected (Nq, Nk), (H, Nq, Nk) or 4-D broadcastable to (B, H, Nq, Nk) = "
-                f"{full}, got {bias.dim()}-D shape {tuple(bias.shape)}\n{ctx()}")
 
-    # --- scalars ------------------------------------------------------------------------------
+def _promoted_bias(bias, B: int, Hq: int, Nq: int, Nk: int, ctx) -> Tensor:
+    """A checked floating bias as a 4-D tensor broadcastable to ``(B, Hq, Nq, Nk)``."""
+    full = (B, Hq, Nq, Nk)
+    bias = _check_tensor("bias", bias, ctx)
+    if not bias.is_floating_point():
+        raise DtypeError(f"bias: expected a floating tensor added to the scores, got dtype {bias.dtype}"
+                         f" (for a boolean mask use mask=)\n{ctx()}")
+    if bias.dim() == 2:
+        if tuple(bias.shape) != (Nq, Nk):
+            raise ValueError(f"bias: a 2-D bias must have shape (Nq, Nk) = {(Nq, Nk)}, got "
+                             f"{tuple(bias.shape)}\n{ctx()}")
+        bias = bias[None, None]  # (Nq, Nk) -> (1, 1, Nq, Nk)
+    elif bias.dim() == 3:
+        _broadcast_pattern("bias", bias, (Hq, Nq, Nk), ctx, "(H, Nq, Nk)")
+        bias = bias[None]  # (H, Nq, Nk) -> (1, H, Nq, Nk)
+    elif bias.dim() == 4:
+        _broadcast_pattern("bias", bias, full, ctx, "(B, H, Nq, Nk)")
+    else:
+        raise ValueError(
+            f"bias: expected (Nq, Nk), (H, Nq, Nk) or 4-D broadcastable to (B, H, Nq, Nk) = "
+            f"{full}, got {bias.dim()}-D shape {tuple(bias.shape)}\n{ctx()}")
+    return bias
+
+
+def _checked_scale(scale, D: int) -> float:
     if scale is None:
         scale = D ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a finite float or None, got {type(scale).__name__} {scale!r}")
     elif not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
+    return scale
+
+
+def _check_dropout_p(dropout_p) -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
-    block_sizes(block_size)  # validates
-    return Problem(q=q, k=k, v=v, mask=mask, bias=bias, scale=float(scale))
 
 
 def block_sizes(block_size: int | tuple[int, int] | None, default: tuple[int, int] = (128, 128)) -> tuple[int, int]:

@@ -114,40 +114,76 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     come from :func:`flexflash.dropout.draw_seed`. ``mask_info``, ``score_info``: the modifiers'
     :func:`inspect_modifier`, where the caller has them already; ``kind``: the call's
     :func:`flex_kind` (its plan's), computed here if not given."""
-    mask_info = inspect_modifier(mask_mod) if mask_info is None else mask_info
-    score_info = inspect_modifier(score_mod) if score_info is None else score_info
-    B, Hq, Nq, _ = q.shape
-    Nk = k.shape[-2]
+    infos = (inspect_modifier(mask_mod) if mask_info is None else mask_info,
+             inspect_modifier(score_mod) if score_info is None else score_info)
     bias = _cpu_bias_view(q, k, bias)
-    tracing = torch.compiler.is_compiling()
-    use_dropout = dropout_p > 0
-    grad = _grad(q, k, v, bias)
     if kind is None:
         kind = flex_kind(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
-                         infos=(mask_info, score_info), scale=scale, block=block, kernel_options=kernel_options,
-                         return_lse=return_lse, dropout=use_dropout)
-    st, static, kind = kind.structure, kind.static, kind.kind
-    split_keys = static.split_keys
-    single_query = st.single_query
-    if single_query:
+                         infos=infos, scale=scale, block=block, kernel_options=kernel_options,
+                         return_lse=return_lse, dropout=dropout_p > 0)
+    st, q_len = kind.structure, q.shape[-2]
+    if st.single_query:
         # The CPU FlexAttention template does not compile for a single query row: run two
         # identical rows (the modifiers see query 0 for both) and keep the first.
-        q = q.expand(B, Hq, 2, q.shape[-1])
+        q = q.expand(*q.shape[:2], 2, q.shape[-1])
+    kernel, key, shapeless_key = _kernel(kind, q, k, v, mask, bias, infos, block,
+                                         label=lambda: _label(causal, mask, bias, mask_mod, score_mod, dropout_p > 0))
+    inputs = _kernel_inputs(kind, q, k, v, mask, bias, mask_mod, score_mod, infos[0], block, causal=causal,
+                            q_len=q_len, dropout=(dropout_p, dropout_params, dropout_offsets))
+    try:
+        out, lse = kernel(*inputs)
+    except Exception as e:
+        if q.device.type != "cpu" or torch.compiler.is_compiling() or kernel.every_buffer_static \
+                or not _is_cpp_compile_error(e):
+            raise
+        # The CPU kernel template generated C++ that does not compile for some buffer of symbolic
+        # size (see _cpu_static_shapes): this kind compiles with static shapes from now on.
+        log.info("flexflash: the CPU kernel for %s compiles with static buffer shapes (%s)", kernel.label,
+                 str(e).splitlines()[0][:200])
+        _CPU_STATIC_KINDS.add(shapeless_key)
+        _KERNELS.pop(key, None)
+        raise _StaticOnCpu from e
+    if st.single_query:
+        out = out[:, :, :1]
+        lse = None if lse is None else lse[:, :, :1]
+    return out, lse
+
+
+def _label(causal: bool, mask, bias, mask_mod, score_mod, dropout: bool) -> str:
+    """A kernel's name: what its kind is made of (compiled graphs and logs say it)."""
+    label = "_".join(filter(None, [
+        "causal" if causal else "", "mask" if mask is not None else "", "bias" if bias is not None else "",
+        getattr(mask_mod, "__name__", "mask_mod") if mask_mod is not None else "",
+        getattr(score_mod, "__name__", "score_mod") if score_mod is not None else "",
+        "dropout" if dropout else "",
+    ])) or "dense"
+    return "".join(c if c.isalnum() else "_" for c in label)[:60]
+
+
+def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
+            infos: tuple[Modifier, Modifier], block: tuple[int, int], *, label):
+    """The compiled kernel of a call: its kind's, with the shape parts that decide static shapes
+    (see the module docstring); ``(kernel, key in _KERNELS, key without the CPU shape part)``;
+    ``label()`` names a new kernel.
+    Inside a caller's torch.compile, the kernel body itself (traced into the caller's graph)."""
+    st, static, key = kind.structure, kind.static, kind.kind
+    if torch.compiler.is_compiling():
+        return functools.partial(_flex_kernel, static=static), key, key
     static_mask_bias = (False, False)
-    if q.device.type == "cuda" and not tracing and _STATIC_SEQUENCE_BUFFERS:
-        static_mask, static_bias = _static_sequence_buffers(st, split_keys)
+    if q.device.type == "cuda" and _STATIC_SEQUENCE_BUFFERS:
+        static_mask, static_bias = _static_sequence_buffers(st, static.split_keys)
         if static_mask or static_bias:
             # Such buffers compile with static shapes (see _STATIC_SEQUENCE_BUFFERS): a kind per
             # shape, for the first _STATIC_BUFFER_SHAPES shapes of the kind; further shapes share
             # one kernel of symbolic shapes.
             shape = (tuple(mask.shape) if static_mask else None, tuple(bias.shape) if static_bias else None)
-            shapes = _STATIC_SHAPES.setdefault(kind, set())
+            shapes = _STATIC_SHAPES.setdefault(key, set())
             if shape in shapes or len(shapes) < _STATIC_BUFFER_SHAPES:
                 shapes.add(shape)
-                kind += (shape,)
+                key += (shape,)
                 static_mask_bias = (static_mask, static_bias)
-    if (q.device.type == "cuda" and not tracing and _STATIC_FIRST_SHAPE and q.shape[-2] > block[0]
-            and Nk > block[1]):
+    if (q.device.type == "cuda" and _STATIC_FIRST_SHAPE and q.shape[-2] > block[0]
+            and k.shape[-2] > block[1]):
         # The kind's first shape compiles with static shapes, as torch.compile does by default:
         # a symbolic kernel's call reads each symbolic size through Dynamo before launching
         # (H200, torch 2.11, B=32 H=16 N=512 D=128 bf16, document mask: 27 sizes, about 150 µs a
@@ -155,30 +191,34 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         # one symbolic kernel. Not for lengths of one block: their block masks are padded to two
         # blocks (_at_least_two), which FlexAttention's lowering of static shapes rejects
         # (torch 2.11: "NoValidChoicesError" at 97 queries).
-        signature = _signature((q, k, v, mask, bias, *mask_info.tensors, *score_info.tensors))
-        if _FIRST_SHAPES.setdefault(kind, signature) == signature:
-            kind += ("first shape",)
-    shapeless_kind = kind
-    # Not while tracing (no kernel of flexflash's is used then; Dynamo 2.11 cannot trace bool() of
-    # a set); the emptiness test spares hashing the kind on every CPU call.
-    cpu_static = (q.device.type == "cpu" and not tracing and bool(_CPU_STATIC_KINDS)
-                  and shapeless_kind in _CPU_STATIC_KINDS)
+        signature = _signature((q, k, v, mask, bias, *infos[0].tensors, *infos[1].tensors))
+        if _FIRST_SHAPES.setdefault(key, signature) == signature:
+            key += ("first shape",)
+    shapeless_key = key
+    # The emptiness test spares hashing the key on every CPU call.
+    cpu_static = q.device.type == "cpu" and bool(_CPU_STATIC_KINDS) and shapeless_key in _CPU_STATIC_KINDS
     if q.device.type == "cpu":
-        kind += (_cpu_static_shapes(st, mask, bias, mask_info, score_info, every=cpu_static),)
-    kernel = _KERNELS.get(kind) if not tracing else functools.partial(_flex_kernel, static=static)
+        key += (_cpu_static_shapes(st, mask, bias, infos[0], infos[1], every=cpu_static),)
+    kernel = _KERNELS.get(key)
     if kernel is None:
-        label = "_".join(filter(None, [
-            "causal" if causal else "", "mask" if mask is not None else "", "bias" if bias is not None else "",
-            getattr(mask_mod, "__name__", "mask_mod") if mask_mod is not None else "",
-            getattr(score_mod, "__name__", "score_mod") if score_mod is not None else "",
-            "dropout" if use_dropout else "",
-        ])) or "dense"
-        label = "".join(c if c.isalnum() else "_" for c in label)[:60]
-        kernel = _KERNELS[kind] = _Kernel(static, label, static_mask_bias=static_mask_bias,
-                                          every_buffer_static=cpu_static, mode=_MODE[0],
-                                          static_shapes=kind[-1] == "first shape")
+        kernel = _KERNELS[key] = _Kernel(static, label(), static_mask_bias=static_mask_bias,
+                                         every_buffer_static=cpu_static, mode=_MODE[0],
+                                         static_shapes=key[-1] == "first shape")
         _STATS["kernels"] += 1
+    return kernel, key, shapeless_key
 
+
+def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
+                   mask_mod, score_mod, mask_info: Modifier, block: tuple[int, int], *, causal: bool,
+                   q_len: int, dropout: tuple) -> tuple:
+    """The compiled kernel's arguments: ``(q, k, v, blocks, offset, mask, bias, mask_mod,
+    score_mod, drop)``, masks and biases in the kernel's layout, the block mask (cached), the causal
+    offset and dropout's seed, hash words and scale. ``q_len``: the call's query length (``q`` may
+    have a padded second row: Structure.single_query)."""
+    st, split_keys = kind.structure, kind.static.split_keys
+    tracing = torch.compiler.is_compiling()
+    B, Hq, Nq, Nk = q.shape[0], q.shape[1], q_len, k.shape[-2]
+    rows = q.shape[-2]
     offset = None
     if causal and tracing and not st.causal_aligned:
         offset = Nk - Nq  # a size expression, inside the caller's graph
@@ -186,7 +226,7 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         offset = _scalar_tensor(Nk - Nq, torch.int32, q.device)
     blocks = None
     if st.masked:
-        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, q.shape[-2], Nk, block, q.device,
+        blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, rows, Nk, block, q.device,
                                 q=q, k=k, offset_tensor=offset)
     if q.device.type == "cuda" or tracing:
         # The compiled kernels index masks and biases by their full dimensions only (no constant
@@ -195,10 +235,11 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         mask = _kernel_layout(mask, st.mask_full, split_keys[0])
         bias = _kernel_layout(bias, st.bias_full, split_keys[1])
     drop = None
-    if use_dropout:
-        words = _dropout_words(dropout_params, q.shape[0], Hq, q.shape[-2], Nk, q.device, dropout_offsets)
-        drop = (dropout_params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device))
-    if tracing and q.device.type == "cpu" and not grad:
+    dropout_p, params, offsets = dropout
+    if dropout_p > 0:
+        words = _dropout_words(params, B, Hq, rows, Nk, q.device, offsets)
+        drop = (params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device))
+    if tracing and q.device.type == "cpu" and not _grad(q, k, v, bias):
         # FlexAttention's CPU lowering rejects a query, key and value that are views of one buffer
         # (torch 2.11: "Unsupported for now if query, key, value are the same buffer", for a fused
         # qkv projection or attention(x, x, x)) or views of a 2-D projection (torch 2.13: "not
@@ -208,19 +249,4 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         # Outside a caller's graph they are distinct inputs of the compiled kernel already. (CPU
         # calls that need gradients do not come here: they take the tiled path.)
         q, k, v = (torch.ops.flexflash.copy_apart(t, i) for i, t in enumerate((q, k, v)))
-    try:
-        out, lse = kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop)
-    except Exception as e:
-        if q.device.type != "cpu" or tracing or kernel.every_buffer_static or not _is_cpp_compile_error(e):
-            raise
-        # The CPU kernel template generated C++ that does not compile for some buffer of symbolic
-        # size (see _cpu_static_shapes): this kind compiles with static shapes from now on.
-        log.info("flexflash: the CPU kernel for %s compiles with static buffer shapes (%s)", kernel.label,
-                 str(e).splitlines()[0][:200])
-        _CPU_STATIC_KINDS.add(shapeless_kind)
-        _KERNELS.pop(kind, None)
-        raise _StaticOnCpu from e
-    if single_query:
-        out = out[:, :, :1]
-        lse = None if lse is None else lse[:, :, :1]
-    return out, lse
+    return q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop

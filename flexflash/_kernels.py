@@ -264,23 +264,35 @@ class _Kernel(_Counted):
             if self.static_shapes:  # no size is a symbol: duck sizing does not matter
                 return self._fn(*args, self.static)
             return _without_duck_sizing(self._fn, *args, self.static)
-        # Shape marks go on aliases: marking the caller's tensors would leak into the caller's own
-        # torch.compile of code that uses them.
+        args = self._marked_for_a_first_compilation(args)
+        if args[0].device.type == "cpu" and self.every_buffer_static:  # (_cpu_static_shapes)
+            return _without_duck_sizing(self._fn, *args, self.static)
+        # A mask_mod's tensors are read on partial blocks only, and from a second length on Dynamo
+        # compiles them with symbolic sizes anyway (the document rows at N = 2048 and 8192 of
+        # benchmarks/NOTES.md ran such kernels). A score_mod's tensors keep static shapes until a
+        # size changes on CUDA (they are read on every entry, where symbolic strides slowed biases
+        # several times: _STATIC_SEQUENCE_BUFFERS), and always on CPU (_cpu_static_shapes).
+        return _with_dynamic_sizes(captured_tensors(args[7]), _without_duck_sizing, self._fn, *args, self.static)
+
+    def _marked_for_a_first_compilation(self, args: tuple) -> tuple:
+        """The kernel's arguments with the sizes that are symbolic from the first compilation marked
+        dynamic and those that must stay static marked static. The marks go on aliases: marking
+        the caller's tensors would leak into the caller's own torch.compile of code using them."""
         q, k, v, blocks, offset, mask, bias = args[:7]
         q, k, v, mask, bias = (None if t is None else t.view(t.shape) for t in (q, k, v, mask, bias))
         args = (q, k, v, blocks, offset, mask, bias, *args[7:])
         for t in (q, k, v):  # batch and sequence lengths
             torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
+        st = self.static.structure
         if q.device.type == "cpu" and self.every_buffer_static:  # (_cpu_static_shapes)
             for t in (mask, bias, *captured_tensors(args[7]), *captured_tensors(args[8])):
                 if t is not None:
                     torch._dynamo.mark_static(t)
-            return _without_duck_sizing(self._fn, *args, self.static)
+            return args
         if q.device.type == "cpu":
             # The CPU kernel template compiles some buffers of symbolic size into C++ that names
             # undeclared variables (torch 2.13): see _cpu_static_shapes for what stays static.
-            st = self.static.structure
             buffers = [(mask, st.mask_full)]
             if _cpu_static_bias(st):
                 torch._dynamo.mark_static(bias)
@@ -295,29 +307,25 @@ class _Kernel(_Counted):
             for t in captured_tensors(args[8]):
                 torch._dynamo.mark_static(t)
         else:
-            st = self.static.structure
             static_mask, static_bias = self.static_mask_bias
             for t, full, static in ((mask, st.mask_full, static_mask), (bias, st.bias_full, static_bias)):
                 if t is not None and static:
                     torch._dynamo.mark_static(t)
                 else:
                     _mark_squeezed_dynamic(t, full)
-        drop = args[9]
         for t in blocks or ():
             for dim in range(t.dim()):
                 if dim != 1:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
+        drop = args[9]
         if drop is not None:  # the hash words: (B, H, Nq) twice and (Nk,)
             for t in drop[1]:
                 for dim in range(t.dim()):
                     if dim != 1 or t.dim() == 1:
                         torch._dynamo.maybe_mark_dynamic(t, dim)
-        # A mask_mod's tensors are read on partial blocks only, and from a second length on Dynamo
-        # compiles them with symbolic sizes anyway (the document rows at N = 2048 and 8192 of
-        # benchmarks/NOTES.md ran such kernels). A score_mod's tensors keep static shapes until a
-        # size changes on CUDA (they are read on every entry, where symbolic strides slowed biases
-        # several times: _STATIC_SEQUENCE_BUFFERS), and always on CPU (_cpu_static_shapes).
-        return _with_dynamic_sizes(captured_tensors(args[7]), _without_duck_sizing, self._fn, *args, self.static)
+        return args
+
+
 _KERNELS: dict[Any, _Kernel] = {}
 _SCALARS: dict[tuple[Any, torch.dtype, torch.device], Tensor] = {}
 
