@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _torch_private
 from ._compiled import _LIB, _SERIAL, _STATS, _Counted, _own_code
 from ._compose import Structure, compose_mask, squeeze_broadcast, tile_grids
 from ._fingerprint import Modifier, captured_tensors
@@ -192,7 +193,7 @@ class _MaskBuilder(_Counted):
     def _fresh(self):
         self.compiled = False
         self.compiles = 0
-        inductor = torch._dynamo.lookup_backend("inductor")
+        inductor = _torch_private.inductor_backend()
 
         def counting_backend(gm, example_inputs):
             self.compiles += 1
@@ -212,7 +213,7 @@ class _MaskBuilder(_Counted):
         for t, dims in ((q, (0, 2)), (k, (0, 2))):
             for dim in dims:
                 if t.shape[dim] > 1:
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
+                    _torch_private.maybe_mark_dynamic(t, dim)
         _mark_squeezed_dynamic(mask, self.static.structure.mask_full)
         tensors = _with_dynamic_sizes(captured_tensors(mask_mod), _without_duck_sizing, self._fn, q, k, offset,
                                       mask, mask_mod, self.static)
@@ -281,11 +282,10 @@ def _tensor_identity(tensors: list[Tensor]) -> tuple[tuple, tuple] | None:
     tensor keeps no version counter (inference tensors)."""
     key, roots = [], []
     for t in tensors:
-        root = t if t._base is None else t._base
-        try:
-            version = root._version
-        except RuntimeError:  # inference tensors
+        owned = _torch_private.version_of(t)
+        if owned is None:
             return None
+        root, version = owned
         key.append((id(root), version, t.dtype, tuple(t.shape), t.stride(), t.storage_offset()))
         roots.append(root)
     return tuple(key), tuple(roots)

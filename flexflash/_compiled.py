@@ -20,7 +20,7 @@ __all__ = ["set_compile_mode", "get_compile_mode", "compile_stats"]
 # would overwrite the output of its earlier call.
 _COMPILE_MODES = {
     "default": {},
-    "max-autotune": torch._inductor.list_mode_options("max-autotune-no-cudagraphs"),
+    "max-autotune": _torch_private.mode_options("max-autotune-no-cudagraphs"),
 }
 _COMPILE_MODE_ENV = "FLEXFLASH_COMPILE_MODE"
 

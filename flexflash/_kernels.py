@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from . import dropout
+from . import _torch_private, dropout
 from ._compiled import _COMPILE_MODES, _LIB, _SERIAL, _STATS, _Counted, _own_code
 from ._compose import Structure, compose_mask, compose_score
 from ._fingerprint import Modifier, captured_tensors
@@ -221,16 +221,15 @@ class _Kernel(_Counted):
 
     def _compile(self):
         fn = _own_code(_flex_kernel, f"flexflash_{self.label}_{next(_SERIAL)}")
-        inductor = torch._dynamo.lookup_backend("inductor")
+        inductor = _torch_private.inductor_backend()
         patches = _COMPILE_MODES[self.mode]
 
         def counting_backend(gm, example_inputs):
             self.compiles += 1
             _STATS["compiles"] += 1
             log.debug("flexflash: compiling %s (graph %d, mode %s)", fn.__name__, self.compiles, self.mode)
-            if patches:  # compile_fx applies them to the forward and the (later) backward compilation
-                from torch._inductor.compile_fx import compile_fx
-                return compile_fx(gm, example_inputs, config_patches=patches)
+            if patches:  # applied to the forward and the (later) backward compilation
+                return _torch_private.compile_fx_with(gm, example_inputs, patches)
             return inductor(gm, example_inputs)
 
         # dynamic=None: sizes marked dynamic in __call__ are symbolic from the first compilation;
@@ -282,47 +281,47 @@ class _Kernel(_Counted):
         q, k, v, mask, bias = (None if t is None else t.view(t.shape) for t in (q, k, v, mask, bias))
         args = (q, k, v, blocks, offset, mask, bias, *args[7:])
         for t in (q, k, v):  # batch and sequence lengths
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(t, 2)
+            _torch_private.maybe_mark_dynamic(t, 0)
+            _torch_private.maybe_mark_dynamic(t, 2)
         st = self.static.structure
         if q.device.type == "cpu" and self.every_buffer_static:  # (_cpu_static_shapes)
             for t in (mask, bias, *captured_tensors(args[7]), *captured_tensors(args[8])):
                 if t is not None:
-                    torch._dynamo.mark_static(t)
+                    _torch_private.mark_static(t)
             return args
         if q.device.type == "cpu":
             # The CPU kernel template compiles some buffers of symbolic size into C++ that names
             # undeclared variables (torch 2.13): see _cpu_static_shapes for what stays static.
             buffers = [(mask, st.mask_full)]
             if _cpu_static_bias(st):
-                torch._dynamo.mark_static(bias)
+                _torch_private.mark_static(bias)
             else:
                 buffers.append((bias, st.bias_full))
             for t, full in buffers:
                 if t is not None:
-                    torch._dynamo.mark_static(t, 0)
+                    _torch_private.mark_static(t, 0)
                     for dim in (2, 3):
                         if full[dim]:
-                            torch._dynamo.maybe_mark_dynamic(t, dim)
+                            _torch_private.maybe_mark_dynamic(t, dim)
             for t in captured_tensors(args[8]):
-                torch._dynamo.mark_static(t)
+                _torch_private.mark_static(t)
         else:
             static_mask, static_bias = self.static_mask_bias
             for t, full, static in ((mask, st.mask_full, static_mask), (bias, st.bias_full, static_bias)):
                 if t is not None and static:
-                    torch._dynamo.mark_static(t)
+                    _torch_private.mark_static(t)
                 else:
                     _mark_squeezed_dynamic(t, full)
         for t in blocks or ():
             for dim in range(t.dim()):
                 if dim != 1:
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
+                    _torch_private.maybe_mark_dynamic(t, dim)
         drop = args[9]
         if drop is not None:  # the hash words: (B, H, Nq) twice and (Nk,)
             for t in drop[1]:
                 for dim in range(t.dim()):
                     if dim != 1 or t.dim() == 1:
-                        torch._dynamo.maybe_mark_dynamic(t, dim)
+                        _torch_private.maybe_mark_dynamic(t, dim)
         return args
 
 

@@ -96,3 +96,56 @@ def sdp_priority_order() -> list[int]:
 
 def set_sdp_priority_order(order: list[int]) -> None:
     torch._C._set_sdp_priority_order(order)
+
+
+# Dynamo's shape marks (documented with torch.compile's dynamic shapes, in the private namespace):
+# which sizes of a compiled function's inputs are symbolic from its first compilation, which stay
+# static (torch 2.11, 2.13).
+def maybe_mark_dynamic(t: Tensor, dim: int) -> None:
+    torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def mark_static(t: Tensor, dim: int | None = None) -> None:
+    if dim is None:
+        torch._dynamo.mark_static(t)
+    else:
+        torch._dynamo.mark_static(t, dim)
+
+
+# Inductor as a backend function: flexflash's backends wrap it to count the graphs each compiled
+# function compiles (the "inductor" string cannot be wrapped) (torch 2.11, 2.13).
+def inductor_backend():
+    return torch._dynamo.lookup_backend("inductor")
+
+
+# Inductor with config patches for one compilation (the compile mode: set_compile_mode), applied
+# to the forward and the later backward graph alike (torch 2.11, 2.13).
+def compile_fx_with(gm, example_inputs, patches: dict):
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+# The Inductor options of a torch.compile mode, to apply as config patches (torch 2.11, 2.13).
+def mode_options(mode: str) -> dict:
+    return torch._inductor.list_mode_options(mode)
+
+
+# The tensor that owns a tensor's memory and autograd's version counter of it, which every
+# in-place write through any view advances: the identity of a mask's values for the block-mask
+# cache (no public API; torch 2.11, 2.13). None for inference tensors, which keep no counter.
+def version_of(t: Tensor) -> tuple[Tensor, int] | None:
+    root = t if t._base is None else t._base
+    try:
+        return root, root._version
+    except RuntimeError:  # inference tensors
+        return None
+
+
+# Whether FlexAttention's FLASH backend (FlashAttention-4 kernels through CuTe DSL) can run here:
+# its own check, in Inductor's private modules (torch 2.11; absent from older torch).
+def flash_generator_available() -> bool:
+    try:
+        from torch._inductor.kernel.flex.flex_flash_attention import ensure_flash_available
+        return bool(ensure_flash_available())
+    except Exception:  # older torch without the FLASH backend, or a broken install
+        return False

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from . import _torch_private
+
 Options = tuple[tuple[str, Any], ...]
 
 _DATA = json.loads(importlib.resources.files(__package__).joinpath("tuning.json").read_text(encoding="utf-8"))
@@ -120,12 +122,7 @@ def flash_available() -> bool:
     """Whether FlexAttention can generate FlashAttention-4 kernels here (the ``flash-attn-4``
     package and its CuTe DSL runtime import); checked once per process."""
     if not _FLASH_AVAILABLE:
-        try:
-            from torch._inductor.kernel.flex.flex_flash_attention import ensure_flash_available
-            ok = bool(ensure_flash_available())
-        except Exception:  # older torch without the FLASH backend, or a broken install
-            ok = False
-        _FLASH_AVAILABLE.append(ok)
+        _FLASH_AVAILABLE.append(_torch_private.flash_generator_available())
     return _FLASH_AVAILABLE[0]
 
 
