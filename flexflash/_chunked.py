@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._compose import Structure, compose_mask, compose_score, tile_grids
-from .dropout import keep
+from .dropout import Draw, keep
 
 __all__ = ["chunked_attention"]
 
@@ -198,15 +198,12 @@ def _scores(qi, k, q0, q1, k0, k1, mask_fn, score_fn, scale, acc_dtype) -> Tenso
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
                       bias: Tensor | None, mask_mod, score_mod, scale: float, chunks: tuple[int, int],
-                      captured: list[Tensor], dropout_p: float = 0.0,
-                      dropout_params: Tensor | None = None,
-                      dropout_offsets: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+                      captured: list[Tensor], dropout: Draw | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention in ``chunks = (q_chunk, kv_chunk)`` tiles; returns ``(out, lse)``.
 
     Takes a validated call (4-D ``q/k/v``, 4-D broadcastable ``mask``/``bias``). ``captured`` are
-    tensors read by ``score_mod`` that may require grad. With ``dropout_p > 0``, ``dropout_params``
-    (from :func:`flexflash.dropout.draw_seed`) decide which probabilities are kept; the lse is that
-    of the undropped attention."""
+    tensors read by ``score_mod`` that may require grad. With ``dropout``, its drawn parameters decide
+    which probabilities are kept; the lse is that of the undropped attention."""
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hq != Hkv:  # GQA: query head h reads key/value head h // (Hq / Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -222,5 +219,5 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
             "supported (its gradient is taken with torch.autograd.grad, which Dynamo does not trace); pass an "
             "additive tensor as bias=, or call flexflash outside torch.compile (torch.compiler.disable)")
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    drop = (dropout_params, float(dropout_p), acc_dtype, dropout_offsets) if dropout_p > 0 else None
+    drop = None if dropout is None else (dropout.params, float(dropout.p), acc_dtype, dropout.offsets)
     return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, drop, *extra)

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ._blockmask import _BLOCK_MASKS, _BUILDERS, _DEAD_KEYS, _block_tensors
 from ._compiled import _MODE, _STATS
+from .dropout import Draw
 from ._fingerprint import Modifier, inspect_modifier
 from ._flex_dropout import _dropout_words
 from ._kernels import (_CPU_STATIC_KINDS, _KERNELS, _cpu_static_shapes, _flex_kernel, _Kernel, _kernel_layout,
@@ -103,15 +104,12 @@ def run_flex(*args, **kwargs) -> tuple[Tensor, Tensor | None]:
 
 def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, bias: Tensor | None,
              mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
-             return_lse: bool, dropout_p: float = 0.0,
-             dropout_params: Tensor | None = None,
-             dropout_offsets: tuple[int, int, int, int] | None = None,
+             return_lse: bool, dropout: Draw | None = None,
              mask_info: Modifier | None = None, score_info: Modifier | None = None,
              kind: _KindPlan | None = None) -> tuple[Tensor, Tensor | None]:
     """Runs one validated call (4-D q/k/v, 4-D broadcastable mask/bias) through compiled
-    FlexAttention. Returns ``(out, lse or None)``; lse in natural log, fp32. With ``dropout_p > 0``
-    (CUDA only: it needs the log-sum-exp, which the CPU kernel does not return), ``dropout_params``
-    come from :func:`flexflash.dropout.draw_seed`. ``mask_info``, ``score_info``: the modifiers'
+    FlexAttention. Returns ``(out, lse or None)``; lse in natural log, fp32. ``dropout``: the call's
+    drawn dropout (CUDA only: it needs the log-sum-exp, which the CPU kernel does not return). ``mask_info``, ``score_info``: the modifiers'
     :func:`inspect_modifier`, where the caller has them already; ``kind``: the call's
     :func:`flex_kind` (its plan's), computed here if not given."""
     infos = (inspect_modifier(mask_mod) if mask_info is None else mask_info,
@@ -120,16 +118,16 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     if kind is None:
         kind = flex_kind(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
                          infos=infos, scale=scale, block=block, kernel_options=kernel_options,
-                         return_lse=return_lse, dropout=dropout_p > 0)
+                         return_lse=return_lse, dropout=dropout is not None)
     st, q_len = kind.structure, q.shape[-2]
     if st.single_query:
         # The CPU FlexAttention template does not compile for a single query row: run two
         # identical rows (the modifiers see query 0 for both) and keep the first.
         q = q.expand(*q.shape[:2], 2, q.shape[-1])
     kernel, key, shapeless_key = _kernel(kind, q, k, v, mask, bias, infos, block,
-                                         label=lambda: _label(causal, mask, bias, mask_mod, score_mod, dropout_p > 0))
+                                         label=lambda: _label(causal, mask, bias, mask_mod, score_mod, dropout is not None))
     inputs = _kernel_inputs(kind, q, k, v, mask, bias, mask_mod, score_mod, infos[0], block, causal=causal,
-                            q_len=q_len, dropout=(dropout_p, dropout_params, dropout_offsets))
+                            q_len=q_len, dropout=dropout)
     try:
         out, lse = kernel(*inputs)
     except Exception as e:
@@ -210,7 +208,7 @@ def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
 
 def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
                    mask_mod, score_mod, mask_info: Modifier, block: tuple[int, int], *, causal: bool,
-                   q_len: int, dropout: tuple) -> tuple:
+                   q_len: int, dropout: Draw | None) -> tuple:
     """The compiled kernel's arguments: ``(q, k, v, blocks, offset, mask, bias, mask_mod,
     score_mod, drop)``, masks and biases in the kernel's layout, the block mask (cached), the causal
     offset and dropout's seed, hash words and scale. ``q_len``: the call's query length (``q`` may
@@ -235,10 +233,9 @@ def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tenso
         mask = _kernel_layout(mask, st.mask_full, split_keys[0])
         bias = _kernel_layout(bias, st.bias_full, split_keys[1])
     drop = None
-    dropout_p, params, offsets = dropout
-    if dropout_p > 0:
-        words = _dropout_words(params, B, Hq, rows, Nk, q.device, offsets)
-        drop = (params, words, _scalar_tensor(1.0 / (1.0 - dropout_p), torch.float32, q.device))
+    if dropout is not None:
+        words = _dropout_words(dropout.params, B, Hq, rows, Nk, q.device, dropout.offsets)
+        drop = (dropout.params, words, _scalar_tensor(1.0 / (1.0 - dropout.p), torch.float32, q.device))
     if tracing and q.device.type == "cpu" and not _grad(q, k, v, bias):
         # FlexAttention's CPU lowering rejects a query, key and value that are views of one buffer
         # (torch 2.11: "Unsupported for now if query, key, value are the same buffer", for a fused

@@ -42,10 +42,23 @@ column, head and batch entry, neighbour correlations, runs, distinct rows) are i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["draw_seed", "draw_seed_for", "keep", "threshold", "row_words", "column_word", "entry_keep"]
+__all__ = ["Draw", "draw_seed", "draw_seed_for", "keep", "threshold", "row_words", "column_word", "entry_keep"]
+
+
+class Draw(NamedTuple):
+    """One call's attention dropout, as every path takes it: the probability ``p``, the drawn
+    ``params`` (:func:`draw_seed`) and, for a shard of a larger call (flexflash.parallel),
+    ``offsets = (b0, h0, q0, heads)``: the larger call's batch, query-head and query-row offsets of
+    the shard and its number of query heads, so the shard draws the larger call's ``keep``."""
+
+    p: float
+    params: Tensor
+    offsets: tuple[int, int, int, int] | None = None
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)  # the same 32-bit pattern as an int32

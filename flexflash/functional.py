@@ -145,8 +145,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     if path == "sdpa":
         return sdpa(p.q, p.k, p.v, causal=causal, scale=p.scale)
     # One draw per call from the device's default generator, on every path (see flexflash.dropout).
-    drop = dict(dropout_p=dropout_p, dropout_params=dropout.draw_seed_for(dropout_p, p.q) if dropout_p > 0 else None,
-                dropout_offsets=dropout_offsets if dropout_p > 0 else None)
+    drop = dropout.Draw(dropout_p, dropout.draw_seed_for(dropout_p, p.q), dropout_offsets) if dropout_p > 0 else None
     if path == "memory-bounded":
         captured = [*infos[0].tensors, *infos[1].tensors]
         if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and needs_grad(p, captured):
@@ -158,7 +157,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         _note_once("cpu-chunked", lambda: f"flexflash: {plan.reasons['flex']}; the exact memory-bounded tiled path "
                                           "is used (this message is shown once)")
         out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=block_sizes(block_size, _DEFAULT_CHUNKS),
-                                     captured=captured, **common, **drop)
+                                     captured=captured, dropout=drop, **common)
         return (out, lse) if return_lse else out
 
     q, k, v = p.q, p.k, p.v
@@ -169,7 +168,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         common.update(bias=p.bias.detach() if p.bias is not None else None)
     out, lse = run_flex(q, k, v, scale=p.scale, block=block_sizes(block_size),
                         kernel_options=kernel_options, return_lse=return_lse, mask_info=infos[0], score_info=infos[1],
-                        kind=plan.kind, **common, **drop)
+                        kind=plan.kind, dropout=drop, **common)
     return (out, lse) if return_lse else out
 
 

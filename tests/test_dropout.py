@@ -111,7 +111,7 @@ def test_two_pass_flex_scheme_matches_reference():
                 out, lse = _flex.run_flex(
                     prob.q, prob.k, prob.v, causal=kw.get("causal", False), mask=prob.mask, bias=prob.bias,
                     mask_mod=kw.get("mask_mod"), score_mod=kw.get("score_mod"), scale=prob.scale, block=(32, 64),
-                    kernel_options=None, return_lse=True, dropout_p=0.4, dropout_params=params)
+                    kernel_options=None, return_lse=True, dropout=dropout.Draw(0.4, params))
                 torch.manual_seed(3)
                 ref, ref_lse = flexflash.reference.attention(q, k, v, dropout_p=0.4, return_lse=True, **kw)
             # fp32 throughout: differences are summation order only.
