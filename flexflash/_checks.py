@@ -55,6 +55,11 @@ class Problem:
     mask: Tensor | None  # bool, True = may attend
     bias: Tensor | None  # floating, added to the scores
     scale: float
+    block_size: int | tuple[int, int] | None = None  # as given (None: each path's default)
+    # The block mask's sparsity block on the FlexAttention path, and the tiles of the memory-bounded
+    # path, from block_size (parsed once).
+    block: tuple[int, int] = (128, 128)
+    chunks: tuple[int, int] = (512, 1024)
 
     @property
     def batch(self) -> int:
@@ -101,8 +106,8 @@ def normalize(
     bias: Tensor | None,
     scale: float | None,
     dropout_p: float,
-    block_size: int | tuple[int, int] | None,
-    backend: str,
+    block_size: int | tuple[int, int] | None = None,
+    backend: str = "auto",
 ) -> Problem:
     """Validate one call of :func:`flexflash.attention` and bring it to canonical form."""
     # The description of the call's tensors is built only when an error is raised (off the hot
@@ -124,8 +129,8 @@ def normalize(
     bias = None if bias is None else _promoted_bias(bias, B, Hq, Nq, Nk, ctx)
     scale = _checked_scale(scale, D)
     _check_dropout_p(dropout_p)
-    block_sizes(block_size)  # validates
-    return Problem(q=q, k=k, v=v, mask=mask, bias=bias, scale=float(scale))
+    return Problem(q=q, k=k, v=v, mask=mask, bias=bias, scale=float(scale), block_size=block_size,
+                   block=block_sizes(block_size), chunks=block_sizes(block_size, DEFAULT_CHUNKS))
 
 
 def _checked_qkv(q, k, v, mask, bias, ctx) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,6 +237,10 @@ def _check_dropout_p(dropout_p) -> None:
         raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+
+
+# The memory-bounded path's tiles when no block_size is given (zeta's bucket sizes).
+DEFAULT_CHUNKS = (512, 1024)
 
 
 def block_sizes(block_size: int | tuple[int, int] | None, default: tuple[int, int] = (128, 128)) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import dropout, parallel, reference
-from ._checks import KEYWORDS, block_sizes, validate
+from ._checks import KEYWORDS, validate
 from ._chunked import chunked_attention
 from ._flex import run_flex
 from ._sdpa import sdpa
@@ -20,8 +20,6 @@ __all__ = ["attention", "explain", "route", "generator"]
 
 log = logging.getLogger("flexflash")
 
-# Tile sizes of the memory-bounded path when no block_size is given (zeta's bucket sizes).
-_DEFAULT_CHUNKS = (512, 1024)
 _NOTED: set[str] = set()
 # CPU training through the tiled path inside a caller's torch.compile: on torch 2.11 the traced
 # path computed wrong input gradients (FlashAttentionTwo, fullgraph), and a graph break before it
@@ -156,7 +154,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
                 "outside torch.compile (torch.compiler.disable) or use torch >= 2.13")
         _note_once("cpu-chunked", lambda: f"flexflash: {plan.reasons['flex']}; the exact memory-bounded tiled path "
                                           "is used (this message is shown once)")
-        out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=block_sizes(block_size, _DEFAULT_CHUNKS),
+        out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=p.chunks,
                                      captured=captured, dropout=drop, **common)
         return (out, lse) if return_lse else out
 
@@ -166,7 +164,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         # rejects any that require grad, whatever the grad mode.
         q, k, v = q.detach(), k.detach(), v.detach()
         common.update(bias=p.bias.detach() if p.bias is not None else None)
-    out, lse = run_flex(q, k, v, scale=p.scale, block=block_sizes(block_size),
+    out, lse = run_flex(q, k, v, scale=p.scale, block=p.block,
                         kernel_options=kernel_options, return_lse=return_lse, mask_info=infos[0], score_info=infos[1],
                         kind=plan.kind, dropout=drop, **common)
     return (out, lse) if return_lse else out

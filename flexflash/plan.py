@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _flex, _kinds, _tuning
-from ._checks import Problem, block_sizes, describe
+from ._checks import Problem, describe
 from ._fingerprint import Modifier
 
 __all__ = ["Plan", "PATHS", "make_plan"]
@@ -173,7 +173,7 @@ def make_plan(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, mas
     if path != "flex":
         return Plan(path, None, None, reasons)
     kind = _kinds.flex_kind(p.q, p.k, p.v, causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod,
-                              score_mod=score_mod, infos=infos, scale=p.scale, block=block_sizes(block_size),
+                              score_mod=score_mod, infos=infos, scale=p.scale, block=p.block,
                               kernel_options=kernel_options, return_lse=return_lse, dropout=dropout_p > 0)
     options = dict(kind.static.kernel_options) or None
     generator = "flash" if (options or {}).get("BACKEND") == "FLASH" else "triton"
@@ -189,7 +189,7 @@ def memo_key(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, drop
              kernel_options: dict | None, return_lse: bool, backend: str) -> tuple | None:
     """Everything that decides a call's plan, as a key (None where it cannot be hashed): shapes,
     dtypes, device, flags, options and the modifiers' fingerprints."""
-    key = _kinds.kind_key(p.q, p.k, p.v, causal, p.mask, p.bias, infos, p.scale, block_sizes(block_size),
+    key = _kinds.kind_key(p.q, p.k, p.v, causal, p.mask, p.bias, infos, p.scale, p.block,
                             kernel_options, return_lse, dropout_p > 0,
                             needs_grad(p, [*infos[0].tensors, *infos[1].tensors]))
     return None if key is None else key + (backend, block_size is None)

@@ -49,8 +49,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Te
     With ``dropout_p > 0`` the seed is drawn from the default generator of q's device exactly as
     :func:`flexflash.attention` draws it, so after the same ``torch.manual_seed`` both drop the same
     entries."""
-    p = normalize(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, block_size=None,
-                  backend="reference")
+    p = normalize(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p)
     compute = torch.float64 if p.q.dtype == torch.float64 else torch.float32
     B, Hq, Nq, _ = p.q.shape
     Nk = p.kv_len
