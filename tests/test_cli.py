@@ -14,6 +14,7 @@ import torch
 
 import flexflash
 from flexflash import __version__, cli
+from flexflash.cli import bench, check  # noqa: F401  (cli.bench, cli.check)
 
 
 def _run(*args):
@@ -70,8 +71,8 @@ def test_a_bad_value_still_gets_one_line(capsys):
 
 def test_check_help_lists_the_cases(capsys):
     gen = torch.Generator().manual_seed(0)
-    built = list(cli._modifier_cases(2, 4, 2, 37, 53, gen, "cpu")) + list(cli._module_cases("cpu", gen)) + ["dropout"]
-    assert cli.CHECK_CASES == built
+    built = list(cli.check._modifier_cases(2, 4, 2, 37, 53, gen, "cpu")) + list(cli.check._module_cases("cpu", gen)) + ["dropout"]
+    assert cli.check.CHECK_CASES == built
     with pytest.raises(SystemExit) as stop:
         cli.main(["check", "--help"])
     assert stop.value.code == 0
@@ -100,7 +101,7 @@ def _screen(text: str) -> str:
 def test_progress_is_written_to_a_terminal_only_and_erased():
     pipe, tty = io.StringIO(), _Terminal()
     for stream in (pipe, tty):
-        progress = cli._Progress(stream)
+        progress = cli._common._Progress(stream)
         progress.show("[1/2] causal_mask_bias ...")
         progress.show("[2/2] dense ...")
         assert _screen(stream.getvalue()).rstrip() == ("[2/2] dense ..." if stream is tty else "")
@@ -116,7 +117,7 @@ def test_check_shows_progress_on_a_terminal_and_summarises_warnings_after_the_ta
         warnings.warn("flexflash:   a\n note", UserWarning)  # the same text, another line
         warnings.warn("flexflash: recompiled", RuntimeWarning)
         return [("dropout", "dropped fraction - p", 0.0, 1.0, True)]
-    monkeypatch.setattr(cli, "_dropout_rows", rows)
+    monkeypatch.setattr(cli.check, "_dropout_rows", rows)
     monkeypatch.setattr(sys, "stderr", _Terminal())
     with warnings.catch_warnings(record=True) as leaked:
         assert cli.main(["check", "--device", "cpu", "--cases", "dropout"]) == 0
@@ -130,16 +131,16 @@ def test_check_shows_progress_on_a_terminal_and_summarises_warnings_after_the_ta
 
 
 def test_spread_is_the_interquartile_range_over_the_median():
-    assert cli._spread([2.0]) == 0.0
-    assert cli._spread([1.0, 1.0, 1.0]) == 0.0
-    assert cli._spread([1.0, 2.0, 3.0]) == pytest.approx(0.5)  # quartiles 1.5 and 2.5
-    assert cli._spread([1.0] * 9 + [5.0]) == 0.0  # one descheduled repeat does not make a row noisy
+    assert cli.bench._spread([2.0]) == 0.0
+    assert cli.bench._spread([1.0, 1.0, 1.0]) == 0.0
+    assert cli.bench._spread([1.0, 2.0, 3.0]) == pytest.approx(0.5)  # quartiles 1.5 and 2.5
+    assert cli.bench._spread([1.0] * 9 + [5.0]) == 0.0  # one descheduled repeat does not make a row noisy
 
 
 def test_bench_warns_about_noisy_rows_and_writes_no_progress_into_a_pipe(monkeypatch, tmp_path, capsys):
     # In the order _impls gives them on CPU: flexflash, sdpa, reference; nothing is run or compiled.
-    timings = itertools.cycle([cli._Timing(1.0, 0.02, 12), cli._Timing(2.0, 0.25, 8), cli._Timing(3.0, 0.0, 3)])
-    monkeypatch.setattr(cli, "_timer", lambda device: lambda fn: next(timings))
+    timings = itertools.cycle([cli.bench._Timing(1.0, 0.02, 12), cli.bench._Timing(2.0, 0.25, 8), cli.bench._Timing(3.0, 0.0, 3)])
+    monkeypatch.setattr(cli.bench, "_timer", lambda device: lambda fn: next(timings))
     path = tmp_path / "b.json"
     assert cli.main(["bench", "--device", "cpu", "--cases", "causal,dense", "--seq-lens", "16",
                      "--json", str(path)]) == 0
@@ -156,10 +157,10 @@ def test_bench_warns_about_noisy_rows_and_writes_no_progress_into_a_pipe(monkeyp
 
 def test_mask_title_is_wrapped_to_the_figure():
     title = "documents [3, 3, 3] (queries: the last 6 rows)"
-    narrow = cli._wrap_title(title, 3, 9).splitlines()
+    narrow = cli._common._wrap_title(title, 3, 9).splitlines()
     assert len(narrow) > 1 and all(len(line) <= 36 for line in narrow)  # (3 - 0.3) in * 72 / 5.4 pt
     assert " ".join(narrow) == title
-    assert cli._wrap_title(title, 8, 9) == title
+    assert cli._common._wrap_title(title, 8, 9) == title
 
 
 def test_mask_text(capsys):
@@ -194,12 +195,12 @@ def test_check_passes_and_reports_a_failure(capsys, monkeypatch):
     assert "FlashMHA" in out and "d Wqkv.weight" in out and "dq (memory-bounded)" in out and "out (flex)" in out
 
     # A wrong fast path must be caught: perturb flexflash's output by a little more than rounding.
-    real = cli.attention
+    real = cli.check.attention
 
     def wrong(*a, **kw):
         out = real(*a, **kw)
         return out + 1e-3 if isinstance(out, torch.Tensor) else out
-    monkeypatch.setattr(cli, "attention", wrong)
+    monkeypatch.setattr(cli.check, "attention", wrong)
     assert cli.main(["check", "--device", "cpu", "--cases", "causal"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
