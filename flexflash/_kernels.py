@@ -111,19 +111,11 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     return out, (lse if static.return_lse else None)
 
 
-# Masks and biases full along the keys are read on every entry of a tile (on partial blocks for
-# masks, everywhere for biases): Triton loads a row of such a buffer in vectors only where it can
-# prove the row's start aligned. With symbolic lengths the row stride is a symbol of unknown
-# divisibility, and every entry was loaded alone: a (B, H, N, N) bias + causal forward took 5.2 ms
-# against 0.88 ms with static shapes, a dense (N, N) bool mask 6.1 ms against 1.7 ms (H200, torch
-# 2.11, bf16, B = 4, H = 16, N = 4096, D = 128, lengths multiples of the tiles). Passed as a view
-# of shape (..., Nk // 16, 16) and joined again inside the kernel, the row stride is 16 times a
-# symbol, and the symbolic kernels run at the static ones' speed (0.88 and 1.72 ms): one
-# compilation for every length. Only where the lengths are multiples of the tiles: otherwise the
-# kernel's boundary checks index modulo the symbolic length, which no layout makes vectorisable.
+# Masks and biases full along the keys reach the kernels of lengths multiples of the tiles as
+# (..., Nk // 16, 16) views, joined again inside: with a row stride of 16 times a symbol, kernels of
+# symbolic lengths load them in vectors, as fast as static ones (benchmarks/NOTES.md, "Key split").
 # Not for a bias that needs its gradient: FlexAttention's backward does not lower the gradient of
-# a captured tensor that is a view made inside the graph (torch 2.11: "int() argument must be ...
-# not 'tuple'"); the bias's own gradient dominates that backward anyway.
+# a view made inside the graph (torch 2.11).
 _KEY_SPLIT = 16
 
 

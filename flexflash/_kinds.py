@@ -16,12 +16,9 @@ from ._compose import Structure
 from ._fingerprint import Modifier
 from ._kernels import _Static
 
-# Masks and biases full along both sequence dimensions ((..., Nq, Nk) tensors) that are not split
-# (_kernel_layout: lengths that are not multiples of the tiles, a bias that needs its gradient)
-# compile with static shapes on CUDA: with symbolic sizes the kernel's boundary checks index them
-# modulo a symbolic length, element by element (H200, torch 2.11, bf16, B=4 H=16 N=4000 D=128,
-# forward GPU time of raw FlexAttention, static / symbolic: causal + (B, H, N, N) bias 0.98 /
-# 3.93 ms, a dense (N, N) bool mask 1.91 / 5.81 ms).
+# Masks and biases full along both sequence dimensions that are not split (_kernel_layout) compile
+# with static shapes on CUDA: with symbolic sizes the boundary checks index them element by element,
+# 3-4x slower (benchmarks/NOTES.md, "Key split").
 _STATIC_SEQUENCE_BUFFERS = True
 
 
