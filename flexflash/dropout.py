@@ -1,7 +1,7 @@
 """Attention dropout: the ``keep`` decision of every ``(b, h, q_idx, kv_idx)`` as a hash.
 
 ``dropout_p > 0`` multiplies the softmax probabilities by ``keep / (1 - p)`` with ``keep`` drawn
-i.i.d. Bernoulli(1 - p) per ``(b, h, i, j)`` (SPEC §2). No ``(Nq, Nk)`` mask is ever stored:
+i.i.d. Bernoulli(1 - p) per ``(b, h, i, j)``. No ``(Nq, Nk)`` mask is ever stored:
 ``keep`` is a counter-based hash of the indices and a per-call seed, recomputed wherever it is
 needed, the same function on every path:
 

@@ -4,7 +4,7 @@ It is the oracle of every test and the path of ``backend="reference"`` / ``flash
 imports the fast path. Scores are dense, ``(B, H, Nq, Nk)``; masks and modifiers are evaluated over
 broadcast index grids; the softmax runs in fp32 (fp64 for fp64 inputs).
 
-Semantics (see SPEC §2)::
+Semantics::
 
     s   = scale * q @ k^T            # scale = D ** -0.5 unless given
     s   = s + bias                    # if given
