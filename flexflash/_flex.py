@@ -114,6 +114,12 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     :func:`flex_kind` (its plan's), computed here if not given."""
     infos = (inspect_modifier(mask_mod) if mask_info is None else mask_info,
              inspect_modifier(score_mod) if score_info is None else score_info)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        # A mask or bias that is a view at a storage offset (rows of a larger tensor) got symbolic
+        # offsets in the CPU kernel from its second offset on, whose C++ did not compile (torch
+        # 2.13: "'cur_qSplitSize6' was not declared"): the kernel reads such views from a copy of
+        # their own (the size of the buffer, which the kernel reads whole anyway).
+        mask, bias = (t.contiguous() if t is not None and t.storage_offset() else t for t in (mask, bias))
     bias = _cpu_bias_view(q, k, bias)
     if kind is None:
         kind = flex_kind(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod,

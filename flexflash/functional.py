@@ -102,7 +102,7 @@ def attention(
             (sm80+), fp16/bf16 dense or causal (``Nq == Nk``) attention, also with grouped
             heads, without mask, bias, modifiers, dropout, ``return_lse``, ``kernel_options`` or
             ``block_size`` goes to PyTorch's SDPA (cuDNN, else flash, else efficient), which is
-            faster there; on CPU with gradients, ``return_lse`` or dropout, or inside a caller's
+            faster there; on CPU with gradients, ``return_lse``, dropout or float64, or inside a caller's
             ``torch.compile``, the exact memory-bounded path,
             which it announces once),
             ``"flex"`` (compiled FlexAttention; raises where it cannot run) or ``"reference"``

@@ -109,6 +109,8 @@ def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_
 
 def _cpu_flex_refusal(p: Problem, captured: list[Tensor], dropout_p: float, return_lse: bool) -> str | None:
     """Why compiled FlexAttention cannot run a CPU call (None: it can)."""
+    if p.q.dtype == torch.float64:
+        return "float64 inputs"
     if needs_grad(p, captured):
         return "inputs that require grad"
     if return_lse:
@@ -119,6 +121,11 @@ def _cpu_flex_refusal(p: Problem, captured: list[Tensor], dropout_p: float, retu
 
 
 def _flex_error(p: Problem, why: str, return_lse: bool) -> NotImplementedError:
+    if why == "float64 inputs":
+        return NotImplementedError(
+            f"backend='flex': compiled FlexAttention's CPU kernel takes float32, float16 and bfloat16, got "
+            f"q of dtype {p.q.dtype}; use backend='auto' (the exact memory-bounded path computes float64) or "
+            f"backend='reference'\n{describe(q=p.q, k=p.k, v=p.v)}")
     needs = why.startswith("inputs")
     missing = "backward pass" if needs else "log-sum-exp output"
     if not (needs or return_lse):

@@ -118,3 +118,49 @@ def test_single_tokens(Nq, Nk, grad):
     with torch.set_grad_enabled(grad):
         check_against_reference(q, k, v, causal=True, grads=grad)
         check_against_reference(q, k, v, mask=torch.rand(2, Nk, generator=g) > 0.2, grads=grad)
+
+
+def test_float64_on_cpu_runs_an_exact_path_and_flex_says_why():
+    """float64 CPU calls under "auto" (no gradients) take the exact memory-bounded path, which
+    computes in float64 (FlexAttention's CPU kernel takes float32/16 and bfloat16: calling it
+    raised Inductor's LoweringException); backend="flex" refuses with the dtype named; a module
+    converted with .double() runs in eval mode."""
+    g = _gen(21)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for n in (19, 23, 23))
+    mask = torch.rand(2, 23, generator=g) > 0.3
+    plan = flexflash.explain(q, k, v, mask=mask, causal=True)
+    assert plan.path == "memory-bounded" and "float64" in plan.reasons["flex"]
+    out = flexflash.attention(q, k, v, mask=mask, causal=True)
+    assert out.dtype == torch.float64
+    # both compute in float64: only the summation order differs
+    torch.testing.assert_close(out, flexflash.reference.attention(q, k, v, mask=mask, causal=True), rtol=1e-12, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="backend='flex'.*float64"):
+        flexflash.attention(q, k, v, backend="flex")
+    mha = flexflash.FlashMHA(embed_dim=16, num_heads=2).double().eval()
+    x = torch.randn(2, 11, 16, generator=g, dtype=torch.float64)
+    assert mha(x).dtype == torch.float64
+
+
+def test_masks_and_biases_that_are_rows_of_a_larger_tensor_on_cpu():
+    """Biases and masks sliced along the queries at successive offsets (views at growing storage
+    offsets) agree with the reference on the compiled CPU path: their third offset used to fail
+    to compile ("'cur_qSplitSize6' was not declared"), also through compat.chunked's
+    FlashAttention with a 4-D float mask in eval mode."""
+    g = _gen(22)
+    q, k = torch.randn(2, 1, 13, 8, generator=g), torch.randn(2, 1, 9, 8, generator=g)
+    big_bias = torch.randn(2, 1, 18, 9, generator=g)
+    big_mask = torch.rand(2, 1, 18, 9, generator=g) > 0.3
+    # float32 on both sides: differences are summation order only
+    with torch.no_grad():
+        for i in range(4):
+            for kw in (dict(bias=big_bias[..., i:i + 13, :]), dict(mask=big_mask[..., i:i + 13, :])):
+                torch.testing.assert_close(flexflash.attention(q, k, k, **kw),
+                                           flexflash.reference.attention(q, k, k, **kw), rtol=2e-5, atol=2e-6)
+        from flexflash.compat.chunked import FlashAttention as Chunked
+        m = Chunked(16, 2, 4).eval()
+        x, ctx = torch.randn(2, 13, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+        float_mask = torch.randn(2, 2, 13, 9, generator=g)  # added to the scores
+        out = m(ctx, ctx, x, mask=float_mask)
+        ref_chunks = flexflash.ChunkedAttention(16, 2, 13)  # one chunk: no slicing
+        ref_chunks.load_state_dict(m.state_dict())
+        torch.testing.assert_close(out, ref_chunks.eval()(ctx, ctx, x, mask=float_mask), rtol=2e-5, atol=2e-6)
