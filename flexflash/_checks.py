@@ -55,7 +55,6 @@ class Problem:
     mask: Tensor | None  # bool, True = may attend
     bias: Tensor | None  # floating, added to the scores
     scale: float
-    block_size: int | tuple[int, int] | None = None  # as given (None: each path's default)
     # The block mask's sparsity block on the FlexAttention path, and the tiles of the memory-bounded
     # path, from block_size (parsed once).
     block: tuple[int, int] = (128, 128)
@@ -129,7 +128,7 @@ def normalize(
     bias = None if bias is None else _promoted_bias(bias, B, Hq, Nq, Nk, ctx)
     scale = _checked_scale(scale, D)
     _check_dropout_p(dropout_p)
-    return Problem(q=q, k=k, v=v, mask=mask, bias=bias, scale=float(scale), block_size=block_size,
+    return Problem(q=q, k=k, v=v, mask=mask, bias=bias, scale=float(scale),
                    block=block_sizes(block_size), chunks=block_sizes(block_size, DEFAULT_CHUNKS))
 
 

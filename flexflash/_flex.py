@@ -115,10 +115,11 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     infos = (inspect_modifier(mask_mod) if mask_info is None else mask_info,
              inspect_modifier(score_mod) if score_info is None else score_info)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        # A mask or bias that is a view at a storage offset (rows of a larger tensor) got symbolic
-        # offsets in the CPU kernel from its second offset on, whose C++ did not compile (torch
-        # 2.13: "'cur_qSplitSize6' was not declared"): the kernel reads such views from a copy of
-        # their own (the size of the buffer, which the kernel reads whole anyway).
+        # A strided view of a mask or bias at a storage offset (rows of a larger tensor) got a
+        # symbolic offset in the CPU kernel from its second offset on, whose C++ did not compile
+        # (torch 2.13: "'cur_qSplitSize6' was not declared"); contiguous views at any offset
+        # compile. contiguous() copies exactly the strided ones (the size of the buffer, which the
+        # kernel reads whole anyway).
         mask, bias = (t.contiguous() if t is not None and t.storage_offset() else t for t in (mask, bias))
     bias = _cpu_bias_view(q, k, bias)
     if kind is None:

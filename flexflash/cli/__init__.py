@@ -46,6 +46,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _device_and_dtype(parser: argparse.ArgumentParser) -> None:
+    """The --device and --dtype options that check and bench share."""
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flexflash", description="flexflash: attention as FlexAttention mask/score functions.")
     parser.add_argument("--version", action="version", version=f"flexflash {__version__} (torch {torch.__version__})")
@@ -57,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="check every modifier, module and dropout against the reference",
                            description="Runs every modifier (forward and backward), every module and the dropout "
                                        "statistics against the eager reference; exits 1 on any failure.")
-    check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    check.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    _device_and_dtype(check)
     check.add_argument("--cases", help=f"comma-separated subset of {', '.join(CHECK_CASES)} (default: all)")
     check.add_argument("-v", "--verbose", action="store_true", help="print the time of each case")
     check.set_defaults(func=cmd_check)
@@ -66,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time flexflash against SDPA's backends",
                            description="Times flexflash, SDPA's backends and (where it fits) the reference; prints "
                                        "ms, TFLOP/s and the ratio best SDPA / flexflash. Small shapes on CPU.")
-    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    bench.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    _device_and_dtype(bench)
     bench.add_argument("--cases", help=f"comma-separated subset of {', '.join(BENCH_CASES)}")
     bench.add_argument("--seq-lens", help="comma-separated sequence lengths (default 1024,2048,4096 on CUDA, "
                                           "128,256,512 on CPU)")
