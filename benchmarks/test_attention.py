@@ -1,15 +1,20 @@
-"""The attention benchmark suite (GPU, pytest-benchmark): flexflash against PyTorch's SDPA backends
-(flash, cuDNN, efficient, math) and the eager reference, in one run.
+"""The attention benchmark suite (pytest-benchmark): flexflash against PyTorch's SDPA backends
+(flash, cuDNN, efficient, math), raw FlexAttention with a block mask built once (``flex-raw``) and
+the eager reference, in one run; on a CUDA GPU, or on CPU with ``FLEXFLASH_BENCH_DEVICE=cpu``.
 
 Shapes: B*N = 16k tokens, hidden 2048 (H = 32 for D = 64, H = 16 for D = 128), N from 512 to 16k,
-bf16 (fp16 for the dense and causal cases). Cases: dense, causal, key padding (lengths 100/75/50/25%
+bf16 (fp16 for the dense and causal cases). On CPU: B*N = 4096 tokens, hidden 512 (H = 8 at D = 64),
+N from 1k to 4k, fp32 and bf16. Cases: dense, causal, key padding (lengths 100/75/50/25%
 of N), a dense bool mask, sliding windows of 512 and 1024, packed documents (8 per sequence, causal),
-prefix-LM, a (B, H, N, N) bias with causal (with and without its gradient), ALiBi, tanh soft-capping,
+prefix-LM, a (B, H, N, N) bias alone and with causal (with and without its gradient), ALiBi, tanh soft-capping,
 grouped-query heads (Hq/Hkv = 4, causal), decoding (Nq = 1 against Nk = 2N) and dropout (causal,
 p = 0.1). Every case runs forward and forward+backward (decoding: forward only).
 
 Each baseline gets the case the way it accepts it: SDPA takes ``is_causal`` where the case is
-plain causal and a materialised mask or bias otherwise; a backend that refuses the case is skipped
+plain causal and a materialised mask or bias otherwise; raw FlexAttention (``torch.compile`` of
+``flex_attention``, as torchtitan runs it) gets the case's mask function as a block mask built
+outside the timed rounds and its bias or score modifier as a ``score_mod`` (it has no dropout, and
+no backward on CPU); a backend that refuses the case is skipped
 (SDPA's flash backend takes no mask, nothing in SDPA does soft-capping), and so are the math backend
 and the reference where their ``(B, H, N, N)`` intermediates would not fit (``MAX_DENSE_GIB``).
 Where the bias needs its gradient, SDPA gets the masked bias as a leaf tensor of its own (the
@@ -23,9 +28,10 @@ call's time (compilation), the GPU, torch version, flexflash's compile mode (set
 ``FLEXFLASH_COMPILE_MODE=max-autotune``) and the case parameters.
 
 The full matrix is large; narrow it with ``-k`` or these environment variables (comma lists):
-``FLEXFLASH_BENCH_N`` (default 512,1024,2048,4096,8192,16384), ``FLEXFLASH_BENCH_D`` (64,128),
-``FLEXFLASH_BENCH_CASES`` (all), ``FLEXFLASH_BENCH_IMPLS`` (all), ``FLEXFLASH_BENCH_DIRS``
-(fwd,fwd+bwd), ``FLEXFLASH_BENCH_DTYPES`` (bfloat16,float16). ``tools/run_benchmarks.py`` runs it
+``FLEXFLASH_BENCH_N`` (default 512,1024,2048,4096,8192,16384; CPU 1024,2048,4096),
+``FLEXFLASH_BENCH_D`` (64,128; CPU 64), ``FLEXFLASH_BENCH_CASES`` (all), ``FLEXFLASH_BENCH_IMPLS``
+(all), ``FLEXFLASH_BENCH_DIRS`` (fwd,fwd+bwd), ``FLEXFLASH_BENCH_DTYPES`` (bfloat16,float16; CPU
+float32,bfloat16). ``tools/run_benchmarks.py`` runs it
 and writes the JSON and a markdown summary with ratios to the best SDPA backend.
 """
 
@@ -41,21 +47,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
 import flexflash
 from flexflash import mods
 from flexflash.functional import generator, route
 from flexflash.reference import index_grids
 
-TOKENS, HIDDEN = 16 * 1024, 2048
+DEVICE = os.environ.get("FLEXFLASH_BENCH_DEVICE", "cuda")
+CPU = DEVICE == "cpu"
+TOKENS, HIDDEN = (4096, 512) if CPU else (16 * 1024, 2048)
 MAX_DENSE_GIB = 24.0  # the math backend and the reference materialise (B, H, Nq, Nk) fp32 tensors
 MAX_BIAS_GIB = 4.0  # a (B, H, N, N) bias case (its gradient and SDPA's masked copy come on top; at 8 GiB,
 # N = 16384, every implementation failed on an H200, SDPA included)
 TIMED_SECONDS = 0.3  # per benchmark, after warm-up
 
 CASES = ["dense", "causal", "key_padding", "bool_mask", "sliding_window_512", "sliding_window_1024", "document",
-         "prefix_lm", "bias_causal", "bias_causal_grad", "alibi", "softcap", "gqa", "decode", "dropout"]
+         "prefix_lm", "bias", "bias_causal", "bias_causal_grad", "alibi", "softcap", "gqa", "decode", "dropout"]
 FP16_CASES = {"dense", "causal"}  # the fp16 subset
-IMPLS = ["flexflash", "flexflash-flex", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "reference"]
+IMPLS = ["flexflash", "flexflash-flex", "flex-raw", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math",
+         "reference"]
 
 
 def _env(name: str, default: list[str]) -> list[str]:
@@ -63,12 +74,13 @@ def _env(name: str, default: list[str]) -> list[str]:
     return [x.strip() for x in value.split(",") if x.strip()] if value else default
 
 
-NS = [int(n) for n in _env("FLEXFLASH_BENCH_N", ["512", "1024", "2048", "4096", "8192", "16384"])]
-DS = [int(d) for d in _env("FLEXFLASH_BENCH_D", ["64", "128"])]
+NS = [int(n) for n in _env("FLEXFLASH_BENCH_N", ["1024", "2048", "4096"] if CPU else
+                                                  ["512", "1024", "2048", "4096", "8192", "16384"])]
+DS = [int(d) for d in _env("FLEXFLASH_BENCH_D", ["64"] if CPU else ["64", "128"])]
 SELECTED_CASES = _env("FLEXFLASH_BENCH_CASES", CASES)
 SELECTED_IMPLS = _env("FLEXFLASH_BENCH_IMPLS", IMPLS)
 DIRS = _env("FLEXFLASH_BENCH_DIRS", ["fwd", "fwd+bwd"])
-DTYPES = _env("FLEXFLASH_BENCH_DTYPES", ["bfloat16", "float16"])
+DTYPES = _env("FLEXFLASH_BENCH_DTYPES", ["float32", "bfloat16"] if CPU else ["bfloat16", "float16"])
 
 
 @dataclass
@@ -89,11 +101,12 @@ class Case:
     grads: list[torch.Tensor] = field(default_factory=list)
     density: float = 1.0
     sdpa_mask: torch.Tensor | None = None  # built on first use
+    score_mod: Callable | None = None  # raw FlexAttention's score modifier (bias, ALiBi, soft-capping)
 
 
 def _lengths(B: int, N: int) -> torch.Tensor:
     fractions = [1.0, 0.75, 0.5, 0.25]
-    return torch.tensor([max(1, int(N * fractions[b % 4])) for b in range(B)], device="cuda")
+    return torch.tensor([max(1, int(N * fractions[b % 4])) for b in range(B)], device=DEVICE)
 
 
 def _density(allowed: Callable | None, B: int, Nq: int, Nk: int) -> float:
@@ -103,7 +116,7 @@ def _density(allowed: Callable | None, B: int, Nq: int, Nk: int) -> float:
     count, rows = 0, max(1, (1 << 26) // max(1, B * Nk))
     for q0 in range(0, Nq, rows):
         n = min(rows, Nq - q0)
-        b, h, i, j = index_grids(B, 1, n, Nk, "cuda", q_start=q0)
+        b, h, i, j = index_grids(B, 1, n, Nk, DEVICE, q_start=q0)
         count += int(allowed(b, h, i, j).expand(B, 1, n, Nk).sum())
     return count / (B * Nq * Nk)
 
@@ -116,11 +129,11 @@ def make_case(name: str, N: int, D: int, dtype: torch.dtype) -> Case:
         B, Nq, Nk = 8, 1, 2 * N
     if name == "gqa":
         Hkv = H // 4
-    gen = torch.Generator(device="cuda").manual_seed(N * 1000 + D)
+    gen = torch.Generator(device=DEVICE).manual_seed(N * 1000 + D)
     grad = name != "decode"
 
     def rnd(*shape, requires_grad=grad):
-        return torch.randn(*shape, device="cuda", dtype=dtype, generator=gen).requires_grad_(requires_grad)
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=gen).requires_grad_(requires_grad)
 
     q, k, v = rnd(B, H, Nq, D), rnd(B, Hkv, Nk, D), rnd(B, Hkv, Nk, D)
     c = Case(q, k, v, {}, None)
@@ -131,31 +144,36 @@ def make_case(name: str, N: int, D: int, dtype: torch.dtype) -> Case:
         if name == "dropout":
             c.flex["dropout_p"] = c.dropout_p = 0.1
     elif name == "key_padding":
-        pad = torch.arange(Nk, device="cuda")[None] < _lengths(B, Nk)[:, None]
+        pad = torch.arange(Nk, device=DEVICE)[None] < _lengths(B, Nk)[:, None]
         c.flex = dict(mask=pad)
         c.allowed = mods.key_padding(mask=pad)
     elif name == "bool_mask":
-        dense = torch.rand(1, 1, Nq, Nk, device="cuda", generator=gen) < 0.5
+        dense = torch.rand(1, 1, Nq, Nk, device=DEVICE, generator=gen) < 0.5
         c.flex, c.allowed = dict(mask=dense), mods.dense_mask(dense)
     elif name.startswith("sliding_window"):
         fn = mods.sliding_window(int(name.rsplit("_", 1)[1]), offset=Nk - Nq)
         c.flex, c.allowed = dict(mask_mod=fn), fn
     elif name == "document":
-        cuts = torch.sort(torch.randperm(Nk - 1, device="cuda", generator=gen)[:7] + 1).values
-        ids = torch.bucketize(torch.arange(Nk, device="cuda"), cuts, right=True).expand(B, Nk).contiguous()
+        cuts = torch.sort(torch.randperm(Nk - 1, device=DEVICE, generator=gen)[:7] + 1).values
+        ids = torch.bucketize(torch.arange(Nk, device=DEVICE), cuts, right=True).expand(B, Nk).contiguous()
         fn = mods.and_masks(mods.document(ids[:, Nk - Nq:], ids), causal_fn)
         c.flex, c.allowed = dict(mask_mod=fn), fn
     elif name == "prefix_lm":
         fn = mods.prefix_lm(_lengths(B, Nk) // 4, offset=Nk - Nq)
         c.flex, c.allowed = dict(mask_mod=fn), fn
-    elif name in ("bias_causal", "bias_causal_grad"):
+    elif name in ("bias", "bias_causal", "bias_causal_grad"):
         c.bias = rnd(B, H, Nq, Nk, requires_grad=name.endswith("grad"))
-        c.flex, c.allowed = dict(bias=c.bias, causal=True), causal_fn
+        c.flex, c.allowed = dict(bias=c.bias), None
+        if name != "bias":
+            c.flex["causal"], c.allowed = True, causal_fn
+        bias = c.bias
+        c.score_mod = lambda s, b, h, i, j: s + bias[b, h, i, j]
     elif name == "alibi":
         fn = mods.alibi(H, offset=Nk - Nq)
-        c.flex, c.allowed, c.score_bias = dict(score_mod=fn, causal=True), causal_fn, fn
+        c.flex, c.allowed, c.score_bias, c.score_mod = dict(score_mod=fn, causal=True), causal_fn, fn, fn
     elif name == "softcap":
         c.flex, c.sdpa_ok = dict(score_mod=mods.tanh_softcap(30.0)), False
+        c.score_mod = c.flex["score_mod"]
     elif name not in ("dense", "decode"):
         raise KeyError(name)
     c.grads = [t for t in (q, k, v, c.bias) if t is not None and t.requires_grad]
@@ -170,12 +188,12 @@ def _sdpa_mask(c: Case) -> torch.Tensor | None:
         return c.sdpa_mask
     B, H, Nq, _ = c.q.shape
     Nk = c.k.shape[-2]
-    grids = index_grids(B, H, Nq, Nk, "cuda")
+    grids = index_grids(B, H, Nq, Nk, DEVICE)
     allowed = None if c.allowed is None else c.allowed(*grids)
     if c.bias is None and c.score_bias is None:
         c.sdpa_mask = allowed
         return c.sdpa_mask
-    bias = c.bias if c.bias is not None else c.score_bias(torch.zeros((), device="cuda", dtype=torch.float32), *grids).to(c.q.dtype)
+    bias = c.bias if c.bias is not None else c.score_bias(torch.zeros((), device=DEVICE, dtype=torch.float32), *grids).to(c.q.dtype)
     if allowed is not None:
         bias = bias.detach().masked_fill(~allowed, float("-inf")).requires_grad_(bias.requires_grad)
     c.sdpa_mask = bias
@@ -207,6 +225,8 @@ def attention_fn(impl: str, c: Case) -> Callable[[], torch.Tensor]:
         return lambda: flexflash.attention(c.q, c.k, c.v, backend="flex", **c.flex)
     if impl == "reference":
         return lambda: flexflash.reference.attention(c.q, c.k, c.v, **c.flex)
+    if impl == "flex-raw":
+        return _raw_flex_fn(c)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if not c.sdpa_ok:
         pytest.skip("SDPA cannot express this case")
@@ -227,6 +247,21 @@ def attention_fn(impl: str, c: Case) -> Callable[[], torch.Tensor]:
     return run
 
 
+_raw_flex = torch.compile(flex_attention)  # compiled once, as torchtitan does
+
+
+def _raw_flex_fn(c: Case) -> Callable[[], torch.Tensor]:
+    """Raw FlexAttention on case ``c``: its block mask built here, once, outside the timed rounds."""
+    if c.dropout_p > 0:
+        pytest.skip("FlexAttention has no dropout")
+    if c.allowed is None and c.score_mod is None:
+        pytest.skip("no mask or modifier: SDPA is the baseline")
+    B, H, Nq, _ = c.q.shape
+    Nk = c.k.shape[-2]
+    block_mask = None if c.allowed is None else create_block_mask(c.allowed, B, None, Nq, Nk, device=DEVICE)
+    return lambda: _raw_flex(c.q, c.k, c.v, score_mod=c.score_mod, block_mask=block_mask, enable_gqa=c.gqa)
+
+
 _CASES: dict[tuple, Case] = {}
 
 
@@ -234,7 +269,8 @@ def _case(name: str, N: int, D: int, dtype: torch.dtype) -> Case:
     key = (name, N, D, dtype)
     if key not in _CASES:
         _CASES.clear()  # one case's tensors at a time
-        torch.cuda.empty_cache()
+        if not CPU:
+            torch.cuda.empty_cache()
         _CASES[key] = make_case(name, N, D, dtype)
     return _CASES[key]
 
@@ -242,7 +278,7 @@ def _case(name: str, N: int, D: int, dtype: torch.dtype) -> Case:
 def _params():
     for dtype in DTYPES:
         for name in SELECTED_CASES:
-            if dtype != "bfloat16" and name not in FP16_CASES:
+            if dtype == "float16" and name not in FP16_CASES:
                 continue
             for N in NS:
                 for D in DS:
@@ -262,6 +298,8 @@ def test_attention(benchmark, name, N, D, dtype, direction, impl):
     c = _case(name, N, D, getattr(torch, dtype))
     if impl == "flexflash-flex" and route(c.q, c.k, c.v, **c.flex) == "flex":
         pytest.skip("flexflash takes the flex path here already (see the flexflash row)")
+    if impl == "flex-raw" and CPU and direction != "fwd":
+        pytest.skip("FlexAttention has no backward on CPU")
     if impl in ("sdpa-math", "reference") and _dense_gib(c, direction) > MAX_DENSE_GIB:
         pytest.skip(f"{impl} would materialise about {_dense_gib(c, direction):.0f} GiB")
     forward = attention_fn(impl, c)
@@ -271,14 +309,16 @@ def test_attention(benchmark, name, N, D, dtype, direction, impl):
             with torch.no_grad() if not grads else torch.enable_grad():
                 forward()
     else:
-        d_out = torch.randn(c.q.shape[:-1] + (c.v.shape[-1],), device="cuda", dtype=c.q.dtype)
+        d_out = torch.randn(c.q.shape[:-1] + (c.v.shape[-1],), device=DEVICE, dtype=c.q.dtype)
 
         def step():
             torch.autograd.grad(forward(), grads, d_out)
 
+    sync = (lambda: None) if CPU else torch.cuda.synchronize
+
     def timed():
         step()
-        torch.cuda.synchronize()
+        sync()
 
     start = time.perf_counter()
     try:
@@ -305,5 +345,5 @@ def test_attention(benchmark, name, N, D, dtype, direction, impl):
     benchmark.extra_info.update(
         case=name, N=N, D=D, dtype=dtype, direction=direction, impl=impl, path=path, B=B, H=H,
         Nq=Nq, Nk=c.k.shape[-2], density=c.density, tflops=flops / median / 1e12 if median > 0 else math.nan,
-        first_call_s=first, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+        first_call_s=first, gpu="cpu" if CPU else torch.cuda.get_device_name(), torch=torch.__version__,
         compile_mode=flexflash.get_compile_mode())

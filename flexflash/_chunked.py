@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._compose import Structure, compose_mask, compose_score, tile_grids
+from ._sdpa_tiles import sdpa_tiles
 from .dropout import Draw, keep
 
 __all__ = ["chunked_attention"]
@@ -43,9 +44,10 @@ class _ChunkedAttention(torch.autograd.Function):
             l = torch.zeros_like(m)
             acc = torch.zeros(B, H, q1 - q0, Dv, dtype=acc_dtype, device=q.device)
             for k0, k1 in _tiles(Nk, kc):
-                s = _scores(qi, k, q0, q1, k0, k1, mask_fn, score_fn, scale, acc_dtype)
-                if s is None:
+                tile = _allowed(B, H, q0, q1, k0, k1, mask_fn, q.device)
+                if tile is None:
                     continue
+                s = _modify(scale * (qi @ k[:, :, k0:k1].to(acc_dtype).transpose(-1, -2)), *tile, score_fn)
                 m_new = torch.maximum(m, s.amax(dim=-1))
                 m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
                 p = torch.exp(s - m_safe[..., None])  # 0 where s = -inf
@@ -88,22 +90,22 @@ class _ChunkedAttention(torch.autograd.Function):
             qi = q[:, :, q0:q1].to(acc_dtype)
             doi = d_out[:, :, q0:q1].to(acc_dtype)
             for k0, k1 in _tiles(Nk, kc):
+                tile = _allowed(B, H, q0, q1, k0, k1, mask_fn, q.device)
+                if tile is None:
+                    continue
                 kj, vj = k[:, :, k0:k1].to(acc_dtype), v[:, :, k0:k1].to(acc_dtype)
                 score_vjp = None
                 if traced:
                     # Dynamo does not trace torch.autograd.grad here; torch.func.vjp it does.
                     raw = scale * (qi @ kj.transpose(-1, -2))
                     if score_fn is None:
-                        s = _modify(raw, q0, q1, k0, k1, mask_fn, None)
+                        s = _modify(raw, *tile, None)
                     else:
-                        s, score_vjp = torch.func.vjp(
-                            lambda r, q0=q0, q1=q1, k0=k0, k1=k1: _modify(r, q0, q1, k0, k1, mask_fn, score_fn), raw)
+                        s, score_vjp = torch.func.vjp(lambda r, tile=tile: _modify(r, *tile, score_fn), raw)
                 else:
                     with torch.enable_grad():
                         raw = (scale * (qi @ kj.transpose(-1, -2))).detach().requires_grad_(score_fn is not None)
-                        s = _modify(raw, q0, q1, k0, k1, mask_fn, score_fn)
-                if s is None:
-                    continue
+                        s = _modify(raw, *tile, score_fn)
                 p = torch.exp(s.detach() - safe_lse[:, :, q0:q1, None])  # (B, H, rows, cols)
                 dp = doi @ vj.transpose(-1, -2)
                 if drop is not None:
@@ -128,6 +130,24 @@ class _ChunkedAttention(torch.autograd.Function):
         it = iter(d_captured)
         d_cap = [next(it).to(t.dtype) if t.requires_grad else None for t in captured]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, *d_cap)
+
+
+# Query rows per tile of SDPA's CPU kernel: fewer rows fit a sliding window's or a document's key
+# span more tightly, more rows cost fewer calls; 256 was fastest of 128/256/512 (2-core CPU,
+# B*N = 4096, H = 8, D = 64, fwd+bwd, document, sliding window and causal key padding masks).
+_FUSED_ROWS = 256
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, score_mod, dropout, captured: list[Tensor],
+           return_lse: bool) -> bool:
+    """Whether SDPA's fused CPU kernel computes the call in tiles (flexflash._sdpa_tiles): on CPU,
+    outside a caller's torch.compile (a tile's key span depends on the mask's values), with q's
+    head dim equal to v's, and without what the kernel has no place for: a score_mod, dropout
+    (flexflash's own keep flags), gradients of a bias or of the lse."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *captured) if t is not None)
+    return (q.device.type == "cpu" and not torch.compiler.is_compiling() and q.shape[-1] == v.shape[-1]
+            and score_mod is None and dropout is None
+            and not (grad and (return_lse or (bias is not None and bias.requires_grad))))
 
 
 def _reads_grad_tensors(score_mod, device: torch.device) -> bool:
@@ -172,38 +192,38 @@ def _kept(drop, B: int, H: int, q0: int, q1: int, k0: int, k1: int, device: torc
     return keep(params, H, b, h, qi, kj).to(dtype)
 
 
-def _modify(raw: Tensor, q0: int, q1: int, k0: int, k1: int, mask_fn, score_fn) -> Tensor | None:
-    """Scores of one tile after the score modifiers and the mask; ``None`` if nothing is allowed."""
-    B, H = raw.shape[:2]
-    b, h, qi, kj = tile_grids(B, H, q0, q1, k0, k1, raw.device)
-    s = raw
-    if mask_fn is not None:
-        allowed = mask_fn(b, h, qi, kj)
-        # Skipping a tile is a data-dependent branch: inside a caller's torch.compile every tile
-        # is computed (an empty one adds exact zeros), so the call traces into one graph.
-        if not torch.compiler.is_compiling() and not bool(allowed.any()):
-            return None
-    if score_fn is not None:
-        s = score_fn(s, b, h, qi, kj)
-    if mask_fn is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    return s
+def _allowed(B: int, H: int, q0: int, q1: int, k0: int, k1: int, mask_fn, device):
+    """The tile's index grids and mask (None: no mask), or None where the mask allows nothing in
+    it, told before any score of the tile is computed."""
+    grids = tile_grids(B, H, q0, q1, k0, k1, device)
+    if mask_fn is None:
+        return grids, None
+    allowed = mask_fn(*grids)
+    # Skipping a tile is a data-dependent branch: inside a caller's torch.compile every tile
+    # is computed (an empty one adds exact zeros), so the call traces into one graph.
+    if not torch.compiler.is_compiling() and not bool(allowed.any()):
+        return None
+    return grids, allowed
 
 
-def _scores(qi, k, q0, q1, k0, k1, mask_fn, score_fn, scale, acc_dtype) -> Tensor | None:
-    kj = k[:, :, k0:k1].to(acc_dtype)
-    raw = scale * (qi @ kj.transpose(-1, -2))  # (B, H, rows, cols)
-    return _modify(raw, q0, q1, k0, k1, mask_fn, score_fn)
+def _modify(raw: Tensor, grids, allowed: Tensor | None, score_fn) -> Tensor:
+    """Scores of one tile after the score modifiers and the mask (``grids``, ``allowed``: from
+    :func:`_allowed`)."""
+    s = raw if score_fn is None else score_fn(raw, *grids)
+    return s if allowed is None else s.masked_fill(~allowed, float("-inf"))
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
                       bias: Tensor | None, mask_mod, score_mod, scale: float, chunks: tuple[int, int],
-                      captured: list[Tensor], dropout: Draw | None = None) -> tuple[Tensor, Tensor]:
+                      captured: list[Tensor], dropout: Draw | None = None,
+                      return_lse: bool = False) -> tuple[Tensor, Tensor]:
     """Exact attention in ``chunks = (q_chunk, kv_chunk)`` tiles; returns ``(out, lse)``.
 
     Takes a validated call (4-D ``q/k/v``, 4-D broadcastable ``mask``/``bias``). ``captured`` are
     tensors read by ``score_mod`` that may require grad. With ``dropout``, its drawn parameters decide
-    which probabilities are kept; the lse is that of the undropped attention."""
+    which probabilities are kept; the lse is that of the undropped attention. Calls that SDPA's
+    CPU kernel can compute tile by tile go there (flexflash._sdpa_tiles); ``return_lse``: the
+    caller returns the lse (which those tiles do not differentiate)."""
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hq != Hkv:  # GQA: query head h reads key/value head h // (Hq / Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -218,6 +238,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
             "flexflash: inside torch.compile on CPU, a score_mod that reads a tensor requiring grad is not "
             "supported (its gradient is taken with torch.autograd.grad, which Dynamo does not trace); pass an "
             "additive tensor as bias=, or call flexflash outside torch.compile (torch.compiler.disable)")
+    if _fused(q, k, v, bias, score_mod, dropout, captured, return_lse):
+        return sdpa_tiles(q, k, v, mask_fn=mask_fn, bias=bias, scale=scale, q_chunk=min(chunks[0], _FUSED_ROWS))
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     drop = None if dropout is None else (dropout.params, float(dropout.p), acc_dtype, dropout.offsets)
     return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, drop, *extra)

@@ -29,21 +29,36 @@ def _sdpa_priority(previous: list[int]) -> list[int]:
     return wanted
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> Tensor:
+def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, mask: Tensor | None = None,
+         bias: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
     """PyTorch's SDPA with cuDNN, flash and efficient attention first in its priority order, for
     the duration of the call. Which backends are enabled stays the caller's choice (e.g. through
     ``torch.nn.attention.sdpa_kernel``). The priority is switched directly rather than through
-    ``sdpa_kernel``, which costs ~30 µs of host time per call on an H200 machine."""
+    ``sdpa_kernel``, which costs ~30 µs of host time per call on an H200 machine.
+
+    ``mask`` (bool) or ``bias`` (float), at most one, become SDPA's ``attn_mask`` (the plan sends
+    them on CPU only). SDPA's dropout draws from its own random stream."""
     # Grouped heads: SDPA's enable_gqa maps query head h to key/value head h // (Hq // Hkv), as we do.
     gqa = q.shape[1] != k.shape[1]
+    attn_mask = mask if bias is None else _cpu_bias(bias, q.dtype)
+    if q.device.type == "cpu":
+        # SDPA's fused CPU kernel needs unit strides along the head dim (else its math backend runs).
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa)
     if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, **kw)
     previous = _torch_private.sdp_priority_order()
     wanted = _sdpa_priority(previous)
     if wanted == previous:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, **kw)
     _torch_private.set_sdp_priority_order(wanted)
     try:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, **kw)
     finally:
         _torch_private.set_sdp_priority_order(previous)
+
+
+def _cpu_bias(bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """The bias as SDPA's additive mask: in its own dtype where SDPA takes it (q's, or float32,
+    which keeps a float32 bias exact for bfloat16/float16 inputs), else in q's."""
+    return bias if bias.dtype in (dtype, torch.float32) else bias.to(dtype)

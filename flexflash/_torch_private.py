@@ -149,3 +149,20 @@ def flash_generator_available() -> bool:
         return bool(ensure_flash_available())
     except Exception:  # older torch without the FLASH backend, or a broken install
         return False
+
+
+# SDPA's fused CPU kernel called directly, for the memory-bounded path's tiles: the public
+# scaled_dot_product_attention returns no log-sum-exp and has no backward taking one, which a
+# tile's backward needs to recompute its probabilities (torch 2.11, 2.13). Both take an additive
+# float mask broadcastable to (B, H, rows, cols), in float32 also for bfloat16/float16 inputs.
+def cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float):
+    """``(out, lse)`` of SDPA's CPU flash kernel (a fully masked row: out 0, lse 0)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=attn_mask,
+                                                                      scale=scale)
+
+
+def cpu_flash_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       attn_mask: Tensor | None, scale: float):
+    """``(dq, dk, dv)`` of :func:`cpu_flash_forward`."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        d_out, q, k, v, out, lse, 0.0, False, attn_mask=attn_mask, scale=scale)

@@ -98,13 +98,14 @@ def attention(
             path and ``(512, 1024)`` tiles on the memory-bounded path.
         kernel_options: passed to FlexAttention (e.g. ``{"BACKEND": "FLASH"}``); keys are checked.
         return_lse: also return the natural-log log-sum-exp of each query row.
-        backend: ``"auto"`` (the fastest correct path: compiled FlexAttention; on a CUDA GPU
-            (sm80+), fp16/bf16 dense or causal (``Nq == Nk``) attention, also with grouped
-            heads, without mask, bias, modifiers, dropout, ``return_lse``, ``kernel_options`` or
-            ``block_size`` goes to PyTorch's SDPA (cuDNN, else flash, else efficient), which is
-            faster there; on CPU with gradients, ``return_lse``, dropout or float64, or inside a caller's
-            ``torch.compile``, the exact memory-bounded path,
-            which it announces once),
+        backend: ``"auto"`` (the fastest correct path: compiled FlexAttention; PyTorch's SDPA
+            where it computes the call exactly and faster: on a CUDA GPU (sm80+), fp16/bf16 dense
+            or causal (``Nq == Nk``) attention, also with grouped heads, without mask, bias,
+            modifiers, dropout, ``return_lse``, ``kernel_options`` or ``block_size`` (cuDNN, else
+            flash, else efficient), and on CPU the same in any dtype or with one mask or bias
+            tensor alone; on CPU the other calls with gradients, ``return_lse``, dropout or
+            float64, and calls inside a caller's ``torch.compile``, take the exact memory-bounded
+            path, which it announces once),
             ``"flex"`` (compiled FlexAttention; raises where it cannot run) or ``"reference"``
             (the eager oracle of :mod:`flexflash.reference`).
 
@@ -141,7 +142,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         return reference.attention(p.q, p.k, p.v, scale=p.scale, dropout_p=dropout_p, return_lse=return_lse,
                                    **common)
     if path == "sdpa":
-        return sdpa(p.q, p.k, p.v, causal=causal, scale=p.scale)
+        return sdpa(p.q, p.k, p.v, causal=causal, scale=p.scale, mask=p.mask, bias=p.bias, dropout_p=dropout_p)
     # One draw per call from the device's default generator, on every path (see flexflash.dropout).
     drop = dropout.Draw(dropout_p, dropout.draw_seed_for(dropout_p, p.q), dropout_offsets) if dropout_p > 0 else None
     if path == "memory-bounded":
@@ -155,7 +156,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         _note_once("cpu-chunked", lambda: f"flexflash: {plan.reasons['flex']}; the exact memory-bounded tiled path "
                                           "is used (this message is shown once)")
         out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=p.chunks,
-                                     captured=captured, dropout=drop, **common)
+                                     captured=captured, dropout=drop, return_lse=return_lse, **common)
         return (out, lse) if return_lse else out
 
     q, k, v = p.q, p.k, p.v

@@ -6,13 +6,14 @@ Paths, in the order they are considered:
 
 * ``"reference"``: the eager oracle (:mod:`flexflash.reference`), for ``backend="reference"`` and
   for empty problems (exact and free there).
-* ``"sdpa"``: PyTorch's SDPA (cuDNN, else flash, else efficient), under ``backend="auto"`` for the
-  calls it computes exactly and faster (CUDA, fp16/bf16, no mask, bias, modifier or dropout).
+* ``"sdpa"``: PyTorch's SDPA (cuDNN, else flash, else efficient on CUDA; its fused CPU kernel on
+  CPU), under ``backend="auto"`` for the calls it computes exactly and faster (on CUDA fp16/bf16
+  with no mask, bias, modifier or dropout; on CPU also one mask or bias tensor alone).
 * ``"flex"``: compiled FlexAttention, on FlashAttention-4 (``"flash"``) or Triton (``"triton"``,
   the CPU template on CPU) kernels, with tiles from :mod:`flexflash._tuning`.
-* ``"memory-bounded"``: the exact tiled path (:mod:`flexflash._chunked`), for the CPU calls
-  compiled FlexAttention cannot run (gradients, ``return_lse``, dropout) and CPU calls inside a
-  caller's ``torch.compile``.
+* ``"memory-bounded"``: the exact tiled path (:mod:`flexflash._chunked`, on SDPA's CPU kernel where
+  it can: :mod:`flexflash._sdpa_tiles`), for the CPU calls compiled FlexAttention cannot run
+  (gradients, ``return_lse``, dropout, float64) and CPU calls inside a caller's ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -68,23 +69,33 @@ def needs_grad(p: Problem, captured: list[Tensor]) -> bool:
         t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.bias, *captured))
 
 
+# A bias that needs its gradient sends an SDPA call on CPU to SDPA's math backend, which holds the
+# (B, Hq, Nq, Nk) scores and probabilities: up to this many entries (1 GiB in float32) it is still
+# faster than the memory-bounded path's eager tiles; beyond, those tiles keep memory bounded.
+_CPU_MATH_ENTRIES = 2 ** 28
+
+
 def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse,
                   block_size) -> str | None:
     """Why SDPA does not take a ``backend="auto"`` call, or None where it does: the calls SDPA
-    computes exactly (no mask, bias or modifiers; causal only with ``Nq == Nk``, where its
-    top-left causal mask is flexflash's bottom-right one) on CUDA in fp16/bf16, where its cuDNN and
-    flash kernels beat FlexAttention's Triton kernels (docs/backends.md has the measurements),
-    grouped heads included (SDPA's ``enable_gqa``)."""
+    computes exactly (on CUDA no mask, bias or modifiers, on CPU also one mask or bias tensor;
+    causal only with ``Nq == Nk``, where its top-left causal mask is flexflash's bottom-right one)
+    where its fused kernels are faster than FlexAttention's (docs/backends.md has the
+    measurements), grouped heads included (SDPA's ``enable_gqa``)."""
     q = p.q
-    if q.device.type != "cuda":
-        return f"SDPA is taken on CUDA only; q is on {q.device.type}"
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    if q.device.type not in ("cuda", "cpu"):
+        return f"SDPA is taken on CUDA and CPU; q is on {q.device.type}"
+    cpu = q.device.type == "cpu"
+    if not cpu and q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}: SDPA's fused kernels take float16 and bfloat16"
-    given = [name for name, x in (("a mask", p.mask), ("a bias", p.bias), ("a mask_mod", mask_mod),
-                                  ("a score_mod", score_mod)) if x is not None]
+    given = [name for name, x in (("a mask", None if cpu else p.mask), ("a bias", None if cpu else p.bias),
+                                  ("a mask_mod", mask_mod), ("a score_mod", score_mod)) if x is not None]
     if given:
         return f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given"
     if dropout_p > 0:
+        if cpu:
+            return (f"dropout_p={dropout_p}: SDPA's CPU kernel has no dropout (its math backend would hold the "
+                    "(Nq, Nk) probabilities); flexflash's exact dropout runs instead")
         return f"dropout_p={dropout_p}: flexflash's dropout (shared with the reference) runs on FlexAttention"
     if return_lse:
         return "return_lse=True: SDPA does not return the log-sum-exp"
@@ -92,9 +103,17 @@ def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_
         return "kernel_options are given (FlexAttention's)"
     if block_size is not None:
         return "block_size is given (FlexAttention's block mask)"
+    if cpu:
+        tensors = [name for name, x in (("causal", causal or None), ("a mask", p.mask), ("a bias", p.bias))
+                   if x is not None]
+        if len(tensors) > 1:
+            return (f"{' and '.join(tensors)}: SDPA takes one of them; the combination runs in tiles on "
+                    "SDPA's CPU kernel (the memory-bounded path)")
     if causal and p.q_len != p.kv_len:
         return f"causal with Nq={p.q_len} != Nk={p.kv_len}: SDPA's causal mask is top-left"
     D, Dv = q.shape[-1], p.v.shape[-1]
+    if cpu:
+        return _sdpa_cpu_refusal(p, D, Dv)
     if D != Dv or D % 8 or D > 256:
         return f"head dims D={D}, Dv={Dv}: SDPA's fused kernels need D == Dv, a multiple of 8, at most 256"
     cap = _tuning.capability(q.device)  # None inside a caller's torch.compile: SDPA is exact on every GPU
@@ -104,6 +123,16 @@ def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_
         return "FlashAttention-4's kernels are faster for this case (measured: flexflash._tuning)"
     if cap is not None and cap < (8, 0):
         return f"compute capability {cap[0]}.{cap[1]}: SDPA's fused kernels need 8.0"
+    return None
+
+
+def _sdpa_cpu_refusal(p: Problem, D: int, Dv: int) -> str | None:
+    if D != Dv:
+        return f"head dims D={D}, Dv={Dv}: SDPA's fused CPU kernel needs D == Dv (its math backend holds (Nq, Nk))"
+    entries = p.batch * p.q_heads * p.q_len * p.kv_len
+    if p.bias is not None and p.bias.requires_grad and torch.is_grad_enabled() and entries > _CPU_MATH_ENTRIES:
+        return (f"a bias that needs its gradient: SDPA's fused CPU kernel has none, and its math backend would "
+                f"hold B*Hq*Nq*Nk = {entries} scores (more than {_CPU_MATH_ENTRIES})")
     return None
 
 

@@ -206,8 +206,8 @@ def test_cpu_training_path_is_announced_once(recwarn):
     import warnings
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        flexflash.attention(q, k, v)
-        flexflash.attention(q, k, v)
+        flexflash.attention(q, k, v, mask_mod=mods.sliding_window(3))  # training with a mask_mod: the tiles
+        flexflash.attention(q, k, v, mask_mod=mods.sliding_window(3))
     notes = [w for w in seen if "memory-bounded" in str(w.message)]
     assert len(notes) == 1
 

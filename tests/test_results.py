@@ -69,19 +69,21 @@ def test_attention_suite_run(tmp_path):
         _suite("document", "fwd", "sdpa-cudnn", 1.5), _suite("document", "fwd", "sdpa-efficient", 3.0),
         _suite("document", "fwd+bwd", "flexflash", 4.0), _suite("document", "fwd+bwd", "sdpa-efficient", 3.0),
         _suite("softcap", "fwd", "flexflash", 2.0),  # SDPA cannot express it: no ratio
+        _suite("document", "fwd", "flex-raw", 0.9),
     ], datetime="2026-03-04T10:00:00+00:00", machine_info={"node": "x"},
         commit_info={"id": "0123456789abcdef", "time": "2026-03-01T00:00:00+00:00", "dirty": False})
     text = _results().generate(runs)
     section = _sections(text)["suite.json"]
-    assert "GPU: Test GPU, torch 9.9.0, 2026-03-04; commit 0123456; 7 benchmarks of `benchmarks/test_attention.py`." \
+    assert "GPU: Test GPU, torch 9.9.0, 2026-03-04; commit 0123456; 8 benchmarks of `benchmarks/test_attention.py`." \
         in section
     rows = {(r[0], r[4]): r for r in _rows(section)}
     fwd = rows["document", "fwd"]
     assert fwd[5:9] == ["flex (triton)", "1.000", "50", "2.5"]
-    assert fwd[9:12] == ["1.200", "—", "1.500"]  # flexflash-flex, sdpa-flash (not run), sdpa-cudnn
-    assert fwd[-1] == "1.50"  # the best SDPA backend (cuDNN 1.5 ms) over flexflash (1.0 ms)
-    assert rows["document", "fwd+bwd"][-1] == "0.75"
-    assert rows["softcap", "fwd"][-1] == "—"
+    assert fwd[9:13] == ["1.200", "0.900", "—", "1.500"]  # flexflash-flex, flex-raw, sdpa-flash (not run), sdpa-cudnn
+    assert fwd[-2] == "1.50"  # the best SDPA backend (cuDNN 1.5 ms) over flexflash (1.0 ms)
+    assert fwd[-1] == "0.90"  # raw FlexAttention (0.9 ms) over flexflash
+    assert rows["document", "fwd+bwd"][-2] == "0.75" and rows["document", "fwd+bwd"][-1] == "—"
+    assert rows["softcap", "fwd"][-2] == "—"
     assert text.rstrip().endswith("[NOTES.md](NOTES.md).")
 
 

@@ -15,16 +15,50 @@ def _qkv(grad=False, Nq=8, Nk=8):
 
 
 def test_cpu_paths():
+    """On CPU, SDPA takes what its CPU kernel computes exactly: dense, causal with Nq == Nk, one mask
+    or bias tensor, grouped heads, float64, with or without gradients; the rest (mask_mods,
+    combinations SDPA cannot take whole) runs compiled FlexAttention forward and the memory-bounded
+    tiles for training; dropout and return_lse run the tiles."""
     q, k, v = _qkv()
-    assert route(q, k, v) == "flex"
-    assert route(q, k, v, causal=True) == "flex"  # SDPA is a CUDA-only route
+    pad, bias = torch.rand(1, 8) > 0.3, torch.randn(8, 8)
+    window = flexflash.mods.sliding_window(3)
+    for grad in (False, True):
+        q, k, v = _qkv(grad=grad)
+        assert route(q, k, v) == "sdpa"
+        assert route(q, k, v, causal=True) == "sdpa"
+        assert route(q, k, v, mask=pad) == "sdpa"
+        assert route(q, k, v, bias=bias) == "sdpa"
+        assert route(q, k[:, :1], v[:, :1], causal=True) == "sdpa"  # grouped heads: SDPA's enable_gqa
+        assert route(*(t.double() for t in (q, k, v)), causal=True) == "sdpa"
+        tiles_or_flex = "memory-bounded" if grad else "flex"
+        assert route(q, k, v, causal=True, mask=pad) == tiles_or_flex
+        assert route(q, k, v, mask=pad, bias=bias) == tiles_or_flex
+        assert route(q, k, v, mask_mod=window) == tiles_or_flex
+        assert route(q, k, v, return_lse=True) == "memory-bounded"
+        assert route(q, k, v, dropout_p=0.1) == "memory-bounded"
+    q, k, v = _qkv()
+    assert route(q[:, :, :5], k, v, causal=True) == "flex"  # SDPA's causal is top-left
     assert route(q, k, v, backend="reference") == "reference"
-    assert route(q, k, v, return_lse=True) == "memory-bounded"
-    assert route(q, k, v, dropout_p=0.1) == "memory-bounded"
-    assert route(*_qkv(grad=True)) == "memory-bounded"
-    with torch.no_grad():
-        assert route(*_qkv(grad=True)) == "flex"
     assert route(*_qkv(Nq=0)) == "reference"  # empty problems
+    assert route(q, k, v, backend="flex") == "flex"
+
+
+def test_cpu_sdpa_reasons(monkeypatch):
+    """Why SDPA does not take a CPU call, for each rule of flexflash.plan."""
+    from flexflash import plan as plan_module
+    q, k, v = _qkv(grad=True)
+    pad, bias = torch.rand(1, 8) > 0.3, torch.randn(8, 8, requires_grad=True)
+    why = lambda **kw: flexflash.explain(q, k, v, **kw).reasons["sdpa"]  # noqa: E731
+    assert "causal and a mask: SDPA takes one of them" in why(causal=True, mask=pad)
+    assert "a mask and a bias" in why(mask=pad, bias=bias)
+    assert "no dropout" in why(dropout_p=0.1)
+    assert "top-left" in flexflash.explain(q[:, :, :5], k, v, causal=True).reasons["sdpa"]
+    assert "D == Dv" in flexflash.explain(q, k, v[..., :8]).reasons["sdpa"]
+    assert flexflash.explain(q, k, v, bias=bias).path == "sdpa"
+    monkeypatch.setattr(plan_module, "_CPU_MATH_ENTRIES", 1 * 2 * 8 * 8 - 1)
+    assert "math backend would hold B*Hq*Nq*Nk = 128" in why(bias=bias)
+    with torch.no_grad():  # no gradient: the fused kernel takes the bias
+        assert flexflash.explain(q, k, v, bias=bias).path == "sdpa"
 
 
 def test_inputs_requiring_grad_under_no_grad_run_the_compiled_kernel():
@@ -57,11 +91,12 @@ def test_route_raises_what_the_call_raises():
 def test_route_agrees_with_the_call():
     """The path route() names is the one the call takes (the memory-bounded path announces itself)."""
     q, k, v = _qkv(grad=True)
-    assert route(q, k, v) == "memory-bounded"
+    window = flexflash.mods.sliding_window(3)
+    assert route(q, k, v, mask_mod=window) == "memory-bounded"
     from flexflash import functional
     functional._NOTED.discard("cpu-chunked")
     with pytest.warns(UserWarning, match="memory-bounded"):
-        flexflash.attention(q, k, v)
+        flexflash.attention(q, k, v, mask_mod=window)
 
 
 def test_generator_names_the_kernel_generator_of_the_flex_path():
@@ -69,10 +104,12 @@ def test_generator_names_the_kernel_generator_of_the_flex_path():
     non-FLASH generator); calls on other paths have none; bad arguments raise as the call would."""
     from flexflash.functional import generator
     q = torch.randn(2, 2, 40, 16)
+    window = flexflash.mods.sliding_window(3)
     with torch.no_grad():
-        assert generator(q, q, q, causal=True) == "triton"
+        assert generator(q, q, q, mask_mod=window) == "triton"
+        assert generator(q, q, q, causal=True) is None  # SDPA
         assert generator(q, q, q, backend="reference") is None
-    assert generator(q.requires_grad_(), q, q) is None  # memory-bounded path on CPU
+    assert generator(q.requires_grad_(), q, q, mask_mod=window) is None  # memory-bounded path on CPU
     with pytest.raises(TypeError, match="unknown keyword"):
         generator(q, q, q, casual=True)
 
@@ -120,8 +157,8 @@ def test_explain_gives_the_path_and_why_each_other_path_was_not_taken():
     pad = torch.rand(1, 40) > 0.3
     compiles = flexflash.compile_stats()["compiles"]
     cases = [
-        (dict(), "flex", {"sdpa": "CUDA only"}),
-        (dict(mask=pad, causal=True), "flex", {"sdpa": "CUDA only"}),
+        (dict(), "sdpa", {"flex": "SDPA computes this call exactly and faster"}),
+        (dict(mask=pad, causal=True), "flex", {"sdpa": "causal and a mask: SDPA takes one of them"}),
         (dict(backend="reference"), "reference", {"sdpa": "backend='reference'", "flex": "backend='reference'"}),
         (dict(return_lse=True), "memory-bounded", {"flex": "return_lse=True"}),
         (dict(dropout_p=0.2), "memory-bounded", {"flex": "dropout_p=0.2"}),
@@ -138,10 +175,10 @@ def test_explain_gives_the_path_and_why_each_other_path_was_not_taken():
         assert f"path: {path}" in str(plan) and all(f"not {p}: " in str(plan) for p in plan.reasons)
     assert flexflash.compile_stats()["compiles"] == compiles  # nothing ran
     kv_grad = _qkv(grad=True)
-    plan = flexflash.explain(*kv_grad)
+    plan = flexflash.explain(*kv_grad, causal=True, mask=pad[:, :8])
     assert plan.path == "memory-bounded" and "require grad" in plan.reasons["flex"]
     with torch.no_grad():
-        assert flexflash.explain(*kv_grad).path == "flex"
+        assert flexflash.explain(*kv_grad, causal=True, mask=pad[:, :8]).path == "flex"
     assert flexflash.explain(*_qkv(Nq=0)).reasons["flex"].startswith("an empty problem")
     # the caller's own kernel options are the plan's (a kernel option flexflash chose is there too)
     with torch.no_grad():

@@ -1,10 +1,10 @@
-"""Runs the benchmark suite on a CUDA machine and writes the pytest-benchmark JSON and a markdown
+"""Runs the benchmark suite on a CUDA machine (or on CPU with ``--device cpu``) and writes the pytest-benchmark JSON and a markdown
 summary (ms, TFLOP/s, the ratio best SDPA / flexflash per case).
 
 Usage::
 
     python tools/run_benchmarks.py --out results/ [--n 4096] [--d 128] [--cases causal,document]
-                                   [--impls ...] [--dirs fwd] [--dtypes bfloat16]
+                                   [--impls ...] [--dirs fwd] [--dtypes bfloat16] [--device cpu]
                                    [--compile-mode max-autotune] [-- extra pytest args]
     python tools/run_benchmarks.py --summarize results/attention.json   # only the markdown
     python tools/run_benchmarks.py --summarize-model model.json         # benchmarks/test_model.py
@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 SDPA = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"]
-COLUMNS = ["flexflash", "flexflash-flex", *SDPA, "reference"]
+COLUMNS = ["flexflash", "flexflash-flex", "flex-raw", *SDPA, "reference"]
 
 
 def run_date(data: dict, name: str = "") -> str:
@@ -67,16 +67,17 @@ def summarize(data: dict, header: bool = True, name: str = "") -> str:
         rows[key][info["impl"]] = dict(ms=bench["stats"]["median"] * 1e3, tflops=info.get("tflops"),
                                        path=info.get("path"), first=info.get("first_call_s"))
     lead = f"{run_line(data, name)} " if header else ""
-    lines = [f"{lead}Median ms "
-             "(TFLOP/s of flexflash); ratio = best SDPA time / flexflash time (> 1: flexflash faster).", "",
+    lines = [f"{lead}Median ms (TFLOP/s of flexflash); ratios = the other's time / flexflash's time "
+             "(> 1: flexflash faster).", "",
              "| case | dtype | N | D | dir | flexflash path | flexflash ms | TFLOP/s | first call s | "
-             + " | ".join(c for c in COLUMNS[1:]) + " | best SDPA / flexflash |",
-             "|" + "---|" * (9 + len(COLUMNS))]
+             + " | ".join(c for c in COLUMNS[1:]) + " | best SDPA / flexflash | flex-raw / flexflash |",
+             "|" + "---|" * (10 + len(COLUMNS))]
     for key in sorted(rows, key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
         r = rows[key]
         ours = r.get("flexflash")
         sdpa_times = [r[s]["ms"] for s in SDPA if s in r]
         ratio = f"{min(sdpa_times) / ours['ms']:.2f}" if ours and sdpa_times else "—"
+        raw = f"{r['flex-raw']['ms'] / ours['ms']:.2f}" if ours and "flex-raw" in r else "—"
 
         def cell(impl):
             return f"{r[impl]['ms']:.3f}" if impl in r else "—"
@@ -85,7 +86,7 @@ def summarize(data: dict, header: bool = True, name: str = "") -> str:
             ours["path"] if ours else "—", cell("flexflash"),
             f"{ours['tflops']:.0f}" if ours and ours.get("tflops") is not None else "—",
             f"{ours['first']:.1f}" if ours and ours.get("first") is not None else "—",
-            *[cell(c) for c in COLUMNS[1:]], ratio]) + " |")
+            *[cell(c) for c in COLUMNS[1:]], ratio, raw]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +133,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmark-results")
     parser.add_argument("--summarize", help="only write the markdown summary of this JSON file")
     parser.add_argument("--summarize-model", help="only write the summary of benchmarks/test_model.py's JSON")
-    for name in ("n", "d", "cases", "impls", "dirs", "dtypes"):
+    for name in ("n", "d", "cases", "impls", "dirs", "dtypes", "device"):
         parser.add_argument(f"--{name}", help=f"comma list (FLEXFLASH_BENCH_{name.upper()})")
     parser.add_argument("--compile-mode", choices=("default", "max-autotune"),
                         help="flexflash's compile mode for the run (FLEXFLASH_COMPILE_MODE)")
@@ -147,7 +148,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    for name in ("n", "d", "cases", "impls", "dirs", "dtypes"):
+    for name in ("n", "d", "cases", "impls", "dirs", "dtypes", "device"):
         if getattr(args, name):
             env[f"FLEXFLASH_BENCH_{name.upper()}"] = getattr(args, name)
     if args.compile_mode:

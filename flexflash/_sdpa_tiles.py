@@ -1,0 +1,105 @@
+"""The memory-bounded path on SDPA's fused CPU kernel, for masks SDPA cannot take whole.
+
+Each tile of query rows attends to the span of keys its mask allows (from the first allowed key
+to the last), with the tile's mask, and bias, as the kernel's additive mask. Query rows are
+independent, so the tiles need no merging; keys outside every row's span (a causal mask's upper
+triangle, the other documents, a sliding window's far keys) cost nothing. The backward pass
+recomputes each tile's mask and runs the kernel's backward from the saved output and log-sum-exp.
+Peak extra memory is one ``(B, H, q_chunk, span)`` float mask, never ``(Nq, Nk)``.
+
+Used by :mod:`flexflash._chunked` for the calls without score modifiers, dropout, or a bias that
+needs its gradient; the eager tiles there compute those.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _torch_private
+from ._compose import tile_grids
+
+__all__ = ["sdpa_tiles"]
+
+
+def _tile_mask(B, H, q0, q1, Nk, mask_fn, bias: Tensor | None, acc_dtype, device):
+    """``(k0, k1, attn_mask, empty_rows)`` of the query rows ``[q0, q1)``: the span of keys any of
+    them may see, the additive mask over it (None where it allows everything and there is no bias)
+    and the rows that see no key (None where there are none); None where the rows see nothing."""
+    k0, k1, allowed, empty = 0, Nk, None, None
+    if mask_fn is not None:
+        allowed = mask_fn(*tile_grids(B, H, q0, q1, 0, Nk, device))
+        cols = allowed.reshape(-1, Nk).any(0).nonzero()
+        if cols.numel() == 0:
+            return None
+        k0, k1 = int(cols[0]), int(cols[-1]) + 1
+        allowed = allowed[..., k0:k1]
+        if bool(allowed.all()):
+            allowed = None
+    attn = None
+    if bias is not None:
+        rows = slice(q0, q1) if bias.shape[2] != 1 else slice(None)
+        keys = slice(k0, k1) if bias.shape[3] != 1 else slice(None)
+        attn = bias[:, :, rows, keys].to(acc_dtype)
+    if allowed is not None:
+        attn = torch.zeros((), dtype=acc_dtype, device=device) if attn is None else attn
+        attn = attn.masked_fill(~allowed, float("-inf"))
+    if attn is not None:  # rows without a key: masked, or -inf in the bias
+        empty = torch.isneginf(attn).all(-1)
+        empty = empty if bool(empty.any()) else None
+    return k0, k1, attn, empty
+
+
+class _SdpaTiles(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask_fn, scale, q_chunk):
+        # q (B, H, Nq, D); k, v (B, H, Nk, D): heads already expanded for GQA.
+        B, H, Nq, _ = q.shape
+        Nk = k.shape[2]
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.zeros(B, H, Nq, v.shape[3], dtype=q.dtype, device=q.device)
+        lse = torch.zeros(B, H, Nq, dtype=acc_dtype, device=q.device)  # the kernel's: 0 on empty rows
+        public = torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype, device=q.device)  # -inf on empty rows
+        for q0 in range(0, Nq, q_chunk):
+            q1 = min(Nq, q0 + q_chunk)
+            tile = _tile_mask(B, H, q0, q1, Nk, mask_fn, bias, acc_dtype, q.device)
+            if tile is None:
+                continue
+            k0, k1, attn, empty = tile
+            o, l = _torch_private.cpu_flash_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn, scale)
+            out[:, :, q0:q1] = o
+            lse[:, :, q0:q1] = l
+            public[:, :, q0:q1] = l if empty is None else l.masked_fill(empty, float("-inf"))
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.mask_fn, ctx.scale, ctx.q_chunk = mask_fn, scale, q_chunk
+        ctx.mark_non_differentiable(public)
+        return out, public
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):  # d_lse: the lse needs no gradient here (see sdpa_tiles)
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        B, H, Nq, _ = q.shape
+        Nk = k.shape[2]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k, dtype=lse.dtype), torch.zeros_like(v, dtype=lse.dtype)
+        d_out = d_out.contiguous()
+        for q0 in range(0, Nq, ctx.q_chunk):
+            q1 = min(Nq, q0 + ctx.q_chunk)
+            tile = _tile_mask(B, H, q0, q1, Nk, ctx.mask_fn, bias, lse.dtype, q.device)
+            if tile is None:
+                continue
+            k0, k1, attn, _ = tile
+            g = _torch_private.cpu_flash_backward(d_out[:, :, q0:q1], q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
+                                                  out[:, :, q0:q1], lse[:, :, q0:q1], attn, ctx.scale)
+            dq[:, :, q0:q1] = g[0]
+            dk[:, :, k0:k1] += g[1]
+            dv[:, :, k0:k1] += g[2]
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def sdpa_tiles(q: Tensor, k: Tensor, v: Tensor, *, mask_fn, bias: Tensor | None, scale: float,
+               q_chunk: int) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of a validated CPU call (k/v heads expanded to q's) in tiles of ``q_chunk``
+    query rows; ``mask_fn``: the composed mask over index grids (flexflash._compose), ``bias`` a 4-D
+    bias that needs no gradient. Rows that see no key: out 0, lse ``-inf``. The lse carries no
+    gradient (calls that differentiate it take the eager tiles)."""
+    return _SdpaTiles.apply(q, k, v, bias, mask_fn, scale, q_chunk)
