@@ -14,7 +14,7 @@ Each baseline gets the case the way it accepts it: SDPA takes ``is_causal`` wher
 plain causal and a materialised mask or bias otherwise; raw FlexAttention (``torch.compile`` of
 ``flex_attention``, as torchtitan runs it) gets the case's mask function as a block mask built
 outside the timed rounds and its bias or score modifier as a ``score_mod`` (it has no dropout, and
-no backward on CPU); a backend that refuses the case is skipped
+no backward on CPU, where the forward rows are inference, under ``no_grad``); a backend that refuses the case is skipped
 (SDPA's flash backend takes no mask, nothing in SDPA does soft-capping), and so are the math backend
 and the reference where their ``(B, H, N, N)`` intermediates would not fit (``MAX_DENSE_GIB``).
 Where the bias needs its gradient, SDPA gets the masked bias as a leaf tensor of its own (the
@@ -60,7 +60,7 @@ TOKENS, HIDDEN = (4096, 512) if CPU else (16 * 1024, 2048)
 MAX_DENSE_GIB = 24.0  # the math backend and the reference materialise (B, H, Nq, Nk) fp32 tensors
 MAX_BIAS_GIB = 4.0  # a (B, H, N, N) bias case (its gradient and SDPA's masked copy come on top; at 8 GiB,
 # N = 16384, every implementation failed on an H200, SDPA included)
-TIMED_SECONDS = 0.3  # per benchmark, after warm-up
+TIMED_SECONDS = 2.0 if CPU else 0.3  # per benchmark, after warm-up (the 2-core CPU machine is noisier)
 
 CASES = ["dense", "causal", "key_padding", "bool_mask", "sliding_window_512", "sliding_window_1024", "document",
          "prefix_lm", "bias", "bias_causal", "bias_causal_grad", "alibi", "softcap", "gqa", "decode", "dropout"]
@@ -166,7 +166,7 @@ def make_case(name: str, N: int, D: int, dtype: torch.dtype) -> Case:
         c.flex, c.allowed = dict(bias=c.bias), None
         if name != "bias":
             c.flex["causal"], c.allowed = True, causal_fn
-        bias = c.bias
+        bias = c.bias.detach() if CPU else c.bias  # CPU: raw FlexAttention runs forward only
         c.score_mod = lambda s, b, h, i, j: s + bias[b, h, i, j]
     elif name == "alibi":
         fn = mods.alibi(H, offset=Nk - Nq)
@@ -259,7 +259,9 @@ def _raw_flex_fn(c: Case) -> Callable[[], torch.Tensor]:
     B, H, Nq, _ = c.q.shape
     Nk = c.k.shape[-2]
     block_mask = None if c.allowed is None else create_block_mask(c.allowed, B, None, Nq, Nk, device=DEVICE)
-    return lambda: _raw_flex(c.q, c.k, c.v, score_mod=c.score_mod, block_mask=block_mask, enable_gqa=c.gqa)
+    # FlexAttention's CPU entry refuses inputs that require grad, whatever the grad mode.
+    q, k, v = (t.detach() for t in (c.q, c.k, c.v)) if CPU else (c.q, c.k, c.v)
+    return lambda: _raw_flex(q, k, v, score_mod=c.score_mod, block_mask=block_mask, enable_gqa=c.gqa)
 
 
 _CASES: dict[tuple, Case] = {}
@@ -306,7 +308,9 @@ def test_attention(benchmark, name, N, D, dtype, direction, impl):
     grads = _grads(impl, c)
     if direction == "fwd":
         def step():
-            with torch.no_grad() if not grads else torch.enable_grad():
+            # On CPU the forward rows are inference: there a forward that records gradients is the
+            # training path's (FlexAttention's CPU kernel has no backward), timed in fwd+bwd.
+            with torch.no_grad() if CPU or not grads else torch.enable_grad():
                 forward()
     else:
         d_out = torch.randn(c.q.shape[:-1] + (c.v.shape[-1],), device=DEVICE, dtype=c.q.dtype)
@@ -339,9 +343,10 @@ def test_attention(benchmark, name, N, D, dtype, direction, impl):
     B, H, Nq, Dq = c.q.shape
     flops = 4 * B * H * Nq * c.k.shape[-2] * Dq * c.density * (3.5 if direction == "fwd+bwd" else 1.0)
     median = benchmark.stats["median"]
-    path = route(c.q, c.k, c.v, **c.flex) if impl == "flexflash" else impl
-    if path == "flex":
-        path = f"flex ({generator(c.q, c.k, c.v, **c.flex)})"  # the kernel generator: triton or flash
+    with torch.no_grad() if CPU and direction == "fwd" else torch.enable_grad():  # as step() ran
+        path = route(c.q, c.k, c.v, **c.flex) if impl == "flexflash" else impl
+        if path == "flex":
+            path = f"flex ({generator(c.q, c.k, c.v, **c.flex)})"  # the kernel generator: triton or flash
     benchmark.extra_info.update(
         case=name, N=N, D=D, dtype=dtype, direction=direction, impl=impl, path=path, B=B, H=H,
         Nq=Nq, Nk=c.k.shape[-2], density=c.density, tflops=flops / median / 1e12 if median > 0 else math.nan,

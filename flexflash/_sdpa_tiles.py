@@ -45,6 +45,7 @@ def _tile_mask(B, H, q0, q1, Nk, mask_fn, bias: Tensor | None, acc_dtype, device
         attn = torch.zeros((), dtype=acc_dtype, device=device) if attn is None else attn
         attn = attn.masked_fill(~allowed, float("-inf"))
     if attn is not None:  # rows without a key: masked, or -inf in the bias
+        attn = attn if attn.stride(-1) == 1 else attn.contiguous()  # as for q, k, v (see sdpa_tiles)
         empty = torch.isneginf(attn).all(-1)
         empty = empty if bool(empty.any()) else None
     return k0, k1, attn, empty
@@ -102,4 +103,6 @@ def sdpa_tiles(q: Tensor, k: Tensor, v: Tensor, *, mask_fn, bias: Tensor | None,
     query rows; ``mask_fn``: the composed mask over index grids (flexflash._compose), ``bias`` a 4-D
     bias that needs no gradient. Rows that see no key: out 0, lse ``-inf``. The lse carries no
     gradient (calls that differentiate it take the eager tiles)."""
+    # The kernel reads the head dim as contiguous whatever its stride (wrong results otherwise).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _SdpaTiles.apply(q, k, v, bias, mask_fn, scale, q_chunk)

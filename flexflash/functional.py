@@ -56,8 +56,12 @@ def attention(
     kernel_options: dict | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    **unexpected,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Scaled dot-product attention with masks, biases and modifiers, compiled by FlexAttention.
+
+    Layout ``(B, H, N, D)`` (batch, heads, sequence, head dim), as SDPA's; flash-attn's
+    ``(B, N, H, D)`` functions are in :mod:`flexflash.compat.flash_attn`.
 
     Shapes::
 
@@ -112,6 +116,8 @@ def attention(
     Compiled kernels and block masks are cached: new sequence lengths, new mask values or a new
     bias of the same shape reuse them.
     """
+    if unexpected:
+        raise _unexpected_keywords(unexpected)
     if is_dtensor(q) or is_dtensor(k) or is_dtensor(v):
         return parallel.attention(q, k, v, local=_attention, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod,
                                   score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
@@ -119,6 +125,28 @@ def attention(
     return _attention(q, k, v, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
                       scale=scale, dropout_p=dropout_p, block_size=block_size, kernel_options=kernel_options,
                       return_lse=return_lse, backend=backend)
+
+
+# Keywords of other attention APIs, and what flexflash calls them.
+_OTHER_NAMES = {
+    "is_causal": "causal=True (bottom-right aligned: query i sees key j iff j <= i + Nk - Nq; SDPA's is_causal is "
+                 "top-left, the same only for Nq == Nk)",
+    "attn_mask": "mask= for a bool mask (True = may attend) or bias= for an additive float mask",
+    "softmax_scale": "scale=",
+    "enable_gqa": "nothing: grouped heads (Hq a multiple of Hkv) are automatic",
+    "window_size": "mask_mod=flexflash.mods.sliding_window(...) (or flexflash.compat.flash_attn's functions)",
+    "softcap": "score_mod=flexflash.mods.tanh_softcap(...)",
+    "alibi_slopes": "score_mod=flexflash.mods.alibi(...)",
+    "block_mask": "mask_mod= (flexflash builds and caches the block mask)",
+}
+
+
+def _unexpected_keywords(unexpected: dict) -> TypeError:
+    lines = []
+    for name in unexpected:
+        hint = _OTHER_NAMES.get(name)
+        lines.append(f"{name}: flexflash.attention uses {hint}" if hint else f"{name}: not a keyword of flexflash.attention")
+    return TypeError("flexflash.attention got unexpected keyword argument(s):\n  " + "\n  ".join(lines))
 
 
 def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropout_p, block_size, kernel_options,
@@ -184,7 +212,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Plan:
 def _explain(name: str, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Plan:
     unknown = sorted(set(kwargs) - set(KEYWORDS))
     if unknown:
-        raise TypeError(f"{name}: unknown keyword(s) {unknown}; expected those of flexflash.attention")
+        hints = "".join(f"\n  {u}: flexflash.attention uses {_OTHER_NAMES[u]}" for u in unknown if u in _OTHER_NAMES)
+        raise TypeError(f"{name}: unknown keyword(s) {unknown}; expected those of flexflash.attention{hints}")
     options = {**KEYWORDS, **kwargs}
     p, infos, dropout_p = validate(q, k, v, **options)
     return make_plan(p, infos, causal=options["causal"], mask_mod=options["mask_mod"], score_mod=options["score_mod"],

@@ -135,3 +135,25 @@ def test_every_dtype_the_reference_takes_runs_on_every_cpu_path(dtype):
                 seen.add(flexflash.explain(*leaves, **kw).path)
                 check_against_reference(*leaves, grads=grad, **kw)
     assert seen == ({"sdpa", "memory-bounded"} if dtype == torch.float64 else {"sdpa", "flex", "memory-bounded"})
+
+
+def test_tiles_take_views_of_any_strides():
+    """Views whose head dim is strided (SDPA's CPU kernel reads it as contiguous: wrong results,
+    before the tiles made such views contiguous), the (B, N, H, D) layout transposed, and strided
+    masks and biases, each in training through the tiles and in one call with the lse alone."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 40, 4, 32, generator=g)[..., ::2].transpose(1, 2).requires_grad_()  # head dim stride 2
+    k = torch.randn(2, 4, 16, 40, generator=g).transpose(-1, -2).requires_grad_()  # head dim stride 40
+    v = torch.randn(2, 40, 4, 16, generator=g).transpose(1, 2).requires_grad_()
+    bias = torch.randn(40, 40, generator=g).t()
+    mask = (torch.rand(2, 1, 40, 40, generator=g) > 0.3).transpose(-1, -2)
+    window = mods.sliding_window(5)
+    for kw in (dict(mask_mod=window), dict(mask_mod=window, bias=bias), dict(causal=True, mask=mask)):
+        assert flexflash.explain(q, k, v, **kw).path == "memory-bounded"
+        check_against_reference(q, k, v, block_size=16, **kw)
+    with torch.no_grad():  # a bias alone, with the lse: the tiles with the strided bias as the kernel's mask
+        out, lse = flexflash.attention(q, k, v, bias=bias, return_lse=True)
+        ref, ref_lse = flexflash.reference.attention(q, k, v, bias=bias, return_lse=True)
+    # float32 on both sides: the kernel and the reference sum in different orders
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-6)

@@ -84,10 +84,15 @@ def summarize(data: dict, header: bool = True, name: str = "") -> str:
         lines.append("| " + " | ".join([
             key[0], key[1], str(key[2]), str(key[3]), key[4],
             ours["path"] if ours else "—", cell("flexflash"),
-            f"{ours['tflops']:.0f}" if ours and ours.get("tflops") is not None else "—",
+            _tflops(ours["tflops"]) if ours and ours.get("tflops") is not None else "—",
             f"{ours['first']:.1f}" if ours and ours.get("first") is not None else "—",
             *[cell(c) for c in COLUMNS[1:]], ratio, raw]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _tflops(t: float) -> str:
+    """TFLOP/s to show: whole numbers on a GPU, two decimals for the small figures of a CPU."""
+    return f"{t:.0f}" if t >= 10 else f"{t:.2f}"
 
 
 def summarize_model(data: dict, header: bool = True, name: str = "") -> str:

@@ -1,0 +1,339 @@
+"""flash-attn 2's functions on flexflash: ``from flexflash.compat.flash_attn import flash_attn_func``.
+
+Layout ``(batch, seqlen, nheads, headdim)`` (flash-attn's, not flexflash's ``(B, H, N, D)``); packed
+variable-length tensors ``(total_tokens, nheads, headdim)``. The same argument names, defaults and
+return values as flash-attn 2.x, with its semantics:
+
+* scores ``s = softmax_scale * q @ k^T`` (default ``headdim ** -0.5``), then with ``softcap > 0``
+  ``softcap * tanh(s / softcap)``, then ALiBi's bias, then the masks;
+* ``causal`` is aligned to the bottom-right corner: query ``i`` sees key ``j`` iff
+  ``j <= i + seqlen_k - seqlen_q``;
+* ``window_size=(left, right)``: query ``i`` sees keys ``i + seqlen_k - seqlen_q - left`` to
+  ``i + seqlen_k - seqlen_q + right``; -1 leaves that side unbounded; ``causal`` sets ``right`` to 0;
+* ``alibi_slopes`` of shape ``(nheads,)`` or ``(batch, nheads)``, float32: the bias
+  ``-slope * |i + seqlen_k - seqlen_q - j|`` (with ``causal`` flash-attn's kernel adds ``slope * j``
+  instead, which differs by a constant per row: the same output, a log-sum-exp shifted by that
+  constant); slopes get no gradient;
+* grouped heads (MQA/GQA): ``nheads % nheads_k == 0``;
+* ``dropout_p`` as flash-attn: pass 0.0 in evaluation;
+* ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: ``softmax_lse`` is
+  ``(batch, nheads, seqlen_q)`` float32 (``(nheads, total_q)`` for the variable-length functions);
+  the third value, flash-attn's dropout pattern for its tests, is not materialised (None);
+* ``deterministic`` is accepted (flexflash's backward is deterministic).
+
+Where flexflash differs: a query that sees no key returns 0 with a log-sum-exp of ``-inf`` (flash-attn's
+kernel writes ``+inf`` there); inputs may be any floating dtype on any device flexflash runs on
+(CPU included); everything runs through :func:`flexflash.attention`, so its paths (SDPA, compiled
+FlexAttention, the CPU tiles) and caches apply. Not supported, and refused by name: rotary
+embeddings and ``cache_leftpad`` of :func:`flash_attn_with_kvcache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..functional import attention
+
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
+
+
+def _window(window_size) -> tuple[int, int]:
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size: expected (left, right) ints (-1 = unbounded), got {window_size!r}") from None
+    return left, right
+
+
+def _mask_mod(diag, left: int, right: int, causal: bool, extra=None):
+    """The mask of a call: ``diag(b, q_idx)`` is the key aligned with query ``q_idx`` (bottom-right),
+    ``extra(b, h, q_idx, kv_idx)`` a further condition (documents, cache lengths); None where
+    nothing is masked."""
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0 and extra is None:
+        return None
+
+    def flash_attn_mask(b, h, q_idx, kv_idx):
+        d = diag(b, q_idx)
+        parts = ([kv_idx >= d - left] if left >= 0 else []) + ([kv_idx <= d + right] if right >= 0 else [])
+        if extra is not None:
+            parts.append(extra(b, h, q_idx, kv_idx))
+        ok = parts[0]
+        for part in parts[1:]:
+            ok = ok & part
+        return ok
+
+    return flash_attn_mask
+
+
+def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, batch: int):
+    """Soft-capping, then ALiBi's bias (see the module docstring); None where scores are unchanged."""
+    softcap = float(softcap)
+    if softcap < 0:
+        raise ValueError(f"softcap: expected a float >= 0 (0 = off), got {softcap}")
+    slopes = None
+    if alibi_slopes is not None:
+        if alibi_slopes.shape not in ((nheads,), (batch, nheads)):
+            raise ValueError(f"alibi_slopes: expected shape ({nheads},) or ({batch}, {nheads}), got "
+                             f"{tuple(alibi_slopes.shape)}")
+        slopes = alibi_slopes.detach().float()
+    if softcap == 0 and slopes is None:
+        return None
+    batched = slopes is not None and slopes.dim() == 2
+
+    def flash_attn_score(score, b, h, q_idx, kv_idx):
+        if softcap > 0:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            slope = slopes[b, h] if batched else slopes[h]
+            score = score - slope * (diag(b, q_idx) - kv_idx).abs()
+        return score
+
+    return flash_attn_score
+
+
+def _bhsd(t: Tensor, name: str, rank: int = 4) -> Tensor:
+    if not isinstance(t, Tensor) or t.dim() != rank:
+        shape = "(batch, seqlen, nheads, headdim)" if rank == 4 else "(total_tokens, nheads, headdim)"
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected a {rank}-D tensor {shape} (flash-attn's layout), got {got}")
+    return t.transpose(1, 2) if rank == 4 else t.transpose(0, 1).unsqueeze(0)
+
+
+def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, lse, diag=None,
+         extra=None):
+    """flexflash.attention on ``(B, H, N, D)`` views, with flash-attn's masks and modifiers."""
+    left, right = _window(window_size)
+    B, H, Nq = q.shape[:3]
+    if diag is None:
+        offset = k.shape[2] - Nq
+
+        def diag(b, q_idx):
+            return q_idx + offset
+    mask_mod = _mask_mod(diag, left, right, causal, extra)
+    score_mod = _score_mod(diag, softcap, alibi_slopes, H, B)
+    return attention(q, k, v, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale, dropout_p=dropout_p,
+                     return_lse=lse)
+
+
+def _finish(result, lse: bool, back):
+    if not lse:
+        return back(result)
+    out, softmax_lse = result
+    return back(out), softmax_lse, None
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn's ``flash_attn_func``: ``q (batch, seqlen_q, nheads, headdim)``, ``k``/``v``
+    ``(batch, seqlen_k, nheads_k, headdim)``; returns ``out (batch, seqlen_q, nheads, headdim)``
+    (and ``softmax_lse``, None with ``return_attn_probs``)."""
+    result = _run(_bhsd(q, "q"), _bhsd(k, "k"), _bhsd(v, "v"), dropout_p=dropout_p, softmax_scale=softmax_scale,
+                  causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                  lse=return_attn_probs)
+    return _finish(result, return_attn_probs, lambda o: o.transpose(1, 2).contiguous())
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``qkv (batch, seqlen, 3, nheads, headdim)``."""
+    _packed(qkv, "qkv", 5, 2, 3)
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``q (batch, seqlen_q, nheads, headdim)``, ``kv (batch, seqlen_k, 2, nheads_k, headdim)``."""
+    _packed(kv, "kv", 5, 2, 2)
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def _packed(t, name: str, rank: int, dim: int, size: int) -> None:
+    if not isinstance(t, Tensor) or t.dim() != rank or t.shape[dim] != size:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected a {rank}-D tensor with {size} at dimension {dim} (flash-attn's packed "
+                         f"layout), got {got}")
+
+
+def _cu(cu: Tensor, name: str, total: int) -> Tensor:
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.is_floating_point():
+        raise ValueError(f"{name}: expected a 1-D integer tensor [0, ..., total] (batch + 1 entries), got "
+                         f"{tuple(cu.shape) if isinstance(cu, Tensor) else cu!r}")
+    if not torch.compiler.is_compiling():
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > total:
+            raise ValueError(f"{name}: expected non-decreasing offsets from 0 to at most {total} tokens, got "
+                             f"{cu.tolist()}")
+    return cu.long()
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attn's ``flash_attn_varlen_func``: sequences packed without padding, ``q (total_q,
+    nheads, headdim)``, ``k``/``v`` ``(total_k, nheads_k, headdim)``, sequence ``i`` at
+    ``cu_seqlens[i]:cu_seqlens[i + 1]``; causal masks and windows apply within each sequence
+    (bottom-right per sequence). Computed over the packed tokens with a document mask (no padding);
+    new lengths and offsets reuse the compiled kernel. ``max_seqlen_q/k`` are accepted and not
+    needed. Returns ``out (total_q, nheads, headdim)`` (and ``softmax_lse (nheads, total_q)``, None
+    with ``return_attn_probs``)."""
+    if block_table is not None:
+        raise NotImplementedError("block_table: a paged key/value cache is supported by flash_attn_with_kvcache, "
+                                  "not by flash_attn_varlen_func")
+    qt, kt, vt = _bhsd(q, "q", 3), _bhsd(k, "k", 3), _bhsd(v, "v", 3)
+    cu_q, cu_k = _cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0]), _cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k: expected the same number of sequences, got "
+                         f"{cu_q.numel() - 1} and {cu_k.numel() - 1}")
+    device = q.device
+    tq, tk = torch.arange(q.shape[0], device=device), torch.arange(k.shape[0], device=device)
+    doc_q = torch.searchsorted(cu_q[1:], tq, right=True)  # a token past the last sequence: index nseq
+    doc_k = torch.searchsorted(cu_k[1:], tk, right=True)
+    nseq = cu_q.numel() - 1
+    doc_q = torch.where(doc_q < nseq, doc_q, -1)
+    doc_k = torch.where(doc_k < nseq, doc_k, -2)  # tokens past the sequences see nothing, are seen by none
+    d = doc_q.clamp(min=0)
+    # the key aligned with each query (bottom-right within its sequence), as a packed key index
+    aligned = tq - cu_q[d] + (cu_k[d + 1] - cu_k[d]) - (cu_q[d + 1] - cu_q[d]) + cu_k[d]
+
+    def diag(b, q_idx):
+        return aligned[q_idx]
+
+    def same_sequence(b, h, q_idx, kv_idx):
+        return doc_q[q_idx] == doc_k[kv_idx]
+
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        raise ValueError(f"alibi_slopes: expected shape ({q.shape[1]},) for the packed sequences, got "
+                         f"{tuple(alibi_slopes.shape)} (per-sequence slopes are not supported)")
+    result = _run(qt, kt, vt, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                  softcap=softcap, alibi_slopes=alibi_slopes, lse=return_attn_probs, diag=diag, extra=same_sequence)
+    if return_attn_probs:
+        out, lse = result
+        return out[0].transpose(0, 1).contiguous(), lse[0], None
+    return result[0].transpose(0, 1).contiguous()
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """``qkv (total, 3, nheads, headdim)``."""
+    _packed(qkv, "qkv", 4, 1, 3)
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``q (total_q, nheads, headdim)``, ``kv (total_k, 2, nheads_k, headdim)``."""
+    _packed(kv, "kv", 4, 1, 2)
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """flash-attn's ``flash_attn_with_kvcache`` for decoding: ``q (batch, seqlen_q, nheads,
+    headdim)``; ``k_cache``/``v_cache`` ``(batch_cache, seqlen_cache, nheads_k, headdim)``, or paged
+    ``(num_blocks, page_block_size, nheads_k, headdim)`` with ``block_table (batch, max_blocks)``
+    (int32 block indices). ``cache_seqlens`` (an int or a ``(batch,)`` int tensor) is how much of each
+    sequence's cache is filled; ``k``/``v`` ``(batch, seqlen_new, nheads_k, headdim)``, if given, are
+    written into the cache in place at those positions first. Each query then attends to its
+    sequence's ``cache_seqlens + seqlen_new`` keys, ``causal`` aligned to their end.
+    ``cache_batch_idx (batch,)`` picks the cache row of each sequence. Lengths enter the kernel as
+    tensors: growing caches do not recompile. ``num_splits`` is accepted (flexflash chooses its own
+    tiles). Returns ``out (batch, seqlen_q, nheads, headdim)`` (and ``softmax_lse (batch, nheads,
+    seqlen_q)`` with ``return_softmax_lse``)."""
+    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_leftpad", cache_leftpad)):
+        if value is not None:
+            raise NotImplementedError(f"{name}: not supported by flexflash's flash_attn_with_kvcache; apply rotary "
+                                      "embeddings to q and k before the call, and keep caches left-aligned")
+    if (k is None) != (v is None):
+        raise ValueError("k and v: expected both or neither (the new keys and values to append)")
+    qt = _bhsd(q, "q")
+    B, Sq = q.shape[0], q.shape[1]
+    lengths = _cache_lengths(cache_seqlens, B, q.device)
+    paged = block_table is not None
+    if paged and cache_batch_idx is not None:
+        raise ValueError("cache_batch_idx and block_table: expected at most one (a paged cache is indexed by "
+                         "block_table)")
+    if k is not None:
+        _append(k_cache, k, lengths, cache_batch_idx, block_table, "k")
+        _append(v_cache, v, lengths, cache_batch_idx, block_table, "v")
+        lengths = lengths + k.shape[1]
+    keys, values = (_sequences(c, cache_batch_idx, block_table, B, name)
+                    for c, name in ((k_cache, "k_cache"), (v_cache, "v_cache")))
+    total = lengths
+
+    def diag(b, q_idx):
+        return q_idx + total[b] - Sq
+
+    def filled(b, h, q_idx, kv_idx):
+        return kv_idx < total[b]
+
+    result = _run(qt, keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
+                  causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                  lse=return_softmax_lse, diag=diag, extra=filled)
+    if return_softmax_lse:
+        out, lse = result
+        return out.transpose(1, 2).contiguous(), lse
+    return result.transpose(1, 2).contiguous()
+
+
+def _cache_lengths(cache_seqlens, batch: int, device) -> Tensor:
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens: expected an int or a (batch,) integer tensor (the filled part of each "
+                         "sequence's cache), got None")
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        return torch.full((batch,), cache_seqlens, dtype=torch.int64, device=device)
+    if (not isinstance(cache_seqlens, Tensor) or cache_seqlens.shape != (batch,) or cache_seqlens.is_floating_point()
+            or cache_seqlens.dtype == torch.bool):
+        raise ValueError(f"cache_seqlens: expected an int or a ({batch},) integer tensor, got "
+                         f"{tuple(cache_seqlens.shape) if isinstance(cache_seqlens, Tensor) else cache_seqlens!r}")
+    return cache_seqlens.to(device=device, dtype=torch.int64)
+
+
+def _positions(lengths: Tensor, n: int) -> Tensor:
+    """(batch, n): the cache positions of ``n`` new tokens per sequence."""
+    return lengths[:, None] + torch.arange(n, device=lengths.device)
+
+
+def _append(cache: Tensor, new: Tensor, lengths: Tensor, batch_idx, block_table, name: str) -> None:
+    """Writes ``new (batch, n, heads, dim)`` into ``cache`` in place after each sequence's filled part."""
+    if not isinstance(new, Tensor) or new.dim() != 4:
+        raise ValueError(f"{name}: expected (batch, seqlen_new, nheads_k, headdim), got "
+                         f"{tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__}")
+    pos = _positions(lengths, new.shape[1])
+    if block_table is not None:
+        page = cache.shape[1]
+        blocks = torch.gather(block_table.long(), 1, pos // page)
+        cache[blocks, pos % page] = new.to(cache.dtype)
+        return
+    rows = (torch.arange(new.shape[0], device=new.device) if batch_idx is None else batch_idx.long())[:, None]
+    cache[rows, pos] = new.to(cache.dtype)
+
+
+def _sequences(cache: Tensor, batch_idx, block_table, batch: int, name: str) -> Tensor:
+    """Each sequence's keys or values, ``(batch, seqlen_cache, heads, dim)``: the cache itself (a
+    view where it can be), its rows ``batch_idx``, or the pages of ``block_table`` laid end to end."""
+    if not isinstance(cache, Tensor) or cache.dim() != 4:
+        raise ValueError(f"{name}: expected (batch_cache, seqlen_cache, nheads_k, headdim) or paged (num_blocks, "
+                         f"page_block_size, nheads_k, headdim), got "
+                         f"{tuple(cache.shape) if isinstance(cache, Tensor) else type(cache).__name__}")
+    if block_table is not None:
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table: expected ({batch}, max_blocks), got {tuple(block_table.shape)}")
+        return cache[block_table.long()].flatten(1, 2)
+    if batch_idx is not None:
+        return cache[batch_idx.long()]
+    if cache.shape[0] != batch:
+        raise ValueError(f"{name}: expected batch {batch} (or cache_batch_idx), got {tuple(cache.shape)}")
+    return cache

@@ -1,0 +1,255 @@
+"""flexflash.compat.flash_attn against a reference written from flash-attn's documented semantics
+(its test suite's ``attention_ref``: scores, soft-capping, the local window mask with bottom-right
+alignment, ALiBi as a bias, softmax; rows without a key give 0), in flash-attn's (batch, seqlen,
+nheads, headdim) layout: odd lengths, seqlen_q != seqlen_k both ways, grouped heads, forward and
+backward; packed variable-length batches against the reference per sequence; the KV cache against
+recomputing the whole sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexflash
+from flexflash.compat.flash_attn import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
+
+from .helpers import assert_close_to_golden, seed_of
+
+
+def attention_ref(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, softmax_scale=None):
+    """flash-attn's attention_ref in its layout; returns ``(out, lse)``, computed in float32 (float64
+    for float64 inputs). ALiBi with ``causal`` is flash-attn's ``slope * (j - seqlen_k + 1)``, the
+    same output as ``-slope * |i + seqlen_k - seqlen_q - j|`` (a constant per row)."""
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = k.repeat_interleave(H // Hk, dim=2).to(acc), v.repeat_interleave(H // Hk, dim=2).to(acc)
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    s = torch.einsum("bthd,bshd->bhts", q.to(acc), k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    row, col = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :]
+    left, right = window_size
+    right = 0 if causal else right
+    masked = torch.zeros(Sq, Sk, dtype=torch.bool)
+    if right >= 0:
+        masked |= col > row + Sk - Sq + right
+    if left >= 0:
+        masked |= col < row + Sk - Sq - left
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(acc)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s + (slopes * torch.arange(-Sk + 1, 1).to(acc) if causal else -slopes * (row + Sk - Sq - col).abs().to(acc))
+    s = s.masked_fill(masked, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return torch.einsum("bhts,bshd->bthd", p, v).to(q.dtype), torch.logsumexp(s, -1)
+
+
+def _compare(name, run, ref, inputs, dtype, grad=True):
+    """``run(*inputs)`` (the compat call) against ``ref(*inputs)`` in the test dtype and in float64,
+    forward and, with ``grad``, the gradients of every input."""
+    leaves = [t.detach().to(dtype).requires_grad_(grad) for t in inputs]
+    gold_leaves = [t.detach().double().requires_grad_(grad) for t in inputs]
+    got, want, gold = run(*leaves), ref(*leaves), ref(*gold_leaves)
+    assert got.dtype == dtype and got.shape == gold.shape
+    assert_close_to_golden(name, got, want, gold, dtype)
+    if grad:
+        g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        got_g = torch.autograd.grad(got, leaves, g)
+        want_g = torch.autograd.grad(want, leaves, g)
+        gold_g = torch.autograd.grad(gold, gold_leaves, g.double())
+        for i, (a, b, c) in enumerate(zip(got_g, want_g, gold_g)):
+            assert_close_to_golden(f"{name} d{i}", a, b, c, dtype)
+    return got
+
+
+CASES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(5, 3)),
+    "window_right_only": dict(window_size=(-1, 4)),
+    "window_left_causal": dict(window_size=(6, -1), causal=True),
+    "softcap": dict(softcap=3.0),
+    "alibi": dict(alibi_slopes=torch.rand(4, generator=torch.Generator().manual_seed(2))),
+    "alibi_batched_causal_softcap": dict(alibi_slopes=torch.rand(2, 4, generator=torch.Generator().manual_seed(3)),
+                                          causal=True, softcap=2.0),
+    "scale": dict(softmax_scale=0.3, causal=True),
+}
+
+
+@pytest.mark.parametrize("Sq,Sk", [(17, 17), (13, 29), (29, 13)])
+@pytest.mark.parametrize("case", list(CASES))
+def test_flash_attn_func_matches_flash_attns_semantics(case, Sq, Sk):
+    """Forward and backward (grouped heads 4/2, float32 and bfloat16), the log-sum-exp of
+    ``return_attn_probs`` too (rows without a key: out 0, lse -inf)."""
+    kw = CASES[case]
+    gen = torch.Generator().manual_seed(seed_of(case, Sq, Sk))
+    q, k, v = torch.randn(2, Sq, 4, 16, generator=gen), torch.randn(2, Sk, 2, 16, generator=gen), \
+        torch.randn(2, Sk, 2, 16, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        _compare(case, lambda *t: flash_attn_func(*t, **kw), lambda *t: attention_ref(*t, **kw)[0], (q, k, v), dtype)
+    # inputs that require grad: the CPU tiles (no kernel to compile per case); the compiled path is
+    # covered by the variable-length and KV-cache tests
+    out, lse, probs = flash_attn_func(q.requires_grad_(), k, v, return_attn_probs=True, **kw)
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), **kw)
+    assert probs is None and lse.shape == (2, 4, Sq) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.detach().double(), ref_out, rtol=1e-5, atol=1e-5)  # float32 against float64
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    if not (kw.get("causal") and kw.get("alibi_slopes") is not None):  # there the lse differs by a constant per row
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse.detach().double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_functions_equal_the_unpacked_one():
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 21, 3, 4, 16, generator=gen)
+    kw = dict(causal=True, window_size=(7, -1))
+    want = flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], **kw)
+    torch.testing.assert_close(flash_attn_qkvpacked_func(qkv, **kw), want, rtol=0, atol=0)
+    torch.testing.assert_close(flash_attn_kvpacked_func(qkv[:, :, 0], qkv[:, :, 1:], **kw), want, rtol=0, atol=0)
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _varlen_ref(q, k, v, cu_q, cu_k, **kw):
+    """The reference per sequence, packed again."""
+    outs = [attention_ref(q[None, cu_q[i]:cu_q[i + 1]], k[None, cu_k[i]:cu_k[i + 1]], v[None, cu_k[i]:cu_k[i + 1]],
+                          **kw)[0][0] for i in range(len(cu_q) - 1)]
+    return torch.cat(outs)
+
+
+VARLEN = {
+    "causal": dict(causal=True),
+    "window": dict(window_size=(4, 2)),
+    "alibi_softcap": dict(alibi_slopes=torch.rand(4, generator=torch.Generator().manual_seed(5)), softcap=2.5),
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN))
+def test_varlen_matches_the_reference_per_sequence(case):
+    """Sequences of odd lengths, queries shorter and longer than their keys (bottom-right per
+    sequence), an empty query sequence, grouped heads; forward and backward."""
+    kw = VARLEN[case]
+    lq, lk = [5, 1, 13, 0, 9], [5, 7, 4, 3, 9]
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    gen = torch.Generator().manual_seed(seed_of("varlen", case))
+    q, k, v = (torch.randn(n, h, 16, generator=gen) for n, h in ((sum(lq), 4), (sum(lk), 2), (sum(lk), 2)))
+    for dtype in (torch.float32, torch.bfloat16):
+        _compare(case, lambda *t: flash_attn_varlen_func(*t, cu_q, cu_k, max(lq), max(lk), **kw),
+                 lambda *t: _varlen_ref(*t, cu_q.tolist(), cu_k.tolist(), **kw), (q, k, v), dtype)
+    _, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), return_attn_probs=True, **kw)
+    assert lse.shape == (4, sum(lq))
+    kv = torch.stack([k, v], dim=1)
+    torch.testing.assert_close(flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, max(lq), max(lk), **kw),
+                               flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), **kw), rtol=0, atol=0)
+
+
+def test_varlen_new_lengths_do_not_recompile():
+    """Batches of new lengths and offsets (the inference path: compiled FlexAttention) reuse the
+    kernel; the qkv-packed entry agrees."""
+    gen = torch.Generator().manual_seed(6)
+    compiles = None
+    for lengths in ([7, 30, 12], [19, 3, 40, 2], [11, 11], [33, 1, 5, 20, 9]):
+        cu = _cu(lengths)
+        qkv = torch.randn(sum(lengths), 3, 2, 16, generator=gen)
+        with torch.no_grad():
+            out = flash_attn_varlen_qkvpacked_func(qkv, cu, max(lengths), causal=True)
+        want = _varlen_ref(qkv[:, 0].double(), qkv[:, 1].double(), qkv[:, 2].double(), cu.tolist(), cu.tolist(),
+                           causal=True)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
+        if compiles is None:
+            compiles = flexflash.compile_stats()["compiles"]
+    assert flexflash.compile_stats()["compiles"] == compiles
+
+
+def _decode_ref(q, keys, values, lengths, **kw):
+    """Each sequence's queries against its first ``lengths[b]`` keys (recomputed from scratch)."""
+    return torch.cat([attention_ref(q[b:b + 1], keys[b:b + 1, :n], values[b:b + 1, :n], **kw)[0]
+                      for b, n in enumerate(lengths)])
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_decoding_equals_recomputing_the_sequence(paged):
+    """Prefill, then one token per step with keys and values appended in place: each step equals
+    attention over the whole sequence so far, for sequences of different lengths, contiguous or
+    paged caches, grouped heads, causal with a window; growing lengths do not recompile."""
+    gen = torch.Generator().manual_seed(seed_of("kvcache", paged))
+    B, H, Hk, D, S = 3, 4, 2, 16, 48
+    full_k, full_v = torch.randn(B, S, Hk, D, generator=gen), torch.randn(B, S, Hk, D, generator=gen)
+    start = torch.tensor([5, 17, 1])
+    kw = dict(causal=True, window_size=(20, -1))
+    if paged:
+        page, blocks = 8, 3 * S // 8
+        k_cache, v_cache = torch.zeros(blocks, page, Hk, D), torch.zeros(blocks, page, Hk, D)
+        table = torch.randperm(blocks, generator=gen).view(B, S // page).to(torch.int32)
+    else:
+        k_cache, v_cache, table = torch.zeros(B, S, Hk, D), torch.zeros(B, S, Hk, D), None
+    lengths = torch.zeros(B, dtype=torch.int32)
+    # prefill: each sequence's first start[b] tokens, one call per sequence length group (here: written
+    # through k/v of the longest prefix, then the lengths set)
+    n0 = int(start.max())
+    flash_attn_with_kvcache(torch.randn(B, n0, H, D, generator=gen), k_cache, v_cache, full_k[:, :n0], full_v[:, :n0],
+                            cache_seqlens=lengths, block_table=table, **kw)
+    lengths = start.to(torch.int32)
+    compiles = None
+    for step in range(4):
+        q = torch.randn(B, 1, H, D, generator=gen)
+        pos = lengths.long()
+        new_k = full_k[torch.arange(B), pos][:, None]
+        new_v = full_v[torch.arange(B), pos][:, None]
+        with torch.no_grad():
+            out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, new_k, new_v, cache_seqlens=lengths,
+                                               block_table=table, return_softmax_lse=True, **kw)
+        lengths = lengths + 1
+        want = _decode_ref(q.double(), full_k.double(), full_v.double(), lengths.tolist(), **kw)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
+        assert lse.shape == (B, H, 1)
+        if compiles is None:
+            compiles = flexflash.compile_stats()["compiles"]
+    assert flexflash.compile_stats()["compiles"] == compiles
+    cached = k_cache[table.long()].flatten(1, 2) if paged else k_cache
+    for b in range(B):  # the cache holds every token appended
+        n = int(lengths[b])
+        torch.testing.assert_close(cached[b, :n], full_k[b, :n], rtol=0, atol=0)
+
+
+def test_kvcache_batch_index_and_refusals():
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache = torch.randn(5, 12, 2, 16, generator=gen), torch.randn(5, 12, 2, 16, generator=gen)
+    q = torch.randn(2, 1, 2, 16, generator=gen)
+    idx = torch.tensor([3, 0])
+    lengths = torch.tensor([7, 12])
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_batch_idx=idx)
+    want = _decode_ref(q.double(), k_cache[idx].double(), v_cache[idx].double(), lengths.tolist())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
+    with pytest.raises(NotImplementedError, match="rotary_cos"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_batch_idx=idx, rotary_cos=q)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_batch_idx=idx)
+    with pytest.raises(ValueError, match="window_size"):
+        flash_attn_func(q, q, q, window_size=3)
+    with pytest.raises(ValueError, match=r"q: expected a 4-D tensor \(batch, seqlen, nheads, headdim\)"):
+        flash_attn_func(q[0], q, q)
+
+
+def test_keywords_of_other_apis_name_flexflashs():
+    """Habits from SDPA and flash-attn meet an error naming flexflash's argument, not a bare TypeError."""
+    q = torch.randn(1, 2, 8, 16)
+    for name, value, hint in (("is_causal", True, "causal=True"), ("attn_mask", None, "mask="),
+                              ("softmax_scale", 0.5, "scale="), ("window_size", (4, 0), "sliding_window")):
+        with pytest.raises(TypeError, match=f"{name}: flexflash.attention uses .*{hint}"):
+            flexflash.attention(q, q, q, **{name: value})
+        with pytest.raises(TypeError, match=f"explain: unknown keyword.*\n  {name}: flexflash.attention uses"):
+            flexflash.explain(q, q, q, **{name: value})
+    with pytest.raises(TypeError, match="casual: not a keyword of flexflash.attention"):
+        flexflash.attention(q, q, q, casual=True)
