@@ -253,3 +253,30 @@ def test_keywords_of_other_apis_name_flexflashs():
             flexflash.explain(q, q, q, **{name: value})
     with pytest.raises(TypeError, match="casual: not a keyword of flexflash.attention"):
         flexflash.attention(q, q, q, casual=True)
+
+
+def test_a_decoding_step_compiles_once_under_the_callers_torch_compile():
+    """A decoding step (append the new token's key and value in place, attend to the cache) inside
+    the caller's ``torch.compile(fullgraph=True)``: the growing cache lengths compile no new graph,
+    and each step equals the eager call on the updated cache."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("inductor")
+    gen = torch.Generator().manual_seed(8)
+    B, H, Hk, D, S = 2, 4, 2, 16, 32
+    k_cache, v_cache = torch.zeros(B, S, Hk, D), torch.zeros(B, S, Hk, D)
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(q, k, v, k_cache, v_cache, lengths):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, causal=True)
+
+    lengths = torch.tensor([3, 9], dtype=torch.int32)
+    graphs = []
+    for _ in range(4):
+        q, k, v = (torch.randn(B, 1, h, D, generator=gen) for h in (H, Hk, Hk))
+        with torch.no_grad():
+            out = step(q, k, v, k_cache, v_cache, lengths)
+            want = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths + 1, causal=True)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)  # float32 both: summation order only
+        lengths = lengths + 1
+        graphs.append(counter.frame_count)
+    assert graphs == [1, 1, 1, 1], graphs
