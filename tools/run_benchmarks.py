@@ -41,7 +41,7 @@ def run_date(data: dict, name: str = "") -> str:
 
 
 def run_line(data: dict, name: str = "") -> str:
-    """``GPU: ..., torch ..., date.`` of a run: the GPU and torch version its benchmarks recorded in
+    """``GPU: ..., torch ..., date.`` (``CPU, torch ...`` for a CPU run) of a run: the GPU and torch version its benchmarks recorded in
     ``extra_info`` (each distinct value once; ``machine_info`` where no benchmark has one), the date
     from ``run_date``."""
     machine_info = data.get("machine_info") or {}
@@ -52,7 +52,8 @@ def run_line(data: dict, name: str = "") -> str:
             ([str(machine_info[key])] if machine_info.get(key) is not None else [])
         return " / ".join(seen) or "not recorded"
     date = run_date(data, name) or "date not recorded"
-    return f"GPU: {values('gpu')}, torch {values('torch')}, {date}."
+    device = values("gpu")
+    return f"{'CPU' if device == 'cpu' else 'GPU: ' + device}, torch {values('torch')}, {date}."
 
 
 def summarize(data: dict, header: bool = True, name: str = "") -> str:
