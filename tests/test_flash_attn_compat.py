@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import flexflash
 from flexflash.compat.flash_attn import (
@@ -280,3 +282,22 @@ def test_a_decoding_step_compiles_once_under_the_callers_torch_compile():
         lengths = lengths + 1
         graphs.append(counter.frame_count)
     assert graphs == [1, 1, 1, 1], graphs
+
+
+@given(
+    Sq=st.integers(1, 40), Sk=st.integers(1, 40), heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
+    D=st.sampled_from([8, 16, 24]), causal=st.booleans(), left=st.integers(-1, 12), right=st.integers(-1, 12),
+    softcap=st.sampled_from([0.0, 2.5]), alibi=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_property_flash_attn_func_against_flash_attns_semantics(Sq, Sk, heads, D, causal, left, right, softcap, alibi,
+                                                                 seed):
+    """Random lengths, heads, windows, soft-capping and ALiBi: forward and backward against the
+    reference (inputs that require grad: the CPU tiles, no compilation per example)."""
+    H, Hk = heads
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(causal=causal, window_size=(left, right), softcap=softcap,
+              alibi_slopes=torch.rand(H, generator=gen) if alibi else None)
+    q, k, v = torch.randn(2, Sq, H, D, generator=gen), torch.randn(2, Sk, Hk, D, generator=gen), \
+        torch.randn(2, Sk, Hk, D, generator=gen)
+    _compare("property", lambda *t: flash_attn_func(*t, **kw), lambda *t: attention_ref(*t, **kw)[0], (q, k, v),
+             torch.float32)
