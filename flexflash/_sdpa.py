@@ -60,5 +60,8 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, mask: T
 
 def _cpu_bias(bias: Tensor, dtype: torch.dtype) -> Tensor:
     """The bias as SDPA's additive mask: in its own dtype where SDPA takes it (q's, or float32,
-    which keeps a float32 bias exact for bfloat16/float16 inputs), else in q's."""
-    return bias if bias.dtype in (dtype, torch.float32) else bias.to(dtype)
+    which keeps a float32 bias exact for bfloat16/float16 inputs), else in float32 for those
+    inputs (the precision the scores are summed in) and in q's otherwise."""
+    if bias.dtype in (dtype, torch.float32):
+        return bias
+    return bias.to(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)

@@ -157,3 +157,15 @@ def test_tiles_take_views_of_any_strides():
     # float32 on both sides: the kernel and the reference sum in different orders
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(lse, ref_lse, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_on_cpu_takes_biases_of_another_dtype(dtype):
+    """A float32 or float64 bias beside half-precision inputs reaches SDPA's kernel in float32 (the
+    precision the scores are summed in), with its gradient."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 4, 33, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    for bias in (torch.randn(33, 33, generator=g), torch.randn(33, 33, generator=g).double(),
+                 torch.randn(4, 33, 33, generator=g).requires_grad_()):
+        assert flexflash.explain(q, k, v, bias=bias).path == "sdpa"
+        check_against_reference(q, k, v, bias=bias)
