@@ -197,11 +197,15 @@ def test_kvcache_decoding_equals_recomputing_the_sequence(paged):
     else:
         k_cache, v_cache, table = torch.zeros(B, S, Hk, D), torch.zeros(B, S, Hk, D), None
     lengths = torch.zeros(B, dtype=torch.int32)
-    # prefill: each sequence's first start[b] tokens, one call per sequence length group (here: written
-    # through k/v of the longest prefix, then the lengths set)
+    # prefill: the first max(start) tokens of every sequence; decoding then continues each sequence from
+    # its own start[b] (the cache beyond holds the same tokens, overwritten as it goes)
     n0 = int(start.max())
-    flash_attn_with_kvcache(torch.randn(B, n0, H, D, generator=gen), k_cache, v_cache, full_k[:, :n0], full_v[:, :n0],
-                            cache_seqlens=lengths, block_table=table, **kw)
+    q0 = torch.randn(B, n0, H, D, generator=gen)
+    with torch.no_grad():  # several new tokens at once (a prefill): causal among themselves
+        out = flash_attn_with_kvcache(q0, k_cache, v_cache, full_k[:, :n0], full_v[:, :n0], cache_seqlens=lengths,
+                                      block_table=table, **kw)
+    want = attention_ref(q0.double(), full_k[:, :n0].double(), full_v[:, :n0].double(), **kw)[0]
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
     lengths = start.to(torch.int32)
     compiles = None
     for step in range(4):
@@ -301,3 +305,19 @@ def test_property_flash_attn_func_against_flash_attns_semantics(Sq, Sk, heads, D
         torch.randn(2, Sk, Hk, D, generator=gen)
     _compare("property", lambda *t: flash_attn_func(*t, **kw), lambda *t: attention_ref(*t, **kw)[0], (q, k, v),
              torch.float32)
+
+
+def test_dropout_is_flexflashs_exact_dropout():
+    """``dropout_p`` is flexflash's dropout: reproducible with ``torch.manual_seed``, unbiased on
+    average, and off at 0."""
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = torch.randn(1, 64, 2, 16, generator=gen), torch.randn(1, 64, 2, 16, generator=gen), \
+        torch.ones(1, 64, 2, 16)
+    plain = flash_attn_func(q, k, v, causal=True)
+    torch.manual_seed(0)
+    a = flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+    torch.manual_seed(0)
+    b = flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    # v = 1: each output is sum_j P_ij keep_ij / 0.7, 1 on average over the keep flags
+    assert abs(a[0, 32:].mean().item() - 1.0) < 0.05
