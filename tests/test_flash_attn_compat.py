@@ -321,3 +321,76 @@ def test_dropout_is_flexflashs_exact_dropout():
     assert torch.equal(a, b) and not torch.equal(a, plain)
     # v = 1: each output is sum_j P_ij keep_ij / 0.7, 1 on average over the keep flags
     assert abs(a[0, 32:].mean().item() - 1.0) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["causal", "window", "alibi_batched_causal_softcap"])
+def test_flash_attn_func_on_gpu(case):
+    """bf16 on CUDA (compiled FlexAttention), forward and backward, Nq != Nk, grouped heads."""
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in CASES[case].items()}
+    gen = torch.Generator().manual_seed(seed_of("gpu", case))
+    q, k, v = (torch.randn(2, n, h, 64, generator=gen).cuda() for n, h in ((200, 8), (333, 2), (333, 2)))
+    ref_kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+    def ref(*t):
+        out = attention_ref(*(x.cpu() for x in t), **ref_kw)[0]
+        return out.to(t[0].device)
+    _compare(case, lambda *t: flash_attn_func(*t, **kw), ref, (q, k, v), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_varlen_and_kvcache_on_gpu():
+    """Variable-length training and paged KV-cache decoding in bf16 on CUDA against the reference."""
+    gen = torch.Generator().manual_seed(11)
+    lengths = [300, 17, 129, 64]
+    cu = _cu(lengths).cuda()
+    q, k, v = (torch.randn(sum(lengths), h, 64, generator=gen).cuda() for h in (8, 2, 2))
+
+    def ref(*t):
+        return _varlen_ref(*(x.cpu() for x in t), cu.tolist(), cu.tolist(), causal=True).to(t[0].device)
+    _compare("varlen", lambda *t: flash_attn_varlen_func(*t, cu, cu, max(lengths), max(lengths), causal=True), ref,
+             (q, k, v), torch.bfloat16)
+    B, page, blocks = 3, 16, 24
+    k_cache = torch.randn(blocks, page, 2, 64, generator=gen).cuda()
+    v_cache = torch.randn(blocks, page, 2, 64, generator=gen).cuda()
+    table = torch.randperm(blocks, generator=gen).view(B, -1).to(torch.int32).cuda()
+    cache_lengths = torch.tensor([5, 120, 77], dtype=torch.int32).cuda()
+    qd = torch.randn(B, 1, 8, 64, generator=gen).cuda()
+    with torch.no_grad():
+        out = flash_attn_with_kvcache(qd, k_cache, v_cache, cache_seqlens=cache_lengths, block_table=table,
+                                      causal=True)
+    keys = k_cache[table.long()].flatten(1, 2).cpu().double()
+    values = v_cache[table.long()].flatten(1, 2).cpu().double()
+    want = _decode_ref(qd.cpu().double(), keys, values, cache_lengths.tolist(), causal=True)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=1e-4, atol=1e-4)  # float32 on the GPU against float64
+
+
+@pytest.mark.gpu
+def test_a_decoding_step_under_reduce_overhead_on_gpu():
+    """A decoding step compiled with mode="reduce-overhead" (CUDA graphs), with the cache a buffer
+    of a module: the growing lengths compile no new graph and each step equals the eager call."""
+    from torch._dynamo.utils import counters
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k_cache", torch.zeros(4, 256, 2, 64, device="cuda"))
+            self.register_buffer("v_cache", torch.zeros(4, 256, 2, 64, device="cuda"))
+
+        def forward(self, q, k, v, lengths):
+            return flash_attn_with_kvcache(q, self.k_cache, self.v_cache, k, v, cache_seqlens=lengths, causal=True)
+
+    model = Decoder()
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    gen = torch.Generator().manual_seed(12)
+    lengths = torch.tensor([3, 40, 7, 100], dtype=torch.int32, device="cuda")
+    graphs = []
+    for _ in range(5):
+        q, k, v = (torch.randn(4, 1, h, 64, generator=gen).cuda() for h in (8, 2, 2))
+        with torch.no_grad():
+            out = step(q, k, v, lengths).clone()
+            want = flash_attn_with_kvcache(q, model.k_cache, model.v_cache, cache_seqlens=lengths + 1, causal=True)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # float32 both: summation order only
+        lengths = lengths + 1
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == graphs[:1] * 4, graphs
