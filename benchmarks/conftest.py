@@ -9,6 +9,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="benchmarks need a CUDA device")
     for item in items:
-        # benchmarks/test_attention.py runs on CPU too, with FLEXFLASH_BENCH_DEVICE=cpu
-        if not (os.environ.get("FLEXFLASH_BENCH_DEVICE") == "cpu" and item.path.name == "test_attention.py"):
+        # the attention and decoding suites run on CPU too, with FLEXFLASH_BENCH_DEVICE=cpu
+        if not (os.environ.get("FLEXFLASH_BENCH_DEVICE") == "cpu"
+                and item.path.name in ("test_attention.py", "test_decode.py")):
             item.add_marker(skip)

@@ -1,0 +1,134 @@
+"""Benchmarks of flash-attn's functions (flexflash.compat.flash_attn) against SDPA, in one run:
+
+* decoding: one query token per sequence against a KV cache (``flash_attn_with_kvcache``), batch
+  1-64, cache 1k-32k, 32 query heads on 8 key/value heads, D = 128, bf16, contiguous and paged
+  (pages of 256) caches, all sequences at the cache's length ("full") or lengths spread over 4x
+  ("spread": N/4 to N); SDPA gets the padded cache and a key padding mask;
+* variable-length training: sequences of lengths uniform in [N/4, N] (N = 4096, 8 of them, causal,
+  16 heads, D = 128, bf16, forward+backward) packed (``flash_attn_varlen_func``); SDPA gets the
+  padded batch with a materialised causal and padding mask.
+
+pytest-benchmark medians; each round ends with a synchronisation. ``FLEXFLASH_BENCH_DEVICE=cpu``
+runs a small version on CPU (a smoke run of the code, not a measurement to keep).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexflash.compat.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+DEVICE = os.environ.get("FLEXFLASH_BENCH_DEVICE", "cuda")
+CPU = DEVICE == "cpu"
+DTYPE = torch.bfloat16
+HQ, HKV, D = (4, 2, 16) if CPU else (32, 8, 128)
+BATCHES = [1, 4] if CPU else [1, 8, 64]
+CACHES = [256] if CPU else [1024, 8192, 32768]
+PAGE = 64 if CPU else 256
+MAX_CACHE_GIB = 8.0
+
+
+def _sync():
+    if not CPU:
+        torch.cuda.synchronize()
+
+
+def _lengths(B: int, S: int, spread: bool, gen: torch.Generator) -> torch.Tensor:
+    if not spread:
+        return torch.full((B,), S, dtype=torch.int32)
+    return torch.randint(S // 4, S + 1, (B,), generator=gen, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("impl", ["flexflash", "sdpa"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("lengths", ["full", "spread"])
+@pytest.mark.parametrize("S", CACHES)
+@pytest.mark.parametrize("B", BATCHES)
+def test_decode(benchmark, B, S, lengths, layout, impl):
+    if layout == "paged" and impl == "sdpa":
+        pytest.skip("SDPA reads a contiguous padded cache (the contiguous row is its baseline)")
+    gib = 2 * B * S * HKV * D * 2 / 2**30
+    if gib > MAX_CACHE_GIB:
+        pytest.skip(f"the cache would take {gib:.0f} GiB")
+    gen = torch.Generator().manual_seed(B * 100003 + S)
+    lens = _lengths(B, S, lengths == "spread", gen).to(DEVICE)
+    k_cache, v_cache = (torch.randn(B, S, HKV, D, generator=gen).to(DEVICE, DTYPE) for _ in range(2))
+    q = torch.randn(B, 1, HQ, D, generator=gen).to(DEVICE, DTYPE)
+    if impl == "flexflash":
+        table = None
+        if layout == "paged":
+            with torch.no_grad():
+                contiguous = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True)
+            pages = torch.randperm(B * S // PAGE, generator=gen)
+            table = pages.view(B, S // PAGE).to(DEVICE, torch.int32)
+            order = torch.argsort(pages)  # page p of the paged cache holds the contiguous cache's page order[p]
+            k_cache, v_cache = (c.view(B * S // PAGE, PAGE, HKV, D)[order].contiguous() for c in (k_cache, v_cache))
+            with torch.no_grad():  # the same problem: the same output
+                paged = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, causal=True)
+            torch.testing.assert_close(paged, contiguous)
+
+        def step():
+            return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, causal=True)
+    else:
+        qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        mask = (torch.arange(S, device=DEVICE)[None, :] < lens[:, None])[:, None, None, :]
+
+        def step():
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+
+    def timed():
+        with torch.no_grad():
+            step()
+        _sync()
+
+    for _ in range(3):
+        timed()  # compilation and warm-up
+    benchmark.pedantic(timed, rounds=20 if CPU else 100, iterations=1, warmup_rounds=2)
+    benchmark.extra_info.update(bench="decode", B=B, S=S, lengths=lengths, layout=layout, impl=impl,
+                                tokens=int(lens.sum()), gpu="cpu" if CPU else torch.cuda.get_device_name(),
+                                torch=torch.__version__)
+
+
+@pytest.mark.parametrize("impl", ["flexflash", "sdpa"])
+def test_varlen_training(benchmark, impl):
+    N, B, H = (256, 4, 4) if CPU else (4096, 8, 16)
+    gen = torch.Generator().manual_seed(N)
+    lens = torch.randint(N // 4, N + 1, (B,), generator=gen)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(DEVICE, torch.int32)
+    total = int(lens.sum())
+    q, k, v = (torch.randn(total, H, D, generator=gen).to(DEVICE, DTYPE).requires_grad_() for _ in range(3))
+    if impl == "flexflash":
+        def forward():
+            return flash_attn_varlen_func(q, k, v, cu, cu, N, N, causal=True)
+        leaves = [q, k, v]
+    else:  # the padded batch: (B, H, N, D), keys past each length masked, causal
+        pad = torch.zeros(B, N, H, D, device=DEVICE, dtype=DTYPE)
+        idx = [torch.arange(int(n)) for n in lens]
+        padded = []
+        for t in (q, k, v):
+            p = pad.clone()
+            for b, i in enumerate(idx):
+                p[b, : len(i)] = t[int(cu[b]): int(cu[b + 1])].detach()
+            padded.append(p.transpose(1, 2).requires_grad_())
+        ar = torch.arange(N, device=DEVICE)
+        mask = (ar[None, :] <= ar[:, None])[None, None] & (ar[None, :] < lens.to(DEVICE)[:, None])[:, None, None, :]
+
+        def forward():
+            return F.scaled_dot_product_attention(*padded, attn_mask=mask)
+        leaves = padded
+    out = forward()
+    d_out = torch.randn(out.shape, generator=gen).to(DEVICE, DTYPE)
+
+    def timed():
+        torch.autograd.grad(forward(), leaves, d_out)
+        _sync()
+
+    for _ in range(3):
+        timed()
+    benchmark.pedantic(timed, rounds=5 if CPU else 30, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(bench="varlen", N=N, B=B, H=H, impl=impl, tokens=total,
+                                gpu="cpu" if CPU else torch.cuda.get_device_name(), torch=torch.__version__)
