@@ -107,8 +107,8 @@ def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_
         tensors = [name for name, x in (("causal", causal or None), ("a mask", p.mask), ("a bias", p.bias))
                    if x is not None]
         if len(tensors) > 1:
-            return (f"{' and '.join(tensors)}: SDPA takes one of them; the combination runs in tiles on "
-                    "SDPA's CPU kernel (the memory-bounded path)")
+            return (f"{' and '.join(tensors)}: SDPA takes one of them (joined they would be a materialised "
+                    "(Nq, Nk) mask)")
     if causal and p.q_len != p.kv_len:
         return f"causal with Nq={p.q_len} != Nk={p.kv_len}: SDPA's causal mask is top-left"
     D, Dv = q.shape[-1], p.v.shape[-1]
