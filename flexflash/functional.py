@@ -58,10 +58,11 @@ def attention(
     backend: str = "auto",
     **unexpected,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    r"""Scaled dot-product attention with masks, biases and modifiers, compiled by FlexAttention.
+    r"""Attention over ``(B, H, N, D)`` tensors with masks, biases and modifiers, compiled by FlexAttention.
 
-    Layout ``(B, H, N, D)`` (batch, heads, sequence, head dim), as SDPA's; flash-attn's
-    ``(B, N, H, D)`` functions are in :mod:`flexflash.compat.flash_attn`.
+    The layout is SDPA's, (batch, heads, sequence, head dim); a ``(B, N, H, D)`` tensor of the same
+    sizes cannot be told apart, so flash-attn's layout goes through its functions in
+    :mod:`flexflash.compat.flash_attn`.
 
     Shapes::
 
