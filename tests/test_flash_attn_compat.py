@@ -242,6 +242,10 @@ def test_kvcache_batch_index_and_refusals():
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_batch_idx=idx, rotary_cos=q)
     with pytest.raises(ValueError, match="cache_seqlens"):
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_batch_idx=idx)
+    with pytest.raises(ValueError, match="overflows the cache of 12 tokens"):
+        two = torch.randn(2, 2, 2, 16, generator=gen)  # two new tokens: the first sequence's 11 + 2 > 12
+        flash_attn_with_kvcache(torch.randn(2, 2, 2, 16, generator=gen), k_cache, v_cache, two, two,
+                                cache_seqlens=torch.tensor([11, 3]), cache_batch_idx=idx)
     with pytest.raises(ValueError, match="window_size"):
         flash_attn_func(q, q, q, window_size=3)
     with pytest.raises(ValueError, match=r"q: expected a 4-D tensor \(batch, seqlen, nheads, headdim\)"):

@@ -312,6 +312,10 @@ def _append(cache: Tensor, new: Tensor, lengths: Tensor, batch_idx, block_table,
         raise ValueError(f"{name}: expected (batch, seqlen_new, nheads_k, headdim), got "
                          f"{tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__}")
     pos = _positions(lengths, new.shape[1])
+    capacity = cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    if not torch.compiler.is_compiling() and new.shape[1] and int(pos.max()) >= capacity:
+        raise ValueError(f"cache_seqlens: {name} of {new.shape[1]} new tokens after cache_seqlens="
+                         f"{lengths.tolist()} overflows the cache of {capacity} tokens per sequence")
     if block_table is not None:
         page = cache.shape[1]
         blocks = torch.gather(block_table.long(), 1, pos // page)
