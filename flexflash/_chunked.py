@@ -138,13 +138,12 @@ class _ChunkedAttention(torch.autograd.Function):
 _FUSED_ROWS = 256
 
 
-def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, score_mod, dropout, captured: list[Tensor],
-           return_lse: bool) -> bool:
+def _fused(q: Tensor, v: Tensor, bias: Tensor | None, score_mod, dropout, grad: bool, return_lse: bool) -> bool:
     """Whether SDPA's fused CPU kernel computes the call in tiles (flexflash._sdpa_tiles): on CPU,
     outside a caller's torch.compile (a tile's key span depends on the mask's values), with q's
     head dim equal to v's, and without what the kernel has no place for: a score_mod, dropout
-    (flexflash's own keep flags), gradients of a bias or of the lse."""
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *captured) if t is not None)
+    (flexflash's own keep flags), gradients of a bias or of the lse (``grad``: the call needs a
+    backward pass)."""
     return (q.device.type == "cpu" and not torch.compiler.is_compiling() and q.shape[-1] == v.shape[-1]
             and score_mod is None and dropout is None
             and not (grad and (return_lse or (bias is not None and bias.requires_grad))))
@@ -216,14 +215,15 @@ def _modify(raw: Tensor, grids, allowed: Tensor | None, score_fn) -> Tensor:
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None,
                       bias: Tensor | None, mask_mod, score_mod, scale: float, chunks: tuple[int, int],
                       captured: list[Tensor], dropout: Draw | None = None,
-                      return_lse: bool = False) -> tuple[Tensor, Tensor]:
+                      return_lse: bool = False, grad: bool = True) -> tuple[Tensor, Tensor]:
     """Exact attention in ``chunks = (q_chunk, kv_chunk)`` tiles; returns ``(out, lse)``.
 
     Takes a validated call (4-D ``q/k/v``, 4-D broadcastable ``mask``/``bias``). ``captured`` are
     tensors read by ``score_mod`` that may require grad. With ``dropout``, its drawn parameters decide
     which probabilities are kept; the lse is that of the undropped attention. Calls that SDPA's
     CPU kernel can compute tile by tile go there (flexflash._sdpa_tiles); ``return_lse``: the
-    caller returns the lse (which those tiles do not differentiate)."""
+    caller returns the lse (which those tiles do not differentiate); ``grad``: the call needs a
+    backward pass (flexflash.plan.needs_grad)."""
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hq != Hkv:  # GQA: query head h reads key/value head h // (Hq / Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -238,7 +238,7 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
             "flexflash: inside torch.compile on CPU, a score_mod that reads a tensor requiring grad is not "
             "supported (its gradient is taken with torch.autograd.grad, which Dynamo does not trace); pass an "
             "additive tensor as bias=, or call flexflash outside torch.compile (torch.compiler.disable)")
-    if _fused(q, k, v, bias, score_mod, dropout, captured, return_lse):
+    if _fused(q, v, bias, score_mod, dropout, grad, return_lse):
         return sdpa_tiles(q, k, v, mask_fn=mask_fn, bias=bias, scale=scale, q_chunk=min(chunks[0], _FUSED_ROWS))
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     drop = None if dropout is None else (dropout.params, float(dropout.p), acc_dtype, dropout.offsets)

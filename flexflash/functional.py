@@ -176,7 +176,8 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
     drop = dropout.Draw(dropout_p, dropout.draw_seed_for(dropout_p, p.q), dropout_offsets) if dropout_p > 0 else None
     if path == "memory-bounded":
         captured = [*infos[0].tensors, *infos[1].tensors]
-        if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and needs_grad(p, captured):
+        grad = needs_grad(p, captured)
+        if _TRACED_CPU_TRAINING_FAILS and torch.compiler.is_compiling() and grad:
             raise NotImplementedError(
                 f"flexflash: a CPU call whose inputs require grad, inside torch.compile, is not supported on torch "
                 f"{torch.__version__} (expected torch >= 2.13): traced whole, its tiled path gave wrong gradients "
@@ -185,7 +186,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
         _note_once("cpu-chunked", lambda: f"flexflash: {plan.reasons['flex']}; the exact memory-bounded tiled path "
                                           "is used (this message is shown once)")
         out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=p.chunks,
-                                     captured=captured, dropout=drop, return_lse=return_lse, **common)
+                                     captured=captured, dropout=drop, return_lse=return_lse, grad=grad, **common)
         return (out, lse) if return_lse else out
 
     q, k, v = p.q, p.k, p.v

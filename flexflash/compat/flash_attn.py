@@ -119,11 +119,25 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
                      return_lse=lse)
 
 
-def _finish(result, lse: bool, back):
+def _finish(result, lse: bool, back, packed: bool = False, probs: bool = True):
+    """flash-attn's return value from flexflash's: the output laid out back by ``back`` and, with
+    ``lse``, the log-sum-exp (``(nheads, total)`` for ``packed`` sequences) and, with ``probs``,
+    None for flash-attn's dropout pattern."""
     if not lse:
         return back(result)
     out, softmax_lse = result
-    return back(out), softmax_lse, None
+    softmax_lse = softmax_lse[0] if packed else softmax_lse
+    return (back(out), softmax_lse, None) if probs else (back(out), softmax_lse)
+
+
+def _batched(o: Tensor) -> Tensor:
+    """``(B, H, N, D)`` to flash-attn's ``(B, N, H, D)``."""
+    return o.transpose(1, 2).contiguous()
+
+
+def _unpack(o: Tensor) -> Tensor:
+    """``(1, H, total, D)`` to flash-attn's packed ``(total, H, D)``."""
+    return o[0].transpose(0, 1).contiguous()
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -134,7 +148,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     result = _run(_bhsd(q, "q"), _bhsd(k, "k"), _bhsd(v, "v"), dropout_p=dropout_p, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                   lse=return_attn_probs)
-    return _finish(result, return_attn_probs, lambda o: o.transpose(1, 2).contiguous())
+    return _finish(result, return_attn_probs, _batched)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -211,10 +225,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          f"{tuple(alibi_slopes.shape)} (per-sequence slopes are not supported)")
     result = _run(qt, kt, vt, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, lse=return_attn_probs, diag=diag, extra=same_sequence)
-    if return_attn_probs:
-        out, lse = result
-        return out[0].transpose(0, 1).contiguous(), lse[0], None
-    return result[0].transpose(0, 1).contiguous()
+    return _finish(result, return_attn_probs, _unpack, packed=True)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -282,10 +293,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     result = _run(qt, keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                   lse=return_softmax_lse, diag=diag, extra=filled)
-    if return_softmax_lse:
-        out, lse = result
-        return out.transpose(1, 2).contiguous(), lse
-    return result.transpose(1, 2).contiguous()
+    return _finish(result, return_softmax_lse, _batched, probs=False)
 
 
 def _cache_lengths(cache_seqlens, batch: int, device) -> Tensor:
