@@ -7,8 +7,8 @@ bf16 (fp16 for the dense and causal cases). On CPU: B*N = 4096 tokens, hidden 51
 N from 1k to 4k, fp32 and bf16. Cases: dense, causal, key padding (lengths 100/75/50/25%
 of N), a dense bool mask, sliding windows of 512 and 1024, packed documents (8 per sequence, causal),
 prefix-LM, a (B, H, N, N) bias alone and with causal (with and without its gradient), ALiBi, tanh soft-capping,
-grouped-query heads (Hq/Hkv = 4, causal), decoding (Nq = 1 against Nk = 2N) and dropout (causal,
-p = 0.1). Every case runs forward and forward+backward (decoding: forward only).
+grouped-query heads (Hq/Hkv = 4, causal), decoding (Nq = 1 against Nk = 2N) and dropout (p = 0.1;
+causal, dense, and key padding). Every case runs forward and forward+backward (decoding: forward only).
 
 Each baseline gets the case the way it accepts it: SDPA takes ``is_causal`` where the case is
 plain causal and a materialised mask or bias otherwise; raw FlexAttention (``torch.compile`` of
@@ -63,7 +63,8 @@ MAX_BIAS_GIB = 4.0  # a (B, H, N, N) bias case (its gradient and SDPA's masked c
 TIMED_SECONDS = 2.0 if CPU else 0.3  # per benchmark, after warm-up (the 2-core CPU machine is noisier)
 
 CASES = ["dense", "causal", "key_padding", "bool_mask", "sliding_window_512", "sliding_window_1024", "document",
-         "prefix_lm", "bias", "bias_causal", "bias_causal_grad", "alibi", "softcap", "gqa", "decode", "dropout"]
+         "prefix_lm", "bias", "bias_causal", "bias_causal_grad", "alibi", "softcap", "gqa", "decode", "dropout",
+         "dropout_dense", "dropout_key_padding"]
 FP16_CASES = {"dense", "causal"}  # the fp16 subset
 IMPLS = ["flexflash", "flexflash-flex", "flex-raw", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math",
          "reference"]
@@ -141,9 +142,7 @@ def make_case(name: str, N: int, D: int, dtype: torch.dtype) -> Case:
     if name == "causal" or name == "gqa" or name == "dropout":
         c.flex, c.allowed, c.causal_only = dict(causal=True), causal_fn, True
         c.gqa = name == "gqa"
-        if name == "dropout":
-            c.flex["dropout_p"] = c.dropout_p = 0.1
-    elif name == "key_padding":
+    elif name in ("key_padding", "dropout_key_padding"):
         pad = torch.arange(Nk, device=DEVICE)[None] < _lengths(B, Nk)[:, None]
         c.flex = dict(mask=pad)
         c.allowed = mods.key_padding(mask=pad)
@@ -174,8 +173,10 @@ def make_case(name: str, N: int, D: int, dtype: torch.dtype) -> Case:
     elif name == "softcap":
         c.flex, c.sdpa_ok = dict(score_mod=mods.tanh_softcap(30.0)), False
         c.score_mod = c.flex["score_mod"]
-    elif name not in ("dense", "decode"):
+    elif name not in ("dense", "decode", "dropout_dense"):
         raise KeyError(name)
+    if name.startswith("dropout"):
+        c.flex["dropout_p"] = c.dropout_p = 0.1
     c.grads = [t for t in (q, k, v, c.bias) if t is not None and t.requires_grad]
     c.density = _density(c.allowed, B, Nq, Nk)
     return c

@@ -97,6 +97,9 @@ def attention(
             device (``torch.manual_seed`` reproduces it; every call draws anew). Applied whenever
             it is > 0 (a module decides by its training flag). Exact, and no ``(Nq, Nk)`` tensor is
             stored: see :mod:`flexflash.dropout`. ``lse`` stays that of the undropped attention.
+            Under ``backend="auto"``, a CUDA call SDPA takes (below) uses SDPA's fused dropout
+            instead: the same distribution from SDPA's own random stream (other entries than
+            the reference's; ``backend="flex"`` keeps flexflash's).
         block_size: ``int`` or ``(q_block, kv_block)``, the sparsity block of the block mask (the
             granularity at which fully masked tiles are skipped) and, on the memory-bounded path,
             the tile size. Results do not depend on it. Default ``(128, 128)`` on the FlexAttention
@@ -105,8 +108,8 @@ def attention(
         return_lse: also return the natural-log log-sum-exp of each query row.
         backend: ``"auto"`` (the fastest correct path: compiled FlexAttention; PyTorch's SDPA
             where it computes the call exactly and faster: on a CUDA GPU (sm80+), fp16/bf16 dense
-            or causal (``Nq == Nk``) attention, also with grouped heads, without mask, bias,
-            modifiers, dropout, ``return_lse``, ``kernel_options`` or ``block_size`` (cuDNN, else
+            or causal (``Nq == Nk``) attention, also with grouped heads and dropout, without mask,
+            bias, modifiers, ``return_lse``, ``kernel_options`` or ``block_size`` (cuDNN, else
             flash, else efficient), and on CPU the same in any dtype or with one mask or bias
             tensor alone; on CPU the other calls with gradients, ``return_lse``, dropout or
             float64, and calls inside a caller's ``torch.compile``, take the exact memory-bounded
@@ -159,7 +162,8 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
                                     score_mod=score_mod, scale=scale, dropout_p=dropout_p, block_size=block_size,
                                     kernel_options=kernel_options, return_lse=return_lse, backend=backend)
     plan = plan_call(p, infos, causal=causal, mask_mod=mask_mod, score_mod=score_mod, dropout_p=dropout_p,
-                     block_size=block_size, kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+                     block_size=block_size, kernel_options=kernel_options, return_lse=return_lse, backend=backend,
+                     shard=dropout_offsets is not None)
     path = plan.path
     common = dict(causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod, score_mod=score_mod)
     if path == "reference":

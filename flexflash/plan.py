@@ -8,7 +8,8 @@ Paths, in the order they are considered:
   for empty problems (exact and free there).
 * ``"sdpa"``: PyTorch's SDPA (cuDNN, else flash, else efficient on CUDA; its fused CPU kernel on
   CPU), under ``backend="auto"`` for the calls it computes exactly and faster (on CUDA fp16/bf16
-  with no mask, bias, modifier or dropout; on CPU also one mask or bias tensor alone).
+  with no mask, bias or modifier, dropout included with SDPA's own random stream; on CPU also one
+  mask or bias tensor alone, without dropout).
 * ``"flex"``: compiled FlexAttention, on FlashAttention-4 (``"flash"``) or Triton (``"triton"``,
   the CPU template on CPU) kernels, with tiles from :mod:`flexflash._tuning`.
 * ``"memory-bounded"``: the exact tiled path (:mod:`flexflash._chunked`, on SDPA's CPU kernel where
@@ -76,10 +77,11 @@ _CPU_MATH_ENTRIES = 2 ** 28
 
 
 def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse,
-                  block_size) -> str | None:
+                  block_size, shard: bool = False) -> str | None:
     """Why SDPA does not take a ``backend="auto"`` call, or None where it does: the calls SDPA
     computes exactly (on CUDA no mask, bias or modifiers, on CPU also one mask or bias tensor;
-    causal only with ``Nq == Nk``, where its top-left causal mask is flexflash's bottom-right one)
+    causal only with ``Nq == Nk``, where its top-left causal mask is flexflash's bottom-right one;
+    dropout on CUDA, drawn from SDPA's own random stream, except on a ``shard`` of a DTensor call)
     where its fused kernels are faster than FlexAttention's (docs/backends.md has the
     measurements), grouped heads included (SDPA's ``enable_gqa``)."""
     q = p.q
@@ -96,7 +98,9 @@ def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_
         if cpu:
             return (f"dropout_p={dropout_p}: SDPA's CPU kernel has no dropout (its math backend would hold the "
                     "(Nq, Nk) probabilities); flexflash's exact dropout runs instead")
-        return f"dropout_p={dropout_p}: flexflash's dropout (shared with the reference) runs on FlexAttention"
+        if shard:
+            return (f"dropout_p={dropout_p} on a shard of a DTensor call: it draws the unsharded call's entries "
+                    "(flexflash's dropout hash), which SDPA's random stream cannot")
     if return_lse:
         return "return_lse=True: SDPA does not return the log-sum-exp"
     if kernel_options is not None:
@@ -117,7 +121,7 @@ def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_
     if D != Dv or D % 8 or D > 256:
         return f"head dims D={D}, Dv={Dv}: SDPA's fused kernels need D == Dv, a multiple of 8, at most 256"
     cap = _tuning.capability(q.device)  # None inside a caller's torch.compile: SDPA is exact on every GPU
-    if cap is not None and not causal and p.q_heads == p.kv_heads and _tuning.flash_choice(
+    if cap is not None and not causal and not dropout_p and p.q_heads == p.kv_heads and _tuning.flash_choice(
             "dense", needs_grad(p, []), q.device, q.dtype, D, Dv,
             _tuning.work(p.batch, p.q_heads, p.q_len, p.kv_len, D)):
         return "FlashAttention-4's kernels are faster for this case (measured: flexflash._tuning)"
@@ -170,12 +174,13 @@ _NOT_MEMORY_BOUNDED = "it runs only the CPU calls compiled FlexAttention cannot 
 
 
 def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, mask_mod, score_mod, dropout_p,
-                      kernel_options, return_lse, block_size) -> tuple[str, dict[str, str]]:
+                      kernel_options, return_lse, block_size, shard) -> tuple[str, dict[str, str]]:
     if backend == "reference" or 0 in (p.batch, p.q_len, p.kv_len):
         why = "backend='reference'" if backend == "reference" else "an empty problem is exact and free on the reference path"
         return "reference", {"sdpa": why, "flex": why, "memory-bounded": why}
     sdpa_why = (_sdpa_refusal(p, causal=causal, mask_mod=mask_mod, score_mod=score_mod, dropout_p=dropout_p,
-                              kernel_options=kernel_options, return_lse=return_lse, block_size=block_size)
+                              kernel_options=kernel_options, return_lse=return_lse, block_size=block_size,
+                              shard=shard)
                 if backend == "auto" else f"backend={backend!r}")
     if sdpa_why is None:
         return "sdpa", {"reference": _NOT_REFERENCE,
@@ -200,12 +205,13 @@ def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, ma
 
 def make_plan(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, mask_mod, score_mod,
               dropout_p: float, block_size, kernel_options: dict | None, return_lse: bool,
-              backend: str) -> Plan:
-    """The plan of a validated call (``p``, ``infos``: from flexflash.functional's validation)."""
+              backend: str, shard: bool = False) -> Plan:
+    """The plan of a validated call (``p``, ``infos``: from flexflash.functional's validation).
+    ``shard``: the call is one rank's share of a DTensor call (flexflash.parallel)."""
     captured = [*infos[0].tensors, *infos[1].tensors]
     path, reasons = _path_and_reasons(p, captured, backend=backend, causal=causal, mask_mod=mask_mod,
                                       score_mod=score_mod, dropout_p=dropout_p, kernel_options=kernel_options,
-                                      return_lse=return_lse, block_size=block_size)
+                                      return_lse=return_lse, block_size=block_size, shard=shard)
     if path != "flex":
         return Plan(path, None, None, reasons)
     kind = _kinds.flex_kind(p.q, p.k, p.v, causal=causal, mask=p.mask, bias=p.bias, mask_mod=mask_mod,
@@ -222,17 +228,18 @@ _PLANS_SIZE = 512
 
 
 def memo_key(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, dropout_p: float, block_size,
-             kernel_options: dict | None, return_lse: bool, backend: str) -> tuple | None:
+             kernel_options: dict | None, return_lse: bool, backend: str, shard: bool = False) -> tuple | None:
     """Everything that decides a call's plan, as a key (None where it cannot be hashed): shapes,
     dtypes, device, flags, options and the modifiers' fingerprints."""
     key = _kinds.kind_key(p.q, p.k, p.v, causal, p.mask, p.bias, infos, p.scale, p.block,
                             kernel_options, return_lse, dropout_p > 0,
                             needs_grad(p, [*infos[0].tensors, *infos[1].tensors]))
-    return None if key is None else key + (backend, block_size is None)
+    return None if key is None else key + (backend, block_size is None, shard)
 
 
 def plan_call(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, mask_mod, score_mod,
-              dropout_p: float, block_size, kernel_options: dict | None, return_lse: bool, backend: str) -> Plan:
+              dropout_p: float, block_size, kernel_options: dict | None, return_lse: bool, backend: str,
+              shard: bool = False) -> Plan:
     """:func:`make_plan`, memoised for eager calls: a call like an earlier one (the same shapes,
     dtypes, flags, options and modifier fingerprints, which include what the modifiers capture)
     gets the same plan without deciding it again (host time of small calls). Inside a caller's
@@ -240,12 +247,13 @@ def plan_call(p: Problem, infos: tuple[Modifier, Modifier], *, causal: bool, mas
     key = None
     if not torch.compiler.is_compiling():
         key = memo_key(p, infos, causal=causal, dropout_p=dropout_p, block_size=block_size,
-                       kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+                       kernel_options=kernel_options, return_lse=return_lse, backend=backend, shard=shard)
         plan = _PLANS.get(key) if key is not None else None
         if plan is not None:
             return plan
     plan = make_plan(p, infos, causal=causal, mask_mod=mask_mod, score_mod=score_mod, dropout_p=dropout_p,
-                     block_size=block_size, kernel_options=kernel_options, return_lse=return_lse, backend=backend)
+                     block_size=block_size, kernel_options=kernel_options, return_lse=return_lse, backend=backend,
+                     shard=shard)
     if key is not None:
         if len(_PLANS) >= _PLANS_SIZE:
             _PLANS.clear()

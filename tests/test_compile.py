@@ -611,7 +611,7 @@ def test_the_plan_of_a_call_is_memoised_by_everything_that_decides_it():
             dict(bias=bias.clone().requires_grad_(True)), dict(q=q.clone().requires_grad_(True)),
             dict(q=q16, k=kv16, v=kv16), dict(q=q16, k=kv16, v=kv16, mask=pad), dict(q=q16, k=kv16, v=kv16, causal=True),
             dict(q=q16, k=kv16, v=kv16, bias=bias.to(torch.bfloat16)), dict(q=q16, k=kv16, v=kv16, dropout_p=0.1),
-            dict(q=q16[:, :, :255], k=kv16, v=kv16, causal=True), dict(q=q[:, :, :1]), dict(k=kv[:, :, :200], v=kv[:, :, :200]),
+            dict(q=q16, k=kv16, v=kv16, dropout_p=0.1, shard=True), dict(q=q16[:, :, :255], k=kv16, v=kv16, causal=True), dict(q=q[:, :, :1]), dict(k=kv[:, :, :200], v=kv[:, :, :200]),
             dict(k=q, v=q), dict(v=kv[..., :32]), dict(q=q16[:, :, :0], k=kv16, v=kv16),
             dict(mask_mod=mods.sliding_window(16)), dict(mask_mod=mods.sliding_window(32)),
             dict(mask_mod=mods.document(ids)), dict(score_mod=mods.tanh_softcap(5.0)),
@@ -620,10 +620,11 @@ def test_the_plan_of_a_call_is_memoised_by_everything_that_decides_it():
         seen = {}
         for change in variants:
             call = {**_checks.KEYWORDS, "q": q, "k": kv, "v": kv, **change}
-            qq, kk, vv = call.pop("q"), call.pop("k"), call.pop("v")
+            qq, kk, vv, shard = call.pop("q"), call.pop("k"), call.pop("v"), call.pop("shard", False)
             p, infos, dropout_p = _checks.validate(qq, kk, vv, **call)
             named = dict(causal=call["causal"], dropout_p=dropout_p, block_size=call["block_size"],
-                         kernel_options=call["kernel_options"], return_lse=call["return_lse"], backend=call["backend"])
+                         kernel_options=call["kernel_options"], return_lse=call["return_lse"], backend=call["backend"],
+                         shard=shard)
             key = plans.memo_key(p, infos, **named)
             assert key is not None
             plan = plans.make_plan(p, infos, mask_mod=call["mask_mod"], score_mod=call["score_mod"], **named)

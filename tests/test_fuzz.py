@@ -7,7 +7,7 @@ the reference (and the float64 reference). Profiles: "ci" (few examples, derando
 from __future__ import annotations
 
 import torch
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import flexflash

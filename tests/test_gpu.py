@@ -313,6 +313,95 @@ def test_dropout_mqa_with_lse_and_fully_masked_rows():
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv)) and (dq[:, :, :9] == 0).all()
 
 
+# --- dropout on SDPA (backend="auto", no mask, bias or modifier) ------------------------------
+
+def test_dropout_without_masks_routes_to_sdpa_and_everything_else_keeps_the_hash():
+    from flexflash.functional import explain, route
+    q = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    assert route(q, q, q, dropout_p=0.1) == "sdpa" and route(q, q, q, causal=True, dropout_p=0.1) == "sdpa"
+    assert route(q, kv, kv, causal=True, dropout_p=0.1) == "sdpa"  # grouped heads
+    pad = torch.ones(2, 256, dtype=torch.bool, device="cuda")
+    for kw in (dict(mask=pad), dict(bias=torch.zeros(256, 256, device="cuda")), dict(return_lse=True),
+               dict(mask_mod=mods.sliding_window(16)), dict(backend="flex")):
+        assert route(q, q, q, causal=True, dropout_p=0.1, **kw) == "flex", kw
+    assert route(q, q[:, :, :128], q[:, :, :128], causal=True, dropout_p=0.1) == "flex"  # causal, Nq != Nk
+    assert "SDPA" not in explain(q, q, q, dropout_p=0.1).reasons.get("sdpa", "")
+
+
+def _sdpa_dropout_probe(p, B=64, H=8, N=64, seed=0):
+    """Dropout on SDPA's route with the identity as values: the output is the dropped
+    probabilities themselves, ``P * keep / (1 - p)``; also the undropped ``P``."""
+    gen = torch.Generator().manual_seed(seed)
+    q = randn(1, 1, N, N, dtype=torch.float16, device="cuda", gen=gen).expand(B, H, N, N).contiguous()
+    k = randn(1, 1, N, N, dtype=torch.float16, device="cuda", gen=gen).expand(B, H, N, N).contiguous()
+    eye = torch.eye(N, device="cuda", dtype=torch.float16).expand(B, H, N, N).contiguous()
+    assert flexflash.functional.route(q, k, eye, causal=True, dropout_p=p) == "sdpa"
+    with torch.no_grad():
+        dropped = flexflash.attention(q, k, eye, causal=True, dropout_p=p).float()
+        probs = flexflash.reference.attention(q[:1, :1].double(), k[:1, :1].double(), eye[:1, :1].double(),
+                                              causal=True)[0, 0]
+    return dropped, probs
+
+
+def test_sdpa_dropout_drops_the_fraction_p_and_is_unbiased():
+    """Over 512 draws of the same (i, j) entries: the fraction dropped is p (overall and per
+    entry), the kept entries are P / (1 - p), so the output's mean is the undropped output."""
+    p, N = 0.2, 64
+    torch.manual_seed(3)
+    dropped, probs = _sdpa_dropout_probe(p, N=N)
+    allowed = probs > 0                                   # causal: the upper triangle is never seen
+    draws = dropped.flatten(0, 1)                         # (512, N, N)
+    assert (draws[:, ~allowed] == 0).all()
+    kept = draws != 0
+    frac = 1 - kept[:, allowed].double().mean().item()
+    n = draws.shape[0] * int(allowed.sum())
+    assert abs(frac - p) < 5 * (p * (1 - p) / n) ** 0.5, frac
+    rate = kept.double().mean(0)[allowed]                 # per entry, over 512 draws
+    z = (rate - (1 - p)) / (p * (1 - p) / draws.shape[0]) ** 0.5
+    assert z.abs().max() < 6, z.abs().max()
+    want = (probs / (1 - p)).float().expand_as(draws)
+    torch.testing.assert_close(draws[kept], want[kept], rtol=2e-3, atol=1e-5)  # fp16 output
+    mean = draws.double().mean(0)
+    sd = probs * (p / (1 - p) / draws.shape[0]) ** 0.5
+    assert ((mean - probs).abs() <= 6 * sd + 2e-3 * probs).all()
+
+
+def test_sdpa_dropout_is_reproducible_with_manual_seed_forward_and_backward():
+    """The same seed gives the same output and gradients, another seed other ones (grouped heads,
+    bf16, training)."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = _inputs(2, 8, 2, 256, 256, 64, torch.bfloat16, gen)
+    g = randn(2, 8, 256, 64, dtype=torch.bfloat16, device="cuda", gen=gen)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out = flexflash.attention(q, k, v, causal=True, dropout_p=0.3)
+        return (out, *torch.autograd.grad(out, [q, k, v], g))
+
+    assert flexflash.functional.route(q, k, v, causal=True, dropout_p=0.3) == "sdpa"
+    first, again, other = run(1), run(1), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_sdpa_dropout_backward_applies_the_forward_entries():
+    """With the identity as values the output is the dropped probabilities ``P'``; the value
+    gradient must then be ``P'^T @ grad``: the backward pass drops what the forward dropped."""
+    gen = torch.Generator().manual_seed(9)
+    N = 64
+    q = randn(2, 4, N, N, dtype=torch.float16, device="cuda", gen=gen)
+    k = randn(2, 4, N, N, dtype=torch.float16, device="cuda", gen=gen)
+    eye = torch.eye(N, device="cuda", dtype=torch.float16).expand(2, 4, N, N).contiguous().requires_grad_()
+    g = randn(2, 4, N, N, dtype=torch.float16, device="cuda", gen=gen)
+    torch.manual_seed(4)
+    dropped = flexflash.attention(q, k, eye, dropout_p=0.4)
+    dv, = torch.autograd.grad(dropped, [eye], g)
+    assert 0.3 < (dropped == 0).float().mean().item() < 0.5
+    want = dropped.detach().float().transpose(-2, -1) @ g.float()
+    torch.testing.assert_close(dv.float(), want, rtol=1e-2, atol=1e-2)
+
+
 # --- modules on CUDA -------------------------------------------------------------------------
 
 def _module_case(name, dtype):
@@ -405,7 +494,7 @@ def test_auto_routes_plain_dense_and_causal_to_sdpa():
     assert route(q, q[:, :, :128], q[:, :, :128], causal=True) == "flex"  # causal with Nq != Nk
     assert route(q, q[:, :, :128], q[:, :, :128]) == "sdpa"  # dense with Nq != Nk is exact
     for kw in (dict(mask=torch.ones(2, 256, dtype=torch.bool, device="cuda")), dict(bias=torch.zeros(256, 256, device="cuda")),
-               dict(dropout_p=0.1), dict(return_lse=True), dict(kernel_options={"num_warps": 4}), dict(block_size=64),
+               dict(return_lse=True), dict(kernel_options={"num_warps": 4}), dict(block_size=64),
                dict(backend="flex"), dict(score_mod=flexflash.mods.tanh_softcap(5.0))):
         assert route(q, q, q, causal=True, **kw) == "flex", kw
     assert route(q, kv4, kv4, causal=True) == "sdpa" and route(q, kv4, kv4) == "sdpa"  # grouped heads

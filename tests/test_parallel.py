@@ -45,7 +45,7 @@ def _cases(B, Hq, Hkv, Nq, Nk, gen, device="cpu", dtype=torch.float32):
 
 
 def _check(placement, grads: bool, device: str = "cpu", dtype=torch.float32):
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, init_device_mesh
     mesh = init_device_mesh(device, (WORLD,))
     gen = torch.Generator().manual_seed(7)
     B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 37, 53, 16

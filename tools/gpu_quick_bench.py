@@ -54,7 +54,7 @@ def main():
                     fn()
                     torch.cuda.synchronize()
                     times[label] = do_bench(fn, warmup=50, rep=200, return_mode="median")
-                except RuntimeError as e:
+                except RuntimeError:
                     times[label] = None
             best = min((t for n, t in times.items() if n.startswith("sdpa") and t), default=None)
             ff = times["flexflash"]
