@@ -229,6 +229,60 @@ def test_kvcache_decoding_equals_recomputing_the_sequence(paged):
         torch.testing.assert_close(cached[b, :n], full_k[b, :n], rtol=0, atol=0)
 
 
+def _rotary_ref(x, cos, sin, positions, interleaved):
+    """Rotary embedding as a complex rotation: dims ``(2i, 2i + 1)`` (interleaved) or ``(i, i + r/2)``
+    are the real and imaginary parts of a number multiplied by ``cos + i sin`` at each position."""
+    half = cos.shape[1]
+    rot = x[..., :2 * half].double()
+    pairs = rot.unflatten(-1, (half, 2)) if interleaved else torch.stack([rot[..., :half], rot[..., half:]], -1)
+    turned = torch.view_as_complex(pairs.contiguous()) * torch.complex(cos.double(), sin.double())[positions][:, :, None]
+    out = torch.view_as_real(turned)
+    out = out.flatten(-2) if interleaved else torch.cat([out[..., 0], out[..., 1]], -1)
+    return torch.cat([out, x[..., 2 * half:].double()], -1)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_rotary_and_left_padding_follow_flash_attns_semantics(paged):
+    """flash-attn's documented rules: new keys rotated at cache_seqlens, cache_seqlens + 1, ...
+    before they are written; q at the same positions when causal or local, else all at
+    cache_seqlens; keys before cache_leftpad unseen, causal still aligned to the end. Both pair
+    layouts, rotary_dim < headdim, causal and not."""
+    gen = torch.Generator().manual_seed(seed_of("rotary", paged))
+    B, H, Hk, D, S, new = 3, 4, 2, 16, 24, 2
+    angles = torch.rand(S, 4, generator=gen) * 6.3  # rotary_dim 8 of headdim 16
+    cos, sin = angles.cos(), angles.sin()
+    seqlens, leftpad = torch.tensor([6, 10, 3], dtype=torch.int32), torch.tensor([0, 3, 2], dtype=torch.int32)
+    for interleaved in (True, False):
+        for causal in (True, False):
+            k_init, v_init = torch.randn(B, S, Hk, D, generator=gen), torch.randn(B, S, Hk, D, generator=gen)
+            q = torch.randn(B, new, H, D, generator=gen)
+            k, v = torch.randn(B, new, Hk, D, generator=gen), torch.randn(B, new, Hk, D, generator=gen)
+            if paged:
+                page = 8
+                table = torch.randperm(B * S // page, generator=gen).view(B, S // page).to(torch.int32)
+                k_cache, v_cache = (torch.zeros(B * S // page, page, Hk, D) for _ in range(2))
+                for c, init in ((k_cache, k_init), (v_cache, v_init)):
+                    c[table.long()] = init.unflatten(1, (S // page, page))
+            else:
+                table, k_cache, v_cache = None, k_init.clone(), v_init.clone()
+            with torch.no_grad():
+                out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                              cache_seqlens=seqlens, cache_leftpad=leftpad, block_table=table,
+                                              causal=causal, rotary_interleaved=interleaved)
+            pos = seqlens.long()[:, None] + torch.arange(new)
+            q_ro = _rotary_ref(q, cos, sin, pos if causal else seqlens.long()[:, None].expand(B, new), interleaved)
+            k_ro = _rotary_ref(k, cos, sin, pos, interleaved)
+            keys, values = k_init.double(), v_init.double()
+            keys[torch.arange(B)[:, None], pos], values[torch.arange(B)[:, None], pos] = k_ro, v.double()
+            want = torch.cat([attention_ref(q_ro[b:b + 1], keys[b:b + 1, lo:hi], values[b:b + 1, lo:hi],
+                                            causal=causal)[0]
+                              for b, (lo, hi) in enumerate(zip(leftpad.tolist(), (seqlens + new).tolist()))])
+            what = f"interleaved={interleaved} causal={causal}"
+            torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+            cached = k_cache[table.long()].flatten(1, 2) if paged else k_cache
+            torch.testing.assert_close(cached.double(), keys, rtol=1e-6, atol=1e-6)  # rotated keys, written in place
+
+
 def test_kvcache_batch_index_and_refusals():
     gen = torch.Generator().manual_seed(7)
     k_cache, v_cache = torch.randn(5, 12, 2, 16, generator=gen), torch.randn(5, 12, 2, 16, generator=gen)
@@ -238,8 +292,22 @@ def test_kvcache_batch_index_and_refusals():
     out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_batch_idx=idx)
     want = _decode_ref(q.double(), k_cache[idx].double(), v_cache[idx].double(), lengths.tolist())
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
-    with pytest.raises(NotImplementedError, match="rotary_cos"):
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_batch_idx=idx, rotary_cos=q)
+    cos = torch.ones(12, 4)
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin: rotary embeddings apply to new keys"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_batch_idx=idx, rotary_cos=cos,
+                                rotary_sin=cos)
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin: expected both"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_batch_idx=idx, rotary_cos=cos)
+    with pytest.raises(ValueError, match=r"rotary_cos: 12 positions, expected at least 13"):
+        one = torch.randn(2, 1, 2, 16, generator=gen)
+        flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), one, one, cache_seqlens=lengths,
+                                cache_batch_idx=idx, rotary_cos=cos, rotary_sin=cos)
+    with pytest.raises(ValueError, match=r"rotary_cos: expected \(seqlen_ro, rotary_dim / 2\) with rotary_dim <= headdim"):
+        flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), one, one, cache_seqlens=lengths - 1,
+                                cache_batch_idx=idx, rotary_cos=torch.ones(12, 9), rotary_sin=torch.ones(12, 9))
+    with pytest.raises(ValueError, match=r"cache_leftpad: expected an int or a \(2,\) integer tensor"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_batch_idx=idx,
+                                cache_leftpad=torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="cache_seqlens"):
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_batch_idx=idx)
     with pytest.raises(ValueError, match="overflows the cache of 12 tokens"):

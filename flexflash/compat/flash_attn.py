@@ -24,8 +24,9 @@ return values as flash-attn 2.x, with its semantics:
 Where flexflash differs: a query that sees no key returns 0 with a log-sum-exp of ``-inf`` (flash-attn's
 kernel writes ``+inf`` there); inputs may be any floating dtype on any device flexflash runs on
 (CPU included); everything runs through :func:`flexflash.attention`, so its paths (SDPA, compiled
-FlexAttention, the CPU tiles) and caches apply. Not supported, and refused by name: rotary
-embeddings and ``cache_leftpad`` of :func:`flash_attn_with_kvcache`.
+FlexAttention, the CPU tiles) and caches apply; ``rotary_dim`` may be any even number up to
+``headdim`` (flash-attn's kernel needs a multiple of 16), and ``cache_leftpad`` works with paged
+caches too. Not supported, and refused by name: ``block_table`` of :func:`flash_attn_varlen_func`.
 """
 
 from __future__ import annotations
@@ -259,23 +260,38 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     sequence's cache is filled; ``k``/``v`` ``(batch, seqlen_new, nheads_k, headdim)``, if given, are
     written into the cache in place at those positions first. Each query then attends to its
     sequence's ``cache_seqlens + seqlen_new`` keys, ``causal`` aligned to their end.
-    ``cache_batch_idx (batch,)`` picks the cache row of each sequence. Lengths enter the kernel as
-    tensors: growing caches do not recompile. ``num_splits`` is accepted (flexflash chooses its own
-    tiles). Returns ``out (batch, seqlen_q, nheads, headdim)`` (and ``softmax_lse (batch, nheads,
+    ``cache_batch_idx (batch,)`` picks the cache row of each sequence; ``cache_leftpad (batch,)``
+    is where each sequence's keys start in its cache (the keys before are not attended to; causal
+    masks and windows stay aligned to the end). With ``rotary_cos``/``rotary_sin`` ``(seqlen_ro,
+    rotary_dim / 2)`` (and ``k``, ``v``), the new keys are rotated at their cache positions
+    ``cache_seqlens, cache_seqlens + 1, ...`` before they are written, and ``q`` at the same
+    positions if ``causal`` or a window is set, else all at ``cache_seqlens``; pairs of dims
+    ``(0, 1), (2, 3), ...`` with ``rotary_interleaved`` (the default), else ``(i, i + rotary_dim / 2)``.
+    Lengths enter the kernel as tensors: growing caches do not recompile. ``num_splits`` is accepted
+    (flexflash chooses its own tiles). Returns ``out (batch, seqlen_q, nheads, headdim)`` (and ``softmax_lse (batch, nheads,
     seqlen_q)`` with ``return_softmax_lse``)."""
-    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_leftpad", cache_leftpad)):
-        if value is not None:
-            raise NotImplementedError(f"{name}: not supported by flexflash's flash_attn_with_kvcache; apply rotary "
-                                      "embeddings to q and k before the call, and keep caches left-aligned")
     if (k is None) != (v is None):
         raise ValueError("k and v: expected both or neither (the new keys and values to append)")
-    qt = _bhsd(q, "q")
-    B, Sq = q.shape[0], q.shape[1]
+    for name, new in (("k", k), ("v", v)):
+        if new is not None and (not isinstance(new, Tensor) or new.dim() != 4):
+            raise ValueError(f"{name}: expected (batch, seqlen_new, nheads_k, headdim), got "
+                             f"{tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__}")
+    B, Sq = _bhsd(q, "q").shape[0], q.shape[1]
     lengths = _cache_lengths(cache_seqlens, B, q.device)
-    paged = block_table is not None
-    if paged and cache_batch_idx is not None:
+    start = None if cache_leftpad is None else _cache_lengths(cache_leftpad, B, q.device, "cache_leftpad")
+    if block_table is not None and cache_batch_idx is not None:
         raise ValueError("cache_batch_idx and block_table: expected at most one (a paged cache is indexed by "
                          "block_table)")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin: expected both or neither")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos and rotary_sin: rotary embeddings apply to new keys; expected k and v too")
+        local = tuple(_window(window_size)) != (-1, -1)
+        # q at the positions of the new tokens if causal or local, else all at the first one (flash-attn's rule)
+        q = _rotate(q, rotary_cos, rotary_sin, _positions(lengths, Sq) if causal or local else
+                    lengths[:, None].expand(B, Sq), rotary_interleaved)
+        k = _rotate(k, rotary_cos, rotary_sin, _positions(lengths, k.shape[1]), rotary_interleaved)
     if k is not None:
         _append(k_cache, k, lengths, cache_batch_idx, block_table, "k")
         _append(v_cache, v, lengths, cache_batch_idx, block_table, "v")
@@ -287,26 +303,56 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     def diag(b, q_idx):
         return q_idx + total[b] - Sq
 
-    def filled(b, h, q_idx, kv_idx):
-        return kv_idx < total[b]
+    if start is None:
+        def filled(b, h, q_idx, kv_idx):
+            return kv_idx < total[b]
+    else:  # left-padded caches: keys cache_leftpad to total; causal and windows stay aligned to total
+        def filled(b, h, q_idx, kv_idx):
+            return (kv_idx < total[b]) & (kv_idx >= start[b])
 
-    result = _run(qt, keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
+    result = _run(_bhsd(q, "q"), keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                   lse=return_softmax_lse, diag=diag, extra=filled)
     return _finish(result, return_softmax_lse, _batched, probs=False)
 
 
-def _cache_lengths(cache_seqlens, batch: int, device) -> Tensor:
+def _cache_lengths(cache_seqlens, batch: int, device, name: str = "cache_seqlens") -> Tensor:
     if cache_seqlens is None:
-        raise ValueError("cache_seqlens: expected an int or a (batch,) integer tensor (the filled part of each "
+        raise ValueError(f"{name}: expected an int or a (batch,) integer tensor (the filled part of each "
                          "sequence's cache), got None")
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         return torch.full((batch,), cache_seqlens, dtype=torch.int64, device=device)
     if (not isinstance(cache_seqlens, Tensor) or cache_seqlens.shape != (batch,) or cache_seqlens.is_floating_point()
             or cache_seqlens.dtype == torch.bool):
-        raise ValueError(f"cache_seqlens: expected an int or a ({batch},) integer tensor, got "
+        raise ValueError(f"{name}: expected an int or a ({batch},) integer tensor, got "
                          f"{tuple(cache_seqlens.shape) if isinstance(cache_seqlens, Tensor) else cache_seqlens!r}")
     return cache_seqlens.to(device=device, dtype=torch.int64)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+    """Rotary embedding of ``x (batch, seqlen, heads, headdim)`` at ``positions (batch, seqlen)``:
+    its first ``rotary_dim = 2 * cos.shape[1]`` dims turn by the angles of ``cos``/``sin``
+    ``(seqlen_ro, rotary_dim / 2)``, in pairs ``(0, 1), (2, 3), ...`` (``interleaved``, GPT-J) or
+    ``(i, i + rotary_dim / 2)`` (GPT-NeoX); computed in float32, returned in ``x``'s dtype."""
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != cos.shape or 2 * t.shape[1] > x.shape[-1]:
+            raise ValueError(f"{name}: expected (seqlen_ro, rotary_dim / 2) with rotary_dim <= headdim "
+                             f"{x.shape[-1]}, the same for rotary_cos and rotary_sin, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= cos.shape[0]:
+        raise ValueError(f"rotary_cos: {cos.shape[0]} positions, expected at least {int(positions.max()) + 1} "
+                         "(cache_seqlens plus the new tokens)")
+    half = cos.shape[1]
+    c = cos[positions][:, :, None].float()  # (batch, seqlen, 1, rotary_dim / 2)
+    s = sin[positions][:, :, None].float()
+    rot = x[..., :2 * half].float()
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rot = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([rot.to(x.dtype), x[..., 2 * half:]], dim=-1)
 
 
 def _positions(lengths: Tensor, n: int) -> Tensor:
@@ -316,9 +362,6 @@ def _positions(lengths: Tensor, n: int) -> Tensor:
 
 def _append(cache: Tensor, new: Tensor, lengths: Tensor, batch_idx, block_table, name: str) -> None:
     """Writes ``new (batch, n, heads, dim)`` into ``cache`` in place after each sequence's filled part."""
-    if not isinstance(new, Tensor) or new.dim() != 4:
-        raise ValueError(f"{name}: expected (batch, seqlen_new, nheads_k, headdim), got "
-                         f"{tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__}")
     pos = _positions(lengths, new.shape[1])
     capacity = cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if not torch.compiler.is_compiling() and new.shape[1] and int(pos.max()) >= capacity:
