@@ -3,7 +3,9 @@
 * decoding: one query token per sequence against a KV cache (``flash_attn_with_kvcache``), batch
   1-64, cache 1k-32k, 32 query heads on 8 key/value heads, D = 128, bf16, contiguous and paged
   (pages of 256) caches, all sequences at the cache's length ("full") or lengths spread over 4x
-  ("spread": N/4 to N); SDPA gets the padded cache and a key padding mask;
+  ("spread": N/4 to N); SDPA gets the padded cache and a key padding mask; each called eagerly
+  ("eager") and as a step under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, as a
+  generation loop runs it; ``"default"`` mode on CPU);
 * variable-length training: sequences of lengths uniform in [N/4, N] (N = 4096, 8 of them, causal,
   16 heads, D = 128, bf16, forward+backward) packed (``flash_attn_varlen_func``); SDPA gets the
   padded batch with a materialised causal and padding mask.
@@ -43,12 +45,13 @@ def _lengths(B: int, S: int, spread: bool, gen: torch.Generator) -> torch.Tensor
     return torch.randint(S // 4, S + 1, (B,), generator=gen, dtype=torch.int32)
 
 
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("impl", ["flexflash", "sdpa"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 @pytest.mark.parametrize("lengths", ["full", "spread"])
 @pytest.mark.parametrize("S", CACHES)
 @pytest.mark.parametrize("B", BATCHES)
-def test_decode(benchmark, B, S, lengths, layout, impl):
+def test_decode(benchmark, B, S, lengths, layout, impl, mode):
     if layout == "paged" and impl == "sdpa":
         pytest.skip("SDPA reads a contiguous padded cache (the contiguous row is its baseline)")
     gib = 2 * B * S * HKV * D * 2 / 2**30
@@ -80,15 +83,19 @@ def test_decode(benchmark, B, S, lengths, layout, impl):
         def step():
             return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
 
+    if mode == "compiled":
+        torch._dynamo.reset()  # one step's graph at a time (CUDA graphs of earlier cases freed)
+        step = torch.compile(step, mode="default" if CPU else "reduce-overhead", fullgraph=True)
+
     def timed():
         with torch.no_grad():
             step()
         _sync()
 
     for _ in range(3):
-        timed()  # compilation and warm-up
+        timed()  # compilation, CUDA graph capture and warm-up
     benchmark.pedantic(timed, rounds=20 if CPU else 100, iterations=1, warmup_rounds=2)
-    benchmark.extra_info.update(bench="decode", B=B, S=S, lengths=lengths, layout=layout, impl=impl,
+    benchmark.extra_info.update(bench="decode", mode=mode, B=B, S=S, lengths=lengths, layout=layout, impl=impl,
                                 tokens=int(lens.sum()), gpu="cpu" if CPU else torch.cuda.get_device_name(),
                                 torch=torch.__version__)
 

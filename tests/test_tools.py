@@ -90,3 +90,26 @@ def test_model_summary_of_a_saved_run():
         assert row[5:7] == [f"{ours / raw:.3f}", f"{ours / sdpa:.3f}"]
     host = _tool().summarize_model(json.loads((runs / "2026-12-04-h200-model-host-time.json").read_text()))
     assert "| document |" in host and "| key_padding |" in host
+
+
+def test_decode_summary_pairs_each_cache_with_sdpa():
+    """The summary of benchmarks/test_decode.py's JSON: one row per batch, cache and length spread
+    with SDPA's and flexflash's medians (contiguous and paged) and SDPA / flexflash; one row per
+    variable-length run."""
+    def bench(ms, **info):
+        return {"name": "x", "stats": {"median": ms / 1e3}, "extra_info": info}
+
+    decode = dict(bench="decode", mode="compiled", B=8, S=8192)
+    data = {"benchmarks": [
+        bench(2.0, impl="sdpa", layout="contiguous", lengths="spread", **decode),
+        bench(1.0, impl="flexflash", layout="contiguous", lengths="spread", **decode),
+        bench(4.0, impl="flexflash", layout="paged", lengths="spread", **decode),
+        bench(3.0, impl="flexflash", layout="contiguous", lengths="full", **decode),
+        bench(9.0, impl="sdpa", N=4096, B=8, H=16, tokens=20000, bench="varlen"),
+        bench(3.0, impl="flexflash", N=4096, B=8, H=16, tokens=20000, bench="varlen"),
+    ]}
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in _tool().summarize_decode(data, header=False).splitlines() if line.startswith("| ")]
+    assert ["compiled", "8", "8192", "spread", "2.000", "1.000", "4.000", "2.00", "0.50", "1.5"] in rows
+    assert ["compiled", "8", "8192", "full", "—", "3.000", "—", "—", "—", "1.0"] in rows
+    assert ["4096", "8", "16", "20000", "9.000", "3.000", "3.00"] in rows

@@ -2,7 +2,8 @@
 one section per run file, newest first, with the run's GPU, torch version, date and commit and its
 table of medians and ratios (the summaries of ``tools/run_benchmarks.py``: ``summarize`` for the
 attention suite, ``benchmarks/test_attention.py``; ``summarize_model`` for the training step and
-the host time of ``benchmarks/test_model.py``). The measured analyses and profiles behind the
+the host time of ``benchmarks/test_model.py``; ``summarize_decode`` for decoding and
+variable-length training, ``benchmarks/test_decode.py``). The measured analyses and profiles behind the
 figures are kept by hand in ``benchmarks/NOTES.md``.
 
 Usage::
@@ -58,8 +59,9 @@ def _section(name: str, data: dict) -> str:
     benches = data["benchmarks"]
     suite = any("case" in b.get("extra_info", {}) for b in benches)
     model = any({"model_case", "host_case"} & set(b.get("extra_info", {})) for b in benches)
+    decode = any(b.get("extra_info", {}).get("bench") in ("decode", "varlen") for b in benches)
     other = Counter(_test_name(b) for b in benches
-                    if not {"case", "model_case", "host_case"} & set(b.get("extra_info", {})))
+                    if not {"case", "model_case", "host_case", "bench"} & set(b.get("extra_info", {})))
     sources = sorted({b.get("fullname", "").split("::")[0] for b in benches} - {""})
     commit = data.get("commit_info") or {}
     about = [tools.run_line(data, name)[:-1]]
@@ -72,6 +74,8 @@ def _section(name: str, data: dict) -> str:
         parts += ["", tools.summarize(data, header=False, name=name).rstrip("\n")]
     if model:
         parts += ["", tools.summarize_model(data, header=False, name=name).rstrip("\n")]
+    if decode:
+        parts += ["", tools.summarize_decode(data, header=False, name=name).rstrip("\n")]
     if other:
         parts += ["", "Not tabulated here: " + ", ".join(f"{test} ({n})" for test, n in sorted(other.items())) + "."]
     return "\n".join(parts) + "\n"

@@ -8,6 +8,7 @@ Usage::
                                    [--compile-mode max-autotune] [-- extra pytest args]
     python tools/run_benchmarks.py --summarize results/attention.json   # only the markdown
     python tools/run_benchmarks.py --summarize-model model.json         # benchmarks/test_model.py
+    python tools/run_benchmarks.py --summarize-decode decode.json       # benchmarks/test_decode.py
 
 Runs worth keeping go to ``benchmarks/runs/`` (``DATE-GPU-WHAT.json``); ``python tools/results.py``
 then regenerates ``benchmarks/RESULTS.md`` from every JSON there.
@@ -134,17 +135,60 @@ def summarize_model(data: dict, header: bool = True, name: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
+    """Markdown tables from pytest-benchmark JSON of benchmarks/test_decode.py: decoding per mode
+    (eager calls, or a compiled step), batch, cache length and length spread (SDPA on the padded cache with a mask against flexflash's
+    ``flash_attn_with_kvcache`` on a contiguous and a paged cache), and variable-length training
+    (SDPA on the padded batch against ``flash_attn_varlen_func``). Ratios are SDPA's time over
+    flexflash's (> 1: flexflash faster), beside the issue's targets."""
+    decode: dict[tuple, dict[str, float]] = defaultdict(dict)
+    varlen: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        ms = bench["stats"]["median"] * 1e3
+        if info.get("bench") == "decode":
+            column = "sdpa" if info["impl"] == "sdpa" else f"flexflash-{info['layout']}"
+            decode[(info.get("mode", "eager"), info["B"], info["S"], info["lengths"])][column] = ms
+        elif info.get("bench") == "varlen":
+            varlen[(info["N"], info["B"], info["H"], info["tokens"])][info["impl"]] = ms
+    lines = [run_line(data, name), ""] if header else []
+    cell = lambda r, key: f"{r[key]:.3f}" if key in r else "—"  # noqa: E731
+    ratio = lambda r, key: f"{r['sdpa'] / r[key]:.2f}" if key in r and "sdpa" in r else "—"  # noqa: E731
+    if decode:
+        lines += ["Decoding: one query token per sequence, median ms; ratio = SDPA (padded cache, mask) / "
+                  "flexflash; targets 1.0 (full) and 1.5 (lengths spread over 4x).", "",
+                  "| mode | batch | cache | lengths | SDPA | flexflash contiguous | flexflash paged | ratio contiguous "
+                  "| ratio paged | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (mode, B, S, spread), r in sorted(decode.items()):
+            lines.append(f"| {mode} | {B} | {S} | {spread} | {cell(r, 'sdpa')} | {cell(r, 'flexflash-contiguous')} | "
+                         f"{cell(r, 'flexflash-paged')} | {ratio(r, 'flexflash-contiguous')} | "
+                         f"{ratio(r, 'flexflash-paged')} | {'1.5' if spread == 'spread' else '1.0'} |")
+        lines.append("")
+    if varlen:
+        lines += ["Variable-length training (causal, forward+backward), median ms; ratio = SDPA (padded batch, "
+                  "mask) / flexflash; target 1.5.", "",
+                  "| N | sequences | heads | tokens | SDPA | flexflash | ratio |", "|---|---|---|---|---|---|---|"]
+        for (N, B, H, tokens), r in sorted(varlen.items()):
+            lines.append(f"| {N} | {B} | {H} | {tokens} | {cell(r, 'sdpa')} | {cell(r, 'flexflash')} | "
+                         f"{ratio(r, 'flexflash')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmark-results")
     parser.add_argument("--summarize", help="only write the markdown summary of this JSON file")
     parser.add_argument("--summarize-model", help="only write the summary of benchmarks/test_model.py's JSON")
+    parser.add_argument("--summarize-decode", help="only write the summary of benchmarks/test_decode.py's JSON")
     for name in ("n", "d", "cases", "impls", "dirs", "dtypes", "device"):
         parser.add_argument(f"--{name}", help=f"comma list (FLEXFLASH_BENCH_{name.upper()})")
     parser.add_argument("--compile-mode", choices=("default", "max-autotune"),
                         help="flexflash's compile mode for the run (FLEXFLASH_COMPILE_MODE)")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
+    if args.summarize_decode:
+        print(summarize_decode(json.loads(Path(args.summarize_decode).read_text()), name=args.summarize_decode))
+        return 0
     if args.summarize_model:
         print(summarize_model(json.loads(Path(args.summarize_model).read_text()), name=args.summarize_model))
         return 0
