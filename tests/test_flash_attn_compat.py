@@ -283,6 +283,31 @@ def test_kvcache_rotary_and_left_padding_follow_flash_attns_semantics(paged):
             torch.testing.assert_close(cached.double(), keys, rtol=1e-6, atol=1e-6)  # rotated keys, written in place
 
 
+@pytest.mark.parametrize("rows", [0, 16])
+def test_kvcache_masks_as_a_function_and_as_a_tensor(rows, monkeypatch):
+    """A call with few new query tokens builds its mask as a tensor (``_TENSOR_MASK_ROWS``), one
+    with more as a mask function; each way, with left padding, windows, causal, soft-capping and
+    ALiBi, gives flash-attn's semantics (checked per sequence on its keys cache_leftpad to the end)."""
+    from flexflash.compat import flash_attn as fa
+    monkeypatch.setattr(fa, "_TENSOR_MASK_ROWS", rows)
+    gen = torch.Generator().manual_seed(seed_of("cache-mask", rows))
+    B, H, Hk, D, S = 3, 4, 2, 16, 20
+    k_cache, v_cache = torch.randn(B, S, Hk, D, generator=gen), torch.randn(B, S, Hk, D, generator=gen)
+    lens, leftpad = torch.tensor([20, 9, 4], dtype=torch.int32), torch.tensor([2, 0, 1], dtype=torch.int32)
+    slopes = torch.rand(B, H, generator=gen)
+    for Sq, kw in ((1, dict(causal=True, window_size=(5, -1))), (3, dict(causal=True, softcap=2.0)),
+                   (2, dict(window_size=(2, 1), alibi_slopes=slopes))):
+        q = torch.randn(B, Sq, H, D, generator=gen)
+        with torch.no_grad():
+            out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, cache_leftpad=leftpad, **kw)
+        for b, (lo, hi) in enumerate(zip(leftpad.tolist(), lens.tolist())):
+            one = {**kw, "alibi_slopes": slopes[b:b + 1].double()} if "alibi_slopes" in kw else kw
+            want = attention_ref(q[b:b + 1].double(), k_cache[b:b + 1, lo:hi].double(),
+                                 v_cache[b:b + 1, lo:hi].double(), **one)[0]
+            torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"Sq={Sq} {sorted(kw)} sequence {b}: {m}")
+
+
 def test_kvcache_batch_index_and_refusals():
     gen = torch.Generator().manual_seed(7)
     k_cache, v_cache = torch.randn(5, 12, 2, 16, generator=gen), torch.randn(5, 12, 2, 16, generator=gen)

@@ -105,8 +105,9 @@ def _bhsd(t: Tensor, name: str, rank: int = 4) -> Tensor:
 
 
 def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, lse, diag=None,
-         extra=None):
-    """flexflash.attention on ``(B, H, N, D)`` views, with flash-attn's masks and modifiers."""
+         extra=None, mask=None):
+    """flexflash.attention on ``(B, H, N, D)`` views, with flash-attn's masks and modifiers; ``mask``:
+    the call's whole mask as a tensor, instead of a mask function."""
     left, right = _window(window_size)
     B, H, Nq = q.shape[:3]
     if diag is None:
@@ -114,10 +115,35 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
 
         def diag(b, q_idx):
             return q_idx + offset
-    mask_mod = _mask_mod(diag, left, right, causal, extra)
+    mask_mod = None if mask is not None else _mask_mod(diag, left, right, causal, extra)
     score_mod = _score_mod(diag, softcap, alibi_slopes, H, B)
-    return attention(q, k, v, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale, dropout_p=dropout_p,
-                     return_lse=lse)
+    return attention(q, k, v, mask=mask, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
+                     dropout_p=dropout_p, return_lse=lse)
+
+
+# Up to this many new query tokens per sequence (a decoding step, a few speculative tokens), the
+# mask of a flash_attn_with_kvcache call is built as a (batch, 1, seqlen_q, seqlen_cache) tensor:
+# small, cheaper to make than a block mask from a mask function, and a call SDPA's CPU kernel
+# takes whole where no score modifier is needed.
+_TENSOR_MASK_ROWS = 16
+
+
+def _cache_mask(total: Tensor, start: Tensor | None, Sq: int, S: int, window_size, causal: bool) -> Tensor:
+    """``(batch, 1, Sq, S)`` bool: the keys each new query sees, the rules of :func:`_mask_mod`
+    (keys of the filled part from ``start``, windows and causal aligned to its end)."""
+    left, right = _window(window_size)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    j = torch.arange(S, device=total.device)
+    d = (total[:, None] - Sq + torch.arange(Sq, device=total.device))[..., None]  # (batch, Sq, 1)
+    ok = j < total[:, None, None]
+    if start is not None:
+        ok = ok & (j >= start[:, None, None])
+    if right >= 0:
+        ok = ok & (j <= d + right)
+    if left >= 0:
+        ok = ok & (j >= d - left)
+    return ok.expand(total.shape[0], Sq, S)[:, None]
 
 
 def _finish(result, lse: bool, back, packed: bool = False, probs: bool = True):
@@ -310,9 +336,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def filled(b, h, q_idx, kv_idx):
             return (kv_idx < total[b]) & (kv_idx >= start[b])
 
+    mask = (_cache_mask(total, start, Sq, keys.shape[1], window_size, causal) if Sq <= _TENSOR_MASK_ROWS
+            else None)
     result = _run(_bhsd(q, "q"), keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                  lse=return_softmax_lse, diag=diag, extra=filled)
+                  lse=return_softmax_lse, diag=diag, extra=filled, mask=mask)
     return _finish(result, return_softmax_lse, _batched, probs=False)
 
 
