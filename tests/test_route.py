@@ -7,6 +7,8 @@ import torch
 import flexflash
 from flexflash.functional import route
 
+from .helpers import check_against_reference
+
 
 def _qkv(grad=False, Nq=8, Nk=8):
     q = torch.randn(1, 2, Nq, 16, requires_grad=grad)
@@ -17,8 +19,8 @@ def _qkv(grad=False, Nq=8, Nk=8):
 def test_cpu_paths():
     """On CPU, SDPA takes what its CPU kernel computes exactly: dense, causal with Nq == Nk, one mask
     or bias tensor, grouped heads, float64, with or without gradients; the rest (mask_mods,
-    combinations SDPA cannot take whole) runs compiled FlexAttention forward and the memory-bounded
-    tiles for training; dropout and return_lse run the tiles."""
+    combinations SDPA cannot take whole) runs compiled FlexAttention forward (float32 here) and the
+    memory-bounded tiles for training; dropout and return_lse run the tiles."""
     q, k, v = _qkv()
     pad, bias = torch.rand(1, 8) > 0.3, torch.randn(8, 8)
     window = flexflash.mods.sliding_window(3)
@@ -41,6 +43,32 @@ def test_cpu_paths():
     assert route(q, k, v, backend="reference") == "reference"
     assert route(*_qkv(Nq=0)) == "reference"  # empty problems
     assert route(q, k, v, backend="flex") == "flex"
+
+
+def test_cpu_bfloat16_masks_take_sdpas_kernel_in_tiles_without_a_warning():
+    """Forward on CPU in bfloat16, a mask SDPA cannot take whole (a mask_mod, causal with a mask)
+    runs SDPA's kernel tile by tile (faster there than FlexAttention's CPU template), silently, and
+    equals the reference; a score_mod, kernel_options, float32 and float16 keep FlexAttention."""
+    import warnings
+
+    from flexflash import functional
+    from flexflash.plan import BF16_TILES
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 2, 300, 16, generator=gen).to(torch.bfloat16) for _ in range(3))
+    window, pad = flexflash.mods.sliding_window(40), torch.rand(2, 300, generator=gen) > 0.2
+    for kw in (dict(mask_mod=window), dict(causal=True, mask=pad)):
+        plan = flexflash.explain(q, k, v, **kw)
+        assert plan.path == "memory-bounded" and plan.reasons["flex"] == BF16_TILES
+        functional._NOTED.discard("cpu-chunked")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a choice of speed is not announced
+            flexflash.attention(q, k, v, **kw)
+        check_against_reference(q, k, v, grads=False, **kw)
+    assert route(q, k, v, mask_mod=window, score_mod=flexflash.mods.tanh_softcap(5.0)) == "flex"
+    assert route(q, k, v, mask_mod=window, kernel_options={"BLOCK_M": 64}) == "flex"
+    assert route(q.float(), k.float(), v.float(), mask_mod=window) == "flex"
+    assert route(q.half(), k.half(), v.half(), mask_mod=window) == "flex"
+    assert route(q, k, v, mask_mod=window, backend="flex") == "flex"
 
 
 def test_cpu_sdpa_reasons(monkeypatch):
