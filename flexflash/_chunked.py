@@ -239,7 +239,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
             "supported (its gradient is taken with torch.autograd.grad, which Dynamo does not trace); pass an "
             "additive tensor as bias=, or call flexflash outside torch.compile (torch.compiler.disable)")
     if _fused(q, v, bias, score_mod, dropout, grad, return_lse):
-        return sdpa_tiles(q, k, v, mask_fn=mask_fn, bias=bias, scale=scale, q_chunk=min(chunks[0], _FUSED_ROWS))
+        return sdpa_tiles(q, k, v, mask_fn=mask_fn, bias=bias, scale=scale, q_chunk=min(chunks[0], _FUSED_ROWS),
+                          return_lse=return_lse)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     drop = None if dropout is None else (dropout.params, float(dropout.p), acc_dtype, dropout.offsets)
     return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, drop, *extra)

@@ -22,10 +22,11 @@ from ._compose import tile_grids
 __all__ = ["sdpa_tiles"]
 
 
-def _tile_mask(B, H, q0, q1, Nk, mask_fn, bias: Tensor | None, acc_dtype, device):
+def _tile_mask(B, H, q0, q1, Nk, mask_fn, bias: Tensor | None, mask_dtype, device, rows: bool = False):
     """``(k0, k1, attn_mask, empty_rows)`` of the query rows ``[q0, q1)``: the span of keys any of
-    them may see, the additive mask over it (None where it allows everything and there is no bias)
-    and the rows that see no key (None where there are none); None where the rows see nothing."""
+    them may see, the additive mask over it in ``mask_dtype`` (None where it allows everything and
+    there is no bias) and, with ``rows``, the rows that see no key (None where there are none, or
+    without ``rows``); None where the rows see nothing."""
     k0, k1, allowed, empty = 0, Nk, None, None
     if mask_fn is not None:
         allowed = mask_fn(*tile_grids(B, H, q0, q1, 0, Nk, device))
@@ -38,32 +39,42 @@ def _tile_mask(B, H, q0, q1, Nk, mask_fn, bias: Tensor | None, acc_dtype, device
             allowed = None
     attn = None
     if bias is not None:
-        rows = slice(q0, q1) if bias.shape[2] != 1 else slice(None)
+        tile_rows = slice(q0, q1) if bias.shape[2] != 1 else slice(None)
         keys = slice(k0, k1) if bias.shape[3] != 1 else slice(None)
-        attn = bias[:, :, rows, keys].to(acc_dtype)
-    if allowed is not None:
-        attn = torch.zeros((), dtype=acc_dtype, device=device) if attn is None else attn
-        attn = attn.masked_fill(~allowed, float("-inf"))
-    if attn is not None:  # rows without a key: masked, or -inf in the bias
+        attn = bias[:, :, tile_rows, keys]
+    if allowed is not None:  # one pass: the bias where allowed, -inf elsewhere
+        inf = torch.tensor(float("-inf"), dtype=mask_dtype, device=device)
+        attn = torch.where(allowed, torch.zeros((), dtype=mask_dtype, device=device) if attn is None else attn, inf)
+    if attn is not None:
+        attn = attn.to(mask_dtype)  # a no-op where the bias is in mask_dtype already
         attn = attn if attn.stride(-1) == 1 else attn.contiguous()  # as for q, k, v (see sdpa_tiles)
-        empty = torch.isneginf(attn).all(-1)
-        empty = empty if bool(empty.any()) else None
+        if rows:  # rows without a key: masked, or -inf in the bias
+            empty = torch.isneginf(attn).all(-1)
+            empty = empty if bool(empty.any()) else None
     return k0, k1, attn, empty
+
+
+def _mask_dtype(q_dtype: torch.dtype, bias: Tensor | None) -> torch.dtype:
+    """The dtype of the kernel's additive mask: float32 (float64 for float64 inputs), or q's
+    where a bias in q's dtype would otherwise be copied up (the kernel takes either)."""
+    acc = torch.float64 if q_dtype == torch.float64 else torch.float32
+    return q_dtype if bias is not None and bias.dtype == q_dtype else acc
 
 
 class _SdpaTiles(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask_fn, scale, q_chunk):
+    def forward(ctx, q, k, v, bias, mask_fn, scale, q_chunk, rows):
         # q (B, H, Nq, D); k, v (B, H, Nk, D): heads already expanded for GQA.
         B, H, Nq, _ = q.shape
         Nk = k.shape[2]
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        mask_dtype = _mask_dtype(q.dtype, bias)
         out = torch.zeros(B, H, Nq, v.shape[3], dtype=q.dtype, device=q.device)
         lse = torch.zeros(B, H, Nq, dtype=acc_dtype, device=q.device)  # the kernel's: 0 on empty rows
         public = torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype, device=q.device)  # -inf on empty rows
         for q0 in range(0, Nq, q_chunk):
             q1 = min(Nq, q0 + q_chunk)
-            tile = _tile_mask(B, H, q0, q1, Nk, mask_fn, bias, acc_dtype, q.device)
+            tile = _tile_mask(B, H, q0, q1, Nk, mask_fn, bias, mask_dtype, q.device, rows)
             if tile is None:
                 continue
             k0, k1, attn, empty = tile
@@ -85,7 +96,7 @@ class _SdpaTiles(torch.autograd.Function):
         d_out = d_out.contiguous()
         for q0 in range(0, Nq, ctx.q_chunk):
             q1 = min(Nq, q0 + ctx.q_chunk)
-            tile = _tile_mask(B, H, q0, q1, Nk, ctx.mask_fn, bias, lse.dtype, q.device)
+            tile = _tile_mask(B, H, q0, q1, Nk, ctx.mask_fn, bias, _mask_dtype(q.dtype, bias), q.device)
             if tile is None:
                 continue
             k0, k1, attn, _ = tile
@@ -94,15 +105,16 @@ class _SdpaTiles(torch.autograd.Function):
             dq[:, :, q0:q1] = g[0]
             dk[:, :, k0:k1] += g[1]
             dv[:, :, k0:k1] += g[2]
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def sdpa_tiles(q: Tensor, k: Tensor, v: Tensor, *, mask_fn, bias: Tensor | None, scale: float,
-               q_chunk: int) -> tuple[Tensor, Tensor]:
+               q_chunk: int, return_lse: bool = True) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of a validated CPU call (k/v heads expanded to q's) in tiles of ``q_chunk``
     query rows; ``mask_fn``: the composed mask over index grids (flexflash._compose), ``bias`` a 4-D
-    bias that needs no gradient. Rows that see no key: out 0, lse ``-inf``. The lse carries no
-    gradient (calls that differentiate it take the eager tiles)."""
+    bias that needs no gradient. Rows that see no key: out 0, lse ``-inf`` (found only with
+    ``return_lse``: without it the lse of such rows is the kernel's 0, for a caller that discards
+    it). The lse carries no gradient (calls that differentiate it take the eager tiles)."""
     # The kernel reads the head dim as contiguous whatever its stride (wrong results otherwise).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _SdpaTiles.apply(q, k, v, bias, mask_fn, scale, q_chunk)
+    return _SdpaTiles.apply(q, k, v, bias, mask_fn, scale, q_chunk, return_lse)
