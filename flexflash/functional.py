@@ -14,7 +14,7 @@ from ._chunked import chunked_attention
 from ._flex import run_flex
 from ._sdpa import sdpa
 from .parallel import is_dtensor
-from .plan import BF16_TILES, Plan, make_plan, needs_grad, plan_call
+from .plan import TILES_FASTER, Plan, make_plan, needs_grad, plan_call
 
 __all__ = ["attention", "explain", "route", "generator"]
 
@@ -113,8 +113,8 @@ def attention(
             flash, else efficient), and on CPU the same in any dtype or with one mask or bias
             tensor alone; on CPU the other calls with gradients, ``return_lse``, dropout or
             float64, and calls inside a caller's ``torch.compile``, take the exact memory-bounded
-            path, which it announces once, and so do bfloat16 calls without a score_mod, where
-            it is faster),
+            path, which it announces once, and so do bfloat16 calls, and float16 calls without a
+            mask_mod, that have no score_mod, where it is faster),
             ``"flex"`` (compiled FlexAttention; raises where it cannot run) or ``"reference"``
             (the eager oracle of :mod:`flexflash.reference`).
 
@@ -188,7 +188,7 @@ def _attention(q, k, v, *, causal, mask, bias, mask_mod, score_mod, scale, dropo
                 f"{torch.__version__} (expected torch >= 2.13): traced whole, its tiled path gave wrong gradients "
                 "there, and with a graph break before it torch 2.11 crashed saving the compile cache; call it "
                 "outside torch.compile (torch.compiler.disable) or use torch >= 2.13")
-        if plan.reasons["flex"] != BF16_TILES:  # a choice of speed is not announced
+        if plan.reasons["flex"] != TILES_FASTER:  # a choice of speed is not announced
             _note_once("cpu-chunked", lambda: f"flexflash: {plan.reasons['flex']}; the exact memory-bounded tiled path "
                                               "is used (this message is shown once)")
         out, lse = chunked_attention(p.q, p.k, p.v, scale=p.scale, chunks=p.chunks,

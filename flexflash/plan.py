@@ -15,7 +15,8 @@ Paths, in the order they are considered:
 * ``"memory-bounded"``: the exact tiled path (:mod:`flexflash._chunked`, on SDPA's CPU kernel where
   it can: :mod:`flexflash._sdpa_tiles`), for the CPU calls compiled FlexAttention cannot run
   (gradients, ``return_lse``, dropout, float64), CPU calls inside a caller's ``torch.compile``, and
-  CPU bfloat16 calls without a score_mod (there SDPA's kernel in tiles is faster: ``BF16_TILES``).
+  CPU bfloat16 calls, and float16 calls without a mask_mod, that have no score_mod (there SDPA's
+  kernel in tiles is faster: ``TILES_FASTER``).
 """
 
 from __future__ import annotations
@@ -170,23 +171,27 @@ def _flex_error(p: Problem, why: str, return_lse: bool) -> NotImplementedError:
         f"{describe(q=p.q, k=p.k, v=p.v)}")
 
 
-# Why a CPU bfloat16 call FlexAttention could run takes the memory-bounded path instead (a choice of
-# speed, not announced): forward, SDPA's CPU kernel tile by tile over each tile's key span is
-# faster there than FlexAttention's CPU template (2 cores, B*N = 4096, H = 8, D = 64: sliding
-# window of 512 at N = 1024/2048/4096 46/60/82 ms against 69/78/83; documents at N = 1024/4096
-# 37/75 against 55/77; in float32 and float16 the template is as fast or faster).
-BF16_TILES = ("bfloat16 without a score_mod on CPU: SDPA's CPU kernel tile by tile (the memory-bounded path) is "
-              "faster than FlexAttention's CPU template")
+# Why a CPU call FlexAttention could run takes the memory-bounded path instead (a choice of speed,
+# not announced): forward, SDPA's CPU kernel tile by tile over each tile's key span is faster there
+# than FlexAttention's CPU template (2 cores, B*N = 4096, H = 8, D = 64, ms; docs/backends.md):
+# bfloat16 with any mask (sliding window of 512 at N = 1024/2048/4096: 46/60/82 against 69/78/83;
+# documents at N = 1024/4096: 37/75 against 55/77), float16 with mask and bias tensors (causal
+# with a bias at N = 1024/2048/4096: 96/172/327 against 125/232/442) but not with a mask_mod (a
+# window of 512 at N = 4096: 137 against 112); float32 keeps the template (causal with a bias:
+# 74/126/244 against 67/116/208).
+TILES_FASTER = ("bfloat16, or float16 without a mask_mod, without a score_mod on CPU: SDPA's CPU kernel tile by tile "
+                "(the memory-bounded path) is faster than FlexAttention's CPU template")
 
 
-def _bf16_tiles(p: Problem, score_mod, dropout_p: float, kernel_options) -> bool:
-    return (p.q.dtype == torch.bfloat16 and score_mod is None and not dropout_p and kernel_options is None
+def _tiles_faster(p: Problem, mask_mod, score_mod, dropout_p: float, kernel_options) -> bool:
+    dtype_ok = p.q.dtype == torch.bfloat16 or (p.q.dtype == torch.float16 and mask_mod is None)
+    return (dtype_ok and score_mod is None and not dropout_p and kernel_options is None
             and p.q.shape[-1] == p.v.shape[-1])
 
 
 _NOT_REFERENCE = "the eager oracle runs only with backend='reference' or an empty problem"
-_NOT_MEMORY_BOUNDED = ("it runs only the CPU calls compiled FlexAttention cannot run, and CPU bfloat16 calls without a "
-                       "score_mod")
+_NOT_MEMORY_BOUNDED = ("it runs only the CPU calls compiled FlexAttention cannot run, and those where it is faster "
+                       "(bfloat16, float16 without a mask_mod)")
 
 
 def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, mask_mod, score_mod, dropout_p,
@@ -210,8 +215,8 @@ def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, ma
         # makes lengths symbolic (torch 2.13: broadcast masks and biases, tensors a mask_mod
         # reads); the tiled path is plain tensor code, which Inductor compiles for any length.
         why = "inside a caller's torch.compile on CPU (the CPU kernel's lowering fails for symbolic lengths)"
-    if why is None and backend == "auto" and cpu and _bf16_tiles(p, score_mod, dropout_p, kernel_options):
-        reasons["flex"] = BF16_TILES
+    if why is None and backend == "auto" and cpu and _tiles_faster(p, mask_mod, score_mod, dropout_p, kernel_options):
+        reasons["flex"] = TILES_FASTER
         return "memory-bounded", reasons
     if why is None:
         reasons["memory-bounded"] = _NOT_MEMORY_BOUNDED

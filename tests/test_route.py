@@ -45,20 +45,21 @@ def test_cpu_paths():
     assert route(q, k, v, backend="flex") == "flex"
 
 
-def test_cpu_bfloat16_masks_take_sdpas_kernel_in_tiles_without_a_warning():
+def test_cpu_half_precision_masks_take_sdpas_kernel_in_tiles_without_a_warning():
     """Forward on CPU in bfloat16, a mask SDPA cannot take whole (a mask_mod, causal with a mask)
     runs SDPA's kernel tile by tile (faster there than FlexAttention's CPU template), silently, and
-    equals the reference; a score_mod, kernel_options, float32 and float16 keep FlexAttention."""
+    equals the reference; so does float16 without a mask_mod; a score_mod, kernel_options, float32
+    and float16 with a mask_mod keep FlexAttention."""
     import warnings
 
     from flexflash import functional
-    from flexflash.plan import BF16_TILES
+    from flexflash.plan import TILES_FASTER
     gen = torch.Generator().manual_seed(21)
     q, k, v = (torch.randn(2, 2, 300, 16, generator=gen).to(torch.bfloat16) for _ in range(3))
     window, pad = flexflash.mods.sliding_window(40), torch.rand(2, 300, generator=gen) > 0.2
     for kw in (dict(mask_mod=window), dict(causal=True, mask=pad)):
         plan = flexflash.explain(q, k, v, **kw)
-        assert plan.path == "memory-bounded" and plan.reasons["flex"] == BF16_TILES
+        assert plan.path == "memory-bounded" and plan.reasons["flex"] == TILES_FASTER
         functional._NOTED.discard("cpu-chunked")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a choice of speed is not announced
@@ -68,6 +69,8 @@ def test_cpu_bfloat16_masks_take_sdpas_kernel_in_tiles_without_a_warning():
     assert route(q, k, v, mask_mod=window, kernel_options={"BLOCK_M": 64}) == "flex"
     assert route(q.float(), k.float(), v.float(), mask_mod=window) == "flex"
     assert route(q.half(), k.half(), v.half(), mask_mod=window) == "flex"
+    assert route(q.half(), k.half(), v.half(), causal=True, mask=pad) == "memory-bounded"
+    assert route(q.float(), k.float(), v.float(), causal=True, mask=pad) == "flex"
     assert route(q, k, v, mask_mod=window, backend="flex") == "flex"
 
 
