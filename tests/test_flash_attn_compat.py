@@ -404,6 +404,50 @@ def test_property_flash_attn_func_against_flash_attns_semantics(Sq, Sk, heads, D
              torch.float32)
 
 
+@given(
+    B=st.integers(1, 3), S=st.sampled_from([8, 16, 24, 40]), Sq=st.integers(1, 20),
+    heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]), causal=st.booleans(), left=st.integers(-1, 9),
+    right=st.integers(-1, 9), softcap=st.sampled_from([0.0, 2.5]), alibi=st.booleans(), leftpad=st.booleans(),
+    paged=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_property_kvcache_against_flash_attns_semantics(B, S, Sq, heads, causal, left, right, softcap, alibi, leftpad,
+                                                        paged, seed):
+    """Random caches (contiguous or paged, left-padded or not, filled to random lengths), new tokens
+    appended in place, windows, soft-capping, ALiBi, grouped heads, up to 20 new query tokens (both
+    mask constructions): each sequence against the reference over its keys, cache_leftpad to the end
+    of the new tokens. (q requires grad: the CPU tiles, no compilation per example.)"""
+    H, Hk = heads
+    D, page = 16, 8
+    Sq = min(Sq, S)
+    gen = torch.Generator().manual_seed(seed)
+    seqlens = torch.randint(0, S - Sq + 1, (B,), generator=gen, dtype=torch.int32)
+    start = (torch.rand(B, generator=gen) * (seqlens + 1)).long().clamp(max=seqlens.long()).to(torch.int32)
+    kw = dict(causal=causal, window_size=(left, right), softcap=softcap,
+              alibi_slopes=torch.rand(B, H, generator=gen) if alibi else None)
+    k_init, v_init = torch.randn(B, S, Hk, D, generator=gen), torch.randn(B, S, Hk, D, generator=gen)
+    q = torch.randn(B, Sq, H, D, generator=gen, requires_grad=True)
+    k, v = torch.randn(B, Sq, Hk, D, generator=gen), torch.randn(B, Sq, Hk, D, generator=gen)
+    table = None
+    if paged:
+        table = torch.randperm(B * S // page, generator=gen).view(B, S // page).to(torch.int32)
+        k_cache, v_cache = (torch.zeros(B * S // page, page, Hk, D) for _ in range(2))
+        for c, init in ((k_cache, k_init), (v_cache, v_init)):
+            c[table.long()] = init.unflatten(1, (S // page, page))
+    else:
+        k_cache, v_cache = k_init.clone(), v_init.clone()
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                                  cache_leftpad=start if leftpad else None, **kw)
+    pos = seqlens.long()[:, None] + torch.arange(Sq)
+    keys, values = k_init.double(), v_init.double()
+    keys[torch.arange(B)[:, None], pos], values[torch.arange(B)[:, None], pos] = k.double(), v.double()
+    for b in range(B):
+        lo, hi = (int(start[b]) if leftpad else 0), int(seqlens[b]) + Sq
+        one = {**kw, "alibi_slopes": kw["alibi_slopes"][b:b + 1].double()} if alibi else kw
+        want = attention_ref(q[b:b + 1].detach().double(), keys[b:b + 1, lo:hi], values[b:b + 1, lo:hi], **one)[0]
+        torch.testing.assert_close(out[b:b + 1].detach().double(), want, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"sequence {b} of keys {lo}:{hi}: {m}")
+
+
 def test_dropout_is_flexflashs_exact_dropout():
     """``dropout_p`` is flexflash's dropout: reproducible with ``torch.manual_seed``, unbiased on
     average, and off at 0."""
