@@ -121,11 +121,12 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
                      dropout_p=dropout_p, return_lse=lse)
 
 
-# Up to this many new query tokens per sequence (a decoding step, a few speculative tokens), the
-# mask of a flash_attn_with_kvcache call is built as a (batch, 1, seqlen_q, seqlen_cache) tensor:
-# small, cheaper to make than a block mask from a mask function, and a call SDPA's CPU kernel
-# takes whole where no score modifier is needed.
+# Up to this many new query tokens per sequence (a decoding step, a few speculative tokens), and
+# up to _TENSOR_MASK_ENTRIES entries in all, the mask of a flash_attn_with_kvcache call is built as
+# a (batch, 1, seqlen_q, seqlen_cache) tensor: small, cheaper to make than a block mask from a mask
+# function, and a call SDPA's CPU kernel takes whole where no score modifier is needed.
 _TENSOR_MASK_ROWS = 16
+_TENSOR_MASK_ENTRIES = 1 << 24  # 16 MiB of bool: batch 64 at 16 tokens of a 16k cache
 
 
 def _cache_mask(total: Tensor, start: Tensor | None, Sq: int, S: int, window_size, causal: bool) -> Tensor:
@@ -336,8 +337,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def filled(b, h, q_idx, kv_idx):
             return (kv_idx < total[b]) & (kv_idx >= start[b])
 
-    mask = (_cache_mask(total, start, Sq, keys.shape[1], window_size, causal) if Sq <= _TENSOR_MASK_ROWS
-            else None)
+    small = Sq <= _TENSOR_MASK_ROWS and B * Sq * keys.shape[1] <= _TENSOR_MASK_ENTRIES
+    mask = _cache_mask(total, start, Sq, keys.shape[1], window_size, causal) if small else None
     result = _run(_bhsd(q, "q"), keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                   lse=return_softmax_lse, diag=diag, extra=filled, mask=mask)
