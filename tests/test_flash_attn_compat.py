@@ -174,6 +174,41 @@ def test_varlen_new_lengths_do_not_recompile():
     assert flexflash.compile_stats()["compiles"] == compiles
 
 
+def test_varlen_training_inside_a_compiled_model_compiles_once():
+    """A packed batch of a fixed token budget (how packed training runs), new sequence boundaries
+    and numbers of sequences every step (one sequence included, whose offsets have 2 entries),
+    through a small model under ``torch.compile(fullgraph=True)``: the graph compiles again once,
+    when the number of sequences first changes (Dynamo's automatic dynamic shapes make it
+    symbolic), and never after; each step's loss and gradients equal the eager model's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("inductor")
+    gen = torch.Generator().manual_seed(12)
+    total, heads, dim = 48, 2, 16
+
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = torch.nn.Linear(heads * dim, 3 * heads * dim), torch.nn.Linear(heads * dim, 4)
+
+        def forward(self, x, cu, max_len):
+            q, k, v = self.qkv(x).unflatten(-1, (3, heads, dim)).unbind(1)
+            return self.out(flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True).flatten(1))
+
+    model = Packed()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for lengths in ([20, 28], [5, 30, 13], [48], [10, 10, 10, 18], [1, 47], [48]):
+        cu = _cu(lengths)
+        x = torch.randn(total, heads * dim, generator=gen)
+        got = compiled(x, cu, max(lengths)).square().mean()
+        got_grads = torch.autograd.grad(got, list(model.parameters()))
+        want = model(x, cu, max(lengths)).square().mean()
+        want_grads = torch.autograd.grad(want, list(model.parameters()))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float32 both: summation order only
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 2, counter.frame_count
+
+
 def _decode_ref(q, keys, values, lengths, **kw):
     """Each sequence's queries against its first ``lengths[b]`` keys (recomputed from scratch)."""
     return torch.cat([attention_ref(q[b:b + 1], keys[b:b + 1, :n], values[b:b + 1, :n], **kw)[0]

@@ -233,8 +233,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                          f"{cu_q.numel() - 1} and {cu_k.numel() - 1}")
     device = q.device
     tq, tk = torch.arange(q.shape[0], device=device), torch.arange(k.shape[0], device=device)
-    doc_q = torch.searchsorted(cu_q[1:], tq, right=True)  # a token past the last sequence: index nseq
-    doc_k = torch.searchsorted(cu_k[1:], tk, right=True)
+    # The sequence of each token: the last offset at or before it (a token past the last sequence:
+    # index nseq). Searched in the whole offsets, not cu[1:], whose length is 1 for one sequence:
+    # a size Dynamo specialises on, so a caller's compiled graph would compile again for it.
+    doc_q = torch.searchsorted(cu_q, tq, right=True) - 1
+    doc_k = torch.searchsorted(cu_k, tk, right=True) - 1
     nseq = cu_q.numel() - 1
     doc_q = torch.where(doc_q < nseq, doc_q, -1)
     doc_k = torch.where(doc_k < nseq, doc_k, -2)  # tokens past the sequences see nothing, are seen by none
