@@ -156,6 +156,36 @@ def test_varlen_matches_the_reference_per_sequence(case):
                                flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), **kw), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", ["causal_window", "alibi_per_sequence_softcap"])
+def test_varlen_paged_keys_and_per_sequence_alibi(case):
+    """block_table: each sequence's keys are the first cu_seqlens_k[i + 1] - cu_seqlens_k[i] of its
+    pages laid end to end; ALiBi slopes per sequence ``(batch, nheads)``; forward and the gradients
+    of q and of the paged caches against the reference per sequence."""
+    gen = torch.Generator().manual_seed(seed_of("varlen-paged", case))
+    lq, lk, page, blocks = [3, 9, 1], [10, 20, 5], 8, 3  # 24 keys of capacity per sequence
+    H, Hk, D = 4, 2, 16
+    table = torch.randperm(3 * blocks, generator=gen).view(3, blocks).to(torch.int32)
+    kw = (dict(causal=True, window_size=(6, -1)) if case == "causal_window" else
+          dict(alibi_slopes=torch.rand(3, H, generator=gen), softcap=2.5))
+    q = torch.randn(sum(lq), H, D, generator=gen)
+    k_cache, v_cache = torch.randn(3 * blocks, page, Hk, D, generator=gen), torch.randn(3 * blocks, page, Hk, D, generator=gen)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+
+    def ref(q, kc, vc):
+        outs = []
+        for i in range(3):
+            keys, values = (c[table[i].long()].flatten(0, 1)[None, :lk[i]] for c in (kc, vc))
+            one = {**kw, "alibi_slopes": kw["alibi_slopes"][i:i + 1].to(q.dtype)} if "alibi_slopes" in kw else kw
+            outs.append(attention_ref(q[None, int(cu_q[i]):int(cu_q[i + 1])], keys, values, **one)[0][0])
+        return torch.cat(outs)
+
+    _compare(case, lambda *t: flash_attn_varlen_func(t[0], t[1], t[2], cu_q, cu_k, max(lq), max(lk),
+                                                     block_table=table, **kw),
+             ref, (q, k_cache, v_cache), torch.float32)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k: sequences of \[10, 30, 5\] keys, expected at most the 24"):
+        flash_attn_varlen_func(q, k_cache, v_cache, cu_q, _cu([10, 30, 5]), 9, 30, block_table=table)
+
+
 def test_varlen_new_lengths_do_not_recompile():
     """Batches of new lengths and offsets (the inference path: compiled FlexAttention) reuse the
     kernel; the qkv-packed entry agrees."""

@@ -26,7 +26,7 @@ kernel writes ``+inf`` there); inputs may be any floating dtype on any device fl
 (CPU included); everything runs through :func:`flexflash.attention`, so its paths (SDPA, compiled
 FlexAttention, the CPU tiles) and caches apply; ``rotary_dim`` may be any even number up to
 ``headdim`` (flash-attn's kernel needs a multiple of 16), and ``cache_leftpad`` works with paged
-caches too. Not supported, and refused by name: ``block_table`` of :func:`flash_attn_varlen_func`.
+caches too.
 """
 
 from __future__ import annotations
@@ -70,14 +70,15 @@ def _mask_mod(diag, left: int, right: int, causal: bool, extra=None):
     return flash_attn_mask
 
 
-def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, batch: int):
-    """Soft-capping, then ALiBi's bias (see the module docstring); None where scores are unchanged."""
+def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, batch: int, slope_row=None):
+    """Soft-capping, then ALiBi's bias (see the module docstring); None where scores are unchanged.
+    ``slope_row(b, q_idx)``: the row of 2-D slopes of each query (default: its batch ``b``)."""
     softcap = float(softcap)
     if softcap < 0:
         raise ValueError(f"softcap: expected a float >= 0 (0 = off), got {softcap}")
     slopes = None
     if alibi_slopes is not None:
-        if alibi_slopes.shape not in ((nheads,), (batch, nheads)):
+        if slope_row is None and alibi_slopes.shape not in ((nheads,), (batch, nheads)):
             raise ValueError(f"alibi_slopes: expected shape ({nheads},) or ({batch}, {nheads}), got "
                              f"{tuple(alibi_slopes.shape)}")
         slopes = alibi_slopes.detach().float()
@@ -89,7 +90,7 @@ def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, b
         if softcap > 0:
             score = softcap * torch.tanh(score / softcap)
         if slopes is not None:
-            slope = slopes[b, h] if batched else slopes[h]
+            slope = (slopes[b if slope_row is None else slope_row(b, q_idx), h] if batched else slopes[h])
             score = score - slope * (diag(b, q_idx) - kv_idx).abs()
         return score
 
@@ -105,7 +106,7 @@ def _bhsd(t: Tensor, name: str, rank: int = 4) -> Tensor:
 
 
 def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, lse, diag=None,
-         extra=None, mask=None):
+         extra=None, mask=None, slope_row=None):
     """flexflash.attention on ``(B, H, N, D)`` views, with flash-attn's masks and modifiers; ``mask``:
     the call's whole mask as a tensor, instead of a mask function."""
     left, right = _window(window_size)
@@ -116,7 +117,7 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
         def diag(b, q_idx):
             return q_idx + offset
     mask_mod = None if mask is not None else _mask_mod(diag, left, right, causal, extra)
-    score_mod = _score_mod(diag, softcap, alibi_slopes, H, B)
+    score_mod = _score_mod(diag, softcap, alibi_slopes, H, B, slope_row)
     return attention(q, k, v, mask=mask, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
                      dropout_p=dropout_p, return_lse=lse)
 
@@ -219,31 +220,46 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """flash-attn's ``flash_attn_varlen_func``: sequences packed without padding, ``q (total_q,
     nheads, headdim)``, ``k``/``v`` ``(total_k, nheads_k, headdim)``, sequence ``i`` at
     ``cu_seqlens[i]:cu_seqlens[i + 1]``; causal masks and windows apply within each sequence
-    (bottom-right per sequence). Computed over the packed tokens with a document mask (no padding);
-    new lengths and offsets reuse the compiled kernel. ``max_seqlen_q/k`` are accepted and not
-    needed. Returns ``out (total_q, nheads, headdim)`` (and ``softmax_lse (nheads, total_q)``, None
-    with ``return_attn_probs``)."""
-    if block_table is not None:
-        raise NotImplementedError("block_table: a paged key/value cache is supported by flash_attn_with_kvcache, "
-                                  "not by flash_attn_varlen_func")
-    qt, kt, vt = _bhsd(q, "q", 3), _bhsd(k, "k", 3), _bhsd(v, "v", 3)
-    cu_q, cu_k = _cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0]), _cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-    if cu_q.numel() != cu_k.numel():
+    (bottom-right per sequence); ``alibi_slopes`` ``(nheads,)`` or per sequence ``(batch, nheads)``.
+    With ``block_table (batch, max_blocks)``, ``k``/``v`` are paged caches ``(num_blocks,
+    page_block_size, nheads_k, headdim)`` and sequence ``i``'s keys are the first
+    ``cu_seqlens_k[i + 1] - cu_seqlens_k[i]`` of its pages laid end to end. Computed over the packed
+    tokens with a document mask (no padding); new lengths and offsets reuse the compiled kernel.
+    ``max_seqlen_q/k`` are accepted and not needed. Returns ``out (total_q, nheads, headdim)`` (and
+    ``softmax_lse (nheads, total_q)``, None with ``return_attn_probs``)."""
+    qt = _bhsd(q, "q", 3)
+    cu_q = _cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    nseq = cu_q.numel() - 1
+    if block_table is not None:  # each sequence's pages laid end to end: (nseq * capacity, heads, dim)
+        k, v = (_sequences(c, None, block_table, nseq, name).flatten(0, 1) for c, name in ((k, "k"), (v, "v")))
+    kt, vt = _bhsd(k, "k", 3), _bhsd(v, "v", 3)
+    cu_k = _cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+    if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k: expected the same number of sequences, got "
-                         f"{cu_q.numel() - 1} and {cu_k.numel() - 1}")
+                         f"{nseq} and {cu_k.numel() - 1}")
     device = q.device
     tq, tk = torch.arange(q.shape[0], device=device), torch.arange(k.shape[0], device=device)
     # The sequence of each token: the last offset at or before it (a token past the last sequence:
     # index nseq). Searched in the whole offsets, not cu[1:], whose length is 1 for one sequence:
-    # a size Dynamo specialises on, so a caller's compiled graph would compile again for it.
+    # a size Dynamo specialises on, so a caller's compiled graph would compile again for it (for the
+    # same reason, per-sequence values are read per token, cu[d + 1] - cu[d], never as cu[1:] - cu[:-1]).
     doc_q = torch.searchsorted(cu_q, tq, right=True) - 1
-    doc_k = torch.searchsorted(cu_k, tk, right=True) - 1
-    nseq = cu_q.numel() - 1
     doc_q = torch.where(doc_q < nseq, doc_q, -1)
-    doc_k = torch.where(doc_k < nseq, doc_k, -2)  # tokens past the sequences see nothing, are seen by none
-    d = doc_q.clamp(min=0)
-    # the key aligned with each query (bottom-right within its sequence), as a packed key index
-    aligned = tq - cu_q[d] + (cu_k[d + 1] - cu_k[d]) - (cu_q[d + 1] - cu_q[d]) + cu_k[d]
+    if block_table is None:
+        k_start = cu_k
+        doc_k = torch.searchsorted(cu_k, tk, right=True) - 1
+        doc_k = torch.where(doc_k < nseq, doc_k, -2)  # tokens past the sequences see nothing, are seen by none
+    else:
+        capacity = k.shape[0] // max(nseq, 1)
+        if not torch.compiler.is_compiling() and nseq and int((cu_k[1:] - cu_k[:-1]).max()) > capacity:
+            raise ValueError(f"cu_seqlens_k: sequences of {(cu_k[1:] - cu_k[:-1]).tolist()} keys, expected at "
+                             f"most the {capacity} of block_table's pages")
+        k_start = torch.arange(nseq + 1, device=device) * capacity
+        doc_k = tk // capacity
+        doc_k = torch.where(tk - doc_k * capacity < cu_k[doc_k + 1] - cu_k[doc_k], doc_k, -2)  # past its keys: unseen
+    d = doc_q.clamp(min=0)  # tokens past the sequences: any sequence (they see nothing)
+    # the key aligned with each query (bottom-right within its sequence), as an index into k
+    aligned = tq - cu_q[d] + (cu_k[d + 1] - cu_k[d]) - (cu_q[d + 1] - cu_q[d]) + k_start[d]
 
     def diag(b, q_idx):
         return aligned[q_idx]
@@ -251,11 +267,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     def same_sequence(b, h, q_idx, kv_idx):
         return doc_q[q_idx] == doc_k[kv_idx]
 
-    if alibi_slopes is not None and alibi_slopes.dim() == 2:
-        raise ValueError(f"alibi_slopes: expected shape ({q.shape[1]},) for the packed sequences, got "
-                         f"{tuple(alibi_slopes.shape)} (per-sequence slopes are not supported)")
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:  # per sequence: each query token's row
+        if alibi_slopes.shape != (nseq, q.shape[1]):
+            raise ValueError(f"alibi_slopes: expected shape ({q.shape[1]},) or ({nseq}, {q.shape[1]}), got "
+                             f"{tuple(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes[d]  # (total_q, nheads)
     result = _run(qt, kt, vt, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                  softcap=softcap, alibi_slopes=alibi_slopes, lse=return_attn_probs, diag=diag, extra=same_sequence)
+                  softcap=softcap, alibi_slopes=alibi_slopes, lse=return_attn_probs, diag=diag, extra=same_sequence,
+                  slope_row=None if alibi_slopes is None or alibi_slopes.dim() == 1 else (lambda b, q_idx: q_idx))
     return _finish(result, return_attn_probs, _unpack, packed=True)
 
 
