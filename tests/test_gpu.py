@@ -326,7 +326,14 @@ def test_dropout_without_masks_routes_to_sdpa_and_everything_else_keeps_the_hash
                dict(mask_mod=mods.sliding_window(16)), dict(backend="flex")):
         assert route(q, q, q, causal=True, dropout_p=0.1, **kw) == "flex", kw
     assert route(q, q[:, :, :128], q[:, :, :128], causal=True, dropout_p=0.1) == "flex"  # causal, Nq != Nk
-    assert "SDPA" not in explain(q, q, q, dropout_p=0.1).reasons.get("sdpa", "")
+    assert explain(q, q, q, dropout_p=0.1).reasons["flex"] == "SDPA computes this call exactly and faster"
+    # a shard of a DTensor call keeps the hash: the shards drop the unsharded call's entries
+    from flexflash import _checks
+    from flexflash import plan as plans
+    p, infos, dropout_p = _checks.validate(q, q, q, **{**_checks.KEYWORDS, "causal": True, "dropout_p": 0.1})
+    shard = plans.make_plan(p, infos, causal=True, mask_mod=None, score_mod=None, dropout_p=dropout_p, block_size=None,
+                            kernel_options=None, return_lse=False, backend="auto", shard=True)
+    assert shard.path == "flex" and "shard of a DTensor call" in shard.reasons["sdpa"]
 
 
 def _sdpa_dropout_probe(p, B=64, H=8, N=64, seed=0):
