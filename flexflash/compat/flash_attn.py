@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._compose import tile_grids
 from ..functional import attention
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
@@ -106,9 +107,10 @@ def _bhsd(t: Tensor, name: str, rank: int = 4) -> Tensor:
 
 
 def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, lse, diag=None,
-         extra=None, mask=None, slope_row=None):
-    """flexflash.attention on ``(B, H, N, D)`` views, with flash-attn's masks and modifiers; ``mask``:
-    the call's whole mask as a tensor, instead of a mask function."""
+         extra=None, as_tensor=False, slope_row=None):
+    """flexflash.attention on ``(B, H, N, D)`` views, with flash-attn's masks and modifiers;
+    ``as_tensor``: the mask function evaluated once over the call's index grids, passed as a
+    ``(B, 1, Nq, Nk)`` mask tensor (see ``_TENSOR_MASK_ROWS``)."""
     left, right = _window(window_size)
     B, H, Nq = q.shape[:3]
     if diag is None:
@@ -116,7 +118,9 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
 
         def diag(b, q_idx):
             return q_idx + offset
-    mask_mod = None if mask is not None else _mask_mod(diag, left, right, causal, extra)
+    mask_mod, mask = _mask_mod(diag, left, right, causal, extra), None
+    if as_tensor and mask_mod is not None:
+        mask, mask_mod = mask_mod(*tile_grids(B, 1, 0, Nq, 0, k.shape[2], q.device)), None
     score_mod = _score_mod(diag, softcap, alibi_slopes, H, B, slope_row)
     return attention(q, k, v, mask=mask, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
                      dropout_p=dropout_p, return_lse=lse)
@@ -128,24 +132,6 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
 # function, and a call SDPA's CPU kernel takes whole where no score modifier is needed.
 _TENSOR_MASK_ROWS = 16
 _TENSOR_MASK_ENTRIES = 1 << 24  # 16 MiB of bool: batch 64 at 16 tokens of a 16k cache
-
-
-def _cache_mask(total: Tensor, start: Tensor | None, Sq: int, S: int, window_size, causal: bool) -> Tensor:
-    """``(batch, 1, Sq, S)`` bool: the keys each new query sees, the rules of :func:`_mask_mod`
-    (keys of the filled part from ``start``, windows and causal aligned to its end)."""
-    left, right = _window(window_size)
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    j = torch.arange(S, device=total.device)
-    d = (total[:, None] - Sq + torch.arange(Sq, device=total.device))[..., None]  # (batch, Sq, 1)
-    ok = j < total[:, None, None]
-    if start is not None:
-        ok = ok & (j >= start[:, None, None])
-    if right >= 0:
-        ok = ok & (j <= d + right)
-    if left >= 0:
-        ok = ok & (j >= d - left)
-    return ok.expand(total.shape[0], Sq, S)[:, None]
 
 
 def _finish(result, lse: bool, back, packed: bool = False, probs: bool = True):
@@ -360,10 +346,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             return (kv_idx < total[b]) & (kv_idx >= start[b])
 
     small = Sq <= _TENSOR_MASK_ROWS and B * Sq * keys.shape[1] <= _TENSOR_MASK_ENTRIES
-    mask = _cache_mask(total, start, Sq, keys.shape[1], window_size, causal) if small else None
     result = _run(_bhsd(q, "q"), keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                  lse=return_softmax_lse, diag=diag, extra=filled, mask=mask)
+                  lse=return_softmax_lse, diag=diag, extra=filled, as_tensor=small)
     return _finish(result, return_softmax_lse, _batched, probs=False)
 
 
