@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _flex, _kinds, _tuning
+from ._chunked import _fused
 from ._checks import Problem, describe
 from ._fingerprint import Modifier
 
@@ -183,10 +184,12 @@ TILES_FASTER = ("bfloat16, or float16 without a mask_mod, without a score_mod on
                 "(the memory-bounded path) is faster than FlexAttention's CPU template")
 
 
-def _tiles_faster(p: Problem, mask_mod, score_mod, dropout_p: float, kernel_options) -> bool:
+def _tiles_faster(p: Problem, mask_mod, score_mod, kernel_options) -> bool:
+    """For a CPU call compiled FlexAttention can run (no gradients, lse or dropout): whether its
+    dtype is one where the fused tiles were measured faster and the fused tiles take it."""
     dtype_ok = p.q.dtype == torch.bfloat16 or (p.q.dtype == torch.float16 and mask_mod is None)
-    return (dtype_ok and score_mod is None and not dropout_p and kernel_options is None
-            and p.q.shape[-1] == p.v.shape[-1])
+    return (dtype_ok and kernel_options is None
+            and _fused(p.q, p.v, p.bias, score_mod, dropout=None, grad=False, return_lse=False))
 
 
 _NOT_REFERENCE = "the eager oracle runs only with backend='reference' or an empty problem"
@@ -215,7 +218,7 @@ def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, ma
         # makes lengths symbolic (torch 2.13: broadcast masks and biases, tensors a mask_mod
         # reads); the tiled path is plain tensor code, which Inductor compiles for any length.
         why = "inside a caller's torch.compile on CPU (the CPU kernel's lowering fails for symbolic lengths)"
-    if why is None and backend == "auto" and cpu and _tiles_faster(p, mask_mod, score_mod, dropout_p, kernel_options):
+    if why is None and backend == "auto" and cpu and _tiles_faster(p, mask_mod, score_mod, kernel_options):
         reasons["flex"] = TILES_FASTER
         return "memory-bounded", reasons
     if why is None:
