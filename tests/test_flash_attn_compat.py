@@ -450,6 +450,37 @@ def test_a_decoding_step_compiles_once_under_the_callers_torch_compile():
     assert graphs == [1, 1, 1, 1], graphs
 
 
+def test_a_rotary_left_padded_decoding_step_compiles_once_under_the_callers_torch_compile():
+    """The same with rotary embeddings and a left-padded cache: one graph over the steps, each
+    step's output and written cache equal to the eager call's on a copy of the cache."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("inductor")
+    gen = torch.Generator().manual_seed(18)
+    B, H, Hk, D, S = 2, 4, 2, 16, 32
+    angles = torch.rand(S, 4, generator=gen) * 6.3
+    kw = dict(rotary_cos=angles.cos(), rotary_sin=angles.sin(), cache_leftpad=torch.tensor([0, 4], dtype=torch.int32),
+              causal=True, window_size=(6, -1))
+    k_cache, v_cache = torch.randn(B, S, Hk, D, generator=gen), torch.randn(B, S, Hk, D, generator=gen)
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(q, k, v, k_cache, v_cache, lengths):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, **kw)
+
+    lengths = torch.tensor([3, 9], dtype=torch.int32)
+    graphs = []
+    for _ in range(4):
+        q, k, v = (torch.randn(B, 1, h, D, generator=gen) for h in (H, Hk, Hk))
+        eager_k, eager_v = k_cache.clone(), v_cache.clone()
+        with torch.no_grad():
+            want = flash_attn_with_kvcache(q, eager_k, eager_v, k, v, cache_seqlens=lengths, **kw)
+            out = step(q, k, v, k_cache, v_cache, lengths)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)  # float32 both: summation order only
+        torch.testing.assert_close(k_cache, eager_k, rtol=1e-6, atol=1e-6)  # the rotated keys written alike
+        lengths = lengths + 1
+        graphs.append(counter.frame_count)
+    assert graphs == [1, 1, 1, 1], graphs
+
+
 @given(
     Sq=st.integers(1, 40), Sk=st.integers(1, 40), heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
     D=st.sampled_from([8, 16, 24]), causal=st.booleans(), left=st.integers(-1, 12), right=st.integers(-1, 12),
