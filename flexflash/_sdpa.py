@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend
 
 from . import _torch_private
+from ._sdpa_tiles import cpu_mask_dtype
 
 __all__ = ["sdpa"]
 
@@ -59,9 +60,6 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, mask: T
 
 
 def _cpu_bias(bias: Tensor, dtype: torch.dtype) -> Tensor:
-    """The bias as SDPA's additive mask: in its own dtype where SDPA takes it (q's, or float32,
-    which keeps a float32 bias exact for bfloat16/float16 inputs), else in float32 for those
-    inputs (the precision the scores are summed in) and in q's otherwise."""
-    if bias.dtype in (dtype, torch.float32):
-        return bias
-    return bias.to(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    """The bias as SDPA's additive mask, in the dtype of :func:`flexflash._sdpa_tiles.cpu_mask_dtype`
+    (its own where SDPA takes it)."""
+    return bias.to(cpu_mask_dtype(dtype, bias))

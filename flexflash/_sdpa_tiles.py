@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _torch_private
 from ._compose import tile_grids
 
-__all__ = ["sdpa_tiles"]
+__all__ = ["cpu_mask_dtype", "sdpa_tiles"]
 
 
 def _tile_mask(B, H, q0, q1, Nk, mask_fn, bias: Tensor | None, mask_dtype, device, rows: bool = False):
@@ -54,11 +54,17 @@ def _tile_mask(B, H, q0, q1, Nk, mask_fn, bias: Tensor | None, mask_dtype, devic
     return k0, k1, attn, empty
 
 
-def _mask_dtype(q_dtype: torch.dtype, bias: Tensor | None) -> torch.dtype:
-    """The dtype of the kernel's additive mask: float32 (float64 for float64 inputs), or q's
-    where a bias in q's dtype would otherwise be copied up (the kernel takes either)."""
-    acc = torch.float64 if q_dtype == torch.float64 else torch.float32
-    return q_dtype if bias is not None and bias.dtype == q_dtype else acc
+def cpu_mask_dtype(q_dtype: torch.dtype, bias: Tensor | None) -> torch.dtype:
+    """The dtype SDPA's CPU kernel gets an additive mask in (it takes q's or float32): a bias's own
+    where the kernel takes it (float32 keeps a float32 bias exact for half inputs), else float32
+    for half inputs (the precision the scores are summed in) and q's otherwise; without a bias
+    (a mask of 0 and -inf), float32, or float64 for float64 inputs."""
+    half = q_dtype in (torch.float16, torch.bfloat16)
+    if bias is None:
+        return torch.float64 if q_dtype == torch.float64 else torch.float32
+    if bias.dtype in (q_dtype, torch.float32):
+        return bias.dtype
+    return torch.float32 if half else q_dtype
 
 
 class _SdpaTiles(torch.autograd.Function):
@@ -68,7 +74,7 @@ class _SdpaTiles(torch.autograd.Function):
         B, H, Nq, _ = q.shape
         Nk = k.shape[2]
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        mask_dtype = _mask_dtype(q.dtype, bias)
+        mask_dtype = cpu_mask_dtype(q.dtype, bias)
         out = torch.zeros(B, H, Nq, v.shape[3], dtype=q.dtype, device=q.device)
         lse = torch.zeros(B, H, Nq, dtype=acc_dtype, device=q.device)  # the kernel's: 0 on empty rows
         public = torch.full((B, H, Nq), float("-inf"), dtype=acc_dtype, device=q.device)  # -inf on empty rows
@@ -96,7 +102,7 @@ class _SdpaTiles(torch.autograd.Function):
         d_out = d_out.contiguous()
         for q0 in range(0, Nq, ctx.q_chunk):
             q1 = min(Nq, q0 + ctx.q_chunk)
-            tile = _tile_mask(B, H, q0, q1, Nk, ctx.mask_fn, bias, _mask_dtype(q.dtype, bias), q.device)
+            tile = _tile_mask(B, H, q0, q1, Nk, ctx.mask_fn, bias, cpu_mask_dtype(q.dtype, bias), q.device)
             if tile is None:
                 continue
             k0, k1, attn, _ = tile
