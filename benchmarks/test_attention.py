@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -103,6 +104,7 @@ class Case:
     density: float = 1.0
     sdpa_mask: torch.Tensor | None = None  # built on first use
     score_mod: Callable | None = None  # raw FlexAttention's score modifier (bias, ALiBi, soft-capping)
+    name: str = ""
 
 
 def _lengths(B: int, N: int) -> torch.Tensor:
@@ -137,7 +139,7 @@ def make_case(name: str, N: int, D: int, dtype: torch.dtype) -> Case:
         return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=gen).requires_grad_(requires_grad)
 
     q, k, v = rnd(B, H, Nq, D), rnd(B, Hkv, Nk, D), rnd(B, Hkv, Nk, D)
-    c = Case(q, k, v, {}, None)
+    c = Case(q, k, v, {}, None, name=name)
     causal_fn = mods.causal(Nk - Nq)
     if name == "causal" or name == "gqa" or name == "dropout":
         c.flex, c.allowed, c.causal_only = dict(causal=True), causal_fn, True
@@ -248,7 +250,22 @@ def attention_fn(impl: str, c: Case) -> Callable[[], torch.Tensor]:
     return run
 
 
-_raw_flex = torch.compile(flex_attention)  # compiled once, as torchtitan does
+_RAW_FLEX: dict[str, Callable] = {}
+
+
+def _raw_flex_for(name: str) -> Callable:
+    """``torch.compile(flex_attention)`` for the case ``name``, as a model with that one mask compiles
+    it (torchtitan's way): a copy of ``flex_attention`` with a code object of its own, so that each
+    case has its own Dynamo cache and recompile budget. One compiled function shared by every case
+    of a run would reach Dynamo's recompile limit (8) and fall back to the unfused eager path,
+    a baseline no user runs."""
+    if name not in _RAW_FLEX:
+        code = flex_attention.__code__.replace(co_name=f"flex_attention_{len(_RAW_FLEX)}")
+        copy = types.FunctionType(code, flex_attention.__globals__, code.co_name, flex_attention.__defaults__,
+                                  flex_attention.__closure__)
+        copy.__kwdefaults__ = flex_attention.__kwdefaults__
+        _RAW_FLEX[name] = torch.compile(copy)
+    return _RAW_FLEX[name]
 
 
 def _raw_flex_fn(c: Case) -> Callable[[], torch.Tensor]:
@@ -262,7 +279,8 @@ def _raw_flex_fn(c: Case) -> Callable[[], torch.Tensor]:
     block_mask = None if c.allowed is None else create_block_mask(c.allowed, B, None, Nq, Nk, device=DEVICE)
     # FlexAttention's CPU entry refuses inputs that require grad, whatever the grad mode.
     q, k, v = (t.detach() for t in (c.q, c.k, c.v)) if CPU else (c.q, c.k, c.v)
-    return lambda: _raw_flex(q, k, v, score_mod=c.score_mod, block_mask=block_mask, enable_gqa=c.gqa)
+    raw = _raw_flex_for(c.name)
+    return lambda: raw(q, k, v, score_mod=c.score_mod, block_mask=block_mask, enable_gqa=c.gqa)
 
 
 _CASES: dict[tuple, Case] = {}
