@@ -3,7 +3,8 @@
 * decoding: one query token per sequence against a KV cache (``flash_attn_with_kvcache``), batch
   1-64, cache 1k-32k, 32 query heads on 8 key/value heads, D = 128, bf16, contiguous and paged
   (pages of 256) caches, all sequences at the cache's length ("full") or lengths spread over 4x
-  ("spread": N/4 to N); SDPA gets the padded cache and a key padding mask; each called eagerly
+  ("spread": N/4 to N); SDPA gets the padded cache and a key padding mask of the step's lengths
+  (built in the step, as each step of a generation loop has new lengths); each called eagerly
   ("eager") and as a step under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, as a
   generation loop runs it; ``"default"`` mode on CPU);
 * variable-length training: sequences of lengths uniform in [N/4, N] (N = 4096, 8 of them, causal,
@@ -78,9 +79,10 @@ def test_decode(benchmark, B, S, lengths, layout, impl, mode):
             return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, causal=True)
     else:
         qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-        mask = (torch.arange(S, device=DEVICE)[None, :] < lens[:, None])[:, None, None, :]
+        positions = torch.arange(S, device=DEVICE)
 
-        def step():
+        def step():  # the mask of this step's lengths, as a generation loop builds it each step
+            mask = (positions[None, :] < lens[:, None])[:, None, None, :]
             return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
 
     if mode == "compiled":
