@@ -7,6 +7,7 @@
 set -u
 N=$1; T=$2; shift 2
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 ids=$(mktemp)
 python -m pytest --collect-only -q -m gpu "$@" -p no:cacheprovider 2>/dev/null | grep "::" > "$ids"
