@@ -5,16 +5,23 @@ kernel's wrapper (Dynamo's guards, Inductor's launcher) and the device time, aga
 Usage::
 
     python tools/host_time.py [--device cuda|cpu] [--batch 32] [--heads 16] [--seq 512] [--dim 128]
+                              [--grad] [--profile 15]
 
 Per case it prints, in µs per call: the wall time of flexflash and of raw FlexAttention (20 calls
 between synchronisations), the device time of each (CUDA events around the same 20 calls: the
 kernels' own time once the queue is full), flexflash's Python alone (the compiled kernel replaced
 by a stub) and the compiled kernel called directly with the arguments flexflash passed it.
+``--grad``: the inputs require grad and the calls record the graph (a training forward; CUDA only,
+FlexAttention's CPU kernel takes no inputs that require grad). ``--profile K``: also the K
+functions with the most own time in 200 of flexflash's calls per case (cProfile).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import pstats
 import time
 
 import torch
@@ -64,11 +71,13 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--grad", action="store_true", help="inputs requiring grad, calls recording the graph")
+    parser.add_argument("--profile", type=int, default=0, help="print this many functions of a cProfile")
     args = parser.parse_args()
     device, B, H, N, D = args.device, args.batch, args.heads, args.seq, args.dim
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(B, H, N, D, generator=gen).to(device, dtype) for _ in range(3))
+    q, k, v = (torch.randn(B, H, N, D, generator=gen).to(device, dtype).requires_grad_(args.grad) for _ in range(3))
     raw = torch.compile(flex_attention)
     seen = {}
     original = _kernels._Kernel.__call__
@@ -77,10 +86,12 @@ def main() -> int:
         seen["kernel"] = (kernel, call_args)
         return original(kernel, *call_args)
 
-    print(f"{device}, torch {torch.__version__}, B={B} H={H} N={N} D={D} {dtype}; µs per call")
+    print(f"{device}, torch {torch.__version__}, B={B} H={H} N={N} D={D} {dtype}"
+          f"{', inputs requiring grad' if args.grad else ''}; µs per call")
     print(f"{'case':16} {'flexflash':>10} {'(device)':>9} {'raw flex':>9} {'(device)':>9} "
           f"{'our Python':>11} {'kernel direct':>14}")
-    with torch.no_grad():
+    profiles = []
+    with contextlib.nullcontext() if args.grad else torch.no_grad():
         for name, (kw, fn, batch) in _cases(B, N, device, gen).items():
             ours = lambda: flexflash.attention(q, k, v, **kw)  # noqa: E731
             _kernels._Kernel.__call__ = spy
@@ -103,6 +114,13 @@ def main() -> int:
             show = lambda x: f"{x:9.0f}" if x is not None else f"{'—':>9}"  # noqa: E731
             print(f"{name:16} {ours_wall:10.0f} {show(ours_dev)} {raw_wall:9.0f} {show(raw_dev)} "
                   f"{python_only:11.0f} {direct_wall:14.0f}")
+            if args.profile:
+                profiler = cProfile.Profile()
+                profiler.runcall(lambda: [ours() for _ in range(200)])
+                profiles.append((name, profiler))
+    for name, profiler in profiles:
+        print(f"\n{name}: flexflash, 200 calls, top {args.profile} by own time")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     return 0
 
 
