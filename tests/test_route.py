@@ -231,6 +231,8 @@ def test_explain_on_cuda_names_what_keeps_a_call_off_sdpa(monkeypatch):
     q = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
     assert flexflash.explain(q, q, q, causal=True).path == "sdpa"
     assert flexflash.explain(q, q, q, mask_mod=flexflash.mods.sliding_window(8)).reasons["sdpa"] == "a mask_mod is given"
-    assert "dropout_p=0.1" in flexflash.explain(q, q, q, dropout_p=0.1).reasons["sdpa"]
+    assert flexflash.explain(q, q, q, dropout_p=0.1).path == "sdpa"  # SDPA's own dropout
+    masked_dropout = flexflash.explain(q, q, q, mask_mod=flexflash.mods.sliding_window(8), dropout_p=0.1)
+    assert masked_dropout.path == "flex" and masked_dropout.reasons["sdpa"] == "a mask_mod is given"
     assert "top-left" in flexflash.explain(q[:, :, :64], q, q, causal=True).reasons["sdpa"]
     assert "float16 and bfloat16" in flexflash.explain(q.float(), q.float(), q.float()).reasons["sdpa"]
