@@ -134,18 +134,15 @@ _TENSOR_MASK_ROWS = 16
 _TENSOR_MASK_ENTRIES = 1 << 24  # 16 MiB of bool: batch 64 at 16 tokens of a 16k cache
 
 
-def _mask_as_tensor(q: Tensor, B: int, Sq: int, S: int, softcap, alibi_slopes, lse: bool) -> bool:
-    """Whether a flash_attn_with_kvcache call builds its mask as a tensor (``_TENSOR_MASK_ROWS``).
-    Inside a caller's torch.compile on a GPU only for calls SDPA takes (float16/bfloat16, no
-    soft-capping or ALiBi, no log-sum-exp): a mask tensor computed in the caller's graph and read
-    by a FlexAttention kernel is fused into the kernel's template there, and Triton failed to
-    compile that template (torch 2.11, H200, a float32 decoding step under
-    ``mode="reduce-overhead"``); the mask function is what FlexAttention takes best anyway."""
+def _mask_as_tensor(q: Tensor, B: int, Sq: int, S: int) -> bool:
+    """Whether a flash_attn_with_kvcache call builds its mask as a tensor (``_TENSOR_MASK_ROWS``):
+    short calls, except inside a caller's torch.compile on a GPU. There the call runs FlexAttention
+    either way (SDPA takes no mask tensor on CUDA), which takes the mask function best, and a mask
+    tensor computed in the caller's graph was fused into FlexAttention's template, which Triton
+    failed to compile (torch 2.11, H200, a float32 decoding step under ``mode="reduce-overhead"``)."""
     if Sq > _TENSOR_MASK_ROWS or B * Sq * S > _TENSOR_MASK_ENTRIES:
         return False
-    if q.device.type == "cpu" or not torch.compiler.is_compiling():
-        return True
-    return q.dtype in (torch.float16, torch.bfloat16) and not softcap and alibi_slopes is None and not lse
+    return q.device.type == "cpu" or not torch.compiler.is_compiling()
 
 
 def _finish(result, lse: bool, back, packed: bool = False, probs: bool = True):
@@ -359,7 +356,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def filled(b, h, q_idx, kv_idx):
             return (kv_idx < total[b]) & (kv_idx >= start[b])
 
-    small = _mask_as_tensor(q, B, Sq, keys.shape[1], softcap, alibi_slopes, return_softmax_lse)
+    small = _mask_as_tensor(q, B, Sq, keys.shape[1])
     result = _run(_bhsd(q, "q"), keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                   lse=return_softmax_lse, diag=diag, extra=filled, as_tensor=small)
