@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,6 +51,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexflash
 from flexflash import mods
+from flexflash._compiled import _own_code
 from flexflash.functional import generator, route
 from flexflash.reference import index_grids
 
@@ -260,11 +260,7 @@ def _raw_flex_for(name: str) -> Callable:
     of a run would reach Dynamo's recompile limit (8) and fall back to the unfused eager path,
     a baseline no user runs."""
     if name not in _RAW_FLEX:
-        code = flex_attention.__code__.replace(co_name=f"flex_attention_{len(_RAW_FLEX)}")
-        copy = types.FunctionType(code, flex_attention.__globals__, code.co_name, flex_attention.__defaults__,
-                                  flex_attention.__closure__)
-        copy.__kwdefaults__ = flex_attention.__kwdefaults__
-        _RAW_FLEX[name] = torch.compile(copy)
+        _RAW_FLEX[name] = torch.compile(_own_code(flex_attention, f"flex_attention_{len(_RAW_FLEX)}"))
     return _RAW_FLEX[name]
 
 

@@ -78,11 +78,13 @@ _SERIAL = itertools.count()
 
 def _own_code(fn, name: str):
     """A copy of ``fn`` with a code object of its own (so a ``torch.compile`` of it has its own
-    Dynamo cache and recompile budget), named ``name``."""
+    Dynamo cache and recompile budget), named ``name``, with ``fn``'s defaults."""
     code = fn.__code__.replace(co_name=name)
     if hasattr(code, "co_qualname"):
         code = code.replace(co_qualname=name)
-    return types.FunctionType(code, fn.__globals__, name)
+    copy = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 _LIB = torch.library.Library("flexflash", "DEF")
 _STATS = {"compiles": 0, "kernels": 0, "block_masks_built": 0, "block_mask_hits": 0}
 
