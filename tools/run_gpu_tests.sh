@@ -14,13 +14,13 @@ python -m pytest --collect-only -q -m gpu "$@" -p no:cacheprovider 2>/dev/null |
 echo "$(wc -l < "$ids") tests in $N shards; logs in $OUT"
 for i in $(seq 0 $((N - 1))); do
   awk -v n="$N" -v i="$i" 'NR % n == i' "$ids" > "$ids.$i"
-  (timeout "$T" python -m pytest -q -p no:cacheprovider -m gpu $(cat "$ids.$i") > "$OUT/shard$i.log" 2>&1
+  (timeout "$T" python -m pytest -q -rfEs -p no:cacheprovider -m gpu $(cat "$ids.$i") > "$OUT/shard$i.log" 2>&1
    echo "rc=$?" >> "$OUT/shard$i.log") &
 done
 wait
 status=0
 for i in $(seq 0 $((N - 1))); do
-  echo "== shard $i"; grep -E "passed|failed|rc=|^FAILED|^ERROR" "$OUT/shard$i.log" | tail -8
+  echo "== shard $i"; grep -E "passed|failed|rc=|^FAILED|^ERROR|^SKIPPED" "$OUT/shard$i.log" | tail -20
   grep -q "rc=0" "$OUT/shard$i.log" || status=1
 done
 exit $status
