@@ -6,7 +6,11 @@ device time), in one process.
 Usage on a CUDA machine::
 
     python tools/raw_flex_gap.py [--cases document,sliding_window,key_padding] [--n 4096,8192] [--d 128]
+                                 [--host 20]
 
+``--host K``: also the K operations with the most host time (self CPU time: Python-side ops,
+kernel launches, copies, synchronisations) in 20 forward calls of flexflash and of raw static
+FlexAttention, for calls that lose on host time rather than in their kernels.
 ``--device cpu`` runs the forward rows only (FlexAttention has no CPU backward), as a smoke run.
 Shapes as in ``benchmarks/test_attention.py``: B*N = 16k tokens, hidden 2048, bf16 (fp32 on CPU).
 """
@@ -82,12 +86,28 @@ def top_kernels(fn, device: str, count: int = 5) -> list[tuple[str, float]]:
     return [(e.key[:70], e.device_time_total / 5) for e in rows]
 
 
+def top_host_ops(fn, device: str, count: int, calls: int = 20) -> list[tuple[str, int, float]]:
+    """The ``count`` operations of ``fn()`` with the most host time: (name, calls per call of
+    ``fn``, self CPU µs per call of ``fn``), from ``calls`` calls after one warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
+    return [(e.key[:70], e.count // calls, e.self_cpu_time_total / calls) for e in rows]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="document")
     parser.add_argument("--n", default="4096,8192")
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--host", type=int, default=0, help="print this many operations by host time")
     args = parser.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -98,7 +118,7 @@ def main() -> int:
           f"D = {args.d}, {dtype}; median ms")
     print("| case | N | flexflash path | dir | flexflash | raw static | raw dynamic | flexflash / raw static |")
     print("|---|---|---|---|---|---|---|---|")
-    profiles = []
+    profiles, host_profiles = [], []
     for name in args.cases.split(","):
         for N in (int(n) for n in args.n.split(",")):
             q, k, v, kw, fn = make(name, N, args.d, device, dtype)
@@ -129,6 +149,8 @@ def main() -> int:
                         continue
                     if device == "cuda" and direction == "fwd+bwd" and impl in ("flexflash", "raw static"):
                         profiles.append((name, N, impl, top_kernels(step, device)))
+                    if args.host and direction == "fwd" and impl in ("flexflash", "raw static"):
+                        host_profiles.append((name, N, impl, top_host_ops(step, device, args.host)))
                 cell = lambda impl: f"{ms[impl]:.3f}" if isinstance(ms[impl], float) else ms[impl]  # noqa: E731
                 ratio = (f"{ms['flexflash'] / ms['raw static']:.2f}"
                          if all(isinstance(ms[i], float) for i in ("flexflash", "raw static")) else "—")
@@ -138,6 +160,10 @@ def main() -> int:
         print(f"\n{name} N={N} {impl}, forward+backward, top kernels (µs per call):")
         for kernel, us in kernels:
             print(f"  {us:9.1f}  {kernel}")
+    for name, N, impl, ops in host_profiles:
+        print(f"\n{name} N={N} {impl}, forward, top operations by host time (self CPU µs per call, calls):")
+        for op, count, us in ops:
+            print(f"  {us:9.1f}  {count:4d}  {op}")
     return 0
 
 
