@@ -74,30 +74,32 @@ def timed(fn, device: str, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def top_kernels(fn, device: str, count: int = 5) -> list[tuple[str, float]]:
-    """The ``count`` GPU kernels of ``fn()`` with the most device time (µs per call)."""
-    from torch.profiler import ProfilerActivity, profile
+def _profiled(fn, device: str, activities: list, calls: int) -> list:
+    """The profiler's averages per operation over ``calls`` calls of ``fn()``, after one warm-up call."""
+    from torch.profiler import profile
     fn()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:count]
-    return [(e.key[:70], e.device_time_total / 5) for e in rows]
-
-
-def top_host_ops(fn, device: str, count: int, calls: int = 20) -> list[tuple[str, int, float]]:
-    """The ``count`` operations of ``fn()`` with the most host time: (name, calls per call of
-    ``fn``, self CPU µs per call of ``fn``), from ``calls`` calls after one warm-up call."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
         if device == "cuda":
             torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
+    return list(prof.key_averages())
+
+
+def top_kernels(fn, device: str, count: int = 5, calls: int = 5) -> list[tuple[str, float]]:
+    """The ``count`` GPU kernels of ``fn()`` with the most device time (µs per call)."""
+    from torch.profiler import ProfilerActivity
+    rows = sorted(_profiled(fn, device, [ProfilerActivity.CUDA], calls), key=lambda e: e.device_time_total,
+                  reverse=True)[:count]
+    return [(e.key[:70], e.device_time_total / calls) for e in rows]
+
+
+def top_host_ops(fn, device: str, count: int, calls: int = 20) -> list[tuple[str, int, float]]:
+    """The ``count`` operations of ``fn()`` with the most host time: (name, calls per call of
+    ``fn``, self CPU µs per call of ``fn``)."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    rows = sorted(_profiled(fn, device, activities, calls), key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
     return [(e.key[:70], e.count // calls, e.self_cpu_time_total / calls) for e in rows]
 
 
