@@ -106,12 +106,14 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
              mask_mod, score_mod, scale: float, block: tuple[int, int], kernel_options: dict | None,
              return_lse: bool, dropout: Draw | None = None,
              mask_info: Modifier | None = None, score_info: Modifier | None = None,
-             kind: _KindPlan | None = None) -> tuple[Tensor, Tensor | None]:
+             kind: _KindPlan | None = None, blocks=None) -> tuple[Tensor, Tensor | None]:
     """Runs one validated call (4-D q/k/v, 4-D broadcastable mask/bias) through compiled
     FlexAttention. Returns ``(out, lse or None)``; lse in natural log, fp32. ``dropout``: the call's
     drawn dropout (CUDA only: it needs the log-sum-exp, which the CPU kernel does not return). ``mask_info``, ``score_info``: the modifiers'
     :func:`inspect_modifier`, where the caller has them already; ``kind``: the call's
-    :func:`flex_kind` (its plan's), computed here if not given."""
+    :func:`flex_kind` (its plan's), computed here if not given; ``blocks(structure, q)``: the call's
+    block-mask tensors for its (possibly padded) ``q``, where not built from its masks here
+    (flexflash._paged)."""
     infos = (inspect_modifier(mask_mod) if mask_info is None else mask_info,
              inspect_modifier(score_mod) if score_info is None else score_info)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -134,7 +136,7 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     kernel, key, shapeless_key = _kernel(kind, q, k, v, mask, bias, infos, block,
                                          label=lambda: _label(causal, mask, bias, mask_mod, score_mod, dropout is not None))
     inputs = _kernel_inputs(kind, q, k, v, mask, bias, mask_mod, score_mod, infos[0], block, causal=causal,
-                            q_len=q_len, dropout=dropout)
+                            q_len=q_len, dropout=dropout, blocks=blocks)
     try:
         out, lse = kernel(*inputs)
     except Exception as e:
@@ -215,11 +217,11 @@ def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
 
 def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
                    mask_mod, score_mod, mask_info: Modifier, block: tuple[int, int], *, causal: bool,
-                   q_len: int, dropout: Draw | None) -> tuple:
+                   q_len: int, dropout: Draw | None, blocks=None) -> tuple:
     """The compiled kernel's arguments: ``(q, k, v, blocks, offset, mask, bias, mask_mod,
     score_mod, drop)``, masks and biases in the kernel's layout, the block mask (cached), the causal
     offset and dropout's seed, hash words and scale. ``q_len``: the call's query length (``q`` may
-    have a padded second row: Structure.single_query)."""
+    have a padded second row: Structure.single_query); ``blocks``: see :func:`_run_flex`."""
     st, split_keys = kind.structure, kind.static.split_keys
     tracing = torch.compiler.is_compiling()
     B, Hq, Nq, Nk = q.shape[0], q.shape[1], q_len, k.shape[-2]
@@ -229,8 +231,9 @@ def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tenso
         offset = Nk - Nq  # a size expression, inside the caller's graph
     elif causal and not st.causal_aligned:
         offset = _scalar_tensor(Nk - Nq, torch.int32, q.device)
-    blocks = None
-    if st.masked:
+    if blocks is not None:
+        blocks = blocks(st, q)
+    elif st.masked:
         blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, rows, Nk, block, q.device,
                                 q=q, k=k, offset_tensor=offset)
     if q.device.type == "cuda" or tracing:

@@ -13,6 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flexflash
+import flexflash.compat.flash_attn as flash_attn_module
+from flexflash import _paged
 from flexflash.compat.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -410,6 +412,130 @@ def test_kvcache_batch_index_and_refusals():
         flash_attn_func(q[0], q, q)
 
 
+@pytest.fixture
+def pages_in_place_on_cpu(monkeypatch):
+    """Paged caches read in place on CPU too (by default on CUDA alone: flexflash._paged), and the
+    eager calls that do so counted (not those a caller's torch.compile traces: the count would be
+    state the caller's graph guards on)."""
+    monkeypatch.setitem(_paged.IN_PLACE_MIN_BLOCK, "cpu", 8)
+    calls = []
+    real = flash_attn_module.paged_attention
+
+    def counted(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(flash_attn_module, "paged_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["pages", "rows"])
+def test_kvcache_read_in_place_equals_recomputing_the_sequence(layout, pages_in_place_on_cpu):
+    """Decoding steps that read the cache in place (FlexAttention over the pool of pages, no copy of
+    the sequences' keys): pages of a block table (in a pool with pages no sequence uses, left
+    padding, per-sequence ALiBi, a causal window, grouped heads, one new token a step) or rows of
+    ``cache_batch_idx`` (soft-capping, three new tokens a step); each step equals attention over
+    the whole sequence so far, and growing lengths do not recompile."""
+    gen = torch.Generator().manual_seed(seed_of("in-place", layout))
+    B, H, Hk, D, S = 3, 4, 2, 16, 48
+    full_k, full_v = torch.randn(B, S, Hk, D, generator=gen), torch.randn(B, S, Hk, D, generator=gen)
+    start = torch.tensor([5, 17, 1], dtype=torch.int32)
+    extra, lo = {}, torch.zeros(B, dtype=torch.int32)
+    if layout == "pages":
+        page, n = 8, 1
+        pool = B * S // page + 2
+        table = torch.randperm(pool, generator=gen)[:B * S // page].view(B, S // page).to(torch.int32)
+        k_cache, v_cache = torch.randn(pool, page, Hk, D, generator=gen), torch.randn(pool, page, Hk, D, generator=gen)
+        for c, full in ((k_cache, full_k), (v_cache, full_v)):
+            c[table.long()] = full.unflatten(1, (S // page, page))
+        lo = torch.tensor([2, 0, 1], dtype=torch.int32)
+        extra = dict(block_table=table, cache_leftpad=lo)
+        kw = dict(causal=True, window_size=(20, -1), alibi_slopes=torch.rand(B, H, generator=gen))
+    else:
+        n = 3
+        idx = torch.tensor([4, 0, 2])
+        k_cache, v_cache = torch.randn(5, S, Hk, D, generator=gen), torch.randn(5, S, Hk, D, generator=gen)
+        k_cache[idx], v_cache[idx] = full_k, full_v
+        extra = dict(cache_batch_idx=idx)
+        kw = dict(causal=True, softcap=2.5)
+    lengths, compiles = start, None
+    for step in range(3):
+        q = torch.randn(B, n, H, D, generator=gen)
+        pos = lengths.long()[:, None] + torch.arange(n)
+        rows = torch.arange(B)[:, None]
+        with torch.no_grad():
+            out = flash_attn_with_kvcache(q, k_cache, v_cache, full_k[rows, pos], full_v[rows, pos],
+                                          cache_seqlens=lengths, **extra, **kw)
+        lengths = lengths + n
+        for b in range(B):
+            one = {**kw, "alibi_slopes": kw["alibi_slopes"][b:b + 1].double()} if "alibi_slopes" in kw else kw
+            keys = slice(int(lo[b]), int(lengths[b]))
+            want = attention_ref(q[b:b + 1].double(), full_k[b:b + 1, keys].double(), full_v[b:b + 1, keys].double(),
+                                 **one)[0]
+            torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
+        if compiles is None:
+            compiles = flexflash.compile_stats()["compiles"]
+    assert flexflash.compile_stats()["compiles"] == compiles
+    assert len(pages_in_place_on_cpu) == 3
+
+
+def test_varlen_read_in_place_from_shared_pages(pages_in_place_on_cpu):
+    """Packed sequences whose keys are read in place from a block table where two sequences share
+    their first page (a common prefix: one physical block listed for both, visited once per query),
+    entries past a sequence's keys hold anything (a negative index), and one sequence has no
+    queries; causal with per-sequence ALiBi, against the reference per sequence."""
+    gen = torch.Generator().manual_seed(13)
+    H, Hk, D, page, L = 4, 2, 16, 8, 4
+    lq, lk = [3, 9, 0, 5], [10, 20, 7, 16]
+    pool = len(lq) * L + 2
+    table = torch.randperm(pool, generator=gen)[:len(lq) * L].view(len(lq), L).to(torch.int32)
+    table[1, 0] = table[0, 0]
+    table[0, 3] = -5  # sequence 0 has 10 keys: its third and fourth entries are not read
+    k_cache, v_cache = torch.randn(pool, page, Hk, D, generator=gen), torch.randn(pool, page, Hk, D, generator=gen)
+    q = torch.randn(sum(lq), H, D, generator=gen)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    kw = dict(causal=True, alibi_slopes=torch.rand(len(lq), H, generator=gen))
+    with torch.no_grad():
+        out = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(lq), max(lk), block_table=table, **kw)
+    assert len(pages_in_place_on_cpu) == 1
+    for i in range(len(lq)):
+        keys, values = (c[table[i].long()].flatten(0, 1)[None, :lk[i]].double() for c in (k_cache, v_cache))
+        rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
+        want = attention_ref(q[None, rows].double(), keys, values, causal=True,
+                             alibi_slopes=kw["alibi_slopes"][i:i + 1].double())[0][0]
+        torch.testing.assert_close(out[rows].double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
+
+
+def test_pages_are_gathered_where_they_cannot_be_read_in_place(pages_in_place_on_cpu):
+    """Gradients, float64, the log-sum-exp on CPU (FlexAttention's CPU kernel returns none), pages
+    of a size the key blocks do not divide and pages that do not lie end to end in memory take a
+    gathered copy, with the same results."""
+    B, H, Hk, D = 2, 2, 1, 16
+    lengths = torch.tensor([9, 30], dtype=torch.int32)
+
+    def call(page, dtype=torch.float32, grad=False, lse=False, strided=False):
+        pool, L = 16, 32 // page
+        table = torch.randperm(pool, generator=torch.Generator().manual_seed(page))[:B * L].view(B, L).int()
+        caches = [torch.randn(pool, page, Hk, D, generator=torch.Generator().manual_seed(i)).to(dtype) for i in (1, 2)]
+        if strided:  # the same values, pages interleaved in memory
+            caches = [c.transpose(0, 1).contiguous().transpose(0, 1) for c in caches]
+        q = torch.randn(B, 1, H, D, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_(grad)
+        result = flash_attn_with_kvcache(q, *caches, cache_seqlens=lengths, block_table=table, causal=True,
+                                         return_softmax_lse=lse)
+        out = result[0] if lse else result
+        keys, values = (c[table.long()].flatten(1, 2).double() for c in caches)
+        torch.testing.assert_close(out.detach().double(), _decode_ref(q.detach().double(), keys, values,
+                                                                      lengths.tolist(), causal=True),
+                                   rtol=1e-5, atol=1e-5)  # float32 (or float64) against float64
+
+    for kwargs in (dict(page=8, grad=True), dict(page=8, dtype=torch.float64), dict(page=8, lse=True),
+                   dict(page=4), dict(page=8, strided=True)):
+        with torch.no_grad() if not kwargs.get("grad") else torch.enable_grad():
+            call(**kwargs)
+    assert pages_in_place_on_cpu == []
+    assert _paged.kv_block(256, torch.zeros(1, device="meta"), False) is None  # no device of that type
+
+
 def test_keywords_of_other_apis_name_flexflashs():
     """Habits from SDPA and flash-attn meet an error naming flexflash's argument, not a bare TypeError."""
     q = torch.randn(1, 2, 8, 16)
@@ -423,19 +549,30 @@ def test_keywords_of_other_apis_name_flexflashs():
         flexflash.attention(q, q, q, casual=True)
 
 
-def test_a_decoding_step_compiles_once_under_the_callers_torch_compile():
+@pytest.mark.parametrize("layout", ["contiguous", "pages_in_place"])
+def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, request):
     """A decoding step (append the new token's key and value in place, attend to the cache) inside
     the caller's ``torch.compile(fullgraph=True)``: the growing cache lengths compile no new graph,
-    and each step equals the eager call on the updated cache."""
+    and each step equals the eager call on the updated cache. With a paged cache read in place, the
+    block mask over the logical keys, its mapping to the pool's blocks and the kernel trace into
+    the caller's graph (for the aot_eager backend: Inductor's CPU code generation fails on that
+    graph, see flexflash._paged; Inductor compiles it on the GPU, in the reduce-overhead test)."""
     from torch._dynamo.testing import CompileCounterWithBackend
-    counter = CompileCounterWithBackend("inductor")
     gen = torch.Generator().manual_seed(8)
     B, H, Hk, D, S = 2, 4, 2, 16, 32
-    k_cache, v_cache = torch.zeros(B, S, Hk, D), torch.zeros(B, S, Hk, D)
+    if layout == "contiguous":
+        counter, table = CompileCounterWithBackend("inductor"), None
+        k_cache, v_cache = torch.zeros(B, S, Hk, D), torch.zeros(B, S, Hk, D)
+    else:
+        counted = request.getfixturevalue("pages_in_place_on_cpu")
+        counter = CompileCounterWithBackend("aot_eager")
+        k_cache, v_cache = torch.zeros(10, 8, Hk, D), torch.zeros(10, 8, Hk, D)
+        table = torch.tensor([[7, 2, 9, 0], [4, 1, 8, 3]], dtype=torch.int32)
 
     @torch.compile(backend=counter, fullgraph=True)
     def step(q, k, v, k_cache, v_cache, lengths):
-        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, causal=True)
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=table,
+                                       causal=True)
 
     lengths = torch.tensor([3, 9], dtype=torch.int32)
     graphs = []
@@ -443,11 +580,18 @@ def test_a_decoding_step_compiles_once_under_the_callers_torch_compile():
         q, k, v = (torch.randn(B, 1, h, D, generator=gen) for h in (H, Hk, Hk))
         with torch.no_grad():
             out = step(q, k, v, k_cache, v_cache, lengths)
-            want = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths + 1, causal=True)
+            want = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths + 1, block_table=table,
+                                           causal=True)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)  # float32 both: summation order only
+        if table is not None:  # and the reference, over the gathered pages
+            keys, values = (c[table.long()].flatten(1, 2).double() for c in (k_cache, v_cache))
+            torch.testing.assert_close(out.double(), _decode_ref(q.double(), keys, values, (lengths + 1).tolist(),
+                                                                 causal=True), rtol=1e-5, atol=1e-5)
         lengths = lengths + 1
         graphs.append(counter.frame_count)
     assert graphs == [1, 1, 1, 1], graphs
+    if table is not None:
+        assert len(counted) == 4  # the eager calls read the pages in place too
 
 
 def test_a_rotary_left_padded_decoding_step_compiles_once_under_the_callers_torch_compile():
@@ -605,22 +749,75 @@ def test_varlen_and_kvcache_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype):
+def test_pages_read_in_place_on_gpu(dtype, monkeypatch):
+    """Pages of 256 tokens (flash-attn's multiple) are read in place on CUDA: decoding with a block
+    table (grouped heads, ALiBi, left padding) and packed sequences sharing a prefix page, against
+    the reference over the gathered keys."""
+    calls = []
+    real = flash_attn_module.paged_attention
+    monkeypatch.setattr(flash_attn_module, "paged_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(16)
+    page, pool, H, Hk, D = 256, 12, 8, 2, 64
+    k_cache, v_cache = (torch.randn(pool, page, Hk, D, generator=gen).to("cuda", dtype) for _ in range(2))
+    table = torch.randperm(pool, generator=gen)[:9].view(3, 3).to(torch.int32)
+    lengths = torch.tensor([5, 700, 300], dtype=torch.int32)
+    leftpad = torch.tensor([0, 100, 3], dtype=torch.int32)
+    slopes = torch.rand(H, generator=gen)
+    q = torch.randn(3, 2, H, D, generator=gen).to("cuda", dtype)
+    with torch.no_grad():
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.cuda(), block_table=table.cuda(),
+                                      cache_leftpad=leftpad.cuda(), causal=True, alibi_slopes=slopes.cuda())
+    keys, values = (c.cpu()[table.long()].flatten(1, 2).double() for c in (k_cache, v_cache))
+    for b in range(3):
+        rows = slice(int(leftpad[b]), int(lengths[b]))
+        want = attention_ref(q[b:b + 1].cpu().double(), keys[b:b + 1, rows], values[b:b + 1, rows], causal=True,
+                             alibi_slopes=slopes.double())[0]
+        tol = 1e-4 if dtype == torch.float32 else 2e-2  # against float64: float32, or bf16 inputs and output
+        torch.testing.assert_close(out[b:b + 1].cpu().double(), want, rtol=tol, atol=tol)
+    # packed sequences: the first two share their first page; 0 queries for the third
+    vt = table.clone()
+    vt[1, 0] = vt[0, 0]
+    lq, lk = [40, 300, 0], [256 + 9, 700, 17]
+    qv = torch.randn(sum(lq), H, D, generator=gen).to("cuda", dtype)
+    with torch.no_grad():
+        out = flash_attn_varlen_func(qv, k_cache, v_cache, _cu(lq).cuda(), _cu(lk).cuda(), max(lq), max(lk),
+                                     block_table=vt.cuda(), causal=True)
+    cu_q = _cu(lq).tolist()
+    for i in range(3):
+        keys, values = (c.cpu()[vt[i].long()].flatten(0, 1)[None, :lk[i]].double() for c in (k_cache, v_cache))
+        rows = slice(cu_q[i], cu_q[i + 1])
+        want = attention_ref(qv[None, rows].cpu().double(), keys, values, causal=True)[0][0]
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[rows].cpu().double(), want, rtol=tol, atol=tol)
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "pages"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout):
     """A decoding step compiled with mode="reduce-overhead" (CUDA graphs), with the cache a buffer
-    of a module: the growing lengths compile no new graph and each step equals the eager call
-    (eager: FlexAttention with the mask as a tensor; in the graph: with the mask function). Only
+    of a module, contiguous or a pool of pages read in place: the growing lengths compile no new
+    graph and each step equals the eager call (contiguous, eager: FlexAttention with the mask as a
+    tensor; in the graph: with the mask function). Only
     the graphs compiled during the steps count: the eager calls compile flexflash's own kernels and,
     from their second block mask on, its compiled block-mask builder."""
     from torch._dynamo.utils import counters
 
+    # pages: a pool of 256-token pages read in place (two per sequence, in a shuffled order)
+    table = (torch.randperm(8, generator=torch.Generator().manual_seed(17)).view(4, 2).to("cuda", torch.int32)
+             if layout == "pages" else None)
+
     class Decoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.register_buffer("k_cache", torch.zeros(4, 256, 2, 64, device="cuda", dtype=dtype))
-            self.register_buffer("v_cache", torch.zeros(4, 256, 2, 64, device="cuda", dtype=dtype))
+            shape = (4, 256, 2, 64) if table is None else (8, 256, 2, 64)
+            self.register_buffer("k_cache", torch.zeros(shape, device="cuda", dtype=dtype))
+            self.register_buffer("v_cache", torch.zeros(shape, device="cuda", dtype=dtype))
 
         def forward(self, q, k, v, lengths):
-            return flash_attn_with_kvcache(q, self.k_cache, self.v_cache, k, v, cache_seqlens=lengths, causal=True)
+            return flash_attn_with_kvcache(q, self.k_cache, self.v_cache, k, v, cache_seqlens=lengths,
+                                           block_table=table, causal=True)
 
     model = Decoder()
     step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
@@ -633,7 +830,8 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype):
             before = counters["stats"]["unique_graphs"]
             out = step(q, k, v, lengths).clone()
             graphs.append(counters["stats"]["unique_graphs"] - before)
-            want = flash_attn_with_kvcache(q, model.k_cache, model.v_cache, cache_seqlens=lengths + 1, causal=True)
+            want = flash_attn_with_kvcache(q, model.k_cache, model.v_cache, cache_seqlens=lengths + 1,
+                                           block_table=table, causal=True)
         # the two kernels differ in summation order only: float32 agrees to 1e-5; bfloat16 outputs
         # may round to neighbouring values, one ulp apart (2^-7 relative; atol for those near 0)
         tol = 1e-5 if dtype == torch.float32 else 8e-3

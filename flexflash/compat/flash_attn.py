@@ -24,17 +24,22 @@ return values as flash-attn 2.x, with its semantics:
 Where flexflash differs: a query that sees no key returns 0 with a log-sum-exp of ``-inf`` (flash-attn's
 kernel writes ``+inf`` there); inputs may be any floating dtype on any device flexflash runs on
 (CPU included); everything runs through :func:`flexflash.attention`, so its paths (SDPA, compiled
-FlexAttention, the CPU tiles) and caches apply; ``rotary_dim`` may be any even number up to
+FlexAttention, the CPU tiles) and caches apply, except paged caches read in place (on CUDA, pages
+of a multiple of 128 tokens, no gradients: flexflash's FlexAttention path over the pool of pages,
+``flexflash._paged``; other paged calls gather the pages); ``rotary_dim`` may be any even number up to
 ``headdim`` (flash-attn's kernel needs a multiple of 16), and ``cache_leftpad`` works with paged
 caches too.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from .._compose import tile_grids
+from .._paged import Pages, kv_block, paged_attention
 from ..functional import attention
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
@@ -111,19 +116,26 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
     """flexflash.attention on ``(B, H, N, D)`` views, with flash-attn's masks and modifiers;
     ``as_tensor``: the mask function evaluated once over the call's index grids, passed as a
     ``(B, 1, Nq, Nk)`` mask tensor (see ``_TENSOR_MASK_ROWS``)."""
-    left, right = _window(window_size)
     B, H, Nq = q.shape[:3]
     if diag is None:
         offset = k.shape[2] - Nq
 
         def diag(b, q_idx):
             return q_idx + offset
-    mask_mod, mask = _mask_mod(diag, left, right, causal, extra), None
+    mask_mod, score_mod = _mods(diag, window_size, causal, softcap, alibi_slopes, B, H, extra, slope_row)
+    mask = None
     if as_tensor and mask_mod is not None:
         mask, mask_mod = mask_mod(*tile_grids(B, 1, 0, Nq, 0, k.shape[2], q.device)), None
-    score_mod = _score_mod(diag, softcap, alibi_slopes, H, B, slope_row)
     return attention(q, k, v, mask=mask, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
                      dropout_p=dropout_p, return_lse=lse)
+
+
+def _mods(diag, window_size, causal: bool, softcap, alibi_slopes, batch: int, nheads: int, extra=None,
+          slope_row=None):
+    """The mask and score functions of a call (see :func:`_mask_mod` and :func:`_score_mod`)."""
+    left, right = _window(window_size)
+    return (_mask_mod(diag, left, right, causal, extra),
+            _score_mod(diag, softcap, alibi_slopes, nheads, batch, slope_row))
 
 
 # Up to this many new query tokens per sequence (a decoding step, a few speculative tokens), and
@@ -227,15 +239,28 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     qt = _bhsd(q, "q", 3)
     cu_q = _cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
     nseq = cu_q.numel() - 1
-    if block_table is not None:  # each sequence's pages laid end to end: (nseq * capacity, heads, dim)
-        k, v = (_sequences(c, None, block_table, nseq, name).flatten(0, 1) for c, name in ((k, "k"), (v, "v")))
-    kt, vt = _bhsd(k, "k", 3), _bhsd(v, "v", 3)
-    cu_k = _cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+    if block_table is None:
+        kt, vt = _bhsd(k, "k", 3), _bhsd(v, "v", 3)
+        nk = k.shape[0]
+    else:  # each sequence's pages laid end to end: (nseq * capacity, heads, dim)
+        for c, name in ((k, "k"), (v, "v")):
+            _check_cache(c, None, block_table, nseq, name)
+        nk = nseq * block_table.shape[1] * k.shape[1]
+    cu_k = _cu(cu_seqlens_k, "cu_seqlens_k", nk)
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k: expected the same number of sequences, got "
                          f"{nseq} and {cu_k.numel() - 1}")
+    pages = None
+    if block_table is not None:
+        s = torch.arange(nseq, device=q.device)
+        page = k.shape[1]
+        valid = torch.arange(block_table.shape[1], device=q.device) * page < (cu_k[s + 1] - cu_k[s])[:, None]
+        pages = None if dropout_p else _in_place_pages(qt, k, v, block_table, valid, return_attn_probs, flat=True)
+        if pages is None:
+            k, v = (_sequences(c, None, block_table).flatten(0, 1) for c in (k, v))
+            kt, vt = _bhsd(k, "k", 3), _bhsd(v, "v", 3)
     device = q.device
-    tq, tk = torch.arange(q.shape[0], device=device), torch.arange(k.shape[0], device=device)
+    tq, tk = torch.arange(q.shape[0], device=device), torch.arange(nk, device=device)
     # The sequence of each token: the last offset at or before it (a token past the last sequence:
     # index nseq). Searched in the whole offsets, not cu[1:], whose length is 1 for one sequence:
     # a size Dynamo specialises on, so a caller's compiled graph would compile again for it (for the
@@ -247,7 +272,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         doc_k = torch.searchsorted(cu_k, tk, right=True) - 1
         doc_k = torch.where(doc_k < nseq, doc_k, -2)  # tokens past the sequences see nothing, are seen by none
     else:
-        capacity = k.shape[0] // max(nseq, 1)
+        capacity = nk // max(nseq, 1)
         if not torch.compiler.is_compiling() and nseq and int((cu_k[1:] - cu_k[:-1]).max()) > capacity:
             raise ValueError(f"cu_seqlens_k: sequences of {(cu_k[1:] - cu_k[:-1]).tolist()} keys, expected at "
                              f"most the {capacity} of block_table's pages")
@@ -269,9 +294,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"alibi_slopes: expected shape ({q.shape[1]},) or ({nseq}, {q.shape[1]}), got "
                              f"{tuple(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes[d]  # (total_q, nheads)
+    slope_row = None if alibi_slopes is None or alibi_slopes.dim() == 1 else (lambda b, q_idx: q_idx)
+    if pages is not None:  # read in place from the pages (flexflash._paged)
+        mask_mod, score_mod = _mods(diag, window_size, causal, softcap, alibi_slopes, 1, q.shape[1],
+                                    extra=same_sequence, slope_row=slope_row)
+        pool_k, pool_v = (c.flatten(0, 1).transpose(0, 1).unsqueeze(0) for c in (k, v))
+        pages = replace(pages, row=lambda b, q_idx: d[q_idx])
+        out, lse = paged_attention(qt, pool_k, pool_v, pages, mask_mod=mask_mod, score_mod=score_mod,
+                                   scale=softmax_scale, return_lse=return_attn_probs)
+        return _finish((out, lse) if return_attn_probs else out, return_attn_probs, _unpack, packed=True)
     result = _run(qt, kt, vt, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, lse=return_attn_probs, diag=diag, extra=same_sequence,
-                  slope_row=None if alibi_slopes is None or alibi_slopes.dim() == 1 else (lambda b, q_idx: q_idx))
+                  slope_row=slope_row)
     return _finish(result, return_attn_probs, _unpack, packed=True)
 
 
@@ -338,13 +372,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q = _rotate(q, rotary_cos, rotary_sin, _positions(lengths, Sq) if causal or local else
                     lengths[:, None].expand(B, Sq), rotary_interleaved)
         k = _rotate(k, rotary_cos, rotary_sin, _positions(lengths, k.shape[1]), rotary_interleaved)
+    for c, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check_cache(c, cache_batch_idx, block_table, B, name)
     if k is not None:
         _append(k_cache, k, lengths, cache_batch_idx, block_table, "k")
         _append(v_cache, v, lengths, cache_batch_idx, block_table, "v")
         lengths = lengths + k.shape[1]
-    keys, values = (_sequences(c, cache_batch_idx, block_table, B, name)
-                    for c, name in ((k_cache, "k_cache"), (v_cache, "v_cache")))
     total = lengths
+    qt = _bhsd(q, "q")
+    pages = None
+    if block_table is not None or cache_batch_idx is not None:  # (each row of a plain cache is a view already)
+        table = block_table if block_table is not None else cache_batch_idx[:, None]
+        valid = torch.arange(table.shape[1], device=q.device) * k_cache.shape[1] < total[:, None]
+        pages = _in_place_pages(qt, k_cache, v_cache, table, valid, return_softmax_lse)
 
     def diag(b, q_idx):
         return q_idx + total[b] - Sq
@@ -356,11 +396,35 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def filled(b, h, q_idx, kv_idx):
             return (kv_idx < total[b]) & (kv_idx >= start[b])
 
+    if pages is not None:  # read in place from the cache (flexflash._paged)
+        mask_mod, score_mod = _mods(diag, window_size, causal, softcap, alibi_slopes, B, q.shape[2], extra=filled)
+        pool_k, pool_v = (c.flatten(0, 1).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
+        out, lse = paged_attention(qt, pool_k, pool_v, pages, mask_mod=mask_mod, score_mod=score_mod,
+                                   scale=softmax_scale, return_lse=return_softmax_lse)
+        return _finish((out, lse) if return_softmax_lse else out, return_softmax_lse, _batched, probs=False)
+    keys, values = (_sequences(c, cache_batch_idx, block_table) for c in (k_cache, v_cache))
     small = _mask_as_tensor(q, B, Sq, keys.shape[1])
-    result = _run(_bhsd(q, "q"), keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
+    result = _run(qt, keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
                   causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                   lse=return_softmax_lse, diag=diag, extra=filled, as_tensor=small)
     return _finish(result, return_softmax_lse, _batched, probs=False)
+
+
+def _in_place_pages(q: Tensor, k_cache: Tensor, v_cache: Tensor, table: Tensor, valid: Tensor, return_lse: bool,
+                    flat: bool = False) -> Pages | None:
+    """The pages of ``table`` (its ``valid`` entries) that a call reads its keys from in place, or
+    None where it reads a gathered copy of them. In place: pages (a cache row of
+    ``cache_batch_idx`` is one page) whose size is a multiple of the key block the device reads in
+    place (``flexflash._paged.kv_block``: 128 tokens on CUDA; not on CPU, where the copy and SDPA's
+    CPU kernel need no compilation), caches of q's dtype whose pages lie end to end in memory, and
+    no gradients (FlexAttention reads the pool as a batch of one, forward only here)."""
+    page = k_cache.shape[1]
+    if kv_block(page, q, return_lse) is None or torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        return None
+    for c in (k_cache, v_cache):
+        if c.dtype != q.dtype or c.stride(0) != page * c.stride(1):
+            return None
+    return Pages(table, page, valid, flat=flat)
 
 
 def _cache_lengths(cache_seqlens, batch: int, device, name: str = "cache_seqlens") -> Tensor:
@@ -423,19 +487,30 @@ def _append(cache: Tensor, new: Tensor, lengths: Tensor, batch_idx, block_table,
     cache[rows, pos] = new.to(cache.dtype)
 
 
-def _sequences(cache: Tensor, batch_idx, block_table, batch: int, name: str) -> Tensor:
-    """Each sequence's keys or values, ``(batch, seqlen_cache, heads, dim)``: the cache itself (a
-    view where it can be), its rows ``batch_idx``, or the pages of ``block_table`` laid end to end."""
+def _check_cache(cache, batch_idx, block_table, batch: int, name: str) -> None:
     if not isinstance(cache, Tensor) or cache.dim() != 4:
         raise ValueError(f"{name}: expected (batch_cache, seqlen_cache, nheads_k, headdim) or paged (num_blocks, "
                          f"page_block_size, nheads_k, headdim), got "
                          f"{tuple(cache.shape) if isinstance(cache, Tensor) else type(cache).__name__}")
     if block_table is not None:
-        if block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(f"block_table: expected ({batch}, max_blocks), got {tuple(block_table.shape)}")
+        if not isinstance(block_table, Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch \
+                or block_table.is_floating_point():
+            raise ValueError(f"block_table: expected a ({batch}, max_blocks) integer tensor, got "
+                             f"{tuple(block_table.shape) if isinstance(block_table, Tensor) else block_table!r}")
+    elif batch_idx is not None:
+        if not isinstance(batch_idx, Tensor) or batch_idx.shape != (batch,) or batch_idx.is_floating_point():
+            raise ValueError(f"cache_batch_idx: expected a ({batch},) integer tensor, got "
+                             f"{tuple(batch_idx.shape) if isinstance(batch_idx, Tensor) else batch_idx!r}")
+    elif cache.shape[0] != batch:
+        raise ValueError(f"{name}: expected batch {batch} (or cache_batch_idx), got {tuple(cache.shape)}")
+
+
+def _sequences(cache: Tensor, batch_idx, block_table) -> Tensor:
+    """Each sequence's keys or values, ``(batch, seqlen_cache, heads, dim)`` (a checked cache): the
+    cache itself, a copy of its rows ``batch_idx``, or a copy of the pages of ``block_table`` laid
+    end to end."""
+    if block_table is not None:
         return cache[block_table.long()].flatten(1, 2)
     if batch_idx is not None:
         return cache[batch_idx.long()]
-    if cache.shape[0] != batch:
-        raise ValueError(f"{name}: expected batch {batch} (or cache_batch_idx), got {tuple(cache.shape)}")
     return cache

@@ -1,0 +1,204 @@
+"""Keys and values read in place from a pool of pages (a paged KV cache): FlexAttention over the
+whole pool as a batch of one, with a block mask whose key blocks are each sequence's pages.
+
+A call describes its keys logically. Sequence ``s`` (a row of the page table) has the keys
+``0 .. L * page - 1``, its logical page ``j`` stored in physical page ``table[s, j]`` of the pool
+``(num_pages * page, ...)``. Either each sequence is a batch element of the call (decoding: query
+batch ``b`` is sequence ``b``), or the sequences are laid end to end along the keys of a batch of
+one (``flat``: packed variable-length sequences, sequence ``s`` at keys ``s * L * page`` on,
+each query reading the pages of its own sequence, ``row(b, q_idx)``). The call's masks and
+modifiers are written over logical key indices.
+
+The block mask is built over the logical keys as for any call (flexflash's builders and caches),
+then its key blocks are mapped to the physical blocks that hold them; the kernel reads the pool in
+place (FlexAttention broadcasts a key/value batch of one over the queries' batch) and evaluates
+the masks and modifiers at the logical index of each physical key, through the inverse of the
+table. Nothing of the size of the keys is copied, where a gather of every sequence's pages
+copies the whole cache per call.
+
+Only the entries of the table marked ``valid`` are read (the rest may hold anything, as
+flash-attn allows); a page appears at most once among a sequence's valid entries (pages may be
+shared between sequences). Forward only: the callers gather the pages where gradients are needed,
+until the gradients of the pool (FlexAttention's backward sums them over the query batch) are
+verified on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._blockmask import _block_mask_tensors, _block_tensors
+from ._checks import validate
+from ._fingerprint import inspect_modifier
+from ._flex import run_flex
+from ._kinds import flex_kind
+
+__all__ = ["Pages", "kv_block", "paged_attention"]
+
+# The smallest key block of the block mask for which a device reads pages in place (a key block
+# lies within one page: its size divides the page). On CUDA the tuned kernels' tiles are up to
+# 128 wide (flexflash._tuning). CPU calls are not paged in place by default: the caller's gather
+# and SDPA's CPU kernel need no compilation. (Tests switch it on; traced into a caller's graph there,
+# Inductor's CPU code generation failed on the block flags and captured buffers, torch 2.13: those
+# tests trace with the aot_eager backend.)
+IN_PLACE_MIN_BLOCK: dict[str, int] = {"cuda": 128}
+_MAX_KV_BLOCK = 128
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kv_block(page: int, q: Tensor, return_lse: bool) -> int | None:
+    """The key block of a call with pages of ``page`` tokens, or None where its device does not read
+    such pages in place (see ``IN_PLACE_MIN_BLOCK``), its dtype has no FlexAttention kernel or it
+    asks for the log-sum-exp on CPU (which FlexAttention's CPU kernel does not return)."""
+    least = IN_PLACE_MIN_BLOCK.get(q.device.type)
+    # The largest power of two up to 128 dividing the page (the block must divide it; blocks are
+    # powers of two). A loop of comparisons rather than math.gcd: traced by a caller's torch.compile
+    # with a symbolic page size (its graph compiled for caches of several shapes), each comparison is
+    # a guard, where Dynamo cannot trace math.gcd of a symbolic size.
+    block = _MAX_KV_BLOCK
+    while page % block:
+        block //= 2
+    if least is None or block < least or q.dtype not in _DTYPES or (return_lse and q.device.type == "cpu"):
+        return None
+    return block
+
+
+@dataclass(frozen=True)
+class Pages:
+    """Where each sequence's keys are (see the module docstring): ``table (S, L)`` integer,
+    physical page of logical page ``j`` of sequence ``s``; ``page`` tokens a page; ``valid (S, L)``
+    bool, the entries that are read; ``flat``: the sequences laid end to end along the keys of a
+    batch of one, query ``q_idx`` reading sequence ``row(b, q_idx)``'s pages (else sequence ``b``)."""
+
+    table: Tensor
+    page: int
+    valid: Tensor
+    flat: bool = False
+    row: Callable | None = None
+
+    @property
+    def keys(self) -> int:
+        """The logical keys of a batch element."""
+        S, L = self.table.shape
+        return (S if self.flat else 1) * L * self.page
+
+    def per_batch(self) -> tuple[Tensor, Tensor]:
+        """``table`` and ``valid`` as rows per batch element of the call: ``(B, keys / page)``."""
+        if self.flat:
+            return self.table.reshape(1, -1), self.valid.reshape(1, -1)
+        return self.table, self.valid
+
+
+def _inverse(pages: Pages, num_pages: int) -> Tensor:
+    """``(S, num_pages)`` int32: the logical page of each physical page in each sequence, -1 for
+    pages a sequence does not use."""
+    S, L = pages.table.shape
+    j = torch.arange(L, device=pages.table.device)
+    dest = torch.where(pages.valid, pages.table.long(), num_pages)  # entries not read: a spare column
+    inv = torch.full((S, num_pages + 1), -1, dtype=torch.int32, device=pages.table.device)
+    inv.scatter_(1, dest, j.to(torch.int32).expand(S, L).contiguous())
+    return inv[:, :num_pages]
+
+
+def _physical_mods(pages: Pages, inv: Tensor, mask_mod, score_mod):
+    """The call's mask and score functions over physical key indices: each evaluated at the key's
+    logical index (a key of a page its sequence does not use: masked, and evaluated at a clamped
+    index that stays within the logical functions' tensors)."""
+    # (Plain values and tensors alone are captured: the functions' fingerprints hold them, as
+    # Dynamo's guards do; an object would make each call a kind of its own.)
+    page, row, flat, per_row = pages.page, pages.row, pages.flat, pages.table.shape[1] * pages.page
+
+    def logical(b, q_idx, kv_idx):
+        s = b if row is None else row(b, q_idx)
+        lp = inv[s, kv_idx // page]
+        j = lp.clamp(min=0) * page + kv_idx % page
+        return lp, (s * per_row + j if flat else j)
+
+    def paged_mask(b, h, q_idx, kv_idx):
+        lp, j = logical(b, q_idx, kv_idx)
+        return (lp >= 0) & mask_mod(b, h, q_idx, j)
+
+    paged_score = None
+    if score_mod is not None:
+        def paged_score(score, b, h, q_idx, kv_idx):
+            return score_mod(score, b, h, q_idx, logical(b, q_idx, kv_idx)[1])
+    return paged_mask, paged_score
+
+
+def physical_blocks(logical: tuple[Tensor, ...], pages: Pages, kvb: int, num_blocks: int) -> tuple[Tensor, ...]:
+    """FlexAttention's eight block-mask tensors over the physical key blocks (``num_blocks`` of the
+    pool) from those over the logical ones: each query block's lists of logical key blocks mapped
+    through the table to physical block flags, merged (a page shared by sequences in one query
+    block is one physical block, visited once; partial for one and full for another: partial), and
+    listed again, the query-block lists of each physical block with them."""
+    kv_num, kv_idx, full_kv_num, full_kv_idx = logical[:4]
+    table, valid = pages.per_batch()
+    table = table.long()
+    B, L = table.shape
+    per_page = pages.page // kvb
+    C = kv_idx.shape[-1]  # logical key blocks, padded (at least two)
+    c = torch.arange(C, device=table.device)
+    lp = (c // per_page).clamp(max=L - 1)
+    # A column of an entry that is not read may hold anything: never listed (the logical mask
+    # allows nothing there), mapped to a spare column all the same.
+    used = valid[:, lp] & (c < L * per_page)
+    phys = torch.where(used, table[:, lp] * per_page + c % per_page, num_blocks)
+    phys = torch.where((phys >= 0) & (phys < num_blocks), phys, num_blocks)
+    Hm, R = kv_idx.shape[1], kv_idx.shape[2]
+
+    def flags(num: Tensor, idx: Tensor) -> Tensor:  # (B, Hm, R, num_blocks): the physical blocks listed
+        cols = torch.gather(phys[:, None, None, :].expand(B, Hm, R, C), 3, idx.expand(B, Hm, R, C).long())
+        cols = torch.where(c < num.expand(B, Hm, R)[..., None], cols, num_blocks)
+        dense = torch.zeros(B, Hm, R, num_blocks + 1, dtype=torch.bool, device=table.device)
+        return dense.scatter_(3, cols, True)[..., :num_blocks]
+
+    partial = flags(kv_num, kv_idx)
+    full = flags(full_kv_num, full_kv_idx) & ~partial
+    return _block_mask_tensors(partial | full, full)
+
+
+def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Pages, *, mask_mod, score_mod, scale,
+                    return_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """Attention of ``q (B, Hq, Nq, D)`` to keys and values read in place from ``k_pool``/``v_pool``
+    ``(1, Hkv, num_pages * page, D)`` at the pages of ``pages``; ``mask_mod`` (or None) and
+    ``score_mod`` over logical key indices (``kv_idx < pages.keys``). No gradients (see the module
+    docstring). Returns ``(out, lse or None)``."""
+    kvb = kv_block(pages.page, q, return_lse)
+    if kvb is None:
+        raise ValueError(f"page: {pages.page} tokens a page are not read in place on {q.device.type} "
+                         f"({q.dtype}); expected a check with kv_block first")
+    B, Hq, Nq = q.shape[:3]
+    num_pages, keys, page = k_pool.shape[2] // pages.page, pages.keys, pages.page
+    valid = pages.per_batch()[1]
+
+    def logical_mask(b, h, q_idx, kv_idx):  # keys of valid entries alone (never another sequence's pages)
+        ok = valid[b, kv_idx // page]
+        return ok if mask_mod is None else ok & mask_mod(b, h, q_idx, kv_idx)
+
+    paged_mask, paged_score = _physical_mods(pages, _inverse(pages, num_pages), logical_mask, score_mod)
+    # Checked as a call of flexflash.attention with the pool broadcast over the batch (views).
+    p, infos, _ = validate(q, k_pool.expand(B, *k_pool.shape[1:]), v_pool.expand(B, *v_pool.shape[1:]),
+                           causal=False, mask=None, bias=None, mask_mod=paged_mask, score_mod=paged_score,
+                           scale=scale, dropout_p=0.0, block_size=(_MAX_KV_BLOCK, kvb), kernel_options=None,
+                           return_lse=return_lse, backend="flex")
+    q, k_pool, v_pool = (t.detach() for t in (q, k_pool, v_pool))
+    logical_info = inspect_modifier(logical_mask)
+
+    def blocks(st, q_rows: Tensor):
+        # The logical block mask (the compiled builder on CUDA reads its key length from a
+        # stand-in of the logical keys' shape), then its key blocks mapped to the pool's.
+        k_logical = q_rows.new_zeros(()).expand(1, 1, keys, 1)
+        logical = _block_tensors(st, keys - Nq, None, logical_mask, logical_info, B, Hq, q_rows.shape[2], keys,
+                                 p.block, q.device, q=q_rows, k=k_logical)
+        return physical_blocks(logical, pages, kvb, num_pages * page // kvb)
+
+    kind = flex_kind(q, k_pool, v_pool, causal=False, mask=None, bias=None, mask_mod=paged_mask,
+                     score_mod=paged_score, infos=infos, scale=p.scale, block=p.block, kernel_options=None,
+                     return_lse=return_lse, dropout=False)
+    return run_flex(q, k_pool, v_pool, causal=False, mask=None, bias=None, mask_mod=paged_mask, score_mod=paged_score,
+                    scale=p.scale, block=p.block, kernel_options=None, return_lse=return_lse, mask_info=infos[0],
+                    score_info=infos[1], kind=kind, blocks=blocks)
