@@ -6,7 +6,10 @@
   ("spread": N/4 to N); SDPA gets the padded cache and a key padding mask of the step's lengths
   (built in the step, as each step of a generation loop has new lengths); each called eagerly
   ("eager") and as a step under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, as a
-  generation loop runs it; ``"default"`` mode on CPU);
+  generation loop runs it; ``"default"`` mode on CPU); eagerly also as ``flexflash-symbolic-batch``,
+  flexflash's kernels compiled with a symbolic batch (FlexAttention's main kernel) rather than the
+  static decoding batch that lets FlexAttention choose its decoding kernel
+  (``flexflash._kinds._STATIC_DECODING_BATCH``);
 * variable-length training: sequences of lengths uniform in [N/4, N] (N = 4096, 8 of them, causal,
   16 heads, D = 128, bf16, forward+backward) packed (``flash_attn_varlen_func``); SDPA gets the
   padded batch with a materialised causal and padding mask.
@@ -23,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flexflash import _flex
 from flexflash.compat.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
 DEVICE = os.environ.get("FLEXFLASH_BENCH_DEVICE", "cuda")
@@ -47,14 +51,17 @@ def _lengths(B: int, S: int, spread: bool, gen: torch.Generator) -> torch.Tensor
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.parametrize("impl", ["flexflash", "sdpa"])
+@pytest.mark.parametrize("impl", ["flexflash", "flexflash-symbolic-batch", "sdpa"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 @pytest.mark.parametrize("lengths", ["full", "spread"])
 @pytest.mark.parametrize("S", CACHES)
 @pytest.mark.parametrize("B", BATCHES)
-def test_decode(benchmark, B, S, lengths, layout, impl, mode):
+def test_decode(benchmark, B, S, lengths, layout, impl, mode, monkeypatch):
     if layout == "paged" and impl == "sdpa":
         pytest.skip("SDPA reads a contiguous padded cache (the contiguous row is its baseline)")
+    if impl == "flexflash-symbolic-batch" and (mode == "compiled" or CPU):
+        pytest.skip("the static decoding batch concerns flexflash's own eager kernels on CUDA")
+    monkeypatch.setattr(_flex, "_STATIC_DECODING_BATCH", impl != "flexflash-symbolic-batch")
     gib = 2 * B * S * HKV * D * 2 / 2**30
     if gib > MAX_CACHE_GIB:
         pytest.skip(f"the cache would take {gib:.0f} GiB")
@@ -62,7 +69,7 @@ def test_decode(benchmark, B, S, lengths, layout, impl, mode):
     lens = _lengths(B, S, lengths == "spread", gen).to(DEVICE)
     k_cache, v_cache = (torch.randn(B, S, HKV, D, generator=gen).to(DEVICE, DTYPE) for _ in range(2))
     q = torch.randn(B, 1, HQ, D, generator=gen).to(DEVICE, DTYPE)
-    if impl == "flexflash":
+    if impl.startswith("flexflash"):
         table = None
         if layout == "paged":
             with torch.no_grad():

@@ -51,7 +51,8 @@ from ._fingerprint import Modifier, inspect_modifier
 from ._flex_dropout import _dropout_words
 from ._kernels import (_CPU_STATIC_KINDS, _KERNELS, _cpu_static_shapes, _flex_kernel, _Kernel, _kernel_layout,
                        _scalar_tensor, _static_sequence_buffers)
-from ._kinds import (_FIRST_SHAPES, _STATIC_BUFFER_SHAPES, _STATIC_FIRST_SHAPE, _STATIC_SEQUENCE_BUFFERS, _STATIC_SHAPES,
+from ._kinds import (_FIRST_SHAPES, _STATIC_BUFFER_SHAPES, _STATIC_DECODING_BATCH, _STATIC_FIRST_SHAPE,
+                     _STATIC_SEQUENCE_BUFFERS, _STATIC_SHAPES,
                      _KindPlan, _cpu_bias_view, _grad, _signature, flex_kind)
 from ._torch_private import _is_cpp_compile_error
 
@@ -201,6 +202,9 @@ def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
         signature = _signature((q, k, v, mask, bias, *infos[0].tensors, *infos[1].tensors))
         if _FIRST_SHAPES.setdefault(key, signature) == signature:
             key += ("first shape",)
+    static_batch = q.device.type == "cuda" and _STATIC_DECODING_BATCH and q.shape[-2] < block[0]
+    if static_batch:  # a kind of its own: its batch is static (see _STATIC_DECODING_BATCH)
+        key += ("decoding",)
     shapeless_key = key
     # The emptiness test spares hashing the key on every CPU call.
     cpu_static = q.device.type == "cpu" and bool(_CPU_STATIC_KINDS) and shapeless_key in _CPU_STATIC_KINDS
@@ -210,7 +214,7 @@ def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     if kernel is None:
         kernel = _KERNELS[key] = _Kernel(static, label(), static_mask_bias=static_mask_bias,
                                          every_buffer_static=cpu_static, mode=_MODE[0],
-                                         static_shapes=key[-1] == "first shape")
+                                         static_shapes=key[-1] == "first shape", static_batch=static_batch)
         _STATS["kernels"] += 1
     return kernel, key, shapeless_key
 

@@ -200,9 +200,11 @@ class _Kernel(_Counted):
     """
 
     def __init__(self, static: _Static, label: str, *, static_mask_bias: tuple[bool, bool] = (False, False),
-                 every_buffer_static: bool = False, mode: str = "default", static_shapes: bool = False):
+                 every_buffer_static: bool = False, mode: str = "default", static_shapes: bool = False,
+                 static_batch: bool = False):
         self.static = static
         self.static_shapes = static_shapes
+        self.static_batch = static_batch
         self.label = label
         self.static_mask_bias = static_mask_bias
         self.every_buffer_static = every_buffer_static
@@ -273,7 +275,10 @@ class _Kernel(_Counted):
         q, k, v, mask, bias = (None if t is None else t.view(t.shape) for t in (q, k, v, mask, bias))
         args = (q, k, v, blocks, offset, mask, bias, *args[7:])
         for t in (q, k, v):  # batch and sequence lengths
-            _torch_private.maybe_mark_dynamic(t, 0)
+            if self.static_batch:  # (flexflash._kinds._STATIC_DECODING_BATCH)
+                _torch_private.mark_static(t, 0)
+            else:
+                _torch_private.maybe_mark_dynamic(t, 0)
             _torch_private.maybe_mark_dynamic(t, 2)
         st = self.static.structure
         if q.device.type == "cpu" and self.every_buffer_static:  # (_cpu_static_shapes)
@@ -305,8 +310,12 @@ class _Kernel(_Counted):
                 else:
                     _mark_squeezed_dynamic(t, full)
         for t in blocks or ():
+            if t is None:  # no full blocks (flexflash._paged's decoding calls)
+                continue
             for dim in range(t.dim()):
-                if dim != 1:
+                if dim == 0 and self.static_batch:
+                    _torch_private.mark_static(t, 0)
+                elif dim != 1:
                     _torch_private.maybe_mark_dynamic(t, dim)
         drop = args[9]
         if drop is not None:  # the hash words: (B, H, Nq) twice and (Nk,)

@@ -34,6 +34,14 @@ _STATIC_FIRST_SHAPE = True
 _FIRST_SHAPES: dict[Any, tuple] = {}
 
 
+# On CUDA, calls of fewer queries than a query block (decoding) compile with a static batch:
+# FlexAttention's decoding kernel (split over the keys, grouped query heads of a key/value head
+# in one program) is chosen only for a static batch and head count (torch 2.11-2.13,
+# _use_flex_decoding); with a symbolic batch such a call runs the main kernel, one program per
+# query head and query block of one row.
+_STATIC_DECODING_BATCH = True
+
+
 def _signature(tensors) -> tuple:
     """The shapes, strides and storage offsets of a call's tensors: a kernel compiled with static
     shapes is used for these alone (views at other offsets, such as query chunks, take the

@@ -18,9 +18,9 @@ copies the whole cache per call.
 
 Only the entries of the table marked ``valid`` are read (the rest may hold anything, as
 flash-attn allows); a page appears at most once among a sequence's valid entries (pages may be
-shared between sequences). Forward only: the callers gather the pages where gradients are needed,
-until the gradients of the pool (FlexAttention's backward sums them over the query batch) are
-verified on a GPU.
+shared between sequences). Forward only: the callers gather the pages where gradients are needed
+(FlexAttention's backward for a key/value batch of one writes the gradient of the whole pool for
+every query batch element before summing, torch 2.13's lowering: larger than the gathered copy).
 """
 
 from __future__ import annotations
@@ -129,12 +129,17 @@ def _physical_mods(pages: Pages, inv: Tensor, mask_mod, score_mod):
     return paged_mask, paged_score
 
 
-def physical_blocks(logical: tuple[Tensor, ...], pages: Pages, kvb: int, num_blocks: int) -> tuple[Tensor, ...]:
+def physical_blocks(logical: tuple[Tensor, ...], pages: Pages, kvb: int, num_blocks: int,
+                    full_blocks: bool = True) -> tuple[Tensor | None, ...]:
     """FlexAttention's eight block-mask tensors over the physical key blocks (``num_blocks`` of the
     pool) from those over the logical ones: each query block's lists of logical key blocks mapped
     through the table to physical block flags, merged (a page shared by sequences in one query
     block is one physical block, visited once; partial for one and full for another: partial), and
-    listed again, the query-block lists of each physical block with them."""
+    listed again, the query-block lists of each physical block with them. Without ``full_blocks``
+    every visited block is partial (its mask evaluated) and the four tensors of full blocks are None:
+    FlexAttention's decoding kernel, given full blocks, splits the work over the length of the
+    whole key tensor (the pool) rather than over the blocks a query visits (torch 2.13's
+    flex_decode template), which would leave all but the first of its splits without work."""
     kv_num, kv_idx, full_kv_num, full_kv_idx = logical[:4]
     table, valid = pages.per_batch()
     table = table.long()
@@ -158,6 +163,9 @@ def physical_blocks(logical: tuple[Tensor, ...], pages: Pages, kvb: int, num_blo
 
     partial = flags(kv_num, kv_idx)
     full = flags(full_kv_num, full_kv_idx) & ~partial
+    if not full_blocks:
+        kv_num, kv_idx, _, _, q_num, q_idx, _, _ = _block_mask_tensors(partial | full, torch.zeros_like(full))
+        return kv_num, kv_idx, None, None, q_num, q_idx, None, None
     return _block_mask_tensors(partial | full, full)
 
 
@@ -194,7 +202,9 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Pages, *, 
         k_logical = q_rows.new_zeros(()).expand(1, 1, keys, 1)
         logical = _block_tensors(st, keys - Nq, None, logical_mask, logical_info, B, Hq, q_rows.shape[2], keys,
                                  p.block, q.device, q=q_rows, k=k_logical)
-        return physical_blocks(logical, pages, kvb, num_pages * page // kvb)
+        # Calls of fewer queries than a query block (decoding) run FlexAttention's decoding kernel
+        # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
+        return physical_blocks(logical, pages, kvb, num_pages * page // kvb, full_blocks=q_rows.shape[2] >= p.block[0])
 
     kind = flex_kind(q, k_pool, v_pool, causal=False, mask=None, bias=None, mask_mod=paged_mask,
                      score_mod=paged_score, infos=infos, scale=p.scale, block=p.block, kernel_options=None,

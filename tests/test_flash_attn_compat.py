@@ -479,14 +479,18 @@ def test_kvcache_read_in_place_equals_recomputing_the_sequence(layout, pages_in_
     assert len(pages_in_place_on_cpu) == 3
 
 
-def test_varlen_read_in_place_from_shared_pages(pages_in_place_on_cpu):
+@pytest.mark.parametrize("queries", ["few", "blocks"])
+def test_varlen_read_in_place_from_shared_pages(queries, pages_in_place_on_cpu):
     """Packed sequences whose keys are read in place from a block table where two sequences share
     their first page (a common prefix: one physical block listed for both, visited once per query),
     entries past a sequence's keys hold anything (a negative index), and one sequence has no
-    queries; causal with per-sequence ALiBi, against the reference per sequence."""
-    gen = torch.Generator().manual_seed(13)
+    queries; per-sequence ALiBi, against the reference per sequence. Fewer queries than a query
+    block (as in decoding: no full blocks, see flexflash._paged), causal; or a query block of one
+    sequence's queries, not causal (full blocks)."""
+    gen = torch.Generator().manual_seed(seed_of("shared-pages", queries))
     H, Hk, D, page, L = 4, 2, 16, 8, 4
-    lq, lk = [3, 9, 0, 5], [10, 20, 7, 16]
+    lq, lk = ([3, 9, 0, 5] if queries == "few" else [3, 256, 0, 5]), [10, 20, 7, 16]
+    causal = queries == "few"
     pool = len(lq) * L + 2
     table = torch.randperm(pool, generator=gen)[:len(lq) * L].view(len(lq), L).to(torch.int32)
     table[1, 0] = table[0, 0]
@@ -494,14 +498,14 @@ def test_varlen_read_in_place_from_shared_pages(pages_in_place_on_cpu):
     k_cache, v_cache = torch.randn(pool, page, Hk, D, generator=gen), torch.randn(pool, page, Hk, D, generator=gen)
     q = torch.randn(sum(lq), H, D, generator=gen)
     cu_q, cu_k = _cu(lq), _cu(lk)
-    kw = dict(causal=True, alibi_slopes=torch.rand(len(lq), H, generator=gen))
+    kw = dict(causal=causal, alibi_slopes=torch.rand(len(lq), H, generator=gen))
     with torch.no_grad():
         out = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(lq), max(lk), block_table=table, **kw)
     assert len(pages_in_place_on_cpu) == 1
     for i in range(len(lq)):
         keys, values = (c[table[i].long()].flatten(0, 1)[None, :lk[i]].double() for c in (k_cache, v_cache))
         rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
-        want = attention_ref(q[None, rows].double(), keys, values, causal=True,
+        want = attention_ref(q[None, rows].double(), keys, values, causal=causal,
                              alibi_slopes=kw["alibi_slopes"][i:i + 1].double())[0][0]
         torch.testing.assert_close(out[rows].double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
 

@@ -94,8 +94,8 @@ def test_model_summary_of_a_saved_run():
 
 def test_decode_summary_pairs_each_cache_with_sdpa():
     """The summary of benchmarks/test_decode.py's JSON: one row per batch, cache and length spread
-    with SDPA's and flexflash's medians (contiguous and paged) and SDPA / flexflash; one row per
-    variable-length run."""
+    with SDPA's and flexflash's medians (contiguous and paged) and SDPA / flexflash, and flexflash's
+    with a symbolic batch beside them; one row per variable-length run."""
     def bench(ms, **info):
         return {"name": "x", "stats": {"median": ms / 1e3}, "extra_info": info}
 
@@ -105,11 +105,12 @@ def test_decode_summary_pairs_each_cache_with_sdpa():
         bench(1.0, impl="flexflash", layout="contiguous", lengths="spread", **decode),
         bench(4.0, impl="flexflash", layout="paged", lengths="spread", **decode),
         bench(3.0, impl="flexflash", layout="contiguous", lengths="full", **decode),
+        bench(5.0, impl="flexflash-symbolic-batch", layout="paged", lengths="full", **decode),
         bench(9.0, impl="sdpa", N=4096, B=8, H=16, tokens=20000, bench="varlen"),
         bench(3.0, impl="flexflash", N=4096, B=8, H=16, tokens=20000, bench="varlen"),
     ]}
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in _tool().summarize_decode(data, header=False).splitlines() if line.startswith("| ")]
-    assert ["compiled", "8", "8192", "spread", "2.000", "1.000", "4.000", "2.00", "0.50", "1.5"] in rows
-    assert ["compiled", "8", "8192", "full", "—", "3.000", "—", "—", "—", "1.0"] in rows
+    assert ["compiled", "8", "8192", "spread", "2.000", "1.000", "4.000", "2.00", "0.50", "1.5", "—", "—"] in rows
+    assert ["compiled", "8", "8192", "full", "—", "3.000", "—", "—", "—", "1.0", "—", "5.000"] in rows
     assert ["4096", "8", "16", "20000", "9.000", "3.000", "3.00"] in rows
