@@ -300,11 +300,12 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     mask_mod captures), so that calls with the same mask tensors (the layers of a model, repeated
     steps on one batch) build it once. A tensor written in place has a new version and rebuilds it.
 
-    On CUDA, from the second block mask of a kind of mask on (``_COMPILED_BUILDS_FROM``), one
-    compiled builder per kind evaluates the whole mask (causal, the ``mask`` tensor, the mask_mod)
-    and reduces it to block flags and FlexAttention's index tensors in a few fused kernels (``q``,
-    ``k`` give it the sizes and the causal offset). The first block mask of a kind, and every one
-    elsewhere (CPU, and inside a caller's torch.compile), is built eagerly from up to two parts
+    On CUDA, from the second block mask of a kind of mask on (``_COMPILED_BUILDS_FROM``), for calls
+    of a query block of queries or more, one compiled builder per kind evaluates the whole mask
+    (causal, the ``mask`` tensor, the mask_mod) and reduces it to block flags and FlexAttention's
+    index tensors in a few fused kernels (``q``, ``k`` give it the sizes and the causal offset). The
+    first block mask of a kind, and every one elsewhere (CPU, calls of fewer queries, and inside a
+    caller's torch.compile), is built eagerly from up to two parts
     whose flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor
     (a reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
@@ -324,7 +325,10 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     tracing = torch.compiler.is_compiling()
     if not tracing:  # (Dynamo would guard on the count: a recompilation per call)
         _STATS["block_masks_built"] += 1
-    if device.type == "cuda" and not tracing:
+    # Calls of fewer queries than a query block (decoding steps) build eagerly: the compiled builder
+    # evaluates the mask over whole query blocks, at least two (256 rows for one query: at batch 64
+    # and a 32k cache, half a billion entries a step), the eager build over the queries alone.
+    if device.type == "cuda" and not tracing and Nq >= block[0]:
         mask_st = replace(st, bias_full=None, has_score_mod=False)  # the mask's part of the call
         builder = _mask_builder(mask_st, mask_fp, block, mask)
         builder.builds += 1
