@@ -25,14 +25,15 @@ every query batch element before summing, torch 2.13's lowering: larger than the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ._blockmask import _block_mask_tensors, _block_tensors
+from ._blockmask import _block_mask_tensors, _block_tensors, _mask_flags
 from ._checks import validate
+from ._compose import compose_mask
 from ._fingerprint import inspect_modifier
 from ._flex import run_flex
 from ._kinds import flex_kind
@@ -129,40 +130,48 @@ def _physical_mods(pages: Pages, inv: Tensor, mask_mod, score_mod):
     return paged_mask, paged_score
 
 
-def physical_blocks(logical: tuple[Tensor, ...], pages: Pages, kvb: int, num_blocks: int,
-                    full_blocks: bool = True) -> tuple[Tensor | None, ...]:
+def physical_blocks(pages: Pages, kvb: int, num_blocks: int, *, flags: tuple[Tensor, Tensor] | None = None,
+                    lists: tuple[Tensor, ...] | None = None, full_blocks: bool = True) -> tuple[Tensor | None, ...]:
     """FlexAttention's eight block-mask tensors over the physical key blocks (``num_blocks`` of the
-    pool) from those over the logical ones: each query block's lists of logical key blocks mapped
+    pool) from the logical block mask, given as its ``flags`` (some allowed, all allowed; ``(B|1,
+    H|1, R, C)``) or as its eight ``lists``: the logical key blocks of each query block mapped
     through the table to physical block flags, merged (a page shared by sequences in one query
     block is one physical block, visited once; partial for one and full for another: partial), and
-    listed again, the query-block lists of each physical block with them. Without ``full_blocks``
-    every visited block is partial (its mask evaluated) and the four tensors of full blocks are None:
+    listed, the query-block lists of each physical block with them. Without ``full_blocks`` every
+    visited block is partial (its mask evaluated) and the four tensors of full blocks are None:
     FlexAttention's decoding kernel, given full blocks, splits the work over the length of the
     whole key tensor (the pool) rather than over the blocks a query visits (torch 2.13's
     flex_decode template), which would leave all but the first of its splits without work."""
-    kv_num, kv_idx, full_kv_num, full_kv_idx = logical[:4]
     table, valid = pages.per_batch()
     table = table.long()
     B, L = table.shape
     per_page = pages.page // kvb
-    C = kv_idx.shape[-1]  # logical key blocks, padded (at least two)
+    ref = flags[0] if flags is not None else lists[1]
+    Hm, R, C = ref.shape[1], ref.shape[2], ref.shape[3]  # C: logical key blocks (lists: padded to two)
     c = torch.arange(C, device=table.device)
     lp = (c // per_page).clamp(max=L - 1)
-    # A column of an entry that is not read may hold anything: never listed (the logical mask
+    # A column of an entry that is not read may hold anything: never allowed (the logical mask
     # allows nothing there), mapped to a spare column all the same.
     used = valid[:, lp] & (c < L * per_page)
     phys = torch.where(used, table[:, lp] * per_page + c % per_page, num_blocks)
     phys = torch.where((phys >= 0) & (phys < num_blocks), phys, num_blocks)
-    Hm, R = kv_idx.shape[1], kv_idx.shape[2]
+    shape = (B, Hm, R, C)
 
-    def flags(num: Tensor, idx: Tensor) -> Tensor:  # (B, Hm, R, num_blocks): the physical blocks listed
-        cols = torch.gather(phys[:, None, None, :].expand(B, Hm, R, C), 3, idx.expand(B, Hm, R, C).long())
-        cols = torch.where(c < num.expand(B, Hm, R)[..., None], cols, num_blocks)
-        dense = torch.zeros(B, Hm, R, num_blocks + 1, dtype=torch.bool, device=table.device)
-        return dense.scatter_(3, cols, True)[..., :num_blocks]
+    def scattered(cols: Tensor, on: Tensor) -> Tensor:  # (B, Hm, R, num_blocks): any set flag of a column
+        dense = torch.zeros(B, Hm, R, num_blocks + 1, dtype=torch.int32, device=table.device)
+        return dense.scatter_add_(3, cols, on.expand(shape).to(torch.int32))[..., :num_blocks] > 0
 
-    partial = flags(kv_num, kv_idx)
-    full = flags(full_kv_num, full_kv_idx) & ~partial
+    if flags is not None:
+        some, every = flags
+        cols = phys[:, None, None, :].expand(shape)
+        partial, full = scattered(cols, some & ~every), scattered(cols, every)
+    else:
+        def listed(num: Tensor, idx: Tensor) -> Tensor:
+            cols = torch.gather(phys[:, None, None, :].expand(shape), 3, idx.expand(shape).long())
+            return scattered(cols, c < num.expand(B, Hm, R)[..., None])
+
+        partial, full = listed(*lists[:2]), listed(*lists[2:4])
+    full = full & ~partial
     if not full_blocks:
         kv_num, kv_idx, _, _, q_num, q_idx, _, _ = _block_mask_tensors(partial | full, torch.zeros_like(full))
         return kv_num, kv_idx, None, None, q_num, q_idx, None, None
@@ -197,14 +206,22 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Pages, *, 
     logical_info = inspect_modifier(logical_mask)
 
     def blocks(st, q_rows: Tensor):
-        # The logical block mask (the compiled builder on CUDA reads its key length from a
-        # stand-in of the logical keys' shape), then its key blocks mapped to the pool's.
-        k_logical = q_rows.new_zeros(()).expand(1, 1, keys, 1)
-        logical = _block_tensors(st, keys - Nq, None, logical_mask, logical_info, B, Hq, q_rows.shape[2], keys,
-                                 p.block, q.device, q=q_rows, k=k_logical)
+        rows, num_blocks = q_rows.shape[2], num_pages * page // kvb
         # Calls of fewer queries than a query block (decoding) run FlexAttention's decoding kernel
         # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
-        return physical_blocks(logical, pages, kvb, num_pages * page // kvb, full_blocks=q_rows.shape[2] >= p.block[0])
+        few = rows < p.block[0]
+        if few or torch.compiler.is_compiling():
+            # The flags of the logical mask, evaluated over the queries (its tensors are new at
+            # every decoding step: nothing to cache), mapped to the pool's blocks and listed once.
+            fn = compose_mask(replace(st, has_score_mod=False), None, None, logical_mask)
+            return physical_blocks(pages, kvb, num_blocks, full_blocks=not few,
+                                   flags=_mask_flags(fn, B, Hq, rows, keys, p.block, q.device))
+        # Longer calls: flexflash's block mask of the logical keys, cached, and on CUDA from its
+        # second build compiled (the builder reads the key length from a stand-in of its shape).
+        k_logical = q_rows.new_zeros(()).expand(1, 1, keys, 1)
+        return physical_blocks(pages, kvb, num_blocks, lists=_block_tensors(
+            st, keys - Nq, None, logical_mask, logical_info, B, Hq, rows, keys, p.block, q.device, q=q_rows,
+            k=k_logical))
 
     kind = flex_kind(q, k_pool, v_pool, causal=False, mask=None, bias=None, mask_mod=paged_mask,
                      score_mod=paged_score, infos=infos, scale=p.scale, block=p.block, kernel_options=None,
