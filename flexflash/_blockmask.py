@@ -94,6 +94,12 @@ def _at_least_two(n):
     return max(2, n) if isinstance(n, int) else torch.sym_max(2, n)
 
 
+def _at_most(limit: int, n):
+    """``min(limit, n)``: ``torch.sym_min`` where ``n`` is symbolic (no guard on which is smaller),
+    Python's ``min`` where it is an int."""
+    return min(limit, n) if isinstance(n, int) else torch.sym_min(limit, n)
+
+
 def _fused_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, int],
                  device: torch.device) -> tuple[Tensor, Tensor]:
     """The same flags as :func:`_mask_flags`, from one evaluation of the mask function over 6-D
@@ -109,16 +115,22 @@ def _fused_flags(mask_fn, B: int, H: int, Nq: int, Nk: int, block: tuple[int, in
     compiled at one length would compile again at a length of one block."""
     qb, kb = block
     rq, rk = _at_least_two((Nq + qb - 1) // qb), _at_least_two((Nk + kb - 1) // kb)
+    # Rows evaluated per query block: all of a block, or where there are fewer queries, those (at
+    # least two, so that no size is 1, a size Dynamo would specialise on) rather than the whole
+    # block: a decoding step's one query evaluates 2 rows a block, not 128. Such a block is
+    # incomplete, never "all allowed", as in the eager flags.
+    rows = _at_least_two(_at_most(qb, Nq)) if qb >= 2 else qb
 
     def ar(n):
         return torch.arange(n, device=device, dtype=torch.int32)
 
-    i = ar(rq * qb).view(1, 1, rq, qb, 1, 1)
+    i = (ar(rq).view(rq, 1) * qb + ar(rows).view(1, rows)).view(1, 1, rq, rows, 1, 1)
     j = ar(rk * kb).view(1, 1, 1, 1, rk, kb)
     m = mask_fn(ar(B).view(B, 1, 1, 1, 1, 1), ar(H).view(1, H, 1, 1, 1, 1),
                 torch.clamp(i, max=Nq - 1), torch.clamp(j, max=Nk - 1))
     m = m & (i < Nq) & (j < Nk)
-    return m.any(dim=5).any(dim=3), m.all(dim=5).all(dim=3)
+    complete = ((ar(rq) + 1) * qb <= Nq).view(rq, 1)
+    return m.any(dim=5).any(dim=3), m.all(dim=5).all(dim=3) & complete
 
 
 def _tensor_flags(mask: Tensor, Nq: int, Nk: int, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -184,7 +196,9 @@ class _MaskBuilder(_Counted):
     """A compiled copy of :func:`_build_blocks` with a code object (and a Dynamo cache) of its own,
     for one kind of mask; sizes are dynamic."""
 
-    def __init__(self, static: _BuildStatic, label: str):
+    body, prefix = staticmethod(_build_blocks), "flexflash_blocks"  # (flexflash._paged builds its own)
+
+    def __init__(self, static, label: str):
         self.static = static
         self.label = label
         self.builds = 0  # block masks of this kind built so far (see _COMPILED_BUILDS_FROM)
@@ -198,7 +212,7 @@ class _MaskBuilder(_Counted):
         def counting_backend(gm, example_inputs):
             self.compiles += 1
             return inductor(gm, example_inputs)
-        self._fn = torch.compile(_own_code(_build_blocks, f"flexflash_blocks_{self.label}_{next(_SERIAL)}"),
+        self._fn = torch.compile(_own_code(self.body, f"{self.prefix}_{self.label}_{next(_SERIAL)}"),
                                  backend=counting_backend, fullgraph=True, dynamic=None)
 
     def __call__(self, q, k, offset, mask, mask_mod):
@@ -300,12 +314,11 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     mask_mod captures), so that calls with the same mask tensors (the layers of a model, repeated
     steps on one batch) build it once. A tensor written in place has a new version and rebuilds it.
 
-    On CUDA, from the second block mask of a kind of mask on (``_COMPILED_BUILDS_FROM``), for calls
-    of a query block of queries or more, one compiled builder per kind evaluates the whole mask
-    (causal, the ``mask`` tensor, the mask_mod) and reduces it to block flags and FlexAttention's
-    index tensors in a few fused kernels (``q``, ``k`` give it the sizes and the causal offset). The
-    first block mask of a kind, and every one elsewhere (CPU, calls of fewer queries, and inside a
-    caller's torch.compile), is built eagerly from up to two parts
+    On CUDA, from the second block mask of a kind of mask on (``_COMPILED_BUILDS_FROM``), one
+    compiled builder per kind evaluates the whole mask (causal, the ``mask`` tensor, the mask_mod)
+    and reduces it to block flags and FlexAttention's index tensors in a few fused kernels (``q``,
+    ``k`` give it the sizes and the causal offset). The first block mask of a kind, and every one
+    elsewhere (CPU, and inside a caller's torch.compile), is built eagerly from up to two parts
     whose flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor
     (a reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
@@ -325,10 +338,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     tracing = torch.compiler.is_compiling()
     if not tracing:  # (Dynamo would guard on the count: a recompilation per call)
         _STATS["block_masks_built"] += 1
-    # Calls of fewer queries than a query block (decoding steps) build eagerly: the compiled builder
-    # evaluates the mask over whole query blocks, at least two (256 rows for one query: at batch 64
-    # and a 32k cache, half a billion entries a step), the eager build over the queries alone.
-    if device.type == "cuda" and not tracing and Nq >= block[0]:
+    if device.type == "cuda" and not tracing:
         mask_st = replace(st, bias_full=None, has_score_mod=False)  # the mask's part of the call
         builder = _mask_builder(mask_st, mask_fp, block, mask)
         builder.builds += 1

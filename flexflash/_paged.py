@@ -31,12 +31,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._blockmask import _block_mask_tensors, _block_tensors, _mask_flags
+from . import _torch_private
+from ._blockmask import (_BUILDERS, _COMPILED_BUILDS_FROM, _at_least_two, _block_mask_tensors, _block_tensors,
+                         _fused_flags, _mask_flags, _MaskBuilder)
 from ._checks import validate
-from ._compose import compose_mask
-from ._fingerprint import inspect_modifier
+from ._compose import Structure, compose_mask
+from ._fingerprint import captured_tensors, inspect_modifier
 from ._flex import run_flex
 from ._kinds import flex_kind
+from ._torch_private import _with_dynamic_sizes, _without_duck_sizing
 
 __all__ = ["Pages", "kv_block", "paged_attention"]
 
@@ -130,36 +133,41 @@ def _physical_mods(pages: Pages, inv: Tensor, mask_mod, score_mod):
     return paged_mask, paged_score
 
 
-def physical_blocks(pages: Pages, kvb: int, num_blocks: int, *, flags: tuple[Tensor, Tensor] | None = None,
-                    lists: tuple[Tensor, ...] | None = None, full_blocks: bool = True) -> tuple[Tensor | None, ...]:
+def physical_blocks(table: Tensor, valid: Tensor, page: int, kvb: int, num_blocks, *,
+                    flags: tuple[Tensor, Tensor] | None = None, lists: tuple[Tensor, ...] | None = None,
+                    full_blocks: bool = True) -> tuple[Tensor | None, ...]:
     """FlexAttention's eight block-mask tensors over the physical key blocks (``num_blocks`` of the
-    pool) from the logical block mask, given as its ``flags`` (some allowed, all allowed; ``(B|1,
-    H|1, R, C)``) or as its eight ``lists``: the logical key blocks of each query block mapped
-    through the table to physical block flags, merged (a page shared by sequences in one query
-    block is one physical block, visited once; partial for one and full for another: partial), and
-    listed, the query-block lists of each physical block with them. Without ``full_blocks`` every
-    visited block is partial (its mask evaluated) and the four tensors of full blocks are None:
-    FlexAttention's decoding kernel, given full blocks, splits the work over the length of the
-    whole key tensor (the pool) rather than over the blocks a query visits (torch 2.13's
-    flex_decode template), which would leave all but the first of its splits without work."""
-    table, valid = pages.per_batch()
+    pool) from the logical block mask of a call whose batch element ``b`` reads the pages
+    ``table[b]`` (``valid[b]`` of them; :meth:`Pages.per_batch`), given as its ``flags`` (some
+    allowed, all allowed; ``(B|1, H|1, R, C)``) or as its eight ``lists``: the logical key blocks of
+    each query block mapped through the table to physical block flags, merged (a page shared by
+    sequences in one query block is one physical block, visited once; partial for one and full for
+    another: partial), and listed, the query-block lists of each physical block with them. Without
+    ``full_blocks`` every visited block is partial (its mask evaluated) and the four tensors of full
+    blocks are None: FlexAttention's decoding kernel, given full blocks, splits the work over the
+    length of the whole key tensor (the pool) rather than over the blocks a query visits (torch
+    2.13's flex_decode template), which would leave all but the first of its splits without work.
+    (Traceable with symbolic sizes: the compiled builder, :class:`_PagedBuilder`.)"""
     table = table.long()
     B, L = table.shape
-    per_page = pages.page // kvb
+    per_page = page // kvb
     ref = flags[0] if flags is not None else lists[1]
     Hm, R, C = ref.shape[1], ref.shape[2], ref.shape[3]  # C: logical key blocks (lists: padded to two)
     c = torch.arange(C, device=table.device)
     lp = (c // per_page).clamp(max=L - 1)
+    # Physical blocks, at least two as in flexflash's block masks (_block_mask_tensors): the lists
+    # of key blocks are as wide (FlexAttention's CPU lowering asserts they cover the keys).
+    width = _at_least_two(num_blocks)
     # A column of an entry that is not read may hold anything: never allowed (the logical mask
     # allows nothing there), mapped to a spare column all the same.
     used = valid[:, lp] & (c < L * per_page)
-    phys = torch.where(used, table[:, lp] * per_page + c % per_page, num_blocks)
-    phys = torch.where((phys >= 0) & (phys < num_blocks), phys, num_blocks)
+    phys = torch.where(used, table[:, lp] * per_page + c % per_page, width)
+    phys = torch.where((phys >= 0) & (phys < num_blocks), phys, width)
     shape = (B, Hm, R, C)
 
-    def scattered(cols: Tensor, on: Tensor) -> Tensor:  # (B, Hm, R, num_blocks): any set flag of a column
-        dense = torch.zeros(B, Hm, R, num_blocks + 1, dtype=torch.int32, device=table.device)
-        return dense.scatter_add_(3, cols, on.expand(shape).to(torch.int32))[..., :num_blocks] > 0
+    def scattered(cols: Tensor, on: Tensor) -> Tensor:  # (B, Hm, R, width): any set flag of a column
+        dense = torch.zeros(B, Hm, R, width + 1, dtype=torch.int32, device=table.device)
+        return dense.scatter_add_(3, cols, on.expand(shape).to(torch.int32))[..., :width] > 0
 
     if flags is not None:
         some, every = flags
@@ -172,10 +180,76 @@ def physical_blocks(pages: Pages, kvb: int, num_blocks: int, *, flags: tuple[Ten
 
         partial, full = listed(*lists[:2]), listed(*lists[2:4])
     full = full & ~partial
+    padded = R >= 2 if isinstance(R, int) else True  # (symbolic: the compiled builder's flags, at least two rows)
     if not full_blocks:
-        kv_num, kv_idx, _, _, q_num, q_idx, _, _ = _block_mask_tensors(partial | full, torch.zeros_like(full))
+        kv_num, kv_idx, _, _, q_num, q_idx, _, _ = _block_mask_tensors(partial | full, torch.zeros_like(full), padded)
         return kv_num, kv_idx, None, None, q_num, q_idx, None, None
-    return _block_mask_tensors(partial | full, full)
+    return _block_mask_tensors(partial | full, full, padded)
+
+
+@dataclass(frozen=True)
+class _PagedStatic:
+    """Constants of a compiled paged block-mask builder: the logical mask's structure (for
+    :func:`compose_mask`), the block sizes, the page and key-block sizes, whether full blocks are
+    listed."""
+
+    structure: Structure
+    block: tuple[int, int]
+    page: int
+    kvb: int
+    full_blocks: bool
+
+
+def _build_paged_blocks(q, pool, table, valid, mask_mod, static: _PagedStatic):
+    """The compiled body of a paged block-mask builder: the logical mask's flags over ``table``'s
+    keys (one fused evaluation, :func:`_fused_flags`) mapped to the blocks of the ``pool`` (read
+    for its length) and listed (:func:`physical_blocks`)."""
+    B, H, rows = q.shape[0], q.shape[1], q.shape[2]
+    keys = table.shape[1] * static.page
+    fn = compose_mask(static.structure, None, None, mask_mod)
+    flags = _fused_flags(fn, B, H, rows, keys, static.block, q.device)
+    return physical_blocks(table, valid, static.page, static.kvb, pool.shape[2] // static.kvb, flags=flags,
+                           full_blocks=static.full_blocks)
+
+
+class _PagedBuilder(_MaskBuilder):
+    """A compiled copy of :func:`_build_paged_blocks` per kind of paged call, sizes dynamic (as
+    flexflash's block-mask builders: :class:`flexflash._blockmask._MaskBuilder`)."""
+
+    body, prefix = staticmethod(_build_paged_blocks), "flexflash_paged_blocks"
+
+    def __call__(self, q, pool, table, valid, mask_mod):
+        q, pool = q.detach(), pool.detach()  # only their sizes are read
+        if self._budget_spent():
+            self._fresh()
+        if self.compiled:
+            return _without_duck_sizing(self._fn, q, pool, table, valid, mask_mod, self.static)
+        # Marks on aliases (not to leak into the caller's own compilations), except ``valid``, which
+        # the mask function reads too: the same tensor twice, as in every later call (Dynamo guards
+        # on which inputs are the same tensor); it is marked as the mask function's tensors are.
+        q, pool, table = (t.view(t.shape) for t in (q, pool, table))
+        for t, dims in ((q, (0, 2)), (pool, (2,)), (table, (0, 1))):
+            for dim in dims:
+                if t.shape[dim] > 1:
+                    _torch_private.maybe_mark_dynamic(t, dim)
+        blocks = _with_dynamic_sizes(captured_tensors(mask_mod), _without_duck_sizing, self._fn, q, pool, table,
+                                     valid, mask_mod, self.static)
+        self.compiled = True
+        return blocks
+
+
+def _paged_builder(static: _PagedStatic, mask_fp) -> _PagedBuilder:
+    key = ("paged", static, mask_fp)  # beside flexflash's block-mask builders (forgotten with them)
+    builder = _BUILDERS.get(key)
+    if builder is None:
+        builder = _BUILDERS[key] = _PagedBuilder(static, f"{len(_BUILDERS)}")
+    return builder
+
+
+# Devices on which paged block masks are built by a compiled builder (from a kind's second build
+# on, as flexflash's block masks: _COMPILED_BUILDS_FROM): CUDA, where a decoding step's eager build
+# is a hundred small kernels. (Tests add the CPU.)
+COMPILED_BUILDS_ON = {"cuda"}
 
 
 def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Pages, *, mask_mod, score_mod, scale,
@@ -210,16 +284,22 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Pages, *, 
         # Calls of fewer queries than a query block (decoding) run FlexAttention's decoding kernel
         # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
         few = rows < p.block[0]
+        if q.device.type in COMPILED_BUILDS_ON and not torch.compiler.is_compiling():
+            builder = _paged_builder(_PagedStatic(replace(st, has_score_mod=False), p.block, page, kvb, not few),
+                                     logical_info.fp)
+            builder.builds += 1
+            if builder.builds >= _COMPILED_BUILDS_FROM:
+                return builder(q_rows, k_pool, pages.per_batch()[0], valid, logical_mask)  # valid: the mask's
         if few or torch.compiler.is_compiling():
             # The flags of the logical mask, evaluated over the queries (its tensors are new at
             # every decoding step: nothing to cache), mapped to the pool's blocks and listed once.
             fn = compose_mask(replace(st, has_score_mod=False), None, None, logical_mask)
-            return physical_blocks(pages, kvb, num_blocks, full_blocks=not few,
+            return physical_blocks(*pages.per_batch(), page, kvb, num_blocks, full_blocks=not few,
                                    flags=_mask_flags(fn, B, Hq, rows, keys, p.block, q.device))
         # Longer calls: flexflash's block mask of the logical keys, cached, and on CUDA from its
         # second build compiled (the builder reads the key length from a stand-in of its shape).
         k_logical = q_rows.new_zeros(()).expand(1, 1, keys, 1)
-        return physical_blocks(pages, kvb, num_blocks, lists=_block_tensors(
+        return physical_blocks(*pages.per_batch(), page, kvb, num_blocks, lists=_block_tensors(
             st, keys - Nq, None, logical_mask, logical_info, B, Hq, rows, keys, p.block, q.device, q=q_rows,
             k=k_logical))
 

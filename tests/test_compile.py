@@ -405,7 +405,8 @@ def _check_compiled_block_mask_builder(block):
     parts = dict(causal=True, mask=(1, 0, 0, 1), mask_mod=True)
     st = _structure(parts)
     builder = _mask_builder(st, ("test-builder",), block, torch.zeros(2, 1, 1, 8, dtype=torch.bool))
-    for B, Nq, Nk in [(2, 40, 70), (3, 70, 100), (2, 64, 64), (4, 20, 200), (3, 10, 12), (2, 16, 40)]:
+
+    def check(B, Nq, Nk):
         gen = torch.Generator().manual_seed(Nk)
         mask = torch.rand(B, 1, 1, Nk, generator=gen) > 0.3
         ids = torch.sort(torch.randint(0, 3, (B, Nk), generator=gen), dim=-1).values
@@ -421,7 +422,16 @@ def _check_compiled_block_mask_builder(block):
             b = _dense(want[num], want[idx], nkb)
             shape = torch.broadcast_shapes(a.shape, b.shape)
             assert torch.equal(a.expand(shape), b.expand(shape)), (name, B, Nq, Nk)
+
+    # (Nq = 10: fewer queries than a block, evaluated over the queries alone)
+    for B, Nq, Nk in [(2, 40, 70), (3, 70, 100), (2, 64, 64), (4, 20, 200), (3, 10, 12), (2, 16, 40)]:
+        check(B, Nq, Nk)
     assert builder.compiles == 1  # graphs compiled, counted by the builder's own backend
+    # Decoding steps, one query: a size Dynamo specialises on (one more graph), then growing caches
+    # compile nothing more.
+    for Nk in (33, 70, 71):
+        check(2, 1, Nk)
+    assert builder.compiles == 2
 
 
 def test_block_mask_builder_never_runs_past_the_recompile_limit(monkeypatch):

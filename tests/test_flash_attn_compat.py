@@ -510,6 +510,46 @@ def test_varlen_read_in_place_from_shared_pages(queries, pages_in_place_on_cpu):
         torch.testing.assert_close(out[rows].double(), want, rtol=1e-5, atol=1e-5)  # float32 against float64
 
 
+def test_compiled_paged_block_builder_equals_the_eager_build(pages_in_place_on_cpu, monkeypatch):
+    """The compiled builder of paged block masks (CUDA's, compiled here on CPU: flexflash._paged)
+    gives the kernel the blocks of the eager build, from the second build of a kind on: decoding
+    steps of growing lengths (one compilation for all of them, no full blocks) and packed
+    sequences sharing a page (full blocks); the outputs are bitwise equal."""
+    from flexflash import _blockmask
+    gen = torch.Generator().manual_seed(18)
+    B, H, Hk, D, page, L = 3, 4, 2, 16, 8, 6
+    pool = B * L + 2
+    k_cache, v_cache = torch.randn(pool, page, Hk, D, generator=gen), torch.randn(pool, page, Hk, D, generator=gen)
+    table = torch.randperm(pool, generator=gen)[:B * L].view(B, L).to(torch.int32)
+    shared = table.flatten()[:16].view(4, 4).clone()  # four sequences of four pages
+    shared[1, 0] = shared[0, 0]
+    lq, lk = [3, 140, 0, 5], [10, 20, 7, 16]
+
+    def both(call):
+        monkeypatch.setattr(_paged, "COMPILED_BUILDS_ON", set())
+        with torch.no_grad():
+            eager = call()
+        monkeypatch.setattr(_paged, "COMPILED_BUILDS_ON", {"cpu"})
+        with torch.no_grad():
+            compiled = call()
+        assert torch.equal(eager, compiled)
+
+    lengths = torch.tensor([3, 20, 40], dtype=torch.int32)
+    for _ in range(4):
+        q = torch.randn(B, 1, H, D, generator=gen)
+        both(lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, block_table=table,
+                                             causal=True, window_size=(9, -1)))
+        lengths = lengths + 5
+    for _ in range(2):
+        q = torch.randn(sum(lq), H, D, generator=gen)
+        both(lambda: flash_attn_varlen_func(q, k_cache, v_cache, _cu(lq), _cu(lk), max(lq), max(lk),
+                                            block_table=shared))
+    builders = [b for key, b in _blockmask._BUILDERS.items() if key[0] == "paged"]
+    # decoding (its first build eager; the CPU kernel's retry with static shapes builds once more)
+    # and packed sequences: each compiled once
+    assert sorted((b.static.full_blocks, b.compiles) for b in builders) == [(False, 1), (True, 1)]
+
+
 def test_pages_are_gathered_where_they_cannot_be_read_in_place(pages_in_place_on_cpu):
     """Gradients, float64, the log-sum-exp on CPU (FlexAttention's CPU kernel returns none), pages
     of a size the key blocks do not divide and pages that do not lie end to end in memory take a
