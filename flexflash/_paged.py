@@ -9,8 +9,10 @@ one (``flat``: packed variable-length sequences, sequence ``s`` at keys ``s * L 
 each query reading the pages of its own sequence, ``row(b, q_idx)``). The call's masks and
 modifiers are written over logical key indices.
 
-The block mask is built over the logical keys as for any call (flexflash's builders and caches),
-then its key blocks are mapped to the physical blocks that hold them; the kernel reads the pool in
+The block mask is evaluated over the logical keys (on CUDA from a kind's second call by a compiled
+builder of its own, :class:`_PagedBuilder`; otherwise eagerly, calls of a query block or more
+through flexflash's cached block masks), then its key blocks are mapped to the physical blocks that
+hold them and listed (:func:`physical_blocks`); the kernel reads the pool in
 place (FlexAttention broadcasts a key/value batch of one over the queries' batch) and evaluates
 the masks and modifiers at the logical index of each physical key, through the inverse of the
 table. Nothing of the size of the keys is copied, where a gather of every sequence's pages
