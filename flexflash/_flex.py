@@ -136,8 +136,11 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
         q = q.expand(*q.shape[:2], 2, q.shape[-1])
     kernel, key, shapeless_key = _kernel(kind, q, k, v, mask, bias, infos, block,
                                          label=lambda: _label(causal, mask, bias, mask_mod, score_mod, dropout is not None))
+    # (Inside a caller's torch.compile the modifiers' tensors are not walked: any grad mode counts.)
+    backward = torch.is_grad_enabled() and (torch.compiler.is_compiling() or any(
+        t is not None and t.requires_grad for t in (q, k, v, bias, *infos[0].tensors, *infos[1].tensors)))
     inputs = _kernel_inputs(kind, q, k, v, mask, bias, mask_mod, score_mod, infos[0], block, causal=causal,
-                            q_len=q_len, dropout=dropout, blocks=blocks)
+                            q_len=q_len, dropout=dropout, blocks=blocks, backward=backward)
     try:
         out, lse = kernel(*inputs)
     except Exception as e:
@@ -221,11 +224,12 @@ def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
 
 def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
                    mask_mod, score_mod, mask_info: Modifier, block: tuple[int, int], *, causal: bool,
-                   q_len: int, dropout: Draw | None, blocks=None) -> tuple:
+                   q_len: int, dropout: Draw | None, blocks=None, backward: bool = True) -> tuple:
     """The compiled kernel's arguments: ``(q, k, v, blocks, offset, mask, bias, mask_mod,
     score_mod, drop)``, masks and biases in the kernel's layout, the block mask (cached), the causal
     offset and dropout's seed, hash words and scale. ``q_len``: the call's query length (``q`` may
-    have a padded second row: Structure.single_query); ``blocks``: see :func:`_run_flex`."""
+    have a padded second row: Structure.single_query); ``blocks``: see :func:`_run_flex`;
+    ``backward``: whether the call may be differentiated (else the block mask is forward-only)."""
     st, split_keys = kind.structure, kind.static.split_keys
     tracing = torch.compiler.is_compiling()
     B, Hq, Nq, Nk = q.shape[0], q.shape[1], q_len, k.shape[-2]
@@ -240,6 +244,11 @@ def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tenso
     elif st.masked:
         blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, rows, Nk, block, q.device,
                                 q=q, k=k, offset_tensor=offset)
+    if blocks is not None and not backward:
+        # Without a backward pass the kernel reads the key-block lists alone: the query-block lists
+        # stay out (FlexAttention's forward-only block masks), fewer inputs whose sizes a call of
+        # the symbolic kernel reads through Dynamo.
+        blocks = (*blocks[:4], None, None, None, None)
     if q.device.type == "cuda" or tracing:
         # The compiled kernels index masks and biases by their full dimensions only (no constant
         # indices, which FlashAttention-4 cannot generate code for); traced into a caller's graph,
