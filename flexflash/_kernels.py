@@ -310,7 +310,7 @@ class _Kernel(_Counted):
                 else:
                     _mark_squeezed_dynamic(t, full)
         for t in blocks or ():
-            if t is None:  # no full blocks (flexflash._paged's decoding calls)
+            if t is None:  # absent lists: forward-only block masks, paged decoding's full blocks
                 continue
             for dim in range(t.dim()):
                 if dim == 0 and self.static_batch:

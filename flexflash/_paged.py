@@ -9,11 +9,10 @@ one (``flat``: packed variable-length sequences, sequence ``s`` at keys ``s * L 
 each query reading the pages of its own sequence, ``row(b, q_idx)``). The call's masks and
 modifiers are written over logical key indices.
 
-The block mask is evaluated over the logical keys (on CUDA from a kind's second call by a compiled
-builder of its own, :class:`_PagedBuilder`; otherwise eagerly, calls of a query block or more
-through flexflash's cached block masks), then its key blocks are mapped to the physical blocks that
-hold them and listed (:func:`physical_blocks`); the kernel reads the pool in
-place (FlexAttention broadcasts a key/value batch of one over the queries' batch) and evaluates
+The block mask's flags are evaluated over the logical keys (on CUDA from a kind's second call by a
+compiled builder of its own, :class:`_PagedBuilder`; otherwise eagerly, in query chunks), then
+mapped to the physical blocks that hold them and listed (:func:`physical_blocks`); the kernel reads
+the pool in place (FlexAttention broadcasts a key/value batch of one over the queries' batch) and evaluates
 the masks and modifiers at the logical index of each physical key, through the inverse of the
 table. Nothing of the size of the keys is copied, where a gather of every sequence's pages
 copies the whole cache per call.
@@ -34,8 +33,8 @@ import torch
 from torch import Tensor
 
 from . import _torch_private
-from ._blockmask import (_BUILDERS, _COMPILED_BUILDS_FROM, _at_least_two, _block_mask_tensors, _block_tensors,
-                         _fused_flags, _mask_flags, _MaskBuilder)
+from ._blockmask import (_BUILDERS, _COMPILED_BUILDS_FROM, _at_least_two, _block_mask_tensors, _fused_flags,
+                         _mask_flags, _MaskBuilder)
 from ._checks import validate
 from ._compose import Structure, compose_mask
 from ._fingerprint import captured_tensors, inspect_modifier
@@ -43,7 +42,7 @@ from ._flex import run_flex
 from ._kinds import flex_kind
 from ._torch_private import _with_dynamic_sizes, _without_duck_sizing
 
-__all__ = ["Pages", "kv_block", "paged_attention"]
+__all__ = ["Pages", "kv_block", "paged_attention", "reads_in_place"]
 
 # The smallest key block of the block mask for which a device reads pages in place (a key block
 # lies within one page: its size divides the page). On CUDA the tuned kernels' tiles are up to
@@ -73,6 +72,19 @@ def kv_block(page: int, q: Tensor, return_lse: bool) -> int | None:
     return block
 
 
+def reads_in_place(q: Tensor, k_cache: Tensor, v_cache: Tensor, return_lse: bool) -> bool:
+    """Whether a call of ``q (B, Hq, Nq, D)`` reads paged caches ``(num_pages, page, Hkv, D)`` in
+    place (else its caller gathers the pages): pages whose size the device's key block divides
+    (:func:`kv_block`), caches of q's dtype whose pages lie end to end in memory, no gradients (see
+    the module docstring)."""
+    page = k_cache.shape[1]
+    if kv_block(page, q, return_lse) is None:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        return False
+    return all(c.dtype == q.dtype and c.stride(0) == page * c.stride(1) for c in (k_cache, v_cache))
+
+
 @dataclass(frozen=True)
 class Pages:
     """Where each sequence's keys are (see the module docstring): ``table (S, L)`` integer,
@@ -85,6 +97,12 @@ class Pages:
     valid: Tensor
     flat: bool = False
     row: Callable | None = None
+
+    @classmethod
+    def of(cls, table: Tensor, page: int, lengths: Tensor, *, flat: bool = False, row: Callable | None = None) -> Pages:
+        """The pages of ``table`` holding each sequence's ``lengths`` keys (the entries read)."""
+        valid = torch.arange(table.shape[1], device=table.device) * page < lengths[:, None]
+        return cls(table, page, valid, flat, row)
 
     @property
     def keys(self) -> int:
@@ -135,26 +153,24 @@ def _physical_mods(pages: Pages, inv: Tensor, mask_mod, score_mod):
     return paged_mask, paged_score
 
 
-def physical_blocks(table: Tensor, valid: Tensor, page: int, kvb: int, num_blocks, *,
-                    flags: tuple[Tensor, Tensor] | None = None, lists: tuple[Tensor, ...] | None = None,
+def physical_blocks(table: Tensor, valid: Tensor, page: int, kvb: int, num_blocks, flags: tuple[Tensor, Tensor], *,
                     full_blocks: bool = True) -> tuple[Tensor | None, ...]:
     """FlexAttention's eight block-mask tensors over the physical key blocks (``num_blocks`` of the
-    pool) from the logical block mask of a call whose batch element ``b`` reads the pages
-    ``table[b]`` (``valid[b]`` of them; :meth:`Pages.per_batch`), given as its ``flags`` (some
-    allowed, all allowed; ``(B|1, H|1, R, C)``) or as its eight ``lists``: the logical key blocks of
-    each query block mapped through the table to physical block flags, merged (a page shared by
-    sequences in one query block is one physical block, visited once; partial for one and full for
-    another: partial), and listed, the query-block lists of each physical block with them. Without
-    ``full_blocks`` every visited block is partial (its mask evaluated) and the four tensors of full
-    blocks are None: FlexAttention's decoding kernel, given full blocks, splits the work over the
-    length of the whole key tensor (the pool) rather than over the blocks a query visits (torch
-    2.13's flex_decode template), which would leave all but the first of its splits without work.
-    (Traceable with symbolic sizes: the compiled builder, :class:`_PagedBuilder`.)"""
+    pool) from the ``flags`` (some allowed, all allowed; ``(B|1, H|1, R, C)``) of the logical block
+    mask of a call whose batch element ``b`` reads the pages ``table[b]`` (``valid[b]`` of them;
+    :meth:`Pages.per_batch`): the flags mapped through the table to the physical blocks, merged (a
+    page shared by sequences in one query block is one physical block, visited once; partial for
+    one and full for another: partial), and listed. Without ``full_blocks`` every visited block is
+    partial (its mask evaluated) and the four tensors of full blocks are None: FlexAttention's
+    decoding kernel, given full blocks, splits the work over the length of the whole key tensor
+    (the pool) rather than over the blocks a query visits (torch 2.13's flex_decode template),
+    which would leave all but the first of its splits without work. (Traceable with symbolic
+    sizes: the compiled builder, :class:`_PagedBuilder`.)"""
+    some, every = flags
     table = table.long()
     B, L = table.shape
     per_page = page // kvb
-    ref = flags[0] if flags is not None else lists[1]
-    Hm, R, C = ref.shape[1], ref.shape[2], ref.shape[3]  # C: logical key blocks (lists: padded to two)
+    Hm, R, C = some.shape[1], some.shape[2], some.shape[3]
     c = torch.arange(C, device=table.device)
     lp = (c // per_page).clamp(max=L - 1)
     # Physical blocks, at least two as in flexflash's block masks (_block_mask_tensors): the lists
@@ -166,22 +182,14 @@ def physical_blocks(table: Tensor, valid: Tensor, page: int, kvb: int, num_block
     phys = torch.where(used, table[:, lp] * per_page + c % per_page, width)
     phys = torch.where((phys >= 0) & (phys < num_blocks), phys, width)
     shape = (B, Hm, R, C)
+    cols = phys[:, None, None, :].expand(shape)
 
-    def scattered(cols: Tensor, on: Tensor) -> Tensor:  # (B, Hm, R, width): any set flag of a column
+    def scattered(on: Tensor) -> Tensor:  # (B, Hm, R, width): any set flag of a column
         dense = torch.zeros(B, Hm, R, width + 1, dtype=torch.int32, device=table.device)
         return dense.scatter_add_(3, cols, on.expand(shape).to(torch.int32))[..., :width] > 0
 
-    if flags is not None:
-        some, every = flags
-        cols = phys[:, None, None, :].expand(shape)
-        partial, full = scattered(cols, some & ~every), scattered(cols, every)
-    else:
-        def listed(num: Tensor, idx: Tensor) -> Tensor:
-            cols = torch.gather(phys[:, None, None, :].expand(shape), 3, idx.expand(shape).long())
-            return scattered(cols, c < num.expand(B, Hm, R)[..., None])
-
-        partial, full = listed(*lists[:2]), listed(*lists[2:4])
-    full = full & ~partial
+    partial = scattered(some & ~every)
+    full = scattered(every) & ~partial
     padded = R >= 2 if isinstance(R, int) else True  # (symbolic: the compiled builder's flags, at least two rows)
     if not full_blocks:
         kv_num, kv_idx, _, _, q_num, q_idx, _, _ = _block_mask_tensors(partial | full, torch.zeros_like(full), padded)
@@ -210,7 +218,7 @@ def _build_paged_blocks(q, pool, table, valid, mask_mod, static: _PagedStatic):
     keys = table.shape[1] * static.page
     fn = compose_mask(static.structure, None, None, mask_mod)
     flags = _fused_flags(fn, B, H, rows, keys, static.block, q.device)
-    return physical_blocks(table, valid, static.page, static.kvb, pool.shape[2] // static.kvb, flags=flags,
+    return physical_blocks(table, valid, static.page, static.kvb, pool.shape[2] // static.kvb, flags,
                            full_blocks=static.full_blocks)
 
 
@@ -254,18 +262,21 @@ def _paged_builder(static: _PagedStatic, mask_fp) -> _PagedBuilder:
 COMPILED_BUILDS_ON = {"cuda"}
 
 
-def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Pages, *, mask_mod, score_mod, scale,
-                    return_lse: bool) -> tuple[Tensor, Tensor | None]:
-    """Attention of ``q (B, Hq, Nq, D)`` to keys and values read in place from ``k_pool``/``v_pool``
-    ``(1, Hkv, num_pages * page, D)`` at the pages of ``pages``; ``mask_mod`` (or None) and
-    ``score_mod`` over logical key indices (``kv_idx < pages.keys``). No gradients (see the module
-    docstring). Returns ``(out, lse or None)``."""
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *, mask_mod, score_mod, scale,
+                    return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of ``q (B, Hq, Nq, D)`` to keys and values read in place from the paged caches
+    ``k_cache``/``v_cache`` ``(num_pages, page, Hkv, D)`` at the pages of ``pages`` (a call
+    :func:`reads_in_place` accepts); ``mask_mod`` (or None) and ``score_mod`` over logical key
+    indices (``kv_idx < pages.keys``). Returns as :func:`flexflash.attention`: ``out``, or
+    ``(out, lse)`` with ``return_lse``."""
     kvb = kv_block(pages.page, q, return_lse)
     if kvb is None:
         raise ValueError(f"page: {pages.page} tokens a page are not read in place on {q.device.type} "
-                         f"({q.dtype}); expected a check with kv_block first")
-    B, Hq, Nq = q.shape[:3]
-    num_pages, keys, page = k_pool.shape[2] // pages.page, pages.keys, pages.page
+                         f"({q.dtype}); expected a call reads_in_place accepts")
+    # the pool of pages as a key/value batch of one: (1, Hkv, num_pages * page, D) views
+    k_pool, v_pool = (c.flatten(0, 1).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
+    B, Hq = q.shape[:2]
+    num_pages, keys, page = k_cache.shape[0], pages.keys, pages.page
     valid = pages.per_batch()[1]
 
     def logical_mask(b, h, q_idx, kv_idx):  # keys of valid entries alone (never another sequence's pages)
@@ -279,35 +290,27 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, pages: Pages, *, 
                            scale=scale, dropout_p=0.0, block_size=(_MAX_KV_BLOCK, kvb), kernel_options=None,
                            return_lse=return_lse, backend="flex")
     q, k_pool, v_pool = (t.detach() for t in (q, k_pool, v_pool))
-    logical_info = inspect_modifier(logical_mask)
 
     def blocks(st, q_rows: Tensor):
-        rows, num_blocks = q_rows.shape[2], num_pages * page // kvb
+        rows, st = q_rows.shape[2], replace(st, has_score_mod=False)
         # Calls of fewer queries than a query block (decoding) run FlexAttention's decoding kernel
         # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
-        few = rows < p.block[0]
+        full_blocks = rows >= p.block[0]
+        table = pages.per_batch()[0]
         if q.device.type in COMPILED_BUILDS_ON and not torch.compiler.is_compiling():
-            builder = _paged_builder(_PagedStatic(replace(st, has_score_mod=False), p.block, page, kvb, not few),
-                                     logical_info.fp)
+            builder = _paged_builder(_PagedStatic(st, p.block, page, kvb, full_blocks), inspect_modifier(logical_mask).fp)
             builder.builds += 1
             if builder.builds >= _COMPILED_BUILDS_FROM:
-                return builder(q_rows, k_pool, pages.per_batch()[0], valid, logical_mask)  # valid: the mask's
-        if few or torch.compiler.is_compiling():
-            # The flags of the logical mask, evaluated over the queries (its tensors are new at
-            # every decoding step: nothing to cache), mapped to the pool's blocks and listed once.
-            fn = compose_mask(replace(st, has_score_mod=False), None, None, logical_mask)
-            return physical_blocks(*pages.per_batch(), page, kvb, num_blocks, full_blocks=not few,
-                                   flags=_mask_flags(fn, B, Hq, rows, keys, p.block, q.device))
-        # Longer calls: flexflash's block mask of the logical keys, cached, and on CUDA from its
-        # second build compiled (the builder reads the key length from a stand-in of its shape).
-        k_logical = q_rows.new_zeros(()).expand(1, 1, keys, 1)
-        return physical_blocks(*pages.per_batch(), page, kvb, num_blocks, lists=_block_tensors(
-            st, keys - Nq, None, logical_mask, logical_info, B, Hq, rows, keys, p.block, q.device, q=q_rows,
-            k=k_logical))
+                return builder(q_rows, k_pool, table, valid, logical_mask)  # valid: the mask's own
+        # The flags of the logical mask, evaluated in query chunks (its tensors are new at every
+        # decoding step: nothing to cache), mapped to the pool's blocks and listed once.
+        flags = _mask_flags(compose_mask(st, None, None, logical_mask), B, Hq, rows, keys, p.block, q.device)
+        return physical_blocks(table, valid, page, kvb, num_pages * page // kvb, flags, full_blocks=full_blocks)
 
     kind = flex_kind(q, k_pool, v_pool, causal=False, mask=None, bias=None, mask_mod=paged_mask,
                      score_mod=paged_score, infos=infos, scale=p.scale, block=p.block, kernel_options=None,
                      return_lse=return_lse, dropout=False)
-    return run_flex(q, k_pool, v_pool, causal=False, mask=None, bias=None, mask_mod=paged_mask, score_mod=paged_score,
-                    scale=p.scale, block=p.block, kernel_options=None, return_lse=return_lse, mask_info=infos[0],
-                    score_info=infos[1], kind=kind, blocks=blocks)
+    out, lse = run_flex(q, k_pool, v_pool, causal=False, mask=None, bias=None, mask_mod=paged_mask,
+                        score_mod=paged_score, scale=p.scale, block=p.block, kernel_options=None, return_lse=return_lse,
+                        mask_info=infos[0], score_info=infos[1], kind=kind, blocks=blocks)
+    return (out, lse) if return_lse else out

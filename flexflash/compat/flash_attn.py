@@ -33,13 +33,11 @@ caches too.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
 from .._compose import tile_grids
-from .._paged import Pages, kv_block, paged_attention
+from .._paged import Pages, paged_attention, reads_in_place
 from ..functional import attention
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
@@ -112,30 +110,29 @@ def _bhsd(t: Tensor, name: str, rank: int = 4) -> Tensor:
 
 
 def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, lse, diag=None,
-         extra=None, as_tensor=False, slope_row=None):
+         extra=None, as_tensor=False, slope_row=None, pages: Pages | None = None):
     """flexflash.attention on ``(B, H, N, D)`` views, with flash-attn's masks and modifiers;
     ``as_tensor``: the mask function evaluated once over the call's index grids, passed as a
-    ``(B, 1, Nq, Nk)`` mask tensor (see ``_TENSOR_MASK_ROWS``)."""
+    ``(B, 1, Nq, Nk)`` mask tensor (see ``_TENSOR_MASK_ROWS``); ``pages``: ``k``, ``v`` are paged
+    caches ``(num_blocks, page_block_size, nheads_k, headdim)`` read in place at these pages
+    (:func:`flexflash._paged.paged_attention`)."""
     B, H, Nq = q.shape[:3]
     if diag is None:
         offset = k.shape[2] - Nq
 
         def diag(b, q_idx):
             return q_idx + offset
-    mask_mod, score_mod = _mods(diag, window_size, causal, softcap, alibi_slopes, B, H, extra, slope_row)
+    left, right = _window(window_size)
+    mask_mod = _mask_mod(diag, left, right, causal, extra)
+    score_mod = _score_mod(diag, softcap, alibi_slopes, H, B, slope_row)
+    if pages is not None:
+        return paged_attention(q, k, v, pages, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
+                               return_lse=lse)
     mask = None
     if as_tensor and mask_mod is not None:
         mask, mask_mod = mask_mod(*tile_grids(B, 1, 0, Nq, 0, k.shape[2], q.device)), None
     return attention(q, k, v, mask=mask, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
                      dropout_p=dropout_p, return_lse=lse)
-
-
-def _mods(diag, window_size, causal: bool, softcap, alibi_slopes, batch: int, nheads: int, extra=None,
-          slope_row=None):
-    """The mask and score functions of a call (see :func:`_mask_mod` and :func:`_score_mod`)."""
-    left, right = _window(window_size)
-    return (_mask_mod(diag, left, right, causal, extra),
-            _score_mod(diag, softcap, alibi_slopes, nheads, batch, slope_row))
 
 
 # Up to this many new query tokens per sequence (a decoding step, a few speculative tokens), and
@@ -250,15 +247,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k: expected the same number of sequences, got "
                          f"{nseq} and {cu_k.numel() - 1}")
-    pages = None
-    if block_table is not None:
-        s = torch.arange(nseq, device=q.device)
-        page = k.shape[1]
-        valid = torch.arange(block_table.shape[1], device=q.device) * page < (cu_k[s + 1] - cu_k[s])[:, None]
-        pages = None if dropout_p else _in_place_pages(qt, k, v, block_table, valid, return_attn_probs, flat=True)
-        if pages is None:
-            k, v = (_sequences(c, None, block_table).flatten(0, 1) for c in (k, v))
-            kt, vt = _bhsd(k, "k", 3), _bhsd(v, "v", 3)
+    in_place = block_table is not None and not dropout_p and reads_in_place(qt, k, v, return_attn_probs)
+    if in_place:
+        kt, vt = k, v  # the paged caches themselves (flexflash._paged)
+    elif block_table is not None:
+        kt, vt = (_bhsd(_sequences(c, None, block_table).flatten(0, 1), name, 3) for c, name in ((k, "k"), (v, "v")))
     device = q.device
     tq, tk = torch.arange(q.shape[0], device=device), torch.arange(nk, device=device)
     # The sequence of each token: the last offset at or before it (a token past the last sequence:
@@ -294,18 +287,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"alibi_slopes: expected shape ({q.shape[1]},) or ({nseq}, {q.shape[1]}), got "
                              f"{tuple(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes[d]  # (total_q, nheads)
-    slope_row = None if alibi_slopes is None or alibi_slopes.dim() == 1 else (lambda b, q_idx: q_idx)
-    if pages is not None:  # read in place from the pages (flexflash._paged)
-        mask_mod, score_mod = _mods(diag, window_size, causal, softcap, alibi_slopes, 1, q.shape[1],
-                                    extra=same_sequence, slope_row=slope_row)
-        pool_k, pool_v = (c.flatten(0, 1).transpose(0, 1).unsqueeze(0) for c in (k, v))
-        pages = replace(pages, row=lambda b, q_idx: d[q_idx])
-        out, lse = paged_attention(qt, pool_k, pool_v, pages, mask_mod=mask_mod, score_mod=score_mod,
-                                   scale=softmax_scale, return_lse=return_attn_probs)
-        return _finish((out, lse) if return_attn_probs else out, return_attn_probs, _unpack, packed=True)
+    pages = None
+    if in_place:  # each query reads its own sequence's pages
+        s = torch.arange(nseq, device=device)
+        pages = Pages.of(block_table, k.shape[1], cu_k[s + 1] - cu_k[s], flat=True, row=lambda b, q_idx: d[q_idx])
     result = _run(qt, kt, vt, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, lse=return_attn_probs, diag=diag, extra=same_sequence,
-                  slope_row=slope_row)
+                  slope_row=None if alibi_slopes is None or alibi_slopes.dim() == 1 else (lambda b, q_idx: q_idx),
+                  pages=pages)
     return _finish(result, return_attn_probs, _unpack, packed=True)
 
 
@@ -379,12 +368,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _append(v_cache, v, lengths, cache_batch_idx, block_table, "v")
         lengths = lengths + k.shape[1]
     total = lengths
-    qt = _bhsd(q, "q")
-    pages = None
-    if block_table is not None or cache_batch_idx is not None:  # (each row of a plain cache is a view already)
-        table = block_table if block_table is not None else cache_batch_idx[:, None]
-        valid = torch.arange(table.shape[1], device=q.device) * k_cache.shape[1] < total[:, None]
-        pages = _in_place_pages(qt, k_cache, v_cache, table, valid, return_softmax_lse)
 
     def diag(b, q_idx):
         return q_idx + total[b] - Sq
@@ -396,35 +379,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def filled(b, h, q_idx, kv_idx):
             return (kv_idx < total[b]) & (kv_idx >= start[b])
 
-    if pages is not None:  # read in place from the cache (flexflash._paged)
-        mask_mod, score_mod = _mods(diag, window_size, causal, softcap, alibi_slopes, B, q.shape[2], extra=filled)
-        pool_k, pool_v = (c.flatten(0, 1).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
-        out, lse = paged_attention(qt, pool_k, pool_v, pages, mask_mod=mask_mod, score_mod=score_mod,
-                                   scale=softmax_scale, return_lse=return_softmax_lse)
-        return _finish((out, lse) if return_softmax_lse else out, return_softmax_lse, _batched, probs=False)
-    keys, values = (_sequences(c, cache_batch_idx, block_table) for c in (k_cache, v_cache))
-    small = _mask_as_tensor(q, B, Sq, keys.shape[1])
-    result = _run(qt, keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0, softmax_scale=softmax_scale,
-                  causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                  lse=return_softmax_lse, diag=diag, extra=filled, as_tensor=small)
+    qt, pages = _bhsd(q, "q"), None
+    # (each sequence's row of a plain cache is a view already; a row of cache_batch_idx is one page)
+    table = block_table if block_table is not None else None if cache_batch_idx is None else cache_batch_idx[:, None]
+    if table is not None and reads_in_place(qt, k_cache, v_cache, return_softmax_lse):
+        keys, values, pages = k_cache, v_cache, Pages.of(table, k_cache.shape[1], total)
+    else:
+        keys, values = (_sequences(c, cache_batch_idx, block_table).transpose(1, 2) for c in (k_cache, v_cache))
+    result = _run(qt, keys, values, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                  softcap=softcap, alibi_slopes=alibi_slopes, lse=return_softmax_lse, diag=diag, extra=filled,
+                  as_tensor=pages is None and _mask_as_tensor(q, B, Sq, keys.shape[2]), pages=pages)
     return _finish(result, return_softmax_lse, _batched, probs=False)
-
-
-def _in_place_pages(q: Tensor, k_cache: Tensor, v_cache: Tensor, table: Tensor, valid: Tensor, return_lse: bool,
-                    flat: bool = False) -> Pages | None:
-    """The pages of ``table`` (its ``valid`` entries) that a call reads its keys from in place, or
-    None where it reads a gathered copy of them. In place: pages (a cache row of
-    ``cache_batch_idx`` is one page) whose size is a multiple of the key block the device reads in
-    place (``flexflash._paged.kv_block``: 128 tokens on CUDA; not on CPU, where the copy and SDPA's
-    CPU kernel need no compilation), caches of q's dtype whose pages lie end to end in memory, and
-    no gradients (FlexAttention reads the pool as a batch of one, forward only here)."""
-    page = k_cache.shape[1]
-    if kv_block(page, q, return_lse) is None or torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        return None
-    for c in (k_cache, v_cache):
-        if c.dtype != q.dtype or c.stride(0) != page * c.stride(1):
-            return None
-    return Pages(table, page, valid, flat=flat)
 
 
 def _cache_lengths(cache_seqlens, batch: int, device, name: str = "cache_seqlens") -> Tensor:
