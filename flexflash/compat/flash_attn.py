@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .._compose import tile_grids
 from .._paged import Pages, paged_attention, reads_in_place
+from ._kv_cache import append, cache_lengths, check_cache, positions, rotate, sequences
 from ..functional import attention
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
@@ -241,7 +242,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         nk = k.shape[0]
     else:  # each sequence's pages laid end to end: (nseq * capacity, heads, dim)
         for c, name in ((k, "k"), (v, "v")):
-            _check_cache(c, None, block_table, nseq, name)
+            check_cache(c, None, block_table, nseq, name)
         nk = nseq * block_table.shape[1] * k.shape[1]
     cu_k = _cu(cu_seqlens_k, "cu_seqlens_k", nk)
     if cu_k.numel() != cu_q.numel():
@@ -251,7 +252,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if in_place:
         kt, vt = k, v  # the paged caches themselves (flexflash._paged)
     elif block_table is not None:
-        kt, vt = (_bhsd(_sequences(c, None, block_table).flatten(0, 1), name, 3) for c, name in ((k, "k"), (v, "v")))
+        kt, vt = (_bhsd(sequences(c, None, block_table).flatten(0, 1), name, 3) for c, name in ((k, "k"), (v, "v")))
     device = q.device
     tq, tk = torch.arange(q.shape[0], device=device), torch.arange(nk, device=device)
     # The sequence of each token: the last offset at or before it (a token past the last sequence:
@@ -346,8 +347,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"{name}: expected (batch, seqlen_new, nheads_k, headdim), got "
                              f"{tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__}")
     B, Sq = _bhsd(q, "q").shape[0], q.shape[1]
-    lengths = _cache_lengths(cache_seqlens, B, q.device)
-    start = None if cache_leftpad is None else _cache_lengths(cache_leftpad, B, q.device, "cache_leftpad")
+    lengths = cache_lengths(cache_seqlens, B, q.device)
+    start = None if cache_leftpad is None else cache_lengths(cache_leftpad, B, q.device, "cache_leftpad")
     if block_table is not None and cache_batch_idx is not None:
         raise ValueError("cache_batch_idx and block_table: expected at most one (a paged cache is indexed by "
                          "block_table)")
@@ -358,14 +359,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("rotary_cos and rotary_sin: rotary embeddings apply to new keys; expected k and v too")
         local = tuple(_window(window_size)) != (-1, -1)
         # q at the positions of the new tokens if causal or local, else all at the first one (flash-attn's rule)
-        q = _rotate(q, rotary_cos, rotary_sin, _positions(lengths, Sq) if causal or local else
+        q = rotate(q, rotary_cos, rotary_sin, positions(lengths, Sq) if causal or local else
                     lengths[:, None].expand(B, Sq), rotary_interleaved)
-        k = _rotate(k, rotary_cos, rotary_sin, _positions(lengths, k.shape[1]), rotary_interleaved)
+        k = rotate(k, rotary_cos, rotary_sin, positions(lengths, k.shape[1]), rotary_interleaved)
     for c, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
-        _check_cache(c, cache_batch_idx, block_table, B, name)
+        check_cache(c, cache_batch_idx, block_table, B, name)
     if k is not None:
-        _append(k_cache, k, lengths, cache_batch_idx, block_table, "k")
-        _append(v_cache, v, lengths, cache_batch_idx, block_table, "v")
+        append(k_cache, k, lengths, cache_batch_idx, block_table, "k")
+        append(v_cache, v, lengths, cache_batch_idx, block_table, "v")
         lengths = lengths + k.shape[1]
     total = lengths
 
@@ -385,97 +386,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if table is not None and reads_in_place(qt, k_cache, v_cache, return_softmax_lse):
         keys, values, pages = k_cache, v_cache, Pages.of(table, k_cache.shape[1], total)
     else:
-        keys, values = (_sequences(c, cache_batch_idx, block_table).transpose(1, 2) for c in (k_cache, v_cache))
+        keys, values = (sequences(c, cache_batch_idx, block_table).transpose(1, 2) for c in (k_cache, v_cache))
     result = _run(qt, keys, values, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, lse=return_softmax_lse, diag=diag, extra=filled,
                   as_tensor=pages is None and _mask_as_tensor(q, B, Sq, keys.shape[2]), pages=pages)
     return _finish(result, return_softmax_lse, _batched, probs=False)
-
-
-def _cache_lengths(cache_seqlens, batch: int, device, name: str = "cache_seqlens") -> Tensor:
-    if cache_seqlens is None:
-        raise ValueError(f"{name}: expected an int or a (batch,) integer tensor (the filled part of each "
-                         "sequence's cache), got None")
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        return torch.full((batch,), cache_seqlens, dtype=torch.int64, device=device)
-    if (not isinstance(cache_seqlens, Tensor) or cache_seqlens.shape != (batch,) or cache_seqlens.is_floating_point()
-            or cache_seqlens.dtype == torch.bool):
-        raise ValueError(f"{name}: expected an int or a ({batch},) integer tensor, got "
-                         f"{tuple(cache_seqlens.shape) if isinstance(cache_seqlens, Tensor) else cache_seqlens!r}")
-    return cache_seqlens.to(device=device, dtype=torch.int64)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
-    """Rotary embedding of ``x (batch, seqlen, heads, headdim)`` at ``positions (batch, seqlen)``:
-    its first ``rotary_dim = 2 * cos.shape[1]`` dims turn by the angles of ``cos``/``sin``
-    ``(seqlen_ro, rotary_dim / 2)``, in pairs ``(0, 1), (2, 3), ...`` (``interleaved``, GPT-J) or
-    ``(i, i + rotary_dim / 2)`` (GPT-NeoX); computed in float32, returned in ``x``'s dtype."""
-    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
-        if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != cos.shape or 2 * t.shape[1] > x.shape[-1]:
-            raise ValueError(f"{name}: expected (seqlen_ro, rotary_dim / 2) with rotary_dim <= headdim "
-                             f"{x.shape[-1]}, the same for rotary_cos and rotary_sin, got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= cos.shape[0]:
-        raise ValueError(f"rotary_cos: {cos.shape[0]} positions, expected at least {int(positions.max()) + 1} "
-                         "(cache_seqlens plus the new tokens)")
-    half = cos.shape[1]
-    c = cos[positions][:, :, None].float()  # (batch, seqlen, 1, rotary_dim / 2)
-    s = sin[positions][:, :, None].float()
-    rot = x[..., :2 * half].float()
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rot = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot[..., :half], rot[..., half:]
-        rot = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
-    return torch.cat([rot.to(x.dtype), x[..., 2 * half:]], dim=-1)
-
-
-def _positions(lengths: Tensor, n: int) -> Tensor:
-    """(batch, n): the cache positions of ``n`` new tokens per sequence."""
-    return lengths[:, None] + torch.arange(n, device=lengths.device)
-
-
-def _append(cache: Tensor, new: Tensor, lengths: Tensor, batch_idx, block_table, name: str) -> None:
-    """Writes ``new (batch, n, heads, dim)`` into ``cache`` in place after each sequence's filled part."""
-    pos = _positions(lengths, new.shape[1])
-    capacity = cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    if not torch.compiler.is_compiling() and new.shape[1] and int(pos.max()) >= capacity:
-        raise ValueError(f"cache_seqlens: {name} of {new.shape[1]} new tokens after cache_seqlens="
-                         f"{lengths.tolist()} overflows the cache of {capacity} tokens per sequence")
-    if block_table is not None:
-        page = cache.shape[1]
-        blocks = torch.gather(block_table.long(), 1, pos // page)
-        cache[blocks, pos % page] = new.to(cache.dtype)
-        return
-    rows = (torch.arange(new.shape[0], device=new.device) if batch_idx is None else batch_idx.long())[:, None]
-    cache[rows, pos] = new.to(cache.dtype)
-
-
-def _check_cache(cache, batch_idx, block_table, batch: int, name: str) -> None:
-    if not isinstance(cache, Tensor) or cache.dim() != 4:
-        raise ValueError(f"{name}: expected (batch_cache, seqlen_cache, nheads_k, headdim) or paged (num_blocks, "
-                         f"page_block_size, nheads_k, headdim), got "
-                         f"{tuple(cache.shape) if isinstance(cache, Tensor) else type(cache).__name__}")
-    if block_table is not None:
-        if not isinstance(block_table, Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch \
-                or block_table.is_floating_point():
-            raise ValueError(f"block_table: expected a ({batch}, max_blocks) integer tensor, got "
-                             f"{tuple(block_table.shape) if isinstance(block_table, Tensor) else block_table!r}")
-    elif batch_idx is not None:
-        if not isinstance(batch_idx, Tensor) or batch_idx.shape != (batch,) or batch_idx.is_floating_point():
-            raise ValueError(f"cache_batch_idx: expected a ({batch},) integer tensor, got "
-                             f"{tuple(batch_idx.shape) if isinstance(batch_idx, Tensor) else batch_idx!r}")
-    elif cache.shape[0] != batch:
-        raise ValueError(f"{name}: expected batch {batch} (or cache_batch_idx), got {tuple(cache.shape)}")
-
-
-def _sequences(cache: Tensor, batch_idx, block_table) -> Tensor:
-    """Each sequence's keys or values, ``(batch, seqlen_cache, heads, dim)`` (a checked cache): the
-    cache itself, a copy of its rows ``batch_idx``, or a copy of the pages of ``block_table`` laid
-    end to end."""
-    if block_table is not None:
-        return cache[block_table.long()].flatten(1, 2)
-    if batch_idx is not None:
-        return cache[batch_idx.long()]
-    return cache
