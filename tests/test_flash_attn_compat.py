@@ -550,6 +550,35 @@ def test_compiled_paged_block_builder_equals_the_eager_build(pages_in_place_on_c
     assert sorted((b.static.full_blocks, b.compiles) for b in builders) == [(False, 1), (True, 1)]
 
 
+def test_varlen_reading_pages_in_place_compiles_once_under_the_callers_torch_compile(pages_in_place_on_cpu):
+    """Packed batches of new lengths (a shared prefix page) read in place inside the caller's
+    ``torch.compile(fullgraph=True)`` (aot_eager, as the decoding test above): the second batch's
+    new lengths make them symbolic, and no batch after compiles again; each equals the eager call."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
+    gen = torch.Generator().manual_seed(19)
+    H, Hk, D, page = 4, 2, 16, 8
+    k_cache, v_cache = torch.randn(18, page, Hk, D, generator=gen), torch.randn(18, page, Hk, D, generator=gen)
+    table = torch.randperm(18, generator=gen)[:16].view(4, 4).to(torch.int32)
+    table[1, 0] = table[0, 0]
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(q, cu_q, cu_k):
+        return flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 32, 32, block_table=table, causal=True)
+
+    graphs = []
+    for lq, lk in (([3, 9, 0, 5], [10, 20, 7, 16]), ([4, 2, 1, 6], [11, 12, 9, 30]), ([7, 1, 2, 2], [8, 32, 2, 5]),
+                   ([1, 1, 1, 1], [3, 5, 7, 9])):
+        q = torch.randn(sum(lq), H, D, generator=gen)
+        with torch.no_grad():
+            out = step(q, _cu(lq), _cu(lk))
+            want = flash_attn_varlen_func(q, k_cache, v_cache, _cu(lq), _cu(lk), 32, 32, block_table=table, causal=True)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)  # float32 both: summation order only
+        graphs.append(counter.frame_count)
+    assert graphs == [1, 2, 2, 2], graphs
+    assert len(pages_in_place_on_cpu) == 4  # the eager calls
+
+
 def test_pages_are_gathered_where_they_cannot_be_read_in_place(pages_in_place_on_cpu):
     """Gradients, float64, the log-sum-exp on CPU (FlexAttention's CPU kernel returns none), pages
     of a size the key blocks do not divide and pages that do not lie end to end in memory take a
@@ -801,6 +830,7 @@ def test_pages_read_in_place_on_gpu(dtype, monkeypatch):
     real = flash_attn_module.paged_attention
     monkeypatch.setattr(flash_attn_module, "paged_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     gen = torch.Generator().manual_seed(16)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # against float64: float32, or bf16 inputs and output
     page, pool, H, Hk, D = 256, 12, 8, 2, 64
     k_cache, v_cache = (torch.randn(pool, page, Hk, D, generator=gen).to("cuda", dtype) for _ in range(2))
     table = torch.randperm(pool, generator=gen)[:9].view(3, 3).to(torch.int32)
@@ -816,7 +846,6 @@ def test_pages_read_in_place_on_gpu(dtype, monkeypatch):
         rows = slice(int(leftpad[b]), int(lengths[b]))
         want = attention_ref(q[b:b + 1].cpu().double(), keys[b:b + 1, rows], values[b:b + 1, rows], causal=True,
                              alibi_slopes=slopes.double())[0]
-        tol = 1e-4 if dtype == torch.float32 else 2e-2  # against float64: float32, or bf16 inputs and output
         torch.testing.assert_close(out[b:b + 1].cpu().double(), want, rtol=tol, atol=tol)
     # packed sequences: the first two share their first page; 0 queries for the third
     vt = table.clone()
@@ -831,7 +860,6 @@ def test_pages_read_in_place_on_gpu(dtype, monkeypatch):
         keys, values = (c.cpu()[vt[i].long()].flatten(0, 1)[None, :lk[i]].double() for c in (k_cache, v_cache))
         rows = slice(cu_q[i], cu_q[i + 1])
         want = attention_ref(qv[None, rows].cpu().double(), keys, values, causal=True)[0][0]
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out[rows].cpu().double(), want, rtol=tol, atol=tol)
     assert len(calls) == 2
 
