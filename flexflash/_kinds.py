@@ -42,6 +42,23 @@ _FIRST_SHAPES: dict[Any, tuple] = {}
 _STATIC_DECODING_BATCH = True
 
 
+def decoding_kernel(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
+    """Whether a CUDA call can run FlexAttention's decoding kernel, given a static batch (see
+    _STATIC_DECODING_BATCH): fewer queries than a query block, query heads a power-of-two multiple
+    G of the key/value heads, and the kernel's row tile (the queries of G grouped heads, rounded up
+    to a power of two, at least 16) dividing the query block. Where the tile does not divide it
+    the lowering finds no kernel configuration at all (torch 2.11-2.13: 97 queries with G = 2 make
+    a 256-row tile over 128-row blocks, "NoValidChoicesError"), so such calls keep the main kernel.
+    Nor past 65,535 batches of key/value heads: the decoding kernel's grid has one program per
+    batch and key/value head in its second dimension, which CUDA bounds there."""
+    B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
+    if q.device.type != "cuda" or not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535:
+        return False
+    groups = Hq // Hkv
+    rows = max(16, 1 << (Nq * groups - 1).bit_length())
+    return groups & (groups - 1) == 0 and block[0] % rows == 0
+
+
 def _signature(tensors) -> tuple:
     """The shapes, strides and storage offsets of a call's tensors: a kernel compiled with static
     shapes is used for these alone (views at other offsets, such as query chunks, take the
@@ -117,7 +134,7 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     # Under max-autotune the autotuner chooses the tiles; inside a caller's torch.compile the
     # caller's mode applies, not flexflash's.
     tiles = _MODE[0] == "default" or torch.compiler.is_compiling()
-    if dropout and kernel_options is None and tiles:
+    if dropout and kernel_options is None and tiles and not decoding_kernel(q, k, block):
         pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)
     if (kernel_options is None and q.device.type == "cuda" and q.element_size() < 4 and any(
             t.is_floating_point() and t.element_size() > q.element_size()
@@ -136,7 +153,8 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
         if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, D, v.shape[-1],
                                 _tuning.work(B, Hq, Nq, k.shape[-2], D)):
             return {"BACKEND": "FLASH"}, pass_options
-    if kernel_options is None and tiles and not dropout:
+    if kernel_options is None and tiles and not dropout and not decoding_kernel(q, k, block):
+        # (the tiles were measured on the main kernel; the decoding kernel sizes its own)
         kernel_options = _tuning.triton_options(q.device, q.dtype, q.shape[-1], block,
                                                 case=triton_case(st, score_mod))
     return kernel_options, pass_options

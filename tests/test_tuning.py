@@ -307,3 +307,24 @@ def test_work_counts_flops():
     assert _tuning.work(4, 16, 4096, 4096, 128) == 4.0 * 4 * 16 * 4096 * 4096 * 128 == 549755813888.0
     assert _tuning.work(1, 16, 16384, 16384, 128) == 2199023255552.0
     assert _tuning.work(2, 3, 5, 7, 11) == 9240.0
+
+
+def test_decoding_kernel_only_where_its_lowering_has_a_configuration():
+    """Calls of fewer queries than a query block take FlexAttention's decoding kernel (a static
+    batch) only where its row tile, the queries of a key/value head's grouped query heads rounded up
+    to a power of two (at least 16), divides the query block, the groups are a power of two and
+    the batch of key/value heads fits the kernel's grid; elsewhere torch 2.11-2.13 finds no
+    configuration or cannot launch it, and the main kernel runs."""
+    from flexflash._kinds import decoding_kernel
+
+    def fits(B, Hq, Hkv, Nq, block=(128, 128), device="cuda"):
+        q = types.SimpleNamespace(shape=(B, Hq, Nq, 64), device=torch.device(device))
+        return decoding_kernel(q, types.SimpleNamespace(shape=(B, Hkv, 4096, 64)), block)
+
+    assert fits(8, 32, 8, 1) and fits(64, 32, 8, 32) and fits(2, 4, 4, 97) and fits(2, 4, 2, 64)
+    assert not fits(8, 32, 8, 33)  # 132 rows: a 256-row tile over 128-row blocks
+    assert not fits(2, 4, 2, 97)  # 194 rows (the failure seen: NoValidChoicesError)
+    assert fits(2, 4, 2, 97, block=(256, 128))
+    assert not fits(8, 6, 2, 1)  # three grouped heads: FlexAttention keeps its main kernel
+    assert not fits(300, 256, 256, 32)  # 76,800 batches of heads: past the grid's 65,535
+    assert not fits(8, 32, 8, 128) and not fits(8, 32, 8, 0) and not fits(8, 32, 8, 1, device="cpu")
