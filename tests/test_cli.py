@@ -21,12 +21,28 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "flexflash", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_version_and_help_of_every_subcommand():
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """``flexflash ARGS`` in this process: (exit status, stdout, stderr)."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_module_runs_as_a_command():
+    """``python -m flexflash``: the version, and a bad argument's status 2 and one-line error."""
     r = _run("--version")
     assert r.returncode == 0 and __version__ in r.stdout
+    r = _run("mask", "causal", "--q-len", "0")
+    assert r.returncode == 2 and "--q-len: expected a positive integer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_of_every_subcommand(capsys):
     for sub in ([], ["check"], ["bench"], ["mask"]):
-        r = _run(*sub, "--help")
-        assert r.returncode == 0 and "usage: flexflash" in r.stdout, sub
+        code, out, _ = _main(capsys, *sub, "--help")
+        assert code == 0 and "usage: flexflash" in out, sub
 
 
 @pytest.mark.parametrize("args,message", [
@@ -40,10 +56,10 @@ def test_version_and_help_of_every_subcommand():
     ([], "flexflash: error: expected a command: one of check, bench, mask"),
     (["check", "--bogus"], "flexflash check: error: unrecognized arguments: --bogus"),
 ])
-def test_bad_arguments_give_one_line_and_status_2(args, message):
-    r = _run(*args)
-    assert r.returncode == 2
-    assert message in r.stderr and "Traceback" not in r.stderr
+def test_bad_arguments_give_one_line_and_status_2(args, message, capsys):
+    code, _, err = _main(capsys, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args,usage,message", [
