@@ -54,8 +54,10 @@ def decoding_kernel(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
     if q.device.type != "cuda" or not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535:
         return False
-    groups = Hq // Hkv
-    rows = max(16, 1 << (Nq * groups - 1).bit_length())
+    groups = int(Hq // Hkv)
+    rows = 16  # (a loop: inside a caller's torch.compile the length may be symbolic)
+    while rows < Nq * groups:
+        rows *= 2
     return groups & (groups - 1) == 0 and block[0] % rows == 0
 
 
