@@ -50,12 +50,17 @@ def decoding_kernel(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     the lowering finds no kernel configuration at all (torch 2.11-2.13: 97 queries with G = 2 make
     a 256-row tile over 128-row blocks, "NoValidChoicesError"), so such calls keep the main kernel.
     Nor past 65,535 batches of key/value heads: the decoding kernel's grid has one program per
-    batch and key/value head in its second dimension, which CUDA bounds there."""
-    B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
-    if q.device.type != "cuda" or not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535:
+    batch and key/value head in its second dimension, which CUDA bounds there (a dropout call of
+    300 x 256 heads failed on an H100 with the static batch, and passed without it).
+    False inside a caller's torch.compile: the caller's graph decides its shapes, and reading its
+    symbolic lengths here would add guards that recompile it when lengths cross the tile sizes."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
         return False
-    groups = int(Hq // Hkv)
-    rows = 16  # (a loop: inside a caller's torch.compile the length may be symbolic)
+    B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
+    if not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535:
+        return False
+    groups = Hq // Hkv
+    rows = 16
     while rows < Nq * groups:
         rows *= 2
     return groups & (groups - 1) == 0 and block[0] % rows == 0

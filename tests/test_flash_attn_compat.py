@@ -820,12 +820,19 @@ def test_varlen_and_kvcache_on_gpu():
     torch.testing.assert_close(out.cpu().double(), want, rtol=1e-4, atol=1e-4)  # float32 on the GPU against float64
 
 
+_BF16_IN_PLACE = pytest.mark.xfail(strict=True, reason=(
+    "bfloat16 caches read in place disagreed with the reference on an H100 (torch 2.11), cause not "
+    "yet found: flexflash._paged.IN_PLACE_DTYPES gathers them; this test forces in-place reading on"))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pages_read_in_place_on_gpu(dtype, monkeypatch):
+@pytest.mark.parametrize("part", ["decoding", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=_BF16_IN_PLACE)])
+def test_pages_read_in_place_on_gpu(dtype, part, monkeypatch):
     """Pages of 256 tokens (flash-attn's multiple) are read in place on CUDA: decoding with a block
-    table (grouped heads, ALiBi, left padding) and packed sequences sharing a prefix page, against
+    table (grouped heads, ALiBi, left padding), and packed sequences sharing a prefix page, against
     the reference over the gathered keys."""
+    monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cuda", (torch.float32, torch.bfloat16))
     calls = []
     real = flash_attn_module.paged_attention
     monkeypatch.setattr(flash_attn_module, "paged_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -834,34 +841,35 @@ def test_pages_read_in_place_on_gpu(dtype, monkeypatch):
     page, pool, H, Hk, D = 256, 12, 8, 2, 64
     k_cache, v_cache = (torch.randn(pool, page, Hk, D, generator=gen).to("cuda", dtype) for _ in range(2))
     table = torch.randperm(pool, generator=gen)[:9].view(3, 3).to(torch.int32)
-    lengths = torch.tensor([5, 700, 300], dtype=torch.int32)
-    leftpad = torch.tensor([0, 100, 3], dtype=torch.int32)
-    slopes = torch.rand(H, generator=gen)
-    q = torch.randn(3, 2, H, D, generator=gen).to("cuda", dtype)
-    with torch.no_grad():
-        out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.cuda(), block_table=table.cuda(),
-                                      cache_leftpad=leftpad.cuda(), causal=True, alibi_slopes=slopes.cuda())
-    keys, values = (c.cpu()[table.long()].flatten(1, 2).double() for c in (k_cache, v_cache))
-    for b in range(3):
-        rows = slice(int(leftpad[b]), int(lengths[b]))
-        want = attention_ref(q[b:b + 1].cpu().double(), keys[b:b + 1, rows], values[b:b + 1, rows], causal=True,
-                             alibi_slopes=slopes.double())[0]
-        torch.testing.assert_close(out[b:b + 1].cpu().double(), want, rtol=tol, atol=tol)
-    # packed sequences: the first two share their first page; 0 queries for the third
-    vt = table.clone()
-    vt[1, 0] = vt[0, 0]
-    lq, lk = [40, 300, 0], [256 + 9, 700, 17]
-    qv = torch.randn(sum(lq), H, D, generator=gen).to("cuda", dtype)
-    with torch.no_grad():
-        out = flash_attn_varlen_func(qv, k_cache, v_cache, _cu(lq).cuda(), _cu(lk).cuda(), max(lq), max(lk),
-                                     block_table=vt.cuda(), causal=True)
-    cu_q = _cu(lq).tolist()
-    for i in range(3):
-        keys, values = (c.cpu()[vt[i].long()].flatten(0, 1)[None, :lk[i]].double() for c in (k_cache, v_cache))
-        rows = slice(cu_q[i], cu_q[i + 1])
-        want = attention_ref(qv[None, rows].cpu().double(), keys, values, causal=True)[0][0]
-        torch.testing.assert_close(out[rows].cpu().double(), want, rtol=tol, atol=tol)
-    assert len(calls) == 2
+    if part == "decoding":
+        lengths = torch.tensor([5, 700, 300], dtype=torch.int32)
+        leftpad = torch.tensor([0, 100, 3], dtype=torch.int32)
+        slopes = torch.rand(H, generator=gen)
+        q = torch.randn(3, 2, H, D, generator=gen).to("cuda", dtype)
+        with torch.no_grad():
+            out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.cuda(), block_table=table.cuda(),
+                                          cache_leftpad=leftpad.cuda(), causal=True, alibi_slopes=slopes.cuda())
+        keys, values = (c.cpu()[table.long()].flatten(1, 2).double() for c in (k_cache, v_cache))
+        for b in range(3):
+            rows = slice(int(leftpad[b]), int(lengths[b]))
+            want = attention_ref(q[b:b + 1].cpu().double(), keys[b:b + 1, rows], values[b:b + 1, rows],
+                                 causal=True, alibi_slopes=slopes.double())[0]
+            torch.testing.assert_close(out[b:b + 1].cpu().double(), want, rtol=tol, atol=tol)
+    else:  # packed sequences: the first two share their first page; 0 queries for the third
+        vt = table.clone()
+        vt[1, 0] = vt[0, 0]
+        lq, lk = [40, 300, 0], [256 + 9, 700, 17]
+        qv = torch.randn(sum(lq), H, D, generator=gen).to("cuda", dtype)
+        with torch.no_grad():
+            out = flash_attn_varlen_func(qv, k_cache, v_cache, _cu(lq).cuda(), _cu(lk).cuda(), max(lq), max(lk),
+                                         block_table=vt.cuda(), causal=True)
+        cu_q = _cu(lq).tolist()
+        for i in range(3):
+            keys, values = (c.cpu()[vt[i].long()].flatten(0, 1)[None, :lk[i]].double() for c in (k_cache, v_cache))
+            rows = slice(cu_q[i], cu_q[i + 1])
+            want = attention_ref(qv[None, rows].cpu().double(), keys, values, causal=True)[0][0]
+            torch.testing.assert_close(out[rows].cpu().double(), want, rtol=tol, atol=tol)
+    assert len(calls) == 1
 
 
 @pytest.mark.gpu
@@ -869,7 +877,8 @@ def test_pages_read_in_place_on_gpu(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout):
     """A decoding step compiled with mode="reduce-overhead" (CUDA graphs), with the cache a buffer
-    of a module, contiguous or a pool of pages read in place: the growing lengths compile no new
+    of a module, contiguous or a pool of pages (read in place in float32; bfloat16 pages are
+    gathered, flexflash._paged.IN_PLACE_DTYPES): the growing lengths compile no new
     graph and each step equals the eager call (contiguous, eager: FlexAttention with the mask as a
     tensor; in the graph: with the mask function). Only
     the graphs compiled during the steps count: the eager calls compile flexflash's own kernels and,

@@ -24,8 +24,8 @@ return values as flash-attn 2.x, with its semantics:
 Where flexflash differs: a query that sees no key returns 0 with a log-sum-exp of ``-inf`` (flash-attn's
 kernel writes ``+inf`` there); inputs may be any floating dtype on any device flexflash runs on
 (CPU included); everything runs through :func:`flexflash.attention`, so its paths (SDPA, compiled
-FlexAttention, the CPU tiles) and caches apply, except paged caches read in place (on CUDA, pages
-of a multiple of 128 tokens, no gradients: flexflash's FlexAttention path over the pool of pages,
+FlexAttention, the CPU tiles) and caches apply, except paged caches read in place (on CUDA, float32
+pages of a multiple of 128 tokens, no gradients: flexflash's FlexAttention path over the pool of pages,
 ``flexflash._paged``; other paged calls gather the pages); ``rotary_dim`` may be any even number up to
 ``headdim`` (flash-attn's kernel needs a multiple of 16), and ``cache_leftpad`` works with paged
 caches too.
