@@ -1,0 +1,54 @@
+#!/bin/bash
+# One stage of the GPU work that the open performance issues need, sized to finish within one
+# device command (600 s); every result goes under $OUT (the JSON, logs, summaries).
+#   usage: tools/gpu_round.sh STAGE
+# stages:
+#   tests    the GPU tests that cover kernel paths (tools/run_gpu_tests.sh, 8 shards, then the
+#            128k-token test alone), logs packed into $OUT/gpu-tests.tgz
+#   decode   benchmarks/test_decode.py: eager decoding at cache 1k and 8k (batch 1, 8, 64, full and
+#            spread lengths, contiguous and paged, static and symbolic batch) and the packed
+#            variable-length training, with summaries
+#   decode2  benchmarks/test_decode.py: eager decoding at cache 32k, compiled steps at batch 8
+#   gap      tools/raw_flex_gap.py at N = 1024, D = 128 (sliding window, document, key padding),
+#            with the host-time profile
+#   d64      the masked cases at D = 64 against raw FlexAttention and SDPA cuDNN, N = 1k-16k
+set -u
+case "${1:-}" in tests|decode|decode2|gap|d64) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+nvidia-smi --query-gpu=name --format=csv,noheader
+python -c "import torch; print('torch', torch.__version__)"
+
+step() {  # name, seconds, command...: the command's output to $OUT/name.log, its tail printed
+  local name=$1 limit=$2; shift 2
+  echo "=== $name"
+  timeout -s INT -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$?"
+  tail -5 "$OUT/$name.log"
+}
+
+decode() {  # name, seconds, -k expression
+  step "$1" "$2" python -m pytest benchmarks/test_decode.py -q -p no:cacheprovider -k "$3" \
+    --benchmark-json="$OUT/$1.json"
+  [ -s "$OUT/$1.json" ] && python tools/run_benchmarks.py --summarize-decode "$OUT/$1.json"
+}
+
+case "${1:-}" in
+tests)
+  OUT=$OUT/t tools/run_gpu_tests.sh 8 360 tests/
+  (cd "$OUT" && tar czf gpu-tests.tgz t && rm -rf t) ;;
+decode)
+  decode decode-eager 330 "test_decode and eager and (1024 or 8192)"
+  decode varlen 150 "varlen" ;;
+decode2)
+  decode decode-eager-32k 250 "test_decode and eager and 32768"
+  decode decode-compiled 250 "test_decode and compiled and 8-8192" ;;
+gap)
+  step gap 500 python tools/raw_flex_gap.py --cases sliding_window,document,key_padding --n 1024 --d 128 --host 25
+  tail -120 "$OUT/gap.log" ;;
+d64)
+  for case in document sliding_window_512 key_padding; do
+    step "d64-$case" 170 python tools/run_benchmarks.py --out "$OUT/d64-$case" --dtypes bfloat16 \
+      --cases "$case" --n 1024,4096,16384 --d 64 --impls flexflash,flex-raw,sdpa-cudnn
+  done ;;
+esac
