@@ -215,24 +215,38 @@ class _MaskBuilder(_Counted):
         self._fn = torch.compile(_own_code(self.body, f"{self.prefix}_{self.label}_{next(_SERIAL)}"),
                                  backend=counting_backend, fullgraph=True, dynamic=None)
 
-    def __call__(self, q, k, offset, mask, mask_mod):
-        q, k = q.detach(), k.detach()  # only their sizes are read: no autograd wrapper
+    def __call__(self, *args):
+        """The block tensors of a call: ``args`` are the body's inputs but its constants."""
         if self._budget_spent():
             # Past the limit Dynamo would evaluate the mask eagerly over the whole (B, H, Nq, Nk)
             # grid: start a fresh cache instead (as the kernels do).
             self._fresh()
+        args = self._sizes_only(*args)
         if self.compiled:
-            return _without_duck_sizing(self._fn, q, k, offset, mask, mask_mod, self.static)
+            return _without_duck_sizing(self._fn, *args, self.static)
+        args = self._marked(*args)
+        tensors = _with_dynamic_sizes(captured_tensors(args[-1]), _without_duck_sizing, self._fn, *args, self.static)
+        self.compiled = True  # compiled with symbolic sizes: later calls need no marks
+        return tensors
+
+    @staticmethod
+    def _sizes_only(q, k, offset, mask, mask_mod):
+        """The inputs, with those whose sizes alone are read detached (no autograd wrapper)."""
+        return q.detach(), k.detach(), offset, mask, mask_mod
+
+    def _marked(self, q, k, offset, mask, mask_mod):
+        """The inputs of a first compilation, sizes marked dynamic on aliases (the marks must not
+        leak into the caller's own compilations); the mask function last (its tensors are marked
+        for the call by _with_dynamic_sizes)."""
         q, k, mask = (None if t is None else t.view(t.shape) for t in (q, k, mask))
         for t, dims in ((q, (0, 2)), (k, (0, 2))):
             for dim in dims:
                 if t.shape[dim] > 1:
                     _torch_private.maybe_mark_dynamic(t, dim)
         _mark_squeezed_dynamic(mask, self.static.structure.mask_full)
-        tensors = _with_dynamic_sizes(captured_tensors(mask_mod), _without_duck_sizing, self._fn, q, k, offset,
-                                      mask, mask_mod, self.static)
-        self.compiled = True  # compiled with symbolic sizes: later calls need no marks
-        return tensors
+        return q, k, offset, mask, mask_mod
+
+
 _BUILDERS: dict[Any, _MaskBuilder] = {}
 
 

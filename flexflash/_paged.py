@@ -37,10 +37,9 @@ from ._blockmask import (_BUILDERS, _COMPILED_BUILDS_FROM, _at_least_two, _block
                          _mask_flags, _MaskBuilder)
 from ._checks import validate
 from ._compose import Structure, compose_mask
-from ._fingerprint import captured_tensors, inspect_modifier
+from ._fingerprint import inspect_modifier
 from ._flex import run_flex
 from ._kinds import flex_kind
-from ._torch_private import _with_dynamic_sizes, _without_duck_sizing
 
 __all__ = ["Pages", "kv_block", "paged_attention", "reads_in_place"]
 
@@ -234,24 +233,20 @@ class _PagedBuilder(_MaskBuilder):
 
     body, prefix = staticmethod(_build_paged_blocks), "flexflash_paged_blocks"
 
-    def __call__(self, q, pool, table, valid, mask_mod):
-        q, pool = q.detach(), pool.detach()  # only their sizes are read
-        if self._budget_spent():
-            self._fresh()
-        if self.compiled:
-            return _without_duck_sizing(self._fn, q, pool, table, valid, mask_mod, self.static)
-        # Marks on aliases (not to leak into the caller's own compilations), except ``valid``, which
-        # the mask function reads too: the same tensor twice, as in every later call (Dynamo guards
-        # on which inputs are the same tensor); it is marked as the mask function's tensors are.
+    @staticmethod
+    def _sizes_only(q, pool, table, valid, mask_mod):
+        return q.detach(), pool.detach(), table, valid, mask_mod
+
+    def _marked(self, q, pool, table, valid, mask_mod):
+        # Marks on aliases, except ``valid``, which the mask function reads too: the same tensor
+        # twice, as in every later call (Dynamo guards on which inputs are the same tensor); it is
+        # marked as the mask function's tensors are.
         q, pool, table = (t.view(t.shape) for t in (q, pool, table))
         for t, dims in ((q, (0, 2)), (pool, (2,)), (table, (0, 1))):
             for dim in dims:
                 if t.shape[dim] > 1:
                     _torch_private.maybe_mark_dynamic(t, dim)
-        blocks = _with_dynamic_sizes(captured_tensors(mask_mod), _without_duck_sizing, self._fn, q, pool, table,
-                                     valid, mask_mod, self.static)
-        self.compiled = True
-        return blocks
+        return q, pool, table, valid, mask_mod
 
 
 def _paged_builder(static: _PagedStatic, mask_fp) -> _PagedBuilder:
