@@ -140,8 +140,9 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     pass_options = ((), ())
     # Under max-autotune the autotuner chooses the tiles; inside a caller's torch.compile the
     # caller's mode applies, not flexflash's.
-    tiles = _MODE[0] == "default" or torch.compiler.is_compiling()
-    if dropout and kernel_options is None and tiles and not decoding_kernel(q, k, block):
+    # The tuned tiles were measured on the main kernel; the decoding kernel sizes its own.
+    tiles = (_MODE[0] == "default" or torch.compiler.is_compiling()) and not decoding_kernel(q, k, block)
+    if dropout and kernel_options is None and tiles:
         pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)
     if (kernel_options is None and q.device.type == "cuda" and q.element_size() < 4 and any(
             t.is_floating_point() and t.element_size() > q.element_size()
@@ -160,8 +161,7 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
         if _tuning.flash_choice(case, grad_needed, q.device, q.dtype, D, v.shape[-1],
                                 _tuning.work(B, Hq, Nq, k.shape[-2], D)):
             return {"BACKEND": "FLASH"}, pass_options
-    if kernel_options is None and tiles and not dropout and not decoding_kernel(q, k, block):
-        # (the tiles were measured on the main kernel; the decoding kernel sizes its own)
+    if kernel_options is None and tiles and not dropout:
         kernel_options = _tuning.triton_options(q.device, q.dtype, q.shape[-1], block,
                                                 case=triton_case(st, score_mod))
     return kernel_options, pass_options

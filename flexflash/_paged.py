@@ -278,7 +278,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
     k_pool, v_pool = (c.flatten(0, 1).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
     B, Hq = q.shape[:2]
     num_pages, keys, page = k_cache.shape[0], pages.keys, pages.page
-    valid = pages.per_batch()[1]
+    table, valid = pages.per_batch()
 
     def logical_mask(b, h, q_idx, kv_idx):  # keys of valid entries alone (never another sequence's pages)
         ok = valid[b, kv_idx // page]
@@ -297,7 +297,6 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
         # Calls of fewer queries than a query block (decoding) run FlexAttention's decoding kernel
         # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
         full_blocks = rows >= p.block[0]
-        table = pages.per_batch()[0]
         if q.device.type in COMPILED_BUILDS_ON and not torch.compiler.is_compiling():
             builder = _paged_builder(_PagedStatic(st, p.block, page, kvb, full_blocks), inspect_modifier(logical_mask).fp)
             builder.builds += 1
