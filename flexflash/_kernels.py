@@ -44,8 +44,39 @@ class _Static:
     split_keys: tuple[bool, bool] = (False, False)
 
 
-def _flex(q, k, v, score_fn, block_mask, static: _Static, return_lse: bool, extra=()):
-    options = {**dict(static.kernel_options), **dict(extra)} or None
+_INT32_MAX = 2**31 - 1
+
+
+def _elements(t: Tensor):
+    """How many elements of its storage ``t`` spans from its first (its strides counted, as
+    Inductor sizes a kernel input to choose 32- or 64-bit indices; not its storage offset, which
+    Dynamo does not trace)."""
+    if 0 in t.shape:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
+def needs_main_kernel(q: Tensor, k: Tensor, v: Tensor, *buffers: Tensor | None) -> bool:
+    """Whether a CUDA call of fewer queries than 128 must be kept off FlexAttention's decoding
+    kernel: where one of its inputs (``q``, ``k``, ``v`` and the ``buffers`` the modifiers read) or
+    its output spans more than 2**31 - 1 elements, Inductor indexes in 64 bits, and the decoding
+    template then fails to compile (torch 2.11-2.13, flex_decode: "Ternary expression with dynamic
+    condition has inconsistent types int64 and int32"; an H200 decoding batch of 64 sequences of
+    32,768 cached keys, 8 key/value heads of 128, did). The main kernel compiles 64-bit indices.
+    Traced with symbolic sizes, the comparisons guard on what FlexAttention's lowering guards on
+    anyway (fewer than 128 queries; 32-bit indices), so they add no recompilation. (The callers ask
+    only for CUDA calls: other devices have no decoding kernel.)"""
+    if not 0 < q.shape[-2] < 128:
+        return False
+    sizes = [q.shape[:-1].numel() * v.shape[-1]] + [_elements(t) for t in (q, k, v, *buffers) if t is not None]
+    return any(n > _INT32_MAX for n in sizes)
+
+
+def _flex(q, k, v, score_fn, block_mask, static: _Static, return_lse: bool, extra=(), main_kernel=False):
+    options = {**dict(static.kernel_options), **dict(extra)}
+    if main_kernel and not {"BACKEND", "FORCE_USE_FLEX_ATTENTION"} & options.keys():
+        options["FORCE_USE_FLEX_ATTENTION"] = True  # see needs_main_kernel
+    options = options or None
     kw = dict(score_mod=score_fn, block_mask=block_mask, scale=static.scale, enable_gqa=static.gqa,
               kernel_options=options)
     if not return_lse:
@@ -84,8 +115,9 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
     block_mask = None
     if blocks is not None:
         block_mask = BlockMask((Nq, Nk), *blocks, static.block, mask_fn)
+    main = q.device.type == "cuda" and needs_main_kernel(q, k, v, mask, bias)
     if drop is None:
-        return _flex(q, k, v, score_fn, block_mask, static, static.return_lse)
+        return _flex(q, k, v, score_fn, block_mask, static, static.return_lse, main_kernel=main)
 
     params, (row1, row2, col), keep_scale = drop
     thr = params[3]
@@ -99,11 +131,11 @@ def _flex_kernel(q, k, v, blocks, offset, mask, bias, mask_mod, score_mod, drop,
 
     v_zero = v.new_zeros(v.shape[0], v.shape[1], Nk, _LSE_ONLY_DV)
     kept_options, lse_options = static.pass_options
-    out_zero, lse = _flex(q, k, v_zero, score_fn, block_mask, static, True, lse_options)
+    out_zero, lse = _flex(q, k, v_zero, score_fn, block_mask, static, True, lse_options, main_kernel=main)
     # FlexAttention's backward lowering fails on an output without gradient (torch 2.11-2.13):
     # give the unused zero output a part in lse with weight 0, so its gradient is a zero tensor.
     lse = lse + out_zero[..., 0].float() * 0.0
-    out_kept, lse_kept = _flex(q, k, v, kept_score, block_mask, static, True, kept_options)
+    out_kept, lse_kept = _flex(q, k, v, kept_score, block_mask, static, True, kept_options, main_kernel=main)
     # Rows with nothing allowed have lse = lse_kept = -inf and out_kept = 0: factor 0, no NaN.
     lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     factor = torch.exp(lse_kept - lse_safe) * keep_scale

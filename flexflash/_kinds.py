@@ -14,7 +14,7 @@ from . import _tuning, mods
 from ._compiled import _MODE
 from ._compose import Structure
 from ._fingerprint import Modifier
-from ._kernels import _Static
+from ._kernels import _Static, needs_main_kernel
 
 # Masks and biases full along both sequence dimensions that are not split (_kernel_layout) compile
 # with static shapes on CUDA: with symbolic sizes the boundary checks index them element by element,
@@ -51,13 +51,14 @@ def decoding_kernel(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     a 256-row tile over 128-row blocks, "NoValidChoicesError"), so such calls keep the main kernel.
     Nor past 65,535 batches of key/value heads: the decoding kernel's grid has one program per
     batch and key/value head in its second dimension, which CUDA bounds there (a dropout call of
-    300 x 256 heads failed on an H100 with the static batch, and passed without it).
+    300 x 256 heads failed on an H100 with the static batch, and passed without it). Nor where an
+    input is too large for 32-bit indices (:func:`flexflash._kernels.needs_main_kernel`).
     False inside a caller's torch.compile: the caller's graph decides its shapes, and reading its
     symbolic lengths here would add guards that recompile it when lengths cross the tile sizes."""
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return False
     B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
-    if not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535:
+    if not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535 or needs_main_kernel(q, k, k):
         return False
     groups = Hq // Hkv
     rows = 16

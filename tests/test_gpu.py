@@ -563,6 +563,35 @@ def test_causal_training_at_128k_tokens_holds_no_n_squared_scores(backend):
     assert_close_to_golden("dq[-256:]", dq[:, :, rows], ref_dq, gold_dq, torch.bfloat16)
 
 
+@pytest.mark.parametrize("where", ["eager", "compiled"])
+def test_decoding_at_128k_tokens_past_32_bit_indices(where):
+    """A decoding step (one query per sequence) over a key/value cache of 2**31 elements, 16
+    sequences of 131,072 keys with 8 key/value heads of 128 (bf16: 4 GiB each), key-padded to
+    lengths of 32k-128k: eagerly and inside a caller's torch.compile. Inputs that large are indexed
+    in 64 bits, which FlexAttention's decoding kernel does not compile (torch 2.11-2.13), so the
+    main kernel runs them. The first and last sequences match the reference."""
+    B, Hq, Hkv, N, D = 16, 32, 8, 1 << 17, 128
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    assert k.numel() == 2**31
+    lengths = torch.randint(N // 4, N + 1, (B,), device="cuda", generator=gen)
+    mask = torch.arange(N, device="cuda")[None] < lengths[:, None]
+
+    def step(q, k, v, mask):
+        return flexflash.attention(q, k, v, mask=mask, backend="flex")
+
+    if where == "compiled":
+        step = torch.compile(step, fullgraph=True)
+    with torch.no_grad():
+        out = step(q, k, v, mask)
+    for b in (0, B - 1):
+        one = slice(b, b + 1)
+        ref = flexflash.reference.attention(q[one], k[one], v[one], mask=mask[one])
+        gold = flexflash.reference.attention(q[one].double(), k[one].double(), v[one].double(), mask=mask[one])
+        assert_close_to_golden(f"out[{b}]", out[one], ref, gold, torch.bfloat16)
+
+
 # --- FlashAttention-4 kernels (FlexAttention's FLASH generator; needs flash-attn-4) ---------------
 
 def _flash_or_skip():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import dataclasses
 import types
 
 import pytest
@@ -309,6 +310,46 @@ def test_work_counts_flops():
     assert _tuning.work(2, 3, 5, 7, 11) == 9240.0
 
 
+def _sized(shape, device="cuda", strides=None):
+    """Stands for a contiguous tensor of ``shape`` on ``device`` (or of the given strides) where
+    only its sizes are read: no memory taken, no GPU needed."""
+    meta = torch.empty_strided(shape, strides or torch.empty(shape, device="meta").stride(), device="meta")
+    return types.SimpleNamespace(shape=meta.shape, device=torch.device(device), stride=meta.stride)
+
+
+def test_the_decoding_kernel_is_kept_off_inputs_past_32_bit_indices(monkeypatch):
+    """Where an input of a call of fewer than 128 queries spans more than 2**31 - 1 elements (its
+    strides counted, as Inductor counts them to choose 64-bit indices), FlexAttention's
+    decoding template does not compile (torch 2.11-2.13, "Ternary expression with dynamic condition
+    has inconsistent types int64 and int32"): the kernel is asked for its main kernel there
+    (``FORCE_USE_FLEX_ATTENTION``), and not elsewhere, nor over a caller's own ``BACKEND``."""
+    from flexflash import _kernels
+    from flexflash._kernels import needs_main_kernel
+
+    q = _sized((64, 32, 1, 128))
+    cache = _sized((64, 8, 32768, 128))  # 2**31 elements
+    assert needs_main_kernel(q, cache, cache)
+    smaller = _sized((64, 8, 32767, 128))
+    assert not needs_main_kernel(q, smaller, smaller)
+    assert needs_main_kernel(q, smaller, smaller, _sized((2**16, 2**15 + 1)))  # a buffer a modifier reads
+    assert not needs_main_kernel(_sized((64, 32, 128, 128)), cache, cache)  # 128 queries: the main kernel
+    # a view of stride 0 spans one row of its storage, whatever its shape
+    assert not needs_main_kernel(q, _sized((64, 8, 2**24, 128), strides=(0, 0, 0, 1)), smaller)
+    assert needs_main_kernel(q, _sized((64, 8, 2**24, 128), strides=(0, 0, 128, 1)), smaller)
+    wide_out = _sized((2**25, 1, 1, 64))
+    assert needs_main_kernel(wide_out, _sized((1, 1, 8, 64), strides=(0, 0, 64, 1)), _sized((1, 1, 8, 128)))
+
+    seen = []
+    monkeypatch.setattr(_kernels, "flex_attention", lambda *args, **kw: seen.append(kw["kernel_options"]))
+    static = _kernels._Static(structure=None, block=(128, 128), scale=1.0, gqa=False, return_lse=False,
+                              kernel_options=())
+    _kernels._flex(None, None, None, None, None, static, False, main_kernel=True)
+    _kernels._flex(None, None, None, None, None, static, False)
+    flash = dataclasses.replace(static, kernel_options=(("BACKEND", "TRITON_DECODE"),))
+    _kernels._flex(None, None, None, None, None, flash, False, main_kernel=True)
+    assert seen == [{"FORCE_USE_FLEX_ATTENTION": True}, None, {"BACKEND": "TRITON_DECODE"}]
+
+
 def test_decoding_kernel_only_where_its_lowering_has_a_configuration(monkeypatch):
     """Calls of fewer queries than a query block take FlexAttention's decoding kernel (a static
     batch) only where its row tile, the queries of a key/value head's grouped query heads rounded up
@@ -316,13 +357,14 @@ def test_decoding_kernel_only_where_its_lowering_has_a_configuration(monkeypatch
     the batch of key/value heads fits the kernel's grid; elsewhere torch 2.11-2.13 finds no
     configuration or cannot launch it, and the main kernel runs (H100, torch 2.11: 97 queries with
     two grouped heads raised NoValidChoicesError; a dropout call of 300 x 256 heads failed with the
-    static batch and passed without it)."""
+    static batch and passed without it), nor where the key/value cache is too large for 32-bit
+    indices (H200, torch 2.11: 64 x 32,768 keys of 8 x 128 failed to compile)."""
     from flexflash._kinds import decoding_kernel
 
-    def fits(B, Hq, Hkv, Nq, block=(128, 128), device="cuda"):
-        q = types.SimpleNamespace(shape=(B, Hq, Nq, 64), device=torch.device(device))
-        return decoding_kernel(q, types.SimpleNamespace(shape=(B, Hkv, 4096, 64)), block)
+    def fits(B, Hq, Hkv, Nq, block=(128, 128), device="cuda", keys=4096, D=64):
+        return decoding_kernel(_sized((B, Hq, Nq, D), device), _sized((B, Hkv, keys, D), device), block)
 
+    assert fits(64, 32, 8, 1, keys=32767, D=128) and not fits(64, 32, 8, 1, keys=32768, D=128)
     assert fits(8, 32, 8, 1) and fits(64, 32, 8, 32) and fits(2, 4, 4, 97) and fits(2, 4, 2, 64)
     assert not fits(8, 32, 8, 33)  # 132 rows: a 256-row tile over 128-row blocks
     assert not fits(2, 4, 2, 97)  # 194 rows (the failure seen: NoValidChoicesError)
