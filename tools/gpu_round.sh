@@ -4,7 +4,7 @@
 #   usage: tools/gpu_round.sh STAGE
 # stages:
 #   tests    the GPU tests of tests/test_gpu.py (tools/run_gpu_tests.sh, 8 shards, then the
-#            128k-token test alone), logs packed into $OUT/gpu-tests.tgz
+#            128k-token tests alone), logs packed into $OUT/gpu-tests.tgz
 #   tests2   the GPU tests of every other file, logs packed into $OUT/gpu-tests2.tgz
 #   decode   benchmarks/test_decode.py: eager decoding at cache 1k and 8k (batch 1, 8, 64, full and
 #            spread lengths, contiguous and paged, static and symbolic batch) and the packed
@@ -13,8 +13,12 @@
 #   gap      tools/raw_flex_gap.py at N = 1024, D = 128 (sliding window, document, key padding),
 #            with the host-time profile
 #   d64      the masked cases at D = 64 against raw FlexAttention and SDPA cuDNN, N = 1k-16k
+#   decode3  tools/decode_profile.py: compiled decoding steps at cache 32k, batch 8 and 1, with
+#            FlexAttention's SPLIT_KV and larger, and each step's kernels
+#   checks   the decoding tests past 32-bit indices, the tuned-tile and max-autotune tests (one
+#            shard, after it was cut at 440 s), the compiled decoding rows at batch 64 and 32k
 set -u
-case "${1:-}" in tests|tests2|decode|decode2|gap|d64) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|decode2|gap|d64|decode3|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -36,8 +40,9 @@ decode() {  # name, seconds, -k expression
 
 case "${1:-}" in
 tests)
-  # (in one command the whole GPU suite did not finish on an H100: 10 shards of 330 s)
-  OUT=$OUT/t ALONE_TIMEOUT=60 tools/run_gpu_tests.sh 8 440 tests/test_gpu.py
+  # (in one command the whole GPU suite did not finish on an H100: 10 shards of 330 s; on an H200
+  # 7 of 8 shards took 161-300 s, one was cut at 440 s)
+  OUT=$OUT/t ALONE_TIMEOUT=120 tools/run_gpu_tests.sh 8 400 tests/test_gpu.py
   (cd "$OUT" && tar czf gpu-tests.tgz t && rm -rf t) ;;
 tests2)
   OUT=$OUT/t tools/run_gpu_tests.sh 8 480 tests/ --ignore=tests/test_gpu.py
@@ -56,4 +61,12 @@ d64)
     step "d64-$case" 170 python tools/run_benchmarks.py --out "$OUT/d64-$case" --dtypes bfloat16 \
       --cases "$case" --n 1024,4096,16384 --d 64 --impls flexflash,flex-raw,sdpa-cudnn
   done ;;
+decode3)
+  step decode-profile 480 python tools/decode_profile.py --batch 8,1 --cache 32768 --layout contiguous \
+    --lengths full,spread --split-kv 16,32,64 --kernels 10
+  tail -80 "$OUT/decode-profile.log" ;;
+checks)
+  step checks 300 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py \
+    -k "32_bit or max_autotune or tuned_tiles_fp16_and_d64 or masked_calls_with_tuned_tiles"
+  decode decode-64-32k 200 "test_decode and compiled and 64-32768 and not symbolic" ;;
 esac

@@ -1,0 +1,173 @@
+"""Where a compiled decoding step's GPU time goes: ``flash_attn_with_kvcache`` (one query token per
+sequence, the cases of ``benchmarks/test_decode.py``) against SDPA on the padded cache with a key
+padding mask, each step compiled (``torch.compile(fullgraph=True)``) as a generation loop runs it.
+
+Per case it prints the median ms of a step under ``mode="reduce-overhead"`` (CUDA graphs: the
+kernels' own time, as the benchmark measures it) and, from the profiler over 20 steps compiled in
+the default mode, every GPU kernel of a step with its µs per step: the attention kernel(s) apart
+from what builds the block mask and the mask.
+
+``--split-kv N,...`` also times flexflash with FlexAttention's decoding kernel given ``SPLIT_KV = N``
+(its default is ``2 * SMs // (batch * kv_heads)``: 4 at batch 8 on 132 SMs, so 256 programs each
+walk a quarter of the cache), to see whether more splits bring a decoding step nearer the memory
+bandwidth. The option is added around ``flex_attention`` here; the library is not changed.
+
+Usage on a CUDA machine::
+
+    python tools/decode_profile.py [--batch 1,8,64] [--cache 8192,32768] [--lengths full,spread]
+                                   [--layout contiguous,paged] [--split-kv 8,16,32] [--kernels 12]
+
+``FLEXFLASH_BENCH_DEVICE=cpu`` runs the benchmark's small CPU shapes (default mode, wall clock): a
+smoke run of this script, no measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import test_decode as bench  # noqa: E402  (the benchmark's shapes and lengths)
+
+from flexflash import _kernels  # noqa: E402
+from flexflash.compat.flash_attn import flash_attn_with_kvcache  # noqa: E402
+
+_FLEX = _kernels.flex_attention
+DEV = bench.DEVICE
+
+
+def _with_split(split: int | None):
+    """``flex_attention`` with ``SPLIT_KV = split`` added for calls of fewer than 128 queries."""
+    def flex(q, k, v, *args, kernel_options=None, **kw):
+        if split and q.shape[-2] < 128:
+            kernel_options = {**(kernel_options or {}), "SPLIT_KV": split}
+        return _FLEX(q, k, v, *args, kernel_options=kernel_options, **kw)
+    return flex
+
+
+def case(B: int, S: int, spread: bool, paged: bool):
+    """(flexflash step, SDPA step) of one benchmark case."""
+    gen = torch.Generator().manual_seed(B * 100003 + S)
+    lens = bench._lengths(B, S, spread, gen).to(DEV)
+    k_cache, v_cache = (torch.randn(B, S, bench.HKV, bench.D, generator=gen).to(DEV, bench.DTYPE) for _ in range(2))
+    q = torch.randn(B, 1, bench.HQ, bench.D, generator=gen).to(DEV, bench.DTYPE)
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    positions = torch.arange(S, device=DEV)
+
+    def sdpa():
+        mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+
+    table = None
+    if paged:
+        pages = torch.randperm(B * S // bench.PAGE, generator=gen)
+        table = pages.view(B, S // bench.PAGE).to(DEV, torch.int32)
+        order = torch.argsort(pages)
+        k_cache, v_cache = (c.view(B * S // bench.PAGE, bench.PAGE, bench.HKV, bench.D)[order].contiguous()
+                            for c in (k_cache, v_cache))
+
+    def flex():
+        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, causal=True)
+
+    return flex, sdpa
+
+
+def graphed_ms(step, reps: int = 50) -> float:
+    """Median ms of a step compiled with CUDA graphs (on CPU: the default mode, wall clock)."""
+    torch._dynamo.reset()
+    fn = torch.compile(step, mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        bench._sync()
+        times = []
+        for _ in range(reps):
+            if bench.CPU:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernels(step, top: int, steps: int = 20) -> list[tuple[str, int, float]]:
+    """(kernel name, launches per step, µs per step) of a step compiled in the default mode."""
+    torch._dynamo.reset()
+    fn = torch.compile(step, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        bench._sync()
+        activity = torch.profiler.ProfilerActivity.CPU if bench.CPU else torch.profiler.ProfilerActivity.CUDA
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(steps):
+                fn()
+            bench._sync()
+    count, total = defaultdict(int), defaultdict(float)
+    kind = torch.autograd.DeviceType.CPU if bench.CPU else torch.autograd.DeviceType.CUDA
+    for e in prof.events():
+        if e.device_type == kind and (not bench.CPU or e.name.startswith(("cpp_", "graph_", "aten::"))):
+            count[e.name] += 1
+            total[e.name] += e.self_cpu_time_total if bench.CPU else e.device_time
+    rows = sorted(((n, count[n] // steps, total[n] / steps) for n in count), key=lambda r: -r[2])
+    return rows[:top]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", default="1,8,64")
+    p.add_argument("--cache", default="8192,32768")
+    p.add_argument("--lengths", default="full,spread")
+    p.add_argument("--layout", default="contiguous,paged")
+    p.add_argument("--split-kv", default="", help="SPLIT_KV values to time besides FlexAttention's own")
+    p.add_argument("--kernels", type=int, default=12, help="kernels listed per step (0: none)")
+    a = p.parse_args()
+    splits = [int(s) for s in a.split_kv.split(",") if s]
+    if not bench.CPU:
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"{torch.cuda.get_device_properties('cuda').multi_processor_count} SMs")
+    summary = []
+    for B in (int(x) for x in a.batch.split(",")):
+        for S in (int(x) for x in a.cache.split(",")):
+            for lengths in a.lengths.split(","):
+                for layout in a.layout.split(","):
+                    flex, sdpa = case(B, S, lengths == "spread", layout == "paged")
+                    row = dict(B=B, S=S, lengths=lengths, layout=layout, sdpa=graphed_ms(sdpa))
+                    for split in [None, *splits]:
+                        _kernels.flex_attention = _with_split(split)
+                        try:
+                            row[f"flex split={split or 'default'}"] = graphed_ms(flex)
+                        except Exception as e:  # noqa: BLE001  (a configuration the lowering rejects)
+                            row[f"flex split={split or 'default'}"] = f"{type(e).__name__}"
+                        finally:
+                            _kernels.flex_attention = _FLEX
+                    summary.append(row)
+                    print(row, flush=True)
+                    if a.kernels:
+                        for name, step in (("flexflash", flex), ("sdpa", sdpa)):
+                            print(f"  {name} kernels per step (launches, µs):")
+                            for kname, n, us in kernels(step, a.kernels):
+                                print(f"    {us:8.1f} µs  x{n}  {kname[:110]}")
+                    if not bench.CPU:
+                        torch.cuda.empty_cache()
+    print("\n| batch | cache | lengths | layout | " + " | ".join(k for k in summary[0] if k not in
+                                                            ("B", "S", "lengths", "layout")) + " |")
+    for row in summary:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
