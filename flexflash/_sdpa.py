@@ -38,7 +38,10 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, mask: T
     ``sdpa_kernel``, which costs ~30 µs of host time per call on an H200 machine.
 
     ``mask`` (bool) or ``bias`` (float), at most one, become SDPA's ``attn_mask`` (the plan sends
-    them on CPU only). SDPA's dropout draws from its own random stream."""
+    them on CPU, and masks of eager decoding steps on CUDA: flexflash.plan.short_masked_call).
+    SDPA's dropout draws from its own random stream. Rows a mask allows nothing in give 0, as on
+    every path: SDPA's CPU kernel gives 0 there itself; on CUDA those rows are set to 0 (SDPA's
+    CUDA backends may give NaN)."""
     # Grouped heads: SDPA's enable_gqa maps query head h to key/value head h // (Hq // Hkv), as we do.
     gqa = q.shape[1] != k.shape[1]
     attn_mask = mask if bias is None else _cpu_bias(bias, q.dtype)
@@ -47,16 +50,20 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, mask: T
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa)
     if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
-        return F.scaled_dot_product_attention(q, k, v, **kw)
-    previous = _torch_private.sdp_priority_order()
-    wanted = _sdpa_priority(previous)
-    if wanted == previous:
-        return F.scaled_dot_product_attention(q, k, v, **kw)
-    _torch_private.set_sdp_priority_order(wanted)
-    try:
-        return F.scaled_dot_product_attention(q, k, v, **kw)
-    finally:
-        _torch_private.set_sdp_priority_order(previous)
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
+    else:
+        previous = _torch_private.sdp_priority_order()
+        wanted = _sdpa_priority(previous)
+        if wanted != previous:
+            _torch_private.set_sdp_priority_order(wanted)
+        try:
+            out = F.scaled_dot_product_attention(q, k, v, **kw)
+        finally:
+            if wanted != previous:
+                _torch_private.set_sdp_priority_order(previous)
+    if mask is not None and q.device.type != "cpu":
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0)
+    return out
 
 
 def _cpu_bias(bias: Tensor, dtype: torch.dtype) -> Tensor:

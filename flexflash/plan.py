@@ -8,8 +8,9 @@ Paths, in the order they are considered:
   for empty problems (exact and free there).
 * ``"sdpa"``: PyTorch's SDPA (cuDNN, else flash, else efficient on CUDA; its fused CPU kernel on
   CPU), under ``backend="auto"`` for the calls it computes exactly and faster (on CUDA fp16/bf16
-  with no mask, bias or modifier, dropout included with SDPA's own random stream; on CPU also one
-  mask or bias tensor alone, without dropout).
+  with no mask, bias or modifier, dropout included with SDPA's own random stream, and eager
+  decoding steps whose one mask is a tensor: :func:`short_masked_call`; on CPU also one mask or
+  bias tensor alone, without dropout).
 * ``"flex"``: compiled FlexAttention, on FlashAttention-4 (``"flash"``) or Triton (``"triton"``,
   the CPU template on CPU) kernels, with tiles from :mod:`flexflash._tuning`.
 * ``"memory-bounded"``: the exact tiled path (:mod:`flexflash._chunked`, on SDPA's CPU kernel where
@@ -79,6 +80,24 @@ def needs_grad(p: Problem, captured: list[Tensor]) -> bool:
 _CPU_MATH_ENTRIES = 2 ** 28
 
 
+# At most this many queries (a decoding step, a few speculative tokens) with a mask tensor alone
+# take SDPA on CUDA in eager calls: see short_masked_call.
+SDPA_MASK_QUERIES = 16
+
+
+def short_masked_call(p: Problem, causal: bool, dropout_p: float) -> bool:
+    """Whether a CUDA call is an eager decoding step whose one mask is a tensor (a key-padding or
+    cache mask): at most ``SDPA_MASK_QUERIES`` queries, a mask, no bias, no causal flag, no
+    dropout (a masked call keeps the exact dropout hash), no gradient. SDPA runs such a call as one fused kernel; FlexAttention's would first build a block
+    mask from the mask tensor, a new one each step, and the call is bound by host time (H200,
+    torch 2.11, one query, 32 query heads on 8 key/value heads, D = 128: 1.0-1.8 ms a call against
+    SDPA's 0.08-0.19 ms at batch 1-8 and caches of 1k-8k, benchmarks/NOTES.md). Inside a caller's
+    torch.compile the call stays on FlexAttention, whose block mask and kernel join the caller's
+    graph. Rows the mask allows nothing in give 0, as on every path (flexflash._sdpa.sdpa)."""
+    return (p.mask is not None and p.bias is None and not causal and not dropout_p
+            and p.q_len <= SDPA_MASK_QUERIES and not torch.compiler.is_compiling() and not needs_grad(p, []))
+
+
 def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse,
                   block_size, shard: bool = False) -> str | None:
     """Why SDPA does not take a ``backend="auto"`` call, or None where it does: the calls SDPA
@@ -93,7 +112,8 @@ def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_
     cpu = q.device.type == "cpu"
     if not cpu and q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}: SDPA's fused kernels take float16 and bfloat16"
-    given = [name for name, x in (("a mask", None if cpu else p.mask), ("a bias", None if cpu else p.bias),
+    short = not cpu and short_masked_call(p, causal, dropout_p)
+    given = [name for name, x in (("a mask", None if cpu or short else p.mask), ("a bias", None if cpu else p.bias),
                                   ("a mask_mod", mask_mod), ("a score_mod", score_mod)) if x is not None]
     if given:
         return f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given"
@@ -207,8 +227,12 @@ def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, ma
                               shard=shard)
                 if backend == "auto" else f"backend={backend!r}")
     if sdpa_why is None:
+        short = p.q.device.type == "cuda" and p.mask is not None
         return "sdpa", {"reference": _NOT_REFERENCE,
-                        "flex": "SDPA computes this call exactly and faster",
+                        "flex": (f"an eager call of at most {SDPA_MASK_QUERIES} queries with a mask tensor alone: SDPA "
+                                 "runs it as one fused kernel, FlexAttention would build a block mask from the "
+                                 "tensor first"
+                                 if short else "SDPA computes this call exactly and faster"),
                         "memory-bounded": _NOT_MEMORY_BOUNDED}
     reasons = {"reference": _NOT_REFERENCE, "sdpa": sdpa_why}
     cpu = p.q.device.type == "cpu"

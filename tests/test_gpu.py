@@ -514,6 +514,62 @@ def test_auto_routes_plain_dense_and_causal_to_sdpa():
     assert route(q.float(), q.float(), q.float(), causal=True) == "flex"
 
 
+def _short_mask(layout, B, Hq, Nq, Nk, gen):
+    """A mask of a short (decoding) call whose last batch entry allows nothing: key padding (B, Nk),
+    a random (B, Hq, Nq, Nk) mask, or each query's cache prefix (B, 1, Nq, Nk)."""
+    lengths = torch.tensor([Nk, Nk // 3, 0])[:B]
+    if layout == "key_padding":
+        return (torch.arange(Nk)[None] < lengths[:, None]).cuda()
+    if layout == "full":
+        mask = torch.rand(B, Hq, Nq, Nk, generator=gen) < 0.5
+        mask[-1] = False
+        return mask.cuda()
+    ends = lengths[:, None] - Nq + 1 + torch.arange(Nq)[None]  # bottom-right causal over each prefix
+    return (torch.arange(Nk)[None, None] < ends[:, :, None])[:, None].cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Nq,Hkv,layout", [(1, 2, "key_padding"), (16, 8, "full"), (5, 1, "prefix")])
+def test_eager_short_calls_with_a_mask_tensor_take_sdpa(dtype, Nq, Hkv, layout):
+    """Eager calls of at most 16 queries whose one mask is a tensor (decoding steps) take SDPA, one
+    fused kernel rather than a block mask built from the tensor on every step, and match the
+    reference, rows the mask allows nothing in included (0, as on every path)."""
+    from flexflash.functional import explain, route
+    gen = torch.Generator().manual_seed(seed_of("short mask", Nq, Hkv, layout))
+    B, Hq, Nk = 3, 8, 1000
+    q, k, v = _inputs(B, Hq, Hkv, Nq, Nk, 128, dtype, gen, grad=False)
+    mask = _short_mask(layout, B, Hq, Nq, Nk, gen)
+    assert route(q, k, v, mask=mask) == "sdpa"
+    assert "one fused kernel" in str(explain(q, k, v, mask=mask))
+    check_against_reference(q, k, v, mask=mask)
+    assert (flexflash.attention(q, k, v, mask=mask)[-1] == 0).all()
+
+
+def test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit():
+    """17 queries, a causal flag beside the mask, gradients, float32, a bias, modifiers, dropout
+    (the exact hash), the log-sum-exp and backend="flex" keep such calls on FlexAttention; inside
+    a caller's torch.compile too (its block mask and kernel join the caller's graph), where the
+    output matches the reference."""
+    from flexflash.functional import route
+    gen = torch.Generator().manual_seed(seed_of("short mask stays"))
+    q, k, v = _inputs(3, 8, 2, 17, 1000, 128, torch.bfloat16, gen, grad=False)
+    mask = _short_mask("key_padding", 3, 8, 17, 1000, gen)
+    q16 = q[:, :, :16]
+    assert route(q, k, v, mask=mask) == "flex"
+    for kw in (dict(causal=True), dict(bias=torch.zeros(3, 8, 16, 1000, device="cuda")), dict(backend="flex"),
+               dict(score_mod=flexflash.mods.tanh_softcap(5.0)), dict(mask_mod=flexflash.mods.sliding_window(64)),
+               dict(return_lse=True), dict(dropout_p=0.1)):
+        assert route(q16, k, v, mask=mask, **kw) == "flex", kw
+    assert route(q16.float(), k.float(), v.float(), mask=mask) == "flex"
+    assert route(q16.detach().requires_grad_(), k, v, mask=mask) == "flex"
+    with torch.no_grad():
+        assert route(q16.detach().requires_grad_(), k, v, mask=mask) == "sdpa"
+    step = torch.compile(lambda q, k, v, mask: flexflash.attention(q, k, v, mask=mask), fullgraph=True)
+    ref = flexflash.reference.attention(q16, k, v, mask=mask)
+    gold = flexflash.reference.attention(q16.double(), k.double(), v.double(), mask=mask)
+    assert_close_to_golden("compiled", step(q16, k, v, mask), ref, gold, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal,Nq,Nk,Hkv", [(True, 300, 300, 4), (False, 97, 1025, 4), (True, 1, 1, 4),
                                              (True, 300, 300, 2), (False, 97, 1025, 1)])

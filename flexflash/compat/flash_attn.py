@@ -139,7 +139,8 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
 # Up to this many new query tokens per sequence (a decoding step, a few speculative tokens), and
 # up to _TENSOR_MASK_ENTRIES entries in all, the mask of a flash_attn_with_kvcache call is built as
 # a (batch, 1, seqlen_q, seqlen_cache) tensor: small, cheaper to make than a block mask from a mask
-# function, and a call SDPA's CPU kernel takes whole where no score modifier is needed.
+# function, and a call SDPA takes whole where no score modifier is needed (its CPU kernel; on CUDA
+# eager fp16/bf16 steps: flexflash.plan.short_masked_call).
 _TENSOR_MASK_ROWS = 16
 _TENSOR_MASK_ENTRIES = 1 << 24  # 16 MiB of bool: batch 64 at 16 tokens of a 16k cache
 
@@ -147,7 +148,7 @@ _TENSOR_MASK_ENTRIES = 1 << 24  # 16 MiB of bool: batch 64 at 16 tokens of a 16k
 def _mask_as_tensor(q: Tensor, B: int, Sq: int, S: int) -> bool:
     """Whether a flash_attn_with_kvcache call builds its mask as a tensor (``_TENSOR_MASK_ROWS``):
     short calls, except inside a caller's torch.compile on a GPU. There the call runs FlexAttention
-    either way (SDPA takes no mask tensor on CUDA), which takes the mask function best, and a mask
+    either way (on CUDA SDPA takes masked calls only eagerly), which takes the mask function best, and a mask
     tensor computed in the caller's graph was fused into FlexAttention's template, which Triton
     failed to compile (torch 2.11, H200, a float32 decoding step under ``mode="reduce-overhead"``)."""
     if Sq > _TENSOR_MASK_ROWS or B * Sq * S > _TENSOR_MASK_ENTRIES:
