@@ -7,15 +7,23 @@ kernels' own time, as the benchmark measures it) and, from the profiler over 20 
 the default mode, every GPU kernel of a step with its µs per step: the attention kernel(s) apart
 from what builds the block mask and the mask.
 
-``--split-kv N,...`` also times flexflash with FlexAttention's decoding kernel given ``SPLIT_KV = N``
-(its default is ``2 * SMs // (batch * kv_heads)``: 4 at batch 8 on 132 SMs, so 256 programs each
-walk a quarter of the cache), to see whether more splits bring a decoding step nearer the memory
-bandwidth. The option is added around ``flex_attention`` here; the library is not changed.
+``--variants`` also times flexflash with changes made around ``flex_attention`` here (the library
+is not changed), each a ``+``-joined list of:
+
+* ``splitN``: FlexAttention's decoding kernel given ``SPLIT_KV = N`` (its default is
+  ``2 * SMs // (batch * kv_heads)``: 4 at batch 8 on 132 SMs, so 256 programs each walk a quarter
+  of the cache), to see whether more splits bring a step nearer the memory bandwidth;
+* ``partial``: the block mask without full-block lists (its full blocks, if any, listed as partial
+  ones). A decoding step's query block is incomplete, so flexflash's lists of full blocks are
+  empty, but given at all they make FlexAttention's decoding kernel split the whole cache length
+  (``HAS_FULL_BLOCKS``: ``TILE_KV = cdiv(KV_LEN, SPLIT_KV)``) rather than each sequence's own
+  blocks, so a shorter sequence's programs do not finish sooner.
 
 Usage on a CUDA machine::
 
     python tools/decode_profile.py [--batch 1,8,64] [--cache 8192,32768] [--lengths full,spread]
-                                   [--layout contiguous,paged] [--split-kv 8,16,32] [--kernels 12]
+                                   [--layout contiguous,paged] [--variants split16,partial,split32+partial]
+                                   [--kernels 12]
 
 ``FLEXFLASH_BENCH_DEVICE=cpu`` runs the benchmark's small CPU shapes (default mode, wall clock): a
 smoke run of this script, no measurement.
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import test_decode as bench  # noqa: E402  (the benchmark's shapes and lengths)
@@ -43,12 +52,36 @@ _FLEX = _kernels.flex_attention
 DEV = bench.DEVICE
 
 
-def _with_split(split: int | None):
-    """``flex_attention`` with ``SPLIT_KV = split`` added for calls of fewer than 128 queries."""
-    def flex(q, k, v, *args, kernel_options=None, **kw):
-        if split and q.shape[-2] < 128:
-            kernel_options = {**(kernel_options or {}), "SPLIT_KV": split}
-        return _FLEX(q, k, v, *args, kernel_options=kernel_options, **kw)
+def _partial_only(bm: BlockMask) -> BlockMask:
+    """``bm`` without full-block lists: its full key blocks listed among the partial ones (forward
+    only)."""
+    if bm.full_kv_num_blocks is None:
+        return bm
+    width = bm.kv_indices.shape[-1]
+    at = torch.arange(width, device=bm.kv_indices.device)
+    absent = torch.iinfo(torch.int32).max
+    some = torch.where(at < bm.kv_num_blocks[..., None], bm.kv_indices, absent)
+    every = torch.where(at < bm.full_kv_num_blocks[..., None], bm.full_kv_indices, absent)
+    idx = torch.cat([some, every], -1).sort(-1).values[..., :width]
+    idx = torch.where(idx == absent, 0, idx).to(torch.int32)
+    return BlockMask.from_kv_blocks(bm.kv_num_blocks + bm.full_kv_num_blocks, idx, BLOCK_SIZE=bm.BLOCK_SIZE,
+                                    mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
+
+
+def _variant(name: str):
+    """``flex_attention`` changed as ``name`` says (see the module's docstring) for calls of fewer
+    than 128 queries."""
+    parts = [x for x in name.split("+") if x and x != "default"]
+    split = next((int(x[5:]) for x in parts if x.startswith("split")), None)
+    partial = "partial" in parts
+
+    def flex(q, k, v, *args, kernel_options=None, block_mask=None, **kw):
+        if q.shape[-2] < 128:
+            if split:
+                kernel_options = {**(kernel_options or {}), "SPLIT_KV": split}
+            if partial and block_mask is not None:
+                block_mask = _partial_only(block_mask)
+        return _FLEX(q, k, v, *args, kernel_options=kernel_options, block_mask=block_mask, **kw)
     return flex
 
 
@@ -132,10 +165,11 @@ def main() -> None:
     p.add_argument("--cache", default="8192,32768")
     p.add_argument("--lengths", default="full,spread")
     p.add_argument("--layout", default="contiguous,paged")
-    p.add_argument("--split-kv", default="", help="SPLIT_KV values to time besides FlexAttention's own")
+    p.add_argument("--variants", default="", help="changes to time besides flexflash as it is: splitN, partial, "
+                                                  "joined by + (e.g. split32+partial), comma-separated")
     p.add_argument("--kernels", type=int, default=12, help="kernels listed per step (0: none)")
     a = p.parse_args()
-    splits = [int(s) for s in a.split_kv.split(",") if s]
+    variants = [x for x in a.variants.split(",") if x]
     if not bench.CPU:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"{torch.cuda.get_device_properties('cuda').multi_processor_count} SMs")
@@ -146,12 +180,12 @@ def main() -> None:
                 for layout in a.layout.split(","):
                     flex, sdpa = case(B, S, lengths == "spread", layout == "paged")
                     row = dict(B=B, S=S, lengths=lengths, layout=layout, sdpa=graphed_ms(sdpa))
-                    for split in [None, *splits]:
-                        _kernels.flex_attention = _with_split(split)
+                    for variant in ["default", *variants]:
+                        _kernels.flex_attention = _variant(variant)
                         try:
-                            row[f"flex split={split or 'default'}"] = graphed_ms(flex)
+                            row[f"flexflash {variant}"] = graphed_ms(flex)
                         except Exception as e:  # noqa: BLE001  (a configuration the lowering rejects)
-                            row[f"flex split={split or 'default'}"] = f"{type(e).__name__}"
+                            row[f"flexflash {variant}"] = f"{type(e).__name__}: {str(e)[:80]}"
                         finally:
                             _kernels.flex_attention = _FLEX
                     summary.append(row)

@@ -14,7 +14,7 @@
 #            with the host-time profile
 #   d64      the masked cases at D = 64 against raw FlexAttention and SDPA cuDNN, N = 1k-16k
 #   decode3  tools/decode_profile.py: compiled decoding steps at cache 32k, batch 8 and 1, with
-#            FlexAttention's SPLIT_KV and larger, and each step's kernels
+#            FlexAttention's SPLIT_KV and larger, full blocks listed as partial, and each step's kernels
 #   checks   the decoding tests past 32-bit indices, the tuned-tile and max-autotune tests (one
 #            shard, after it was cut at 440 s), the compiled decoding rows at batch 64 and 32k
 set -u
@@ -63,7 +63,7 @@ d64)
   done ;;
 decode3)
   step decode-profile 480 python tools/decode_profile.py --batch 8,1 --cache 32768 --layout contiguous \
-    --lengths full,spread --split-kv 16,32,64 --kernels 10
+    --lengths full,spread --variants split16,split32,split64,partial,split32+partial --kernels 10
   tail -80 "$OUT/decode-profile.log" ;;
 checks)
   step checks 300 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py \
