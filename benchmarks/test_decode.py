@@ -6,10 +6,10 @@
   ("spread": N/4 to N); SDPA gets the padded cache and a key padding mask of the step's lengths
   (built in the step, as each step of a generation loop has new lengths); each called eagerly
   ("eager") and as a step under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, as a
-  generation loop runs it; ``"default"`` mode on CPU); eagerly also as ``flexflash-symbolic-batch``,
-  flexflash's kernels compiled with a symbolic batch (FlexAttention's main kernel) rather than the
-  static decoding batch that lets FlexAttention choose its decoding kernel
-  (``flexflash._kinds._STATIC_DECODING_BATCH``);
+  generation loop runs it; ``"default"`` mode on CPU); eagerly also as ``flexflash-flex``, the
+  same calls kept on FlexAttention (eager steps whose one mask is a tensor otherwise run on SDPA:
+  ``flexflash.plan.short_masked_call``), with the static decoding batch that lets FlexAttention
+  choose its decoding kernel (``flexflash._kinds._STATIC_DECODING_BATCH``);
 * variable-length training: sequences of lengths uniform in [N/4, N] (N = 4096, 8 of them, causal,
   16 heads, D = 128, bf16, forward+backward) packed (``flash_attn_varlen_func``); SDPA gets the
   padded batch with a materialised causal and padding mask.
@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexflash import _flex
+from flexflash import plan
 from flexflash.compat.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
 DEVICE = os.environ.get("FLEXFLASH_BENCH_DEVICE", "cuda")
@@ -51,7 +51,7 @@ def _lengths(B: int, S: int, spread: bool, gen: torch.Generator) -> torch.Tensor
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.parametrize("impl", ["flexflash", "flexflash-symbolic-batch", "sdpa"])
+@pytest.mark.parametrize("impl", ["flexflash", "flexflash-flex", "sdpa"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 @pytest.mark.parametrize("lengths", ["full", "spread"])
 @pytest.mark.parametrize("S", CACHES)
@@ -59,9 +59,11 @@ def _lengths(B: int, S: int, spread: bool, gen: torch.Generator) -> torch.Tensor
 def test_decode(benchmark, B, S, lengths, layout, impl, mode, monkeypatch):
     if layout == "paged" and impl == "sdpa":
         pytest.skip("SDPA reads a contiguous padded cache (the contiguous row is its baseline)")
-    if impl == "flexflash-symbolic-batch" and (mode == "compiled" or CPU):
-        pytest.skip("the static decoding batch concerns flexflash's own eager kernels on CUDA")
-    monkeypatch.setattr(_flex, "_STATIC_DECODING_BATCH", impl != "flexflash-symbolic-batch")
+    if impl == "flexflash-flex" and (mode == "compiled" or CPU):
+        pytest.skip("compiled steps and CPU calls run FlexAttention or SDPA's CPU kernel either way")
+    if impl == "flexflash-flex":  # eager steps with a mask tensor stay on FlexAttention
+        monkeypatch.setattr(plan, "SDPA_MASK_QUERIES", 0)
+        monkeypatch.setattr(plan, "_PLANS", {})  # (plans are memoised by the calls' shapes)
     gib = 2 * B * S * HKV * D * 2 / 2**30
     if gib > MAX_CACHE_GIB:
         pytest.skip(f"the cache would take {gib:.0f} GiB")
