@@ -95,7 +95,8 @@ def test_model_summary_of_a_saved_run():
 def test_decode_summary_pairs_each_cache_with_sdpa():
     """The summary of benchmarks/test_decode.py's JSON: one row per batch, cache and length spread
     with SDPA's and flexflash's medians (contiguous and paged) and SDPA / flexflash, and flexflash's
-    with a symbolic batch beside them; one row per variable-length run."""
+    kept on FlexAttention (or, in earlier runs, with a symbolic batch) beside them; one row per
+    variable-length run."""
     def bench(ms, **info):
         return {"name": "x", "stats": {"median": ms / 1e3}, "extra_info": info}
 
@@ -114,3 +115,9 @@ def test_decode_summary_pairs_each_cache_with_sdpa():
     assert ["compiled", "8", "8192", "spread", "2.000", "1.000", "4.000", "2.00", "0.50", "1.5", "—", "—"] in rows
     assert ["compiled", "8", "8192", "full", "—", "3.000", "—", "—", "—", "1.0", "—", "5.000"] in rows
     assert ["4096", "8", "16", "20000", "9.000", "3.000", "3.00"] in rows
+    assert "symbolic batch: contiguous" in _tool().summarize_decode(data, header=False)
+    # calls kept on FlexAttention (flexflash-flex) take the same columns, named for them
+    data["benchmarks"][4]["extra_info"]["impl"] = "flexflash-flex"
+    table = _tool().summarize_decode(data, header=False)
+    assert "on FlexAttention: contiguous" in table and "symbolic" not in table
+    assert "| compiled | 8 | 8192 | full | — | 3.000 | — | — | — | 1.0 | — | 5.000 |" in table
