@@ -15,8 +15,9 @@
 #   d64      the masked cases at D = 64 against raw FlexAttention and SDPA cuDNN, N = 1k-16k
 #   decode3  tools/decode_profile.py: compiled decoding steps at cache 32k, batch 8 and 1, with
 #            FlexAttention's SPLIT_KV and larger, full blocks listed as partial, and each step's kernels
-#   checks   the decoding tests past 32-bit indices, the tuned-tile and max-autotune tests (one
-#            shard, after it was cut at 440 s), the compiled decoding rows at batch 64 and 32k
+#   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
+#            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the compiled
+#            decoding rows at batch 64 and 32k
 set -u
 case "${1:-}" in tests|tests2|decode|decode2|gap|d64|decode3|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
@@ -67,6 +68,7 @@ decode3)
   tail -80 "$OUT/decode-profile.log" ;;
 checks)
   step checks 300 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py \
-    -k "32_bit or max_autotune or tuned_tiles_fp16_and_d64 or masked_calls_with_tuned_tiles"
-  decode decode-64-32k 200 "test_decode and compiled and 64-32768 and not symbolic" ;;
+    -k "32_bit or short_calls or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64)"
+  grep -E "^(FAILED|ERROR)|Error:" "$OUT/checks.log" | head -20
+  decode decode-64-32k 200 "test_decode and compiled and 64-32768" ;;
 esac
