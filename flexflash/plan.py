@@ -83,19 +83,25 @@ _CPU_MATH_ENTRIES = 2 ** 28
 # At most this many queries (a decoding step, a few speculative tokens) with a mask tensor alone
 # take SDPA on CUDA in eager calls: see short_masked_call.
 SDPA_MASK_QUERIES = 16
+# With grouped heads, SDPA's fused CUDA backends may not take a mask (torch 2.11: such calls fall
+# back to its math backend, which holds the (B, Hq, Nq, Nk) scores in float32): grouped calls go to
+# SDPA only up to this many scores (512 MiB in float32).
+SDPA_MASK_GQA_SCORES = 2 ** 27
 
 
 def short_masked_call(p: Problem, causal: bool, dropout_p: float) -> bool:
     """Whether a CUDA call is an eager decoding step whose one mask is a tensor (a key-padding or
     cache mask): at most ``SDPA_MASK_QUERIES`` queries, a mask, no bias, no causal flag, no
-    dropout (a masked call keeps the exact dropout hash), no gradient. SDPA runs such a call as one fused kernel; FlexAttention's would first build a block
+    dropout (a masked call keeps the exact dropout hash), no gradient; with grouped heads, at most
+    ``SDPA_MASK_GQA_SCORES`` scores (SDPA may run them on its math backend). SDPA runs such a call as one fused kernel; FlexAttention's would first build a block
     mask from the mask tensor, a new one each step, and the call is bound by host time (H200,
     torch 2.11, one query, 32 query heads on 8 key/value heads, D = 128: 1.0-1.8 ms a call against
     SDPA's 0.08-0.19 ms at batch 1-8 and caches of 1k-8k, benchmarks/NOTES.md). Inside a caller's
     torch.compile the call stays on FlexAttention, whose block mask and kernel join the caller's
     graph. Rows the mask allows nothing in give 0, as on every path (flexflash._sdpa.sdpa)."""
     return (p.mask is not None and p.bias is None and not causal and not dropout_p
-            and p.q_len <= SDPA_MASK_QUERIES and not torch.compiler.is_compiling() and not needs_grad(p, []))
+            and p.q_len <= SDPA_MASK_QUERIES and not torch.compiler.is_compiling() and not needs_grad(p, [])
+            and (p.q_heads == p.kv_heads or p.batch * p.q_heads * p.q_len * p.kv_len <= SDPA_MASK_GQA_SCORES))
 
 
 def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse,

@@ -547,9 +547,9 @@ def test_eager_short_calls_with_a_mask_tensor_take_sdpa(dtype, Nq, Hkv, layout):
 
 def test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit():
     """17 queries, a causal flag beside the mask, gradients, float32, a bias, modifiers, dropout
-    (the exact hash), the log-sum-exp and backend="flex" keep such calls on FlexAttention; inside
-    a caller's torch.compile too (its block mask and kernel join the caller's graph), where the
-    output matches the reference."""
+    (the exact hash), the log-sum-exp, backend="flex" and grouped heads past SDPA_MASK_GQA_SCORES
+    scores keep such calls on FlexAttention; inside a caller's torch.compile too (its block mask
+    and kernel join the caller's graph), where the output matches the reference."""
     from flexflash.functional import route
     gen = torch.Generator().manual_seed(seed_of("short mask stays"))
     q, k, v = _inputs(3, 8, 2, 17, 1000, 128, torch.bfloat16, gen, grad=False)
@@ -561,6 +561,15 @@ def test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit():
                dict(return_lse=True), dict(dropout_p=0.1)):
         assert route(q16, k, v, mask=mask, **kw) == "flex", kw
     assert route(q16.float(), k.float(), v.float(), mask=mask) == "flex"
+    # grouped heads past SDPA_MASK_GQA_SCORES scores (SDPA's math backend would hold them)
+    from flexflash import plan
+    most = plan.SDPA_MASK_GQA_SCORES // (3 * 8 * 16)  # keys: 3 x 8 x 16 x keys scores
+    kb = torch.zeros(3, 2, most + 1, 128, device="cuda", dtype=torch.bfloat16)
+    wide = torch.ones(3, most + 1, device="cuda", dtype=torch.bool)
+    assert route(q16, kb, kb, mask=wide) == "flex"
+    assert route(q16, kb[:, :, :most], kb[:, :, :most], mask=wide[:, :most]) == "sdpa"
+    q_mha = torch.zeros(3, 2, 16, 128, device="cuda", dtype=torch.bfloat16)  # no grouping: no bound
+    assert route(q_mha, kb, kb, mask=wide) == "sdpa"
     assert route(q16.detach().requires_grad_(), k, v, mask=mask) == "flex"
     with torch.no_grad():
         assert route(q16.detach().requires_grad_(), k, v, mask=mask) == "sdpa"
