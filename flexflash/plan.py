@@ -93,12 +93,13 @@ def short_masked_call(p: Problem, causal: bool, dropout_p: float) -> bool:
     """Whether a CUDA call is an eager decoding step whose one mask is a tensor (a key-padding or
     cache mask): at most ``SDPA_MASK_QUERIES`` queries, a mask, no bias, no causal flag, no
     dropout (a masked call keeps the exact dropout hash), no gradient; with grouped heads, at most
-    ``SDPA_MASK_GQA_SCORES`` scores (SDPA may run them on its math backend). SDPA runs such a call as one fused kernel; FlexAttention's would first build a block
-    mask from the mask tensor, a new one each step, and the call is bound by host time (H200,
-    torch 2.11, one query, 32 query heads on 8 key/value heads, D = 128: 1.0-1.8 ms a call against
-    SDPA's 0.08-0.19 ms at batch 1-8 and caches of 1k-8k, benchmarks/NOTES.md). Inside a caller's
-    torch.compile the call stays on FlexAttention, whose block mask and kernel join the caller's
-    graph. Rows the mask allows nothing in give 0, as on every path (flexflash._sdpa.sdpa)."""
+    ``SDPA_MASK_GQA_SCORES`` scores (SDPA may run them on its math backend). SDPA takes the mask as
+    it is; FlexAttention would first build a block mask from it, a new one each step, and the call
+    is bound by host time (H200, torch 2.11, one query, 32 query heads on 8 key/value heads,
+    D = 128: 1.0-1.8 ms a call against SDPA's 0.08-0.19 ms at batch 1-8 and caches of 1k-8k,
+    benchmarks/NOTES.md). Inside a caller's torch.compile the call stays on FlexAttention, whose
+    block mask and kernel join the caller's graph. Rows the mask allows nothing in give 0, as on
+    every path (flexflash._sdpa.sdpa)."""
     return (p.mask is not None and p.bias is None and not causal and not dropout_p
             and p.q_len <= SDPA_MASK_QUERIES and not torch.compiler.is_compiling() and not needs_grad(p, [])
             and (p.q_heads == p.kv_heads or p.batch * p.q_heads * p.q_len * p.kv_len <= SDPA_MASK_GQA_SCORES))
@@ -236,8 +237,7 @@ def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, ma
         short = p.q.device.type == "cuda" and p.mask is not None
         return "sdpa", {"reference": _NOT_REFERENCE,
                         "flex": (f"an eager call of at most {SDPA_MASK_QUERIES} queries with a mask tensor alone: SDPA "
-                                 "runs it as one fused kernel, FlexAttention would build a block mask from the "
-                                 "tensor first"
+                                 "takes the mask as it is, FlexAttention would first build a block mask from it"
                                  if short else "SDPA computes this call exactly and faster"),
                         "memory-bounded": _NOT_MEMORY_BOUNDED}
     reasons = {"reference": _NOT_REFERENCE, "sdpa": sdpa_why}
