@@ -53,7 +53,7 @@ from ._kernels import (_CPU_STATIC_KINDS, _KERNELS, _cpu_static_shapes, _flex_ke
                        _scalar_tensor, _static_sequence_buffers)
 from ._kinds import (_FIRST_SHAPES, _STATIC_BUFFER_SHAPES, _STATIC_DECODING_BATCH, _STATIC_FIRST_SHAPE,
                      _STATIC_SEQUENCE_BUFFERS, _STATIC_SHAPES,
-                     _KindPlan, _cpu_bias_view, _grad, _signature, decoding_kernel, flex_kind)
+                     _KindPlan, _cpu_bias_view, _grad, _signature, flex_kind)
 from ._torch_private import _is_cpp_compile_error
 
 __all__ = ["run_flex", "reset"]
@@ -205,7 +205,7 @@ def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
         signature = _signature((q, k, v, mask, bias, *infos[0].tensors, *infos[1].tensors))
         if _FIRST_SHAPES.setdefault(key, signature) == signature:
             key += ("first shape",)
-    static_batch = _STATIC_DECODING_BATCH and decoding_kernel(q, k, block)
+    static_batch = _STATIC_DECODING_BATCH and kind.decoding
     if static_batch:  # a kind of its own: its batch is static (see _STATIC_DECODING_BATCH)
         key += ("decoding",)
     shapeless_key = key

@@ -135,14 +135,17 @@ def structure(q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None, bias: 
 
 def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, mask_mod, score_mod,
                      infos: tuple[Modifier, Modifier], block: tuple[int, int], kernel_options: dict | None,
-                     dropout: bool, return_lse: bool) -> tuple[dict | None, tuple]:
+                     dropout: bool, return_lse: bool, decoding: bool | None = None) -> tuple[dict | None, tuple]:
     """The kernel options of a call and those of its dropout passes: the caller's own, whole, or
-    else those chosen from measurements (flexflash._tuning: the generator, tuned tiles)."""
+    else those chosen from measurements (flexflash._tuning: the generator, tuned tiles).
+    ``decoding``: :func:`decoding_kernel` of the call, where the caller has it already."""
     pass_options = ((), ())
     # Under max-autotune the autotuner chooses the tiles; inside a caller's torch.compile the
     # caller's mode applies, not flexflash's.
     # The tuned tiles were measured on the main kernel; the decoding kernel sizes its own.
-    tiles = (_MODE[0] == "default" or torch.compiler.is_compiling()) and not decoding_kernel(q, k, block)
+    if decoding is None:
+        decoding = decoding_kernel(q, k, block)
+    tiles = (_MODE[0] == "default" or torch.compiler.is_compiling()) and not decoding
     if dropout and kernel_options is None and tiles:
         pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)
     if (kernel_options is None and q.device.type == "cuda" and q.element_size() < 4 and any(
@@ -189,11 +192,13 @@ def triton_case(st: Structure, score_mod) -> str | None:
 @dataclass(frozen=True)
 class _KindPlan:
     """What a call's kind decides, before its tensors are read: its structure, its kernel's
-    constants and the kind's key in _KERNELS (without the shape parts _run_flex adds)."""
+    constants, the kind's key in _KERNELS (without the shape parts _run_flex adds) and whether
+    FlexAttention's decoding kernel can run it (:func:`decoding_kernel`)."""
 
     structure: Structure
     static: _Static
     kind: tuple
+    decoding: bool = False
 
 
 def _cpu_bias_view(q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -241,9 +246,10 @@ def flex_kind(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     st = structure(q, k, causal=causal, mask=mask, bias=bias, mask_mod=mask_mod, score_mod=score_mod)
     if st.single_query:
         q = q.expand(B, Hq, 2, q.shape[-1])
+    decoding = decoding_kernel(q, k, block)
     kernel_options, pass_options = measured_options(st, q, k, v, bias=bias, mask_mod=mask_mod, score_mod=score_mod,
                                                     infos=infos, block=block, kernel_options=kernel_options,
-                                                    dropout=dropout, return_lse=return_lse)
+                                                    dropout=dropout, return_lse=return_lse, decoding=decoding)
     divisible = q.device.type == "cuda" and _divisible(q.shape[-2], Nk, kernel_options)
     if divisible:
         # Lengths are symbolic in the compiled kernel, so FlexAttention cannot prove them multiples
@@ -262,4 +268,4 @@ def flex_kind(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | N
     # Head counts and head dims are static in FlexAttention's kernels: part of the kind.
     heads_dims = (Hq, k.shape[1], q.shape[-1], v.shape[-1])
     kind = (static, heads_dims, q.device.type, q.dtype, grad, infos[0].fp, infos[1].fp, _MODE[0])
-    return _KindPlan(st, static, kind)
+    return _KindPlan(st, static, kind, decoding)
