@@ -49,21 +49,25 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, mask: T
         # SDPA's fused CPU kernel needs unit strides along the head dim (else its math backend runs).
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa)
-    if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
-        out = F.scaled_dot_product_attention(q, k, v, **kw)
-    else:
-        previous = _torch_private.sdp_priority_order()
-        wanted = _sdpa_priority(previous)
-        if wanted != previous:
-            _torch_private.set_sdp_priority_order(wanted)
-        try:
-            out = F.scaled_dot_product_attention(q, k, v, **kw)
-        finally:
-            if wanted != previous:
-                _torch_private.set_sdp_priority_order(previous)
+    out = _prioritised(q, k, v, kw)
     if mask is not None and q.device.type != "cpu":
         out = out.masked_fill(~mask.any(-1, keepdim=True), 0)
     return out
+
+
+def _prioritised(q: Tensor, k: Tensor, v: Tensor, kw: dict) -> Tensor:
+    """SDPA's call with ``_SDPA_ORDER`` first in its priority order for its duration."""
+    if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    previous = _torch_private.sdp_priority_order()
+    wanted = _sdpa_priority(previous)
+    if wanted == previous:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    _torch_private.set_sdp_priority_order(wanted)
+    try:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    finally:
+        _torch_private.set_sdp_priority_order(previous)
 
 
 def _cpu_bias(bias: Tensor, dtype: torch.dtype) -> Tensor:
