@@ -32,9 +32,7 @@ smoke run of this script, no measurement.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import test_decode as bench  # noqa: E402  (the benchmark's shapes and lengths)
+from raw_flex_gap import timed  # noqa: E402  (this folder's: median ms after warm-up, CUDA events on a GPU)
 
 from flexflash import _kernels  # noqa: E402
 from flexflash.compat.flash_attn import flash_attn_with_kvcache  # noqa: E402
@@ -117,23 +116,7 @@ def graphed_ms(step, reps: int = 50) -> float:
     torch._dynamo.reset()
     fn = torch.compile(step, mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
     with torch.no_grad():
-        for _ in range(3):
-            fn()
-        bench._sync()
-        times = []
-        for _ in range(reps):
-            if bench.CPU:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return timed(fn, DEV, reps)
 
 
 def kernels(step, top: int, steps: int = 20) -> list[tuple[str, int, float]]:
