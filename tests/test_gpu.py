@@ -549,7 +549,8 @@ def test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit():
     """17 queries, a causal flag beside the mask, gradients, float32, a bias, modifiers, dropout
     (the exact hash), the log-sum-exp, backend="flex" and grouped heads past SDPA_MASK_GQA_SCORES
     scores keep such calls on FlexAttention; inside a caller's torch.compile too (its block mask
-    and kernel join the caller's graph), where the output matches the reference."""
+    and kernel join the caller's graph), where steps with new masks match the reference and
+    compile one graph."""
     from flexflash.functional import route
     gen = torch.Generator().manual_seed(seed_of("short mask stays"))
     q, k, v = _inputs(3, 8, 2, 17, 1000, 128, torch.bfloat16, gen, grad=False)
@@ -573,10 +574,16 @@ def test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit():
     assert route(q16.detach().requires_grad_(), k, v, mask=mask) == "flex"
     with torch.no_grad():
         assert route(q16.detach().requires_grad_(), k, v, mask=mask) == "sdpa"
-    step = torch.compile(lambda q, k, v, mask: flexflash.attention(q, k, v, mask=mask), fullgraph=True)
-    ref = flexflash.reference.attention(q16, k, v, mask=mask)
-    gold = flexflash.reference.attention(q16.double(), k.double(), v.double(), mask=mask)
-    assert_close_to_golden("compiled", step(q16, k, v, mask), ref, gold, torch.bfloat16)
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("inductor")
+    step = torch.compile(lambda q, k, v, mask: flexflash.attention(q, k, v, mask=mask), backend=counter,
+                         fullgraph=True)
+    for cut in (0, 100, 400):  # three decoding steps, each with lengths of its own
+        step_mask = mask & (torch.arange(1000, device="cuda") >= cut)
+        ref = flexflash.reference.attention(q16, k, v, mask=step_mask)
+        gold = flexflash.reference.attention(q16.double(), k.double(), v.double(), mask=step_mask)
+        assert_close_to_golden(f"compiled step {cut}", step(q16, k, v, step_mask), ref, gold, torch.bfloat16)
+    assert counter.frame_count == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

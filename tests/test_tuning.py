@@ -350,6 +350,27 @@ def test_the_decoding_kernel_is_kept_off_inputs_past_32_bit_indices(monkeypatch)
     assert seen == [{"FORCE_USE_FLEX_ATTENTION": True}, None, {"BACKEND": "TRITON_DECODE"}]
 
 
+def test_the_32_bit_check_traced_over_several_shapes_compiles_one_graph():
+    """Inside a caller's torch.compile (symbolic sizes) the check reads sizes and strides without
+    breaking the graph, gives what it gives eagerly, and adds no recompilation over new lengths
+    and batches."""
+    from torch._dynamo.testing import CompileCounter
+
+    from flexflash._kernels import needs_main_kernel
+
+    def step(q, k, v):
+        return q * 2 if needs_main_kernel(q, k, v) else q + 1
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    # sizes that never coincide (duck sizing would guard on an equality) and never 1
+    for B, Nq, Nk in ((5, 3, 64), (6, 9, 100), (7, 11, 70), (6, 13, 33)):
+        q, k, v = torch.randn(B, 4, Nq, 8), torch.randn(B, 2, Nk, 8), torch.randn(B, 2, Nk, 8)
+        assert not needs_main_kernel(q, k, v)
+        torch.testing.assert_close(compiled(q, k, v), step(q, k, v))
+    assert counter.frame_count == 1
+
+
 def test_decoding_kernel_only_where_its_lowering_has_a_configuration(monkeypatch):
     """Calls of fewer queries than a query block take FlexAttention's decoding kernel (a static
     batch) only where its row tile, the queries of a key/value head's grouped query heads rounded up
