@@ -91,6 +91,10 @@ class _StaticOnCpu(Exception):
 # torch.compile (Dynamo holds its own lock there, and nothing of flexflash's compiles).
 _LOCK = threading.RLock()
 
+# Whether calls of fewer query rows than a query block pass FlexAttention the (empty) lists of full
+# blocks (see _without_full_blocks); kept as a switch for measuring the two against each other.
+_DECODING_FULL_BLOCKS = False
+
 
 def run_flex(*args, **kwargs) -> tuple[Tensor, Tensor | None]:
     """Runs one validated call through compiled FlexAttention (see :func:`_run_flex`)."""
@@ -222,6 +226,18 @@ def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     return kernel, key, shapeless_key
 
 
+def _without_full_blocks(kind: _KindPlan, q: Tensor, rows, block: tuple[int, int]) -> bool:
+    """Whether a call's block mask goes to the kernel without its lists of full blocks (empty for
+    fewer rows than a query block): eager calls that run FlexAttention's decoding kernel
+    (``kind.decoding``), and CUDA calls traced into a caller's graph with a static query length
+    below a query block, which FlexAttention's lowering gives its decoding kernel where their batch
+    is static (a symbolic length is not compared: that would guard on it)."""
+    if not _DECODING_FULL_BLOCKS and kind.decoding:
+        return True
+    return (not _DECODING_FULL_BLOCKS and torch.compiler.is_compiling() and q.device.type == "cuda"
+            and type(rows) is int and rows < block[0])
+
+
 def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
                    mask_mod, score_mod, mask_info: Modifier, block: tuple[int, int], *, causal: bool,
                    q_len: int, dropout: Draw | None, blocks=None, backward: bool = True) -> tuple:
@@ -244,6 +260,13 @@ def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tenso
     elif st.masked:
         blocks = _block_tensors(st, Nk - Nq, mask, mask_mod, mask_info, B, Hq, rows, Nk, block, q.device,
                                 q=q, k=k, offset_tensor=offset)
+    if blocks is not None and _without_full_blocks(kind, q, rows, block):
+        # Fewer query rows than a query block: no block is fully allowed (the query block is
+        # incomplete), and the empty lists of full blocks, given at all, make FlexAttention's
+        # decoding kernel split the whole key length over its programs (HAS_FULL_BLOCKS) rather
+        # than each sequence's own key blocks (torch 2.11-2.13, flex_decode's TILE_KV): without
+        # them a shorter sequence's programs walk fewer blocks. (flexflash._paged does the same.)
+        blocks = (blocks[0], blocks[1], None, None, blocks[4], blocks[5], None, None)
     if blocks is not None and not backward:
         # Without a backward pass the kernel reads the key-block lists alone: the query-block lists
         # stay out (FlexAttention's forward-only block masks), fewer inputs whose sizes a call of

@@ -396,3 +396,41 @@ def test_decoding_kernel_only_where_its_lowering_has_a_configuration(monkeypatch
     # inside a caller's torch.compile its graph decides (no guards on its lengths from here)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not fits(8, 32, 8, 1)
+
+
+def test_calls_of_a_short_query_block_leave_out_the_lists_of_full_blocks(monkeypatch):
+    """A call of fewer query rows than a query block has no fully allowed block (its query block is
+    incomplete). Where it runs FlexAttention's decoding kernel, the (empty) lists of full blocks
+    are left out of its block mask: given at all, they make that kernel split the whole key length
+    over its programs (torch 2.11-2.13, ``HAS_FULL_BLOCKS``) rather than each sequence's own key
+    blocks. The decoding kernel is CUDA's; on CPU the decision is forced here, and the calls still
+    agree with the reference. Calls of a whole query block keep their lists."""
+    from flexflash import _flex, _kernels, _kinds, plan
+    from .helpers import check_against_reference, randn
+
+    monkeypatch.setattr(_kinds, "decoding_kernel", lambda q, k, block: 0 < q.shape[-2] < block[0])
+    monkeypatch.setattr(plan, "_PLANS", {})
+    seen = []
+    call = _kernels._Kernel.__call__
+    monkeypatch.setattr(_kernels._Kernel, "__call__", lambda kernel, *a: seen.append(a[3]) or call(kernel, *a))
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.tensor([300, 131])
+    padding = mods.key_padding(lengths)
+    with torch.no_grad():
+        for Nq in (3, 128):
+            q, k, v = (randn(2, 4, n, 16, gen=gen) for n in (Nq, 300, 300))
+            check_against_reference(q, k, v, mask_mod=padding, causal=True, block_size=128)
+            blocks = seen[-1]
+            assert blocks[0] is not None and blocks[1] is not None
+            assert all(t is None for t in (blocks[2], blocks[3], blocks[6], blocks[7])) == (Nq < 128), Nq
+            if Nq == 128:  # the whole block of the last query rows allows every key of sequence 0
+                assert int(blocks[2].sum()) > 0
+    # traced into a caller's graph on CUDA: a static query length below a query block
+    kind = types.SimpleNamespace(decoding=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = _sized((8, 32, 1, 128))
+    assert _flex._without_full_blocks(kind, q, 1, (128, 128))
+    assert not _flex._without_full_blocks(kind, q, 128, (128, 128))
+    assert not _flex._without_full_blocks(kind, _sized((8, 32, 1, 128), "cpu"), 1, (128, 128))
+    monkeypatch.setattr(_flex, "_DECODING_FULL_BLOCKS", True)
+    assert not _flex._without_full_blocks(types.SimpleNamespace(decoding=True), q, 1, (128, 128))

@@ -14,10 +14,13 @@ is not changed), each a ``+``-joined list of:
   ``2 * SMs // (batch * kv_heads)``: 4 at batch 8 on 132 SMs, so 256 programs each walk a quarter
   of the cache), to see whether more splits bring a step nearer the memory bandwidth;
 * ``partial``: the block mask without full-block lists (its full blocks, if any, listed as partial
-  ones). A decoding step's query block is incomplete, so flexflash's lists of full blocks are
-  empty, but given at all they make FlexAttention's decoding kernel split the whole cache length
-  (``HAS_FULL_BLOCKS``: ``TILE_KV = cdiv(KV_LEN, SPLIT_KV)``) rather than each sequence's own
-  blocks, so a shorter sequence's programs do not finish sooner.
+  ones);
+* ``full``: the lists of full blocks passed to FlexAttention as flexflash did before
+  (``flexflash._flex._DECODING_FULL_BLOCKS``). A decoding step's query block is incomplete, so
+  those lists are empty, but given at all they make FlexAttention's decoding kernel split the whole
+  cache length (``HAS_FULL_BLOCKS``: ``TILE_KV = cdiv(KV_LEN, SPLIT_KV)``) rather than each
+  sequence's own blocks, so a shorter sequence's programs do not finish sooner; flexflash now
+  leaves them out (``_flex._without_full_blocks``).
 
 Usage on a CUDA machine::
 
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import test_decode as bench  # noqa: E402  (the benchmark's shapes and lengths)
 from raw_flex_gap import timed  # noqa: E402  (this folder's: median ms after warm-up, CUDA events on a GPU)
 
-from flexflash import _kernels  # noqa: E402
+from flexflash import _flex, _kernels  # noqa: E402
 from flexflash.compat.flash_attn import flash_attn_with_kvcache  # noqa: E402
 
 _FLEX = _kernels.flex_attention
@@ -70,7 +73,7 @@ def _partial_only(bm: BlockMask) -> BlockMask:
 def _variant(name: str):
     """``flex_attention`` changed as ``name`` says (see the module's docstring) for calls of fewer
     than 128 queries."""
-    parts = [x for x in name.split("+") if x and x != "default"]
+    parts = [x for x in name.split("+") if x and x not in ("default", "full")]
     split = next((int(x[5:]) for x in parts if x.startswith("split")), None)
     partial = "partial" in parts
 
@@ -148,7 +151,7 @@ def main() -> None:
     p.add_argument("--cache", default="8192,32768")
     p.add_argument("--lengths", default="full,spread")
     p.add_argument("--layout", default="contiguous,paged")
-    p.add_argument("--variants", default="", help="changes to time besides flexflash as it is: splitN, partial, "
+    p.add_argument("--variants", default="", help="changes to time besides flexflash as it is: splitN, partial, full, "
                                                   "joined by + (e.g. split32+partial), comma-separated")
     p.add_argument("--kernels", type=int, default=12, help="kernels listed per step (0: none)")
     a = p.parse_args()
@@ -165,12 +168,14 @@ def main() -> None:
                     row = dict(B=B, S=S, lengths=lengths, layout=layout, sdpa=graphed_ms(sdpa))
                     for variant in ["default", *variants]:
                         _kernels.flex_attention = _variant(variant)
+                        _flex._DECODING_FULL_BLOCKS = "full" in variant.split("+")
                         try:
                             row[f"flexflash {variant}"] = graphed_ms(flex)
                         except Exception as e:  # noqa: BLE001  (a configuration the lowering rejects)
                             row[f"flexflash {variant}"] = f"{type(e).__name__}: {str(e)[:80]}"
                         finally:
                             _kernels.flex_attention = _FLEX
+                            _flex._DECODING_FULL_BLOCKS = False
                     summary.append(row)
                     print(row, flush=True)
                     if a.kernels:

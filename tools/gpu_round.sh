@@ -16,8 +16,9 @@
 #   decode3  tools/decode_profile.py: compiled decoding steps at cache 32k, batch 8 and 1, with
 #            FlexAttention's SPLIT_KV and larger, full blocks listed as partial, and each step's kernels
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
-#            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the compiled
-#            decoding rows at batch 64 and 32k
+#            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
+#            of flash-attn's decoding; compiled decoding steps at batch 8, cache 32k, with the lists
+#            of full blocks (as before) and without (now), and with more splits
 set -u
 case "${1:-}" in tests|tests2|decode|decode2|gap|d64|decode3|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
@@ -67,8 +68,10 @@ decode3)
     --lengths full,spread --variants split16,split32,split64,partial,split32+partial --kernels 10
   tail -80 "$OUT/decode-profile.log" ;;
 checks)
-  step checks 300 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py \
-    -k "32_bit or short_calls or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64)"
+  step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
+    -k "32_bit or short_calls or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"
   grep -E "^(FAILED|ERROR)|Error:" "$OUT/checks.log" | head -20
-  decode decode-64-32k 200 "test_decode and compiled and 64-32768" ;;
+  step decode-profile 250 python tools/decode_profile.py --batch 8 --cache 32768 --layout contiguous \
+    --lengths spread,full --variants full,split32,split64 --kernels 0
+  tail -8 "$OUT/decode-profile.log" ;;
 esac
