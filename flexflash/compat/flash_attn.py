@@ -131,9 +131,28 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
                                return_lse=lse)
     mask = None
     if as_tensor and mask_mod is not None:
-        mask, mask_mod = mask_mod(*tile_grids(B, 1, 0, Nq, 0, k.shape[2], q.device)), None
+        mask, mask_mod = mask_mod(*_grids(B, Nq, k.shape[2], q.device)), None
     return attention(q, k, v, mask=mask, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
                      dropout_p=dropout_p, return_lse=lse)
+
+
+_GRIDS: dict[tuple, tuple[Tensor, ...]] = {}
+
+
+def _grids(B: int, Nq: int, Nk: int, device: torch.device) -> tuple[Tensor, ...]:
+    """The index grids over which a short call's mask function is evaluated as a tensor
+    (:func:`flexflash._compose.tile_grids`), kept from call to call outside a caller's
+    torch.compile: a decoding step of one shape makes none anew (four fewer launches a step on a
+    GPU). flash-attn's mask functions here only read them."""
+    if torch.compiler.is_compiling():
+        return tile_grids(B, 1, 0, Nq, 0, Nk, device)
+    key = (B, Nq, Nk, device)
+    grids = _GRIDS.get(key)
+    if grids is None:
+        if len(_GRIDS) >= 64:
+            _GRIDS.clear()
+        grids = _GRIDS[key] = tile_grids(B, 1, 0, Nq, 0, Nk, device)
+    return grids
 
 
 # Up to this many new query tokens per sequence (a decoding step, a few speculative tokens), and
