@@ -50,6 +50,7 @@ from .dropout import Draw
 from ._fingerprint import Modifier, inspect_modifier
 from ._flex_dropout import _dropout_words
 from ._kernels import (_CPU_STATIC_KINDS, _KERNELS, _cpu_static_shapes, _flex_kernel, _Kernel, _kernel_layout,
+                       needs_main_kernel,
                        _scalar_tensor, _static_sequence_buffers)
 from ._kinds import (_FIRST_SHAPES, _STATIC_BUFFER_SHAPES, _STATIC_DECODING_BATCH, _STATIC_FIRST_SHAPE,
                      _STATIC_SEQUENCE_BUFFERS, _STATIC_SHAPES,
@@ -183,6 +184,16 @@ def _kernel(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     Inside a caller's torch.compile, the kernel body itself (traced into the caller's graph)."""
     st, static, key = kind.structure, kind.static, kind.kind
     if torch.compiler.is_compiling():
+        if q.device.type == "cuda" and needs_main_kernel(q, k, v, mask, bias):
+            # Traced into a caller's graph (static shapes), such a call gave wrong outputs for
+            # every sequence but the first (H100, torch 2.11: 16 x 131,072 keys of 8 x 128
+            # heads, key-padded; with the lists of full blocks, an illegal memory access), where
+            # flexflash's own compiled kernels compute it exactly.
+            raise NotImplementedError(
+                f"flexflash: a CUDA call of fewer than 128 queries with an input past 2**31 - 1 elements (q "
+                f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}) is not supported inside torch.compile: "
+                "traced into a compiled graph it gave wrong results; call flexflash.attention outside "
+                "torch.compile for it (torch.compiler.disable), where it is computed exactly")
         return functools.partial(_flex_kernel, static=static), key, key
     static_mask_bias = (False, False)
     if q.device.type == "cuda" and _STATIC_SEQUENCE_BUFFERS:

@@ -74,7 +74,9 @@ def needs_main_kernel(q: Tensor, k: Tensor, v: Tensor, *buffers: Tensor | None) 
 
 def _flex(q, k, v, score_fn, block_mask, static: _Static, return_lse: bool, extra=(), main_kernel=False):
     options = {**dict(static.kernel_options), **dict(extra)}
-    if main_kernel and not {"BACKEND", "FORCE_USE_FLEX_ATTENTION"} & options.keys():
+    # (membership tests, not a set operation on the keys: Dynamo traces this function, and torch
+    # 2.11's Dynamo does not take ``set & dict_keys``)
+    if main_kernel and "BACKEND" not in options and "FORCE_USE_FLEX_ATTENTION" not in options:
         options["FORCE_USE_FLEX_ATTENTION"] = True  # see needs_main_kernel
     options = options or None
     kw = dict(score_mod=score_fn, block_mask=block_mask, scale=static.scale, enable_gqa=static.gqa,

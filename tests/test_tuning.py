@@ -322,7 +322,9 @@ def test_the_decoding_kernel_is_kept_off_inputs_past_32_bit_indices(monkeypatch)
     strides counted, as Inductor counts them to choose 64-bit indices), FlexAttention's
     decoding template does not compile (torch 2.11-2.13, "Ternary expression with dynamic condition
     has inconsistent types int64 and int32"): the kernel is asked for its main kernel there
-    (``FORCE_USE_FLEX_ATTENTION``), and not elsewhere, nor over a caller's own ``BACKEND``."""
+    (``FORCE_USE_FLEX_ATTENTION``), and not elsewhere, nor over a caller's own ``BACKEND``; the
+    choice traces (torch 2.11's Dynamo did not trace the set operation it was once written with).
+    Inside a caller's graph such calls raise."""
     from flexflash import _kernels
     from flexflash._kernels import needs_main_kernel
 
@@ -348,6 +350,25 @@ def test_the_decoding_kernel_is_kept_off_inputs_past_32_bit_indices(monkeypatch)
     flash = dataclasses.replace(static, kernel_options=(("BACKEND", "TRITON_DECODE"),))
     _kernels._flex(None, None, None, None, None, flash, False, main_kernel=True)
     assert seen == [{"FORCE_USE_FLEX_ATTENTION": True}, None, {"BACKEND": "TRITON_DECODE"}]
+    # traced (Dynamo traces it inside every compiled kernel and caller's graph), with the same answer
+    monkeypatch.setattr(_kernels, "flex_attention",
+                        lambda q, k, v, **kw: q * 2 if (kw["kernel_options"] or {}).get("FORCE_USE_FLEX_ATTENTION") else q)
+    traced = torch.compile(lambda x, main: _kernels._flex(x, x, x, None, None, static, False, main_kernel=main)[0],
+                           backend="eager", fullgraph=True)
+    x = torch.ones(2)
+    assert traced(x, True).tolist() == [2.0, 2.0] and traced(x, False).tolist() == [1.0, 1.0]
+    # Traced into a caller's graph (static shapes), such a call gave wrong outputs for every
+    # sequence but the first (H100, torch 2.11): there it raises, naming the shapes; smaller
+    # calls get the kernel's body to trace.
+    from flexflash import _flex
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    kind = types.SimpleNamespace(structure=None, static=static, kind=("kind",))
+    with pytest.raises(NotImplementedError, match=r"past 2\*\*31 - 1 elements \(q \(64, 32, 1, 128\), k \(64, 8, 32768"):
+        _flex._kernel(kind, q, cache, cache, None, None, None, (128, 128), label=lambda: "x")
+    body, _, _ = _flex._kernel(kind, q, smaller, smaller, None, None, None, (128, 128), label=lambda: "x")
+    assert body.func is _kernels._flex_kernel
+    assert _flex._kernel(kind, _sized((64, 32, 1, 128), "cpu"), cache, cache, None, None, None, (128, 128),
+                         label=lambda: "x")[0].func is _kernels._flex_kernel
 
 
 def test_the_32_bit_check_traced_over_several_shapes_compiles_one_graph():

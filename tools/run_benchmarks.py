@@ -146,6 +146,7 @@ def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
     decode: dict[tuple, dict[str, float]] = defaultdict(dict)
     varlen: dict[tuple, dict[str, float]] = defaultdict(dict)
     others: set[str] = set()
+    sdpa_backends: dict[str, int] = defaultdict(int)  # SDPA's own choice of backend per row, where recorded
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         ms = bench["stats"]["median"] * 1e3
@@ -154,6 +155,8 @@ def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
             column = "sdpa" if impl == "sdpa" else f"{'flexflash' if impl == 'flexflash' else 'other'}-{info['layout']}"
             if impl not in ("flexflash", "sdpa"):
                 others.add(impl)
+            if impl == "sdpa" and info.get("sdpa_backend"):
+                sdpa_backends[info["sdpa_backend"]] += 1
             decode[(info.get("mode", "eager"), info["B"], info["S"], info["lengths"])][column] = ms
         elif info.get("bench") == "varlen":
             varlen[(info["N"], info["B"], info["H"], info["tokens"])][info["impl"]] = ms
@@ -172,6 +175,8 @@ def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
                          f"{cell(r, 'flexflash-paged')} | {ratio(r, 'flexflash-contiguous')} | "
                          f"{ratio(r, 'flexflash-paged')} | {'1.5' if spread == 'spread' else '1.0'} | "
                          f"{cell(r, 'other-contiguous')} | {cell(r, 'other-paged')} |")
+        if sdpa_backends:
+            lines += ["", "SDPA's dispatch chose (rows): " + ", ".join(f"{b} ({n})" for b, n in sorted(sdpa_backends.items()))]
         lines.append("")
     if varlen:
         lines += ["Variable-length training (causal, forward+backward), median ms; ratio = SDPA (padded batch, "
