@@ -100,6 +100,8 @@ def test_decode(benchmark, B, S, lengths, layout, impl, mode, monkeypatch):
             mask = (positions[None, :] < lens[:, None])[:, None, None, :]
             choice = torch._fused_sdp_choice(qt, kt, vt, mask, 0.0, False, scale=None, enable_gqa=True)
             benchmark.extra_info["sdpa_backend"] = torch.nn.attention.SDPBackend(choice).name
+            benchmark.extra_info["sdpa_priority"] = [torch.nn.attention.SDPBackend(b).name
+                                                     for b in torch._C._get_sdp_priority_order()]
 
     if mode == "compiled":
         torch._dynamo.reset()  # one step's graph at a time (CUDA graphs of earlier cases freed)
