@@ -51,7 +51,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, mask: T
     kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa)
     out = _prioritised(q, k, v, kw)
     if mask is not None and q.device.type != "cpu":
-        out = out.masked_fill(~mask.any(-1, keepdim=True), 0)
+        out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
     return out
 
 

@@ -763,6 +763,31 @@ def test_property_kvcache_against_flash_attns_semantics(B, S, Sq, heads, causal,
                                    msg=lambda m: f"sequence {b} of keys {lo}:{hi}: {m}")
 
 
+def test_one_new_token_under_every_window_and_causal_flag():
+    """One query per sequence (a decoding step) is aligned with its sequence's last key: causal and
+    right windows allow every key up to it, left windows bound it from below, left padding from the
+    start. Each combination, eagerly with the mask as a tensor, against the reference."""
+    gen = torch.Generator().manual_seed(seed_of("one token"))
+    B, S, H, Hk, D = 3, 40, 4, 2, 16
+    seqlens = torch.tensor([0, 17, 39], dtype=torch.int32)
+    start = torch.tensor([0, 5, 30], dtype=torch.int32)
+    k_init, v_init = torch.randn(B, S, Hk, D, generator=gen), torch.randn(B, S, Hk, D, generator=gen)
+    q = torch.randn(B, 1, H, D, generator=gen)
+    for causal in (False, True):
+        for window in ((-1, -1), (-1, 0), (-1, 3), (4, -1), (4, 0), (0, 2)):
+            for leftpad in (False, True):
+                kw = dict(causal=causal, window_size=window)
+                with torch.no_grad():
+                    out = flash_attn_with_kvcache(q, k_init, v_init, cache_seqlens=seqlens + 1,
+                                                  cache_leftpad=start if leftpad else None, **kw)
+                for b in range(B):
+                    lo, hi = (int(start[b]) if leftpad else 0), int(seqlens[b]) + 1
+                    want = attention_ref(q[b:b + 1].double(), k_init[b:b + 1, lo:hi].double(),
+                                         v_init[b:b + 1, lo:hi].double(), **kw)[0]
+                    torch.testing.assert_close(out[b:b + 1].double(), want, rtol=1e-5, atol=1e-5,
+                                               msg=lambda m: f"{kw}, left padding {leftpad}, sequence {b}: {m}")
+
+
 def test_dropout_is_flexflashs_exact_dropout():
     """``dropout_p`` is flexflash's dropout: reproducible with ``torch.manual_seed``, unbiased on
     average, and off at 0."""

@@ -63,8 +63,9 @@ def _mask_mod(diag, left: int, right: int, causal: bool, extra=None):
         return None
 
     def flash_attn_mask(b, h, q_idx, kv_idx):
-        d = diag(b, q_idx)
-        parts = ([kv_idx >= d - left] if left >= 0 else []) + ([kv_idx <= d + right] if right >= 0 else [])
+        d = diag(b, q_idx) if left >= 0 or right >= 0 else None
+        parts = (([kv_idx >= d - left] if left >= 0 else [])
+                 + ([kv_idx <= (d + right if right else d)] if right >= 0 else []))
         if extra is not None:
             parts.append(extra(b, h, q_idx, kv_idx))
         ok = parts[0]
@@ -400,6 +401,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         def filled(b, h, q_idx, kv_idx):
             return (kv_idx < total[b]) & (kv_idx >= start[b])
 
+    if Sq == 1 and _window(window_size)[0] < 0:
+        # One new query per sequence, aligned with its last key (total - 1): the causal bound and
+        # any right window allow every key up to it already, so the filled part (and the left
+        # padding) is the whole mask. (The score modifiers still read diag.)
+        causal, window_size = False, (-1, -1)
     qt, pages = _bhsd(q, "q"), None
     # (each sequence's row of a plain cache is a view already; a row of cache_batch_idx is one page)
     table = block_table if block_table is not None else None if cache_batch_idx is None else cache_batch_idx[:, None]
