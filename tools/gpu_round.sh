@@ -13,8 +13,8 @@
 #   gap      tools/raw_flex_gap.py at N = 1024, D = 128 (sliding window, document, key padding),
 #            with the host-time profile
 #   d64      the masked cases at D = 64 against raw FlexAttention and SDPA cuDNN, N = 1k-16k
-#   decode3  tools/decode_profile.py: compiled decoding steps at cache 32k, batch 8 and 1, with
-#            FlexAttention's SPLIT_KV and larger, full blocks listed as partial, and each step's kernels
+#   decode3  tools/decode_profile.py: compiled decoding steps at cache 8k, batch 1 and 64, contiguous
+#            and paged, with FlexAttention's SPLIT_KV at 16 and 64 (batch 8 at 32k was measured)
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding; compiled decoding steps at batch 8, cache 32k, with the lists
@@ -64,8 +64,8 @@ d64)
       --cases "$case" --n 1024,4096,16384 --d 64 --impls flexflash,flex-raw,sdpa-cudnn
   done ;;
 decode3)
-  step decode-profile 480 python tools/decode_profile.py --batch 8,1 --cache 32768 --layout contiguous \
-    --lengths full,spread --variants split16,split32,split64,partial,split32+partial --kernels 10
+  step decode-profile 480 python tools/decode_profile.py --batch 1,64 --cache 8192 --layout contiguous,paged \
+    --lengths spread --variants split16,split64 --kernels 0
   tail -80 "$OUT/decode-profile.log" ;;
 checks)
   step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
