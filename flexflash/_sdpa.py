@@ -55,10 +55,20 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, mask: T
     return out
 
 
+# Whether SDPA's CUDA dispatch has installed its default priority order in this process (see
+# _torch_private.settle_sdp_priority_order).
+_SETTLED = [False]
+
+
 def _prioritised(q: Tensor, k: Tensor, v: Tensor, kw: dict) -> Tensor:
-    """SDPA's call with ``_SDPA_ORDER`` first in its priority order for its duration."""
+    """SDPA's call with ``_SDPA_ORDER`` first in its priority order for its duration; the order
+    restored afterwards is SDPA's own default where the process had not dispatched a CUDA call yet
+    (torch installs it then), not the static order it replaces."""
     if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
         return F.scaled_dot_product_attention(q, k, v, **kw)
+    if not _SETTLED[0] and q.device.type == "cuda":
+        _torch_private.settle_sdp_priority_order(q, k, v, kw)
+        _SETTLED[0] = True
     previous = _torch_private.sdp_priority_order()
     wanted = _sdpa_priority(previous)
     if wanted == previous:

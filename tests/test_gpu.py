@@ -545,6 +545,37 @@ def test_eager_short_calls_with_a_mask_tensor_take_sdpa(dtype, Nq, Hkv, layout):
     assert (flexflash.attention(q, k, v, mask=mask)[-1] == 0).all()
 
 
+_FIRST_CALL = """
+import sys, torch, torch.nn.functional as F
+import flexflash
+q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(2, 2, 512, 128, device="cuda", dtype=torch.bfloat16)
+mask = (torch.arange(512, device="cuda")[None] < torch.tensor([[512], [100]], device="cuda"))[:, None, None]
+with torch.no_grad():
+    if sys.argv[1] == "flexflash":
+        assert flexflash.explain(q, k, k, mask=mask).path == "sdpa"
+        flexflash.attention(q, k, k, mask=mask)
+    else:
+        F.scaled_dot_product_attention(q, k, k, attn_mask=mask, enable_gqa=True)
+print(torch._C._get_sdp_priority_order(), torch._fused_sdp_choice(q, k, k, attn_mask=mask, enable_gqa=True))
+"""
+
+
+def test_sdpa_route_as_a_processs_first_sdpa_call_keeps_sdpas_own_order():
+    """torch installs SDPA's default priority order at a process's first CUDA dispatch (cuDNN first
+    on recent GPUs). With flexflash's SDPA route as that first call, the order afterwards, and the
+    backend SDPA then picks for the caller's own masked grouped-head call, are those of a process
+    whose first call was SDPA's own (fresh processes each: the order is process state). Before, an
+    H100 and an H200 kept the static order, math above cuDNN, and ran such calls on math."""
+    import subprocess
+    import sys
+    runs = {who: subprocess.run([sys.executable, "-c", _FIRST_CALL, who], capture_output=True, text=True,
+                                timeout=300) for who in ("flexflash", "sdpa")}
+    for who, run in runs.items():
+        assert run.returncode == 0, f"{who}: {run.stderr[-2000:]}"
+    assert runs["flexflash"].stdout.splitlines()[-1] == runs["sdpa"].stdout.splitlines()[-1]
+
+
 def test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit():
     """17 queries, a causal flag beside the mask, gradients, float32, a bias, modifiers, dropout
     (the exact hash), the log-sum-exp, backend="flex" and grouped heads past SDPA_MASK_GQA_SCORES

@@ -179,6 +179,48 @@ def test_sdpa_route_puts_its_backends_first_for_the_call_only(monkeypatch):
         assert order[:3] == first and not cudnn_enabled
 
 
+def test_sdpa_route_leaves_sdpas_default_order_installed_on_a_first_cuda_call(monkeypatch):
+    """torch installs SDPA's default priority order on CUDA lazily, at a process's first dispatch
+    (cuDNN first on recent GPUs, over a static flash, efficient, math, cuDNN). When flexflash's SDPA
+    route makes that first call, the order it restores afterwards is torch's installed default, not
+    the static order read before it: the caller's own SDPA calls rank cuDNN first as they would have
+    without flexflash (an H100 and an H200 ran masked grouped-head steps on math after such a call).
+    torch's lazy installation is emulated here (no GPU); tests/test_gpu.py checks it on a GPU."""
+    import types
+
+    from torch.nn.attention import SDPBackend
+
+    from flexflash import _sdpa, _torch_private
+    static = [int(b) for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                               SDPBackend.CUDNN_ATTENTION, SDPBackend.OVERRIDEABLE)]
+    default = static[3:4] + static[:3] + static[4:]
+    state = dict(order=list(static), installed=False, during=None)
+
+    def dispatch():  # what SDPA's CUDA dispatch does first (sdp_utils.cpp priority_order)
+        if not state["installed"]:
+            state["installed"], state["order"] = True, list(default)
+
+    def choice(*args, **kwargs):
+        dispatch()
+        return 0
+
+    def sdpa(q, k, v, **kw):
+        dispatch()
+        state["during"] = list(state["order"])
+        return "out"
+
+    monkeypatch.setattr(_torch_private, "sdp_priority_order", lambda: list(state["order"]))
+    monkeypatch.setattr(_torch_private, "set_sdp_priority_order", lambda order: state.update(order=list(order)))
+    monkeypatch.setattr(torch, "_fused_sdp_choice", choice)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(_sdpa, "_SETTLED", [False])
+    cuda = types.SimpleNamespace(device=torch.device("cuda"))
+    assert _sdpa._prioritised(cuda, cuda, cuda, dict(attn_mask=None)) == "out"
+    assert state["during"][:3] == default[:3]
+    assert state["order"] == default  # not the static order read before the first dispatch
+    assert _sdpa._prioritised(cuda, cuda, cuda, dict(attn_mask=None)) == "out" and state["order"] == default
+
+
 def test_explain_gives_the_path_and_why_each_other_path_was_not_taken():
     """explain() returns the call's plan without running it (nothing compiles): the path, the
     generator and kernel options on the flex path only, and one reason for every other path; the
