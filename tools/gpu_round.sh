@@ -69,7 +69,7 @@ decode3)
   tail -80 "$OUT/decode-profile.log" ;;
 checks)
   step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
-    -k "32_bit or short_calls or processs_first or one_new_token or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"
+    -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"
   grep -E "^(FAILED|ERROR)|Error:" "$OUT/checks.log" | head -20
   step decode-profile 250 python tools/decode_profile.py --batch 8 --cache 32768 --layout contiguous \
     --lengths spread,full --variants full,split32,split64 --kernels 0
