@@ -67,7 +67,7 @@ def _prioritised(q: Tensor, k: Tensor, v: Tensor, kw: dict) -> Tensor:
     if torch.compiler.is_compiling():  # inside a caller's torch.compile, inductor chooses the kernel
         return F.scaled_dot_product_attention(q, k, v, **kw)
     if not _SETTLED[0] and q.device.type == "cuda":
-        _torch_private.settle_sdp_priority_order(q, k, v, kw)
+        _torch_private.settle_sdp_priority_order(q)
         _SETTLED[0] = True
     previous = _torch_private.sdp_priority_order()
     wanted = _sdpa_priority(previous)

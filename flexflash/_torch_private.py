@@ -98,19 +98,18 @@ def set_sdp_priority_order(order: list[int]) -> None:
     torch._C._set_sdp_priority_order(order)
 
 
-def settle_sdp_priority_order(q: Tensor, k: Tensor, v: Tensor, kw: dict) -> None:
+def settle_sdp_priority_order(q: Tensor) -> None:
     """Lets SDPA's CUDA dispatch install its default priority order before the order is read.
     torch installs it lazily, at a process's first CUDA dispatch (torch 2.11-2.13, sdp_utils.cpp
     ``priority_order``: cuDNN first on sm90/sm100 with a recent cuDNN, over the static flash,
     efficient, math, cuDNN). An order read before that and restored after a call is the static
     one, kept for good: the caller's own SDPA calls would then rank math above cuDNN (an H100 and
     an H200 ran masked grouped-head decoding steps on math, 25x slower). Asking the dispatch which
-    backend it would choose (``torch._fused_sdp_choice``, no kernel) installs it."""
+    backend it would choose for ``q`` against itself (``torch._fused_sdp_choice``, no kernel)
+    installs it: the dispatch reads the order before it checks any backend."""
     try:
-        torch._fused_sdp_choice(q, k, v, attn_mask=kw.get("attn_mask"), dropout_p=kw.get("dropout_p", 0.0),
-                                is_causal=kw.get("is_causal", False), scale=kw.get("scale"),
-                                enable_gqa=kw.get("enable_gqa", False))
-    except RuntimeError:  # no backend takes the call: SDPA's own call raises it with its reasons
+        torch._fused_sdp_choice(q, q, q)
+    except RuntimeError:  # no backend for q itself: the order was read (installed) all the same
         pass
 
 
