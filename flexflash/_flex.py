@@ -243,10 +243,10 @@ def _without_full_blocks(kind: _KindPlan, q: Tensor, rows, block: tuple[int, int
     (``kind.decoding``), and CUDA calls traced into a caller's graph with a static query length
     below a query block, which FlexAttention's lowering gives its decoding kernel where their batch
     is static (a symbolic length is not compared: that would guard on it)."""
-    if not _DECODING_FULL_BLOCKS and kind.decoding:
-        return True
-    return (not _DECODING_FULL_BLOCKS and torch.compiler.is_compiling() and q.device.type == "cuda"
-            and type(rows) is int and rows < block[0])
+    if _DECODING_FULL_BLOCKS:
+        return False
+    return kind.decoding or (torch.compiler.is_compiling() and q.device.type == "cuda"
+                             and type(rows) is int and rows < block[0])
 
 
 def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,

@@ -7,14 +7,12 @@ kernels' own time, as the benchmark measures it) and, from the profiler over 20 
 the default mode, every GPU kernel of a step with its µs per step: the attention kernel(s) apart
 from what builds the block mask and the mask.
 
-``--variants`` also times flexflash with changes made around ``flex_attention`` here (the library
-is not changed), each a ``+``-joined list of:
+``--variants`` also times flexflash with changes made here (around ``flex_attention``, or through
+a switch of the library's), each a ``+``-joined list of:
 
 * ``splitN``: FlexAttention's decoding kernel given ``SPLIT_KV = N`` (its default is
   ``2 * SMs // (batch * kv_heads)``: 4 at batch 8 on 132 SMs, so 256 programs each walk a quarter
   of the cache), to see whether more splits bring a step nearer the memory bandwidth;
-* ``partial``: the block mask without full-block lists (its full blocks, if any, listed as partial
-  ones);
 * ``full``: the lists of full blocks passed to FlexAttention as flexflash did before
   (``flexflash._flex._DECODING_FULL_BLOCKS``). A decoding step's query block is incomplete, so
   those lists are empty, but given at all they make FlexAttention's decoding kernel split the whole
@@ -25,7 +23,7 @@ is not changed), each a ``+``-joined list of:
 Usage on a CUDA machine::
 
     python tools/decode_profile.py [--batch 1,8,64] [--cache 8192,32768] [--lengths full,spread]
-                                   [--layout contiguous,paged] [--variants split16,partial,split32+partial]
+                                   [--layout contiguous,paged] [--variants split16,full,split32+full]
                                    [--kernels 12]
 
 ``FLEXFLASH_BENCH_DEVICE=cpu`` runs the benchmark's small CPU shapes (default mode, wall clock): a
@@ -41,7 +39,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import test_decode as bench  # noqa: E402  (the benchmark's shapes and lengths)
@@ -54,36 +51,16 @@ _FLEX = _kernels.flex_attention
 DEV = bench.DEVICE
 
 
-def _partial_only(bm: BlockMask) -> BlockMask:
-    """``bm`` without full-block lists: its full key blocks listed among the partial ones (forward
-    only)."""
-    if bm.full_kv_num_blocks is None:
-        return bm
-    width = bm.kv_indices.shape[-1]
-    at = torch.arange(width, device=bm.kv_indices.device)
-    absent = torch.iinfo(torch.int32).max
-    some = torch.where(at < bm.kv_num_blocks[..., None], bm.kv_indices, absent)
-    every = torch.where(at < bm.full_kv_num_blocks[..., None], bm.full_kv_indices, absent)
-    idx = torch.cat([some, every], -1).sort(-1).values[..., :width]
-    idx = torch.where(idx == absent, 0, idx).to(torch.int32)
-    return BlockMask.from_kv_blocks(bm.kv_num_blocks + bm.full_kv_num_blocks, idx, BLOCK_SIZE=bm.BLOCK_SIZE,
-                                    mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
-
-
 def _variant(name: str):
     """``flex_attention`` changed as ``name`` says (see the module's docstring) for calls of fewer
     than 128 queries."""
     parts = [x for x in name.split("+") if x and x not in ("default", "full")]
     split = next((int(x[5:]) for x in parts if x.startswith("split")), None)
-    partial = "partial" in parts
 
-    def flex(q, k, v, *args, kernel_options=None, block_mask=None, **kw):
-        if q.shape[-2] < 128:
-            if split:
-                kernel_options = {**(kernel_options or {}), "SPLIT_KV": split}
-            if partial and block_mask is not None:
-                block_mask = _partial_only(block_mask)
-        return _FLEX(q, k, v, *args, kernel_options=kernel_options, block_mask=block_mask, **kw)
+    def flex(q, k, v, *args, kernel_options=None, **kw):
+        if q.shape[-2] < 128 and split:
+            kernel_options = {**(kernel_options or {}), "SPLIT_KV": split}
+        return _FLEX(q, k, v, *args, kernel_options=kernel_options, **kw)
     return flex
 
 
@@ -151,8 +128,8 @@ def main() -> None:
     p.add_argument("--cache", default="8192,32768")
     p.add_argument("--lengths", default="full,spread")
     p.add_argument("--layout", default="contiguous,paged")
-    p.add_argument("--variants", default="", help="changes to time besides flexflash as it is: splitN, partial, full, "
-                                                  "joined by + (e.g. split32+partial), comma-separated")
+    p.add_argument("--variants", default="", help="changes to time besides flexflash as it is: splitN, full, "
+                                                  "joined by + (e.g. split32+full), comma-separated")
     p.add_argument("--kernels", type=int, default=12, help="kernels listed per step (0: none)")
     a = p.parse_args()
     variants = [x for x in a.variants.split(",") if x]
