@@ -7,8 +7,8 @@
 #            128k-token tests alone), logs packed into $OUT/gpu-tests.tgz
 #   tests2   the GPU tests of every other file, logs packed into $OUT/gpu-tests2.tgz
 #   decode   benchmarks/test_decode.py: eager decoding at cache 1k and 8k (batch 1, 8, 64, full and
-#            spread lengths, contiguous and paged, static and symbolic batch) and the packed
-#            variable-length training, with summaries
+#            spread lengths, contiguous and paged, static and symbolic batch), with summaries
+#   varlen   benchmarks/test_decode.py: the packed variable-length training
 #   decode2  benchmarks/test_decode.py: eager decoding at cache 32k, compiled steps at batch 8
 #   gap      tools/raw_flex_gap.py at N = 1024, D = 128 (sliding window, document, key padding),
 #            with the host-time profile
@@ -17,10 +17,9 @@
 #            and paged, with FlexAttention's SPLIT_KV at 16 and 64 (batch 8 at 32k was measured)
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
-#            of flash-attn's decoding; compiled decoding steps at batch 8, cache 32k, with the lists
-#            of full blocks (as before) and without (now), and with more splits
+#            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|decode2|gap|d64|decode3|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -50,7 +49,8 @@ tests2)
   OUT=$OUT/t tools/run_gpu_tests.sh 8 480 tests/ --ignore=tests/test_gpu.py
   (cd "$OUT" && tar czf gpu-tests2.tgz t && rm -rf t) ;;
 decode)
-  decode decode-eager 330 "test_decode and eager and (1024 or 8192)"
+  decode decode-eager 330 "test_decode and eager and (1024 or 8192)" ;;
+varlen)
   decode varlen 150 "varlen" ;;
 decode2)
   decode decode-eager-32k 250 "test_decode and eager and 32768"
@@ -64,14 +64,11 @@ d64)
       --cases "$case" --n 1024,4096,16384 --d 64 --impls flexflash,flex-raw,sdpa-cudnn
   done ;;
 decode3)
-  step decode-profile 480 python tools/decode_profile.py --batch 1,64 --cache 8192 --layout contiguous,paged \
+  step decode-profile 380 python tools/decode_profile.py --batch 1,64 --cache 8192 --layout contiguous,paged \
     --lengths spread --variants split16,split64 --kernels 0
   tail -80 "$OUT/decode-profile.log" ;;
 checks)
   step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
     -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"
-  grep -E "^(FAILED|ERROR)|Error:" "$OUT/checks.log" | head -20
-  step decode-profile 250 python tools/decode_profile.py --batch 8 --cache 32768 --layout contiguous \
-    --lengths spread,full --variants full,split32,split64 --kernels 0
-  tail -8 "$OUT/decode-profile.log" ;;
+  grep -E "^(FAILED|ERROR)|Error:" "$OUT/checks.log" | head -20 ;;
 esac

@@ -22,7 +22,9 @@ def cache_lengths(cache_seqlens, batch: int, device, name: str = "cache_seqlens"
             or cache_seqlens.dtype == torch.bool):
         raise ValueError(f"{name}: expected an int or a ({batch},) integer tensor, got "
                          f"{tuple(cache_seqlens.shape) if isinstance(cache_seqlens, Tensor) else cache_seqlens!r}")
-    return cache_seqlens.to(device=device, dtype=torch.int64)
+    # int32 (flash-attn's type) and int64 are read as they are: no conversion launched per step
+    dtype = cache_seqlens.dtype if cache_seqlens.dtype in (torch.int32, torch.int64) else torch.int64
+    return cache_seqlens.to(device=device, dtype=dtype)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:

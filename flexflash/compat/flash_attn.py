@@ -137,22 +137,28 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
                      dropout_p=dropout_p, return_lse=lse)
 
 
-_GRIDS: dict[tuple, tuple[Tensor, ...]] = {}
+_GRIDS: dict[tuple, tuple] = {}
+
+# The batch "grid" of a short call's mask tensor: the index that lays a (batch,) tensor out as
+# (batch, 1, 1, 1). flash-attn's mask functions read the batch index only to index per-sequence
+# lengths (``total[b]``, ``start[b]``); with this basic index such a read is a view, where an index
+# tensor would cost a gather per read (a launch per decoding step on a GPU).
+_BATCH_ROWS = (slice(None), None, None, None)
 
 
-def _grids(B: int, Nq: int, Nk: int, device: torch.device) -> tuple[Tensor, ...]:
+def _grids(B: int, Nq: int, Nk: int, device: torch.device) -> tuple:
     """The index grids over which a short call's mask function is evaluated as a tensor
-    (:func:`flexflash._compose.tile_grids`), kept from call to call outside a caller's
-    torch.compile: a decoding step of one shape makes none anew (four fewer launches a step on a
-    GPU). flash-attn's mask functions here only read them."""
+    (:func:`flexflash._compose.tile_grids`, the batch grid replaced by ``_BATCH_ROWS``), kept
+    from call to call outside a caller's torch.compile: a decoding step of one shape makes none
+    anew. flash-attn's mask functions here only read them."""
     if torch.compiler.is_compiling():
-        return tile_grids(B, 1, 0, Nq, 0, Nk, device)
+        return (_BATCH_ROWS,) + tile_grids(B, 1, 0, Nq, 0, Nk, device)[1:]
     key = (B, Nq, Nk, device)
     grids = _GRIDS.get(key)
     if grids is None:
         if len(_GRIDS) >= 64:
             _GRIDS.clear()
-        grids = _GRIDS[key] = tile_grids(B, 1, 0, Nq, 0, Nk, device)
+        grids = _GRIDS[key] = (_BATCH_ROWS,) + tile_grids(B, 1, 0, Nq, 0, Nk, device)[1:]
     return grids
 
 

@@ -1,0 +1,131 @@
+"""Where the host time of two eager calls goes that lose to their baseline by more than their
+kernels explain: a decoding step (``flash_attn_with_kvcache``, batch 8, cache 8k, lengths spread
+over 4x, 32/8 heads, D = 128, bf16) against SDPA on the padded cache with a mask built in the step,
+and a training forward with a sliding window of 512 (B = 16, H = 32, N = 1024, D = 64, bf16, inputs
+requiring grad) against ``torch.compile(flex_attention)`` with a block mask built once.
+
+Per case and implementation it prints, in µs per call: the median of single calls each ended by a
+synchronisation (as the benchmarks time them), the mean of 50 calls queued between two
+synchronisations (host time where the host is slower than the device), the operations with the
+most host time (torch.profiler, self CPU µs per call) and, for flexflash, the Python functions
+with the most own time (cProfile over 200 calls).
+
+Usage on a CUDA machine::
+
+    python tools/eager_host_profile.py [--cases decode,window] [--top 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import flexflash
+from flexflash import mods
+from flexflash.compat.flash_attn import flash_attn_with_kvcache
+
+
+def decode_case():
+    B, S, HQ, HKV, D = 8, 8192, 32, 8, 128
+    gen = torch.Generator().manual_seed(B * 100003 + S)
+    lens = torch.randint(S // 4, S + 1, (B,), generator=gen, dtype=torch.int32).cuda()
+    k_cache, v_cache = (torch.randn(B, S, HKV, D, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    q = torch.randn(B, 1, HQ, D, generator=gen).to("cuda", torch.bfloat16)
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    positions = torch.arange(S, device="cuda")
+
+    def ours():
+        with torch.no_grad():
+            return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True)
+
+    def sdpa():
+        with torch.no_grad():
+            mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+    return {"flexflash": ours, "SDPA": sdpa}
+
+
+def window_case():
+    B, H, N, D = 16, 32, 1024, 64
+    gen = torch.Generator(device="cuda").manual_seed(N + D)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for _ in range(3))
+    fn = mods.sliding_window(512, offset=0)
+    block_mask = create_block_mask(fn, B, None, N, N, device="cuda")
+    raw = torch.compile(flex_attention)
+    return {"flexflash": lambda: flexflash.attention(q, k, v, mask_mod=fn),
+            "raw FlexAttention": lambda: raw(q, k, v, block_mask=block_mask)}
+
+
+def synchronised(fn, reps: int = 50) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def queued(fn, calls: int = 50) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e6 / calls
+
+
+def host_ops(fn, top: int, calls: int = 20) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [f"  {e.self_cpu_time_total / calls:8.1f}  {e.count // calls:3d}  {e.key[:80]}" for e in rows]
+
+
+def python_functions(fn, top: int, calls: int = 200) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="decode,window")
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; µs per call")
+    cases = {"decode": decode_case, "window": window_case}
+    for name in args.cases.split(","):
+        impls = cases[name]()
+        for impl, fn in impls.items():
+            for _ in range(5):
+                fn()
+            print(f"\n== {name} {impl}: synchronised {synchronised(fn):.1f}, queued {queued(fn):.1f}")
+            print("host operations (self CPU µs per call, calls per call, name):")
+            print("\n".join(host_ops(fn, args.top)))
+            if impl == "flexflash":
+                print(python_functions(fn, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
