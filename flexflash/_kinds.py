@@ -57,6 +57,12 @@ def decoding_kernel(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     symbolic lengths here would add guards that recompile it when lengths cross the tile sizes."""
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return False
+    return decoding_shape(q, k, block)
+
+
+def decoding_shape(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
+    """:func:`decoding_kernel`'s conditions on the shapes of ``q`` and ``k`` alone (any device,
+    traced or not)."""
     B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
     if not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535 or needs_main_kernel(q, k, k):
         return False

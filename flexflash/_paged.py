@@ -39,7 +39,7 @@ from ._checks import validate
 from ._compose import Structure, compose_mask
 from ._fingerprint import inspect_modifier
 from ._flex import run_flex
-from ._kinds import flex_kind
+from ._kinds import decoding_shape, flex_kind
 
 __all__ = ["Pages", "kv_block", "paged_attention", "reads_in_place"]
 
@@ -51,19 +51,36 @@ __all__ = ["Pages", "kv_block", "paged_attention", "reads_in_place"]
 # tests trace with the aot_eager backend.)
 IN_PLACE_MIN_BLOCK: dict[str, int] = {"cuda": 128}
 _MAX_KV_BLOCK = 128
-# The dtypes read in place, per device. On CUDA float32 only: with bfloat16 caches the GPU test of
-# in-place reading (tests/test_flash_attn_compat.py::test_pages_read_in_place_on_gpu) disagreed
-# with the reference on an H100 (torch 2.11), cause not yet found, so 16-bit caches are gathered.
+# The dtypes read in place, per device, by every call; IN_PLACE_DECODING_DTYPES, by eager decoding
+# calls alone (see kv_block). On CUDA, bfloat16 pages are read in place by those calls only:
+# - a packed bfloat16 call of 340 queries read in place (FlexAttention's main kernel over the pool,
+#   D = 64) found no kernel configuration within the H100's shared memory ("No valid triton configs
+#   ... Required: 264192 Hardware limit: 232448", torch 2.11), where the decoding calls agree with
+#   the reference as closely as gathered ones (tests/test_flash_attn_compat.py::
+#   test_pages_read_in_place_on_gpu);
+# - traced into a caller's torch.compile, the in-place decoding call has run on a GPU (about as fast
+#   as SDPA at batch 64, 8k; benchmarks/NOTES.md) but has not been checked against the reference;
+# - float16 pages have not been read in place on a GPU.
+# Those calls gather their pages.
 IN_PLACE_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "cuda": (torch.float32,), "cpu": (torch.float16, torch.bfloat16, torch.float32)}
+IN_PLACE_DECODING_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cuda": (torch.bfloat16,)}
 
 
-def kv_block(page: int, q: Tensor, return_lse: bool) -> int | None:
+def _pool(cache: Tensor) -> Tensor:
+    """A paged cache ``(num_pages, page, Hkv, D)`` as the key/value batch of one that the kernel
+    reads, ``(1, Hkv, num_pages * page, D)`` (a view)."""
+    return cache.flatten(0, 1).transpose(0, 1).unsqueeze(0)
+
+
+def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor | None = None) -> int | None:
     """The key block of a call with pages of ``page`` tokens, or None where its device does not read
     such pages in place (see ``IN_PLACE_MIN_BLOCK``), its dtype is not read in place there
-    (``IN_PLACE_DTYPES``) or it
-    asks for the log-sum-exp on CPU (which FlexAttention's CPU kernel does not return)."""
-    least = IN_PLACE_MIN_BLOCK.get(q.device.type)
+    (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where an eager call over the pool ``k_pool``
+    has the shape of FlexAttention's decoding kernel, :func:`flexflash._kinds.decoding_shape`) or it asks for the log-sum-exp on CPU (which FlexAttention's CPU
+    kernel does not return)."""
+    device = q.device.type
+    least = IN_PLACE_MIN_BLOCK.get(device)
     # The largest power of two up to 128 dividing the page (the block must divide it; blocks are
     # powers of two). A loop of comparisons rather than math.gcd: traced by a caller's torch.compile
     # with a symbolic page size (its graph compiled for caches of several shapes), each comparison is
@@ -71,8 +88,10 @@ def kv_block(page: int, q: Tensor, return_lse: bool) -> int | None:
     block = _MAX_KV_BLOCK
     while page % block:
         block //= 2
-    if (least is None or block < least or q.dtype not in IN_PLACE_DTYPES.get(q.device.type, ())
-            or (return_lse and q.device.type == "cpu")):
+    dtype_read = q.dtype in IN_PLACE_DTYPES.get(device, ()) or (
+        q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ()) and k_pool is not None
+        and not torch.compiler.is_compiling() and decoding_shape(q, k_pool, (_MAX_KV_BLOCK, block)))
+    if least is None or block < least or not dtype_read or (return_lse and device == "cpu"):
         return None
     return block
 
@@ -83,7 +102,7 @@ def reads_in_place(q: Tensor, k_cache: Tensor, v_cache: Tensor, return_lse: bool
     (:func:`kv_block`), caches of q's dtype whose pages lie end to end in memory, no gradients (see
     the module docstring)."""
     page = k_cache.shape[1]
-    if kv_block(page, q, return_lse) is None:
+    if kv_block(page, q, return_lse, _pool(k_cache)) is None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         return False
@@ -270,12 +289,11 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
     :func:`reads_in_place` accepts); ``mask_mod`` (or None) and ``score_mod`` over logical key
     indices (``kv_idx < pages.keys``). Returns as :func:`flexflash.attention`: ``out``, or
     ``(out, lse)`` with ``return_lse``."""
-    kvb = kv_block(pages.page, q, return_lse)
+    k_pool, v_pool = _pool(k_cache), _pool(v_cache)
+    kvb = kv_block(pages.page, q, return_lse, k_pool)
     if kvb is None:
         raise ValueError(f"page: {pages.page} tokens a page are not read in place on {q.device.type} "
                          f"({q.dtype}); expected a call reads_in_place accepts")
-    # the pool of pages as a key/value batch of one: (1, Hkv, num_pages * page, D) views
-    k_pool, v_pool = (c.flatten(0, 1).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
     B, Hq = q.shape[:2]
     num_pages, keys, page = k_cache.shape[0], pages.keys, pages.page
     table, valid = pages.per_batch()

@@ -18,7 +18,9 @@ a switch of the library's), each a ``+``-joined list of:
   those lists are empty, but given at all they make FlexAttention's decoding kernel split the whole
   cache length (``HAS_FULL_BLOCKS``: ``TILE_KV = cdiv(KV_LEN, SPLIT_KV)``) rather than each
   sequence's own blocks, so a shorter sequence's programs do not finish sooner; flexflash now
-  leaves them out (``_flex._without_full_blocks``).
+  leaves them out (``_flex._without_full_blocks``);
+* ``inplace``: 16-bit paged caches read in place on CUDA too (``flexflash._paged.IN_PLACE_DTYPES``;
+  by default only float32 pages are, and 16-bit ones are gathered into a contiguous copy per step).
 
 Usage on a CUDA machine::
 
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import test_decode as bench  # noqa: E402  (the benchmark's shapes and lengths)
 from raw_flex_gap import timed  # noqa: E402  (this folder's: median ms after warm-up, CUDA events on a GPU)
 
-from flexflash import _flex, _kernels  # noqa: E402
+from flexflash import _flex, _kernels, _paged  # noqa: E402
 from flexflash.compat.flash_attn import flash_attn_with_kvcache  # noqa: E402
 
 _FLEX = _kernels.flex_attention
@@ -54,7 +56,7 @@ DEV = bench.DEVICE
 def _variant(name: str):
     """``flex_attention`` changed as ``name`` says (see the module's docstring) for calls of fewer
     than 128 queries."""
-    parts = [x for x in name.split("+") if x and x not in ("default", "full")]
+    parts = [x for x in name.split("+") if x and x not in ("default", "full", "inplace")]
     split = next((int(x[5:]) for x in parts if x.startswith("split")), None)
 
     def flex(q, k, v, *args, kernel_options=None, **kw):
@@ -129,7 +131,7 @@ def main() -> None:
     p.add_argument("--lengths", default="full,spread")
     p.add_argument("--layout", default="contiguous,paged")
     p.add_argument("--variants", default="", help="changes to time besides flexflash as it is: splitN, full, "
-                                                  "joined by + (e.g. split32+full), comma-separated")
+                                                  "inplace, joined by + (e.g. split32+full), comma-separated")
     p.add_argument("--kernels", type=int, default=12, help="kernels listed per step (0: none)")
     a = p.parse_args()
     variants = [x for x in a.variants.split(",") if x]
@@ -146,6 +148,9 @@ def main() -> None:
                     for variant in ["default", *variants]:
                         _kernels.flex_attention = _variant(variant)
                         _flex._DECODING_FULL_BLOCKS = "full" in variant.split("+")
+                        in_place = dict(_paged.IN_PLACE_DTYPES)
+                        if "inplace" in variant.split("+"):
+                            _paged.IN_PLACE_DTYPES["cuda"] = (torch.float32, torch.float16, torch.bfloat16)
                         try:
                             row[f"flexflash {variant}"] = graphed_ms(flex)
                         except Exception as e:  # noqa: BLE001  (a configuration the lowering rejects)
@@ -153,6 +158,7 @@ def main() -> None:
                         finally:
                             _kernels.flex_attention = _FLEX
                             _flex._DECODING_FULL_BLOCKS = False
+                            _paged.IN_PLACE_DTYPES.update(in_place)
                     summary.append(row)
                     print(row, flush=True)
                     if a.kernels:
