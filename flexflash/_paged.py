@@ -77,8 +77,8 @@ def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor | None = Non
     """The key block of a call with pages of ``page`` tokens, or None where its device does not read
     such pages in place (see ``IN_PLACE_MIN_BLOCK``), its dtype is not read in place there
     (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where an eager call over the pool ``k_pool``
-    has the shape of FlexAttention's decoding kernel, :func:`flexflash._kinds.decoding_shape`) or it asks for the log-sum-exp on CPU (which FlexAttention's CPU
-    kernel does not return)."""
+    has the shape of FlexAttention's decoding kernel, :func:`flexflash._kinds.decoding_shape`) or
+    it asks for the log-sum-exp on CPU (which FlexAttention's CPU kernel does not return)."""
     device = q.device.type
     least = IN_PLACE_MIN_BLOCK.get(device)
     # The largest power of two up to 128 dividing the page (the block must divide it; blocks are

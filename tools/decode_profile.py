@@ -3,7 +3,8 @@ sequence, the cases of ``benchmarks/test_decode.py``) against SDPA on the padded
 padding mask, each step compiled (``torch.compile(fullgraph=True)``) as a generation loop runs it.
 
 Per case it prints the median ms of a step under ``mode="reduce-overhead"`` (CUDA graphs: the
-kernels' own time, as the benchmark measures it) and, from the profiler over 20 steps compiled in
+kernels' own time, as the benchmark measures it), the largest difference of each variant's
+compiled output from flexflash's eager call (``max diff``) and, from the profiler over 20 steps compiled in
 the default mode, every GPU kernel of a step with its µs per step: the attention kernel(s) apart
 from what builds the block mask and the mask.
 
@@ -93,12 +94,14 @@ def case(B: int, S: int, spread: bool, paged: bool):
     return flex, sdpa
 
 
-def graphed_ms(step, reps: int = 50) -> float:
-    """Median ms of a step compiled with CUDA graphs (on CPU: the default mode, wall clock)."""
+def graphed_ms(step, reps: int = 50) -> tuple[float, torch.Tensor]:
+    """Median ms of a step compiled with CUDA graphs (on CPU: the default mode, wall clock), and the
+    step's output."""
     torch._dynamo.reset()
     fn = torch.compile(step, mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
     with torch.no_grad():
-        return timed(fn, DEV, reps)
+        ms = timed(fn, DEV, reps)
+        return ms, fn().clone()
 
 
 def kernels(step, top: int, steps: int = 20) -> list[tuple[str, int, float]]:
@@ -144,7 +147,9 @@ def main() -> None:
             for lengths in a.lengths.split(","):
                 for layout in a.layout.split(","):
                     flex, sdpa = case(B, S, lengths == "spread", layout == "paged")
-                    row = dict(B=B, S=S, lengths=lengths, layout=layout, sdpa=graphed_ms(sdpa))
+                    row = dict(B=B, S=S, lengths=lengths, layout=layout, sdpa=graphed_ms(sdpa)[0])
+                    with torch.no_grad():
+                        want = flex().float()  # the eager call: each variant's compiled output against it
                     for variant in ["default", *variants]:
                         _kernels.flex_attention = _variant(variant)
                         _flex._DECODING_FULL_BLOCKS = "full" in variant.split("+")
@@ -152,7 +157,8 @@ def main() -> None:
                         if "inplace" in variant.split("+"):
                             _paged.IN_PLACE_DTYPES["cuda"] = (torch.float32, torch.float16, torch.bfloat16)
                         try:
-                            row[f"flexflash {variant}"] = graphed_ms(flex)
+                            row[f"flexflash {variant}"], got = graphed_ms(flex)
+                            row[f"{variant} max diff"] = float((got.float() - want).abs().max())
                         except Exception as e:  # noqa: BLE001  (a configuration the lowering rejects)
                             row[f"flexflash {variant}"] = f"{type(e).__name__}: {str(e)[:80]}"
                         finally:

@@ -15,11 +15,14 @@
 #   d64      the masked cases at D = 64 against raw FlexAttention and SDPA cuDNN, N = 1k-16k
 #   decode3  tools/decode_profile.py: compiled decoding steps at cache 8k, batch 1 and 64, contiguous
 #            and paged, with FlexAttention's SPLIT_KV at 16 and 64 (batch 8 at 32k was measured)
+#   compat   every GPU test of tests/test_flash_attn_compat.py; compiled paged decoding steps at
+#            batch 8 and 64, cache 8k, with bf16 pages read in place inside the step too (the
+#            variant's output against the eager call: max diff)
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -67,6 +70,12 @@ decode3)
   step decode-profile 380 python tools/decode_profile.py --batch 1,64 --cache 8192 --layout contiguous,paged \
     --lengths spread --variants split16,split64 --kernels 0
   tail -80 "$OUT/decode-profile.log" ;;
+compat)
+  step compat 330 python -m pytest -q -rfEsxX -p no:cacheprovider -m gpu tests/test_flash_attn_compat.py
+  grep -E "^(FAILED|ERROR|XPASS)|Error:" "$OUT/compat.log" | head -20
+  step decode-inplace 200 python tools/decode_profile.py --batch 8,64 --cache 8192 --layout paged \
+    --lengths spread --variants inplace --kernels 0
+  tail -4 "$OUT/decode-inplace.log" ;;
 checks)
   step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
     -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"
