@@ -73,7 +73,7 @@ def _pool(cache: Tensor) -> Tensor:
     return cache.flatten(0, 1).transpose(0, 1).unsqueeze(0)
 
 
-def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor | None = None) -> int | None:
+def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor) -> int | None:
     """The key block of a call with pages of ``page`` tokens, or None where its device does not read
     such pages in place (see ``IN_PLACE_MIN_BLOCK``), its dtype is not read in place there
     (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where an eager call over the pool ``k_pool``
@@ -89,8 +89,7 @@ def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor | None = Non
     while page % block:
         block //= 2
     dtype_read = q.dtype in IN_PLACE_DTYPES.get(device, ()) or (
-        q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ()) and k_pool is not None
-        and not torch.compiler.is_compiling() and decoding_shape(q, k_pool, (_MAX_KV_BLOCK, block)))
+        q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ()) and not torch.compiler.is_compiling() and decoding_shape(q, k_pool, (_MAX_KV_BLOCK, block)))
     if least is None or block < least or not dtype_read or (return_lse and device == "cpu"):
         return None
     return block

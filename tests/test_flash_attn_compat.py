@@ -291,7 +291,7 @@ def test_kvcache_decoding_equals_recomputing_the_sequence(paged):
             compiles = flexflash.compile_stats()["compiles"]
     assert flexflash.compile_stats()["compiles"] == compiles
     if not paged:  # the steps of one shape evaluated their masks over the same kept index grids
-        assert (B, 1, S, q.device) in flash_attn_module._GRIDS
+        assert (1, S, q.device) in flash_attn_module._GRIDS
     cached = k_cache[table.long()].flatten(1, 2) if paged else k_cache
     for b in range(B):  # the cache holds every token appended
         n = int(lengths[b])
@@ -608,7 +608,8 @@ def test_pages_are_gathered_where_they_cannot_be_read_in_place(pages_in_place_on
         with torch.no_grad() if not kwargs.get("grad") else torch.enable_grad():
             call(**kwargs)
     assert pages_in_place_on_cpu == []
-    assert _paged.kv_block(256, torch.zeros(1, device="meta"), False) is None  # no device of that type
+    meta = torch.zeros(1, 1, 1, 1, device="meta")
+    assert _paged.kv_block(256, meta, False, meta) is None  # no device of that type
 
 
 def test_16_bit_pages_are_read_in_place_by_decoding_calls_alone(monkeypatch):

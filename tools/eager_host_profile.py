@@ -5,7 +5,7 @@ and a training forward with a sliding window of 512 (B = 16, H = 32, N = 1024, D
 requiring grad) against ``torch.compile(flex_attention)`` with a block mask built once.
 
 Per case and implementation it prints, in µs per call: the median of single calls each ended by a
-synchronisation (as the benchmarks time them), the mean of 50 calls queued between two
+synchronisation (as the benchmarks time them; CUDA events, ``raw_flex_gap.timed``), the mean of 50 calls queued between two
 synchronisations (host time where the host is slower than the device), the operations with the
 most host time (torch.profiler, self CPU µs per call) and, for flexflash, the Python functions
 with the most own time (cProfile over 200 calls).
@@ -21,7 +21,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import time
 
 import torch
@@ -31,6 +30,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import flexflash
 from flexflash import mods
 from flexflash.compat.flash_attn import flash_attn_with_kvcache
+from raw_flex_gap import timed, top_host_ops  # this folder's: median ms (CUDA events), the profiler's host ops
 
 
 def decode_case():
@@ -65,17 +65,6 @@ def window_case():
             "raw FlexAttention": lambda: raw(q, k, v, block_mask=block_mask)}
 
 
-def synchronised(fn, reps: int = 50) -> float:
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
 def queued(fn, calls: int = 50) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -83,16 +72,6 @@ def queued(fn, calls: int = 50) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e6 / calls
-
-
-def host_ops(fn, top: int, calls: int = 20) -> list[str]:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [f"  {e.self_cpu_time_total / calls:8.1f}  {e.count // calls:3d}  {e.key[:80]}" for e in rows]
 
 
 def python_functions(fn, top: int, calls: int = 200) -> str:
@@ -119,9 +98,10 @@ def main() -> int:
         for impl, fn in impls.items():
             for _ in range(5):
                 fn()
-            print(f"\n== {name} {impl}: synchronised {synchronised(fn):.1f}, queued {queued(fn):.1f}")
+            print(f"\n== {name} {impl}: synchronised {timed(fn, 'cuda', 50) * 1e3:.1f}, queued {queued(fn):.1f}")
             print("host operations (self CPU µs per call, calls per call, name):")
-            print("\n".join(host_ops(fn, args.top)))
+            for op, count, us in top_host_ops(fn, "cuda", args.top):
+                print(f"  {us:8.1f}  {count:3d}  {op}")
             if impl == "flexflash":
                 print(python_functions(fn, args.top))
     return 0

@@ -132,7 +132,7 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
                                return_lse=lse)
     mask = None
     if as_tensor and mask_mod is not None:
-        mask, mask_mod = mask_mod(*_grids(B, Nq, k.shape[2], q.device)), None
+        mask, mask_mod = mask_mod(*_grids(Nq, k.shape[2], q.device)), None
     return attention(q, k, v, mask=mask, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
                      dropout_p=dropout_p, return_lse=lse)
 
@@ -146,20 +146,24 @@ _GRIDS: dict[tuple, tuple] = {}
 _BATCH_ROWS = (slice(None), None, None, None)
 
 
-def _grids(B: int, Nq: int, Nk: int, device: torch.device) -> tuple:
+def _grids(Nq: int, Nk: int, device: torch.device) -> tuple:
     """The index grids over which a short call's mask function is evaluated as a tensor
     (:func:`flexflash._compose.tile_grids`, the batch grid replaced by ``_BATCH_ROWS``), kept
     from call to call outside a caller's torch.compile: a decoding step of one shape makes none
     anew. flash-attn's mask functions here only read them."""
     if torch.compiler.is_compiling():
-        return (_BATCH_ROWS,) + tile_grids(B, 1, 0, Nq, 0, Nk, device)[1:]
-    key = (B, Nq, Nk, device)
+        return _new_grids(Nq, Nk, device)
+    key = (Nq, Nk, device)
     grids = _GRIDS.get(key)
     if grids is None:
         if len(_GRIDS) >= 64:
             _GRIDS.clear()
-        grids = _GRIDS[key] = (_BATCH_ROWS,) + tile_grids(B, 1, 0, Nq, 0, Nk, device)[1:]
+        grids = _GRIDS[key] = _new_grids(Nq, Nk, device)
     return grids
+
+
+def _new_grids(Nq: int, Nk: int, device: torch.device) -> tuple:
+    return (_BATCH_ROWS,) + tile_grids(1, 1, 0, Nq, 0, Nk, device)[1:]  # (no batch grid: _BATCH_ROWS)
 
 
 # Up to this many new query tokens per sequence (a decoding step, a few speculative tokens), and
