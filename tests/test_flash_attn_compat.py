@@ -615,8 +615,8 @@ def test_pages_are_gathered_where_they_cannot_be_read_in_place(pages_in_place_on
 def test_16_bit_pages_are_read_in_place_by_decoding_calls_alone(monkeypatch):
     """The rule of flexflash._paged for 16-bit pages on CUDA (IN_PLACE_DECODING_DTYPES), set up for
     the CPU here: a call with the shape of FlexAttention's decoding kernel reads them in place (few
-    queries, power-of-two groups of query heads), any other call gathers them; float32 pages are read
-    in place by every call."""
+    queries, power-of-two groups of query heads), eager or traced into a caller's torch.compile,
+    any other call gathers them; float32 pages are read in place by every call."""
     monkeypatch.setitem(_paged.IN_PLACE_MIN_BLOCK, "cpu", 128)
     monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cpu", (torch.float32,))
     monkeypatch.setitem(_paged.IN_PLACE_DECODING_DTYPES, "cpu", (torch.bfloat16,))
@@ -631,6 +631,10 @@ def test_16_bit_pages_are_read_in_place_by_decoding_calls_alone(monkeypatch):
     assert not in_place(1, 8, 340)  # a packed call of 340 queries: the main kernel
     assert in_place(1, 8, 340, torch.float32) and in_place(3, 6, 1, torch.float32)
     assert not in_place(3, 8, 1, torch.float16)  # a dtype in neither table
+    traced = torch.compile(lambda q, k: _paged.reads_in_place(q, k, k, False), backend="eager", fullgraph=True)
+    decoding, packed = (torch.zeros(3, 8, n, 16, dtype=torch.bfloat16) for n in (1, 340))
+    pages = torch.zeros(6, 256, 2, 16, dtype=torch.bfloat16)
+    assert traced(decoding, pages) and not traced(packed, pages)
 
 
 def test_keywords_of_other_apis_name_flexflashs():
@@ -940,8 +944,8 @@ def test_pages_read_in_place_on_gpu(dtype, part, monkeypatch, request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout):
     """A decoding step compiled with mode="reduce-overhead" (CUDA graphs), with the cache a buffer
-    of a module, contiguous or a pool of pages (read in place in float32; bfloat16 pages are
-    gathered inside a caller's torch.compile, flexflash._paged.kv_block): the growing lengths compile no new
+    of a module, contiguous or a pool of pages (read in place, float32 and bfloat16 alike: these are
+    decoding calls, flexflash._paged.kv_block): the growing lengths compile no new
     graph and each step equals the eager call (contiguous, eager: FlexAttention with the mask as a
     tensor; in the graph: with the mask function). Only
     the graphs compiled during the steps count: the eager calls compile flexflash's own kernels and,
