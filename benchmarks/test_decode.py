@@ -84,7 +84,12 @@ def test_decode(benchmark, B, S, lengths, layout, impl, mode, monkeypatch):
             k_cache, v_cache = (c.view(B * S // PAGE, PAGE, HKV, D)[order].contiguous() for c in (k_cache, v_cache))
             with torch.no_grad():  # the same problem: the same output
                 paged = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, causal=True)
-            torch.testing.assert_close(paged, contiguous)
+            # within two units of rounding of the largest output: on CUDA the two calls may run
+            # different kernels (eager bf16 steps: SDPA over the contiguous cache, FlexAttention's
+            # decoding kernel over the pages in place), whose sums round apart; a misread page
+            # would be off by the outputs' own size
+            eps = torch.finfo(DTYPE).eps
+            torch.testing.assert_close(paged, contiguous, rtol=2 * eps, atol=2 * eps * float(contiguous.abs().max()))
 
         def step():
             return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, causal=True)

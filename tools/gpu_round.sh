@@ -20,12 +20,13 @@
 #            variant's output against the eager call: max diff)
 #   inplace  after bf16 pages were read in place inside a caller's compile too: the compat GPU tests of
 #            compiled and in-place steps, compiled paged decoding at batch 1, 8 and 64 (cache 8k, spread:
-#            decode_profile), and the compiled paged rows of benchmarks/test_decode.py at batch 8 and 64
+#            decode_profile)
+#   decode8k the compiled and eager rows of benchmarks/test_decode.py at cache 8k (flexflash as it is, SDPA)
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|decode8k|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -84,8 +85,10 @@ inplace)
     -k "reduce_overhead or in_place or kvcache"
   grep -E "^(FAILED|ERROR|XPASS)|Error:" "$OUT/inplace-tests.log" | head -20
   step decode-paged 150 python tools/decode_profile.py --batch 1,8,64 --cache 8192 --layout paged --lengths spread --kernels 0
-  tail -5 "$OUT/decode-paged.log"
-  decode decode-compiled-paged 220 "compiled and paged and (8-8192 or 64-8192) and not flexflash-flex" ;;
+  tail -5 "$OUT/decode-paged.log" ;;
+decode8k)
+  decode decode-compiled-8k 300 "compiled and 8192 and not flexflash-flex"
+  decode decode-eager-8k 200 "eager and 8192 and not flexflash-flex" ;;
 checks)
   step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
     -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"
