@@ -34,7 +34,8 @@ _STATIC_FIRST_SHAPE = True
 _FIRST_SHAPES: dict[Any, tuple] = {}
 
 
-# On CUDA, calls of fewer queries than a query block (decoding) compile with a static batch:
+# On CUDA, calls of fewer queries than a query block (decoding) compile with a static batch, a
+# kernel per batch (flexflash._flex._kernel):
 # FlexAttention's decoding kernel (split over the keys, grouped query heads of a key/value head
 # in one program) is chosen only for a static batch and head count (torch 2.11-2.13,
 # _use_flex_decoding); with a symbolic batch such a call runs the main kernel, one program per

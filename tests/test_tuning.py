@@ -455,3 +455,40 @@ def test_calls_of_a_short_query_block_leave_out_the_lists_of_full_blocks(monkeyp
     assert not _flex._without_full_blocks(kind, _sized((8, 32, 1, 128), "cpu"), 1, (128, 128))
     monkeypatch.setattr(_flex, "_DECODING_FULL_BLOCKS", True)
     assert not _flex._without_full_blocks(types.SimpleNamespace(decoding=True), q, 1, (128, 128))
+
+
+def test_each_batch_of_a_decoding_kind_compiles_with_a_static_batch(monkeypatch):
+    """FlexAttention's lowering runs its decoding kernel only for a static query batch (torch
+    2.11-2.13; flexflash._kinds._STATIC_DECODING_BATCH). Recompiling for a new shape, Dynamo makes
+    every size that changed symbolic, so a new batch gets a kernel of its own: each batch compiles
+    a graph whose batch is a constant, a new cache length reuses it, and more
+    batches than Dynamo's recompile limit start no fresh cache (an H100 decoding step of batch 8
+    after one of batch 1 ran the main kernel, 1.2 ms against 0.1 ms). The decoding kernel is
+    CUDA's: on CPU the decision is forced here, with a backend that records each graph's inputs
+    and runs it eagerly; the calls agree with the reference."""
+    import warnings
+
+    from flexflash import _kinds, _torch_private, plan
+    from .helpers import check_against_reference, randn
+
+    batches = []
+
+    def backend(gm, example_inputs):  # per graph: the batches of q, k and v (ints where constant)
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        batches.append([t.shape[0] for t in values if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == 16])
+        return gm.forward
+
+    monkeypatch.setattr(_torch_private, "inductor_backend", lambda: backend)
+    monkeypatch.setattr(_kinds, "decoding_kernel", lambda q, k, block: 0 < q.shape[-2] < block[0])
+    monkeypatch.setattr(plan, "_PLANS", {})
+    gen = torch.Generator().manual_seed(8)
+    window = mods.sliding_window(9)
+    shapes = [(1, 40), (3, 40), (3, 57), (3, 61)] + [(B, 57) for B in range(4, 4 + _torch_private._recompile_limit())]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a fresh compilation cache warns)
+        for B, Nk in shapes:
+            q, k, v = (randn(B, 2, n, 16, gen=gen) for n in (1, Nk, Nk))
+            check_against_reference(q, k, v, mask_mod=window, causal=True, block_size=128)
+    assert all(isinstance(n, int) and n == b[0] for b in batches for n in b), batches  # q's, k's and v's
+    # a graph per batch: new lengths reuse it (lengths are symbolic from a kernel's first compilation)
+    assert [b[0] for b in batches] == [1, 3] + list(range(4, 4 + _torch_private._recompile_limit()))

@@ -12,7 +12,10 @@ with the most own time (cProfile over 200 calls).
 
 Usage on a CUDA machine::
 
-    python tools/eager_host_profile.py [--cases decode,window] [--top 20]
+    python tools/eager_host_profile.py [--cases decode,paged,window] [--top 20]
+
+``paged``: the decoding step over the same caches as a pool of shuffled pages (``block_table``),
+against flexflash's contiguous step.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import flexflash
 from flexflash import mods
 from flexflash.compat.flash_attn import flash_attn_with_kvcache
-from raw_flex_gap import timed, top_host_ops  # this folder's: median ms (CUDA events), the profiler's host ops
+from raw_flex_gap import timed, top_host_ops, top_kernels  # this folder's: median ms (CUDA events), the profiler's ops
 
 
-def decode_case():
+def decode_case(paged: bool = False):
     B, S, HQ, HKV, D = 8, 8192, 32, 8, 128
     gen = torch.Generator().manual_seed(B * 100003 + S)
     lens = torch.randint(S // 4, S + 1, (B,), generator=gen, dtype=torch.int32).cuda()
@@ -45,6 +48,16 @@ def decode_case():
     def ours():
         with torch.no_grad():
             return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True)
+
+    if paged:  # the same caches as pages of 256 tokens in a shuffled pool (benchmarks/test_decode.py's)
+        pages = torch.randperm(B * S // 256, generator=gen)
+        table = pages.view(B, S // 256).to("cuda", torch.int32)
+        k_pool, v_pool = (c.view(-1, 256, HKV, D)[torch.argsort(pages)].contiguous() for c in (k_cache, v_cache))
+
+        def paged_step():
+            with torch.no_grad():
+                return flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=lens, block_table=table, causal=True)
+        return {"flexflash": paged_step, "flexflash contiguous": ours}
 
     def sdpa():
         with torch.no_grad():
@@ -92,7 +105,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; µs per call")
-    cases = {"decode": decode_case, "window": window_case}
+    cases = {"decode": decode_case, "paged": lambda: decode_case(paged=True), "window": window_case}
     for name in args.cases.split(","):
         impls = cases[name]()
         for impl, fn in impls.items():
@@ -102,6 +115,9 @@ def main() -> int:
             print("host operations (self CPU µs per call, calls per call, name):")
             for op, count, us in top_host_ops(fn, "cuda", args.top):
                 print(f"  {us:8.1f}  {count:3d}  {op}")
+            print("kernels (device µs per call):")
+            for kernel, us in top_kernels(fn, "cuda", 8):
+                print(f"  {us:8.1f}  {kernel}")
             if impl == "flexflash":
                 print(python_functions(fn, args.top))
     return 0
