@@ -52,14 +52,20 @@ __all__ = ["Pages", "kv_block", "paged_attention", "reads_in_place"]
 IN_PLACE_MIN_BLOCK: dict[str, int] = {"cuda": 128}
 _MAX_KV_BLOCK = 128
 # The dtypes read in place, per device, by every call; IN_PLACE_DECODING_DTYPES, by decoding calls
-# alone (see kv_block), eager or traced into a caller's torch.compile. On CUDA, bfloat16 pages are
-# read in place by those calls only:
+# traced into a caller's torch.compile alone (see kv_block). On CUDA, bfloat16 pages are read in
+# place by those calls only:
 # - a packed bfloat16 call of 340 queries read in place (FlexAttention's main kernel over the pool,
 #   D = 64) found no kernel configuration within the H100's shared memory ("No valid triton configs
 #   ... Required: 264192 Hardware limit: 232448", torch 2.11), where the decoding calls agree with
-#   the reference as closely as gathered ones, eager (tests/test_flash_attn_compat.py::
-#   test_pages_read_in_place_on_gpu) and compiled (test_reduce_overhead_on_gpu; tools/decode_profile.py
-#   --variants inplace: within 2.5e-4 of the eager call at batch 8 and 64, cache 8k, H100);
+#   the reference as closely as gathered ones (tests/test_flash_attn_compat.py::
+#   test_pages_read_in_place_on_gpu);
+# - traced into a caller's graph (test_a_decoding_step_under_reduce_overhead_on_gpu; within 2.5e-4
+#   of the eager call at batch 8 and 64, cache 8k, H100) a decoding step read in place took 0.480 /
+#   2.358 ms at batch 8 / 64 against 0.603 / 3.755 ms gathered (tools/decode_profile.py, one process);
+# - an eager decoding call read in place pays host time for a block-mask build and a second compiled
+#   call that the gather does not: on an H100 (batch 8, cache 8k, GQA 32/8) 0.83 ms a step in place
+#   where the step over a contiguous cache (SDPA's kernel) took 0.21 ms, more than the gather's copy
+#   costs up to batch 8 (eager gathered steps: 0.28-0.65 ms at batch 1-8; benchmarks/NOTES.md);
 # - float16 pages have not been read in place on a GPU.
 # Those calls gather their pages.
 IN_PLACE_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
@@ -76,7 +82,7 @@ def _pool(cache: Tensor) -> Tensor:
 def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor) -> int | None:
     """The key block of a call with pages of ``page`` tokens, or None where its device does not read
     such pages in place (see ``IN_PLACE_MIN_BLOCK``), its dtype is not read in place there
-    (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where a call over the pool ``k_pool``
+    (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where a traced call over the pool ``k_pool``
     has the shape of FlexAttention's decoding kernel, :func:`flexflash._kinds.decoding_shape`) or
     it asks for the log-sum-exp on CPU (which FlexAttention's CPU kernel does not return)."""
     device = q.device.type
@@ -89,7 +95,8 @@ def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor) -> int | No
     while page % block:
         block //= 2
     dtype_read = q.dtype in IN_PLACE_DTYPES.get(device, ()) or (
-        q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ()) and decoding_shape(q, k_pool, (_MAX_KV_BLOCK, block)))
+        q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ()) and torch.compiler.is_compiling()
+        and decoding_shape(q, k_pool, (_MAX_KV_BLOCK, block)))
     if least is None or block < least or not dtype_read or (return_lse and device == "cpu"):
         return None
     return block

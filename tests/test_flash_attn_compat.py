@@ -612,29 +612,28 @@ def test_pages_are_gathered_where_they_cannot_be_read_in_place(pages_in_place_on
     assert _paged.kv_block(256, meta, False, meta) is None  # no device of that type
 
 
-def test_16_bit_pages_are_read_in_place_by_decoding_calls_alone(monkeypatch):
+def test_16_bit_pages_are_read_in_place_by_compiled_decoding_calls_alone(monkeypatch):
     """The rule of flexflash._paged for 16-bit pages on CUDA (IN_PLACE_DECODING_DTYPES), set up for
-    the CPU here: a call with the shape of FlexAttention's decoding kernel reads them in place (few
-    queries, power-of-two groups of query heads), eager or traced into a caller's torch.compile,
-    any other call gathers them; float32 pages are read in place by every call."""
+    the CPU here: a call traced into a caller's torch.compile with the shape of FlexAttention's
+    decoding kernel (few queries, power-of-two groups of query heads) reads them in place; eager
+    calls and other shapes gather them; float32 pages are read in place by every call."""
     monkeypatch.setitem(_paged.IN_PLACE_MIN_BLOCK, "cpu", 128)
     monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cpu", (torch.float32,))
     monkeypatch.setitem(_paged.IN_PLACE_DECODING_DTYPES, "cpu", (torch.bfloat16,))
-    def in_place(batch, heads, queries, dtype=torch.bfloat16, kv_heads=2):
-        q = torch.zeros(batch, heads, queries, 16, dtype=dtype)
-        k = torch.zeros(6, 256, kv_heads, 16, dtype=dtype)
-        return _paged.reads_in_place(q, k, k, False)
+    pages = torch.zeros(6, 256, 2, 16, dtype=torch.bfloat16)
+    traced = torch.compile(lambda q, k: _paged.reads_in_place(q, k, k, False), backend="eager", fullgraph=True)
 
-    assert in_place(3, 8, 1) and in_place(3, 8, 2) and in_place(1, 2, 64)  # groups 4 and 1
+    def in_place(batch, heads, queries, dtype=torch.bfloat16, compiled=True):
+        q = torch.zeros(batch, heads, queries, 16, dtype=dtype)
+        return (traced if compiled else lambda q, k: _paged.reads_in_place(q, k, k, False))(q, pages.to(dtype))
+
+    assert in_place(3, 8, 1) and in_place(3, 8, 2) and in_place(1, 4, 64)  # groups 4 and 2
+    assert not in_place(3, 8, 1, compiled=False) and not in_place(1, 4, 64, compiled=False)  # eager: gathered
     assert not in_place(3, 6, 1)  # groups of 3: not the decoding kernel's
     assert not in_place(3, 8, 40)  # 160 grouped rows round to 256: wider than the 128-row block
     assert not in_place(1, 8, 340)  # a packed call of 340 queries: the main kernel
-    assert in_place(1, 8, 340, torch.float32) and in_place(3, 6, 1, torch.float32)
+    assert in_place(1, 8, 340, torch.float32) and in_place(3, 6, 1, torch.float32, compiled=False)
     assert not in_place(3, 8, 1, torch.float16)  # a dtype in neither table
-    traced = torch.compile(lambda q, k: _paged.reads_in_place(q, k, k, False), backend="eager", fullgraph=True)
-    decoding, packed = (torch.zeros(3, 8, n, 16, dtype=torch.bfloat16) for n in (1, 340))
-    pages = torch.zeros(6, 256, 2, 16, dtype=torch.bfloat16)
-    assert traced(decoding, pages) and not traced(packed, pages)
 
 
 def test_keywords_of_other_apis_name_flexflashs():
@@ -884,11 +883,13 @@ _BF16_PACKED_IN_PLACE = pytest.mark.xfail(strict=True, reason=(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pages_read_in_place_on_gpu(dtype, part, monkeypatch, request):
     """Pages of 256 tokens (flash-attn's multiple) are read in place on CUDA: decoding with a block
-    table (grouped heads, ALiBi, left padding), in float32 and bfloat16, and packed sequences
-    sharing a prefix page (float32; bfloat16 forced, a strict expected failure), against the
-    reference over the gathered keys."""
+    table (grouped heads, ALiBi, left padding), in float32 and bfloat16 (forced eagerly here: by
+    default compiled decoding steps read bfloat16 pages in place, eager ones gather them), and
+    packed sequences sharing a prefix page (float32; bfloat16 forced, a strict expected failure),
+    against the reference over the gathered keys."""
     if part == "packed" and dtype == torch.bfloat16:
         request.applymarker(_BF16_PACKED_IN_PLACE)
+    if dtype == torch.bfloat16:
         monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cuda", (torch.float32, torch.bfloat16))
     calls = []
     real = flash_attn_module.paged_attention
@@ -944,8 +945,8 @@ def test_pages_read_in_place_on_gpu(dtype, part, monkeypatch, request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout):
     """A decoding step compiled with mode="reduce-overhead" (CUDA graphs), with the cache a buffer
-    of a module, contiguous or a pool of pages (read in place, float32 and bfloat16 alike: these are
-    decoding calls, flexflash._paged.kv_block): the growing lengths compile no new
+    of a module, contiguous or a pool of pages (read in place inside the step, float32 and bfloat16
+    alike; the eager bfloat16 call gathers them, flexflash._paged.kv_block): the growing lengths compile no new
     graph and each step equals the eager call (contiguous, eager: FlexAttention with the mask as a
     tensor; in the graph: with the mask function). Only
     the graphs compiled during the steps count: the eager calls compile flexflash's own kernels and,

@@ -15,7 +15,9 @@ Usage on a CUDA machine::
     python tools/eager_host_profile.py [--cases decode,paged,window] [--top 20]
 
 ``paged``: the decoding step over the same caches as a pool of shuffled pages (``block_table``),
-against flexflash's contiguous step.
+against flexflash's contiguous step. ``--paged-batches 1,8,64 [--pages inplace|gathered]``: the
+paged step at each batch in turn in one process, its pages read in place or gathered (time, and
+the compilations and top kernels of each batch).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from flexflash.compat.flash_attn import flash_attn_with_kvcache
 from raw_flex_gap import timed, top_host_ops, top_kernels  # this folder's: median ms (CUDA events), the profiler's ops
 
 
-def decode_case(paged: bool = False):
-    B, S, HQ, HKV, D = 8, 8192, 32, 8, 128
+def decode_case(paged: bool = False, B: int = 8):
+    S, HQ, HKV, D = 8192, 32, 8, 128
     gen = torch.Generator().manual_seed(B * 100003 + S)
     lens = torch.randint(S // 4, S + 1, (B,), generator=gen, dtype=torch.int32).cuda()
     k_cache, v_cache = (torch.randn(B, S, HKV, D, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
@@ -99,12 +101,39 @@ def python_functions(fn, top: int, calls: int = 200) -> str:
     return text.getvalue()
 
 
+def paged_batches(batches: list[int], pages: str) -> None:
+    """The paged decoding step at each batch of ``batches`` in turn, in this process (as
+    benchmarks/test_decode.py runs them), its pages read in place by eager calls (``pages="inplace"``,
+    forced) or gathered (``"gathered"``, the default of eager bf16 steps): synchronised ms, the
+    kernels compiled meanwhile (none expected) and the top kernels by device time."""
+    from flexflash import _compiled, _paged
+    if pages == "inplace":
+        _paged.IN_PLACE_DTYPES["cuda"] = (*_paged.IN_PLACE_DTYPES["cuda"], torch.bfloat16)
+    for B in batches:
+        step = decode_case(paged=True, B=B)["flexflash"]
+        for _ in range(3):
+            step()
+        compiles = _compiled._STATS["compiles"]
+        ms = timed(step, "cuda", 20)
+        print(f"\n== paged {pages}, batch {B}: synchronised {ms * 1e3:.1f} µs, "
+              f"compilations while timed {_compiled._STATS['compiles'] - compiles}")
+        for kernel, us in top_kernels(step, "cuda", 4):
+            print(f"  {us:8.1f}  {kernel}")
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="decode,window")
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--paged-batches", default="", help="instead of --cases: the paged step at these batches "
+                                                            "in turn, e.g. 1,8,64")
+    parser.add_argument("--pages", default="gathered", choices=["gathered", "inplace"])
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; µs per call")
+    if args.paged_batches:
+        paged_batches([int(b) for b in args.paged_batches.split(",")], args.pages)
+        return 0
     cases = {"decode": decode_case, "paged": lambda: decode_case(paged=True), "window": window_case}
     for name in args.cases.split(","):
         impls = cases[name]()

@@ -21,12 +21,14 @@
 #   inplace  after bf16 pages were read in place inside a caller's compile too: the compat GPU tests of
 #            compiled and in-place steps, compiled paged decoding at batch 1, 8 and 64 (cache 8k, spread:
 #            decode_profile)
+#   paged    eager paged decoding steps at batch 1, 8 and 64 in turn in one process, bf16 pages read in
+#            place (forced) and gathered (the default): per batch, time and top kernels
 #   decode8k the compiled and eager rows of benchmarks/test_decode.py at cache 8k (flexflash as it is, SDPA)
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|decode8k|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -86,6 +88,11 @@ inplace)
   grep -E "^(FAILED|ERROR|XPASS)|Error:" "$OUT/inplace-tests.log" | head -20
   step decode-paged 150 python tools/decode_profile.py --batch 1,8,64 --cache 8192 --layout paged --lengths spread --kernels 0
   tail -5 "$OUT/decode-paged.log" ;;
+paged)
+  for pages in inplace gathered; do
+    step "paged-$pages" 150 python tools/eager_host_profile.py --paged-batches 1,8,64 --pages "$pages"
+    grep -E "^==|^ +[0-9]" "$OUT/paged-$pages.log"
+  done ;;
 decode8k)
   decode decode-compiled-8k 300 "compiled and 8192 and not flexflash-flex"
   decode decode-eager-8k 200 "eager and 8192 and not flexflash-flex" ;;
