@@ -23,7 +23,8 @@
 #            decode_profile)
 #   paged    eager paged decoding steps at batch 1, 8 and 64 in turn in one process, bf16 pages read in
 #            place (forced) and gathered (the default): per batch, time and top kernels
-#   decode8k the compiled and eager rows of benchmarks/test_decode.py at cache 8k (flexflash as it is, SDPA)
+#   decode8k the compiled and eager rows of benchmarks/test_decode.py at cache 8k (flexflash as it is, SDPA;
+#            eagerly also kept on FlexAttention, flexflash-flex)
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
@@ -95,7 +96,7 @@ paged)
   done ;;
 decode8k)
   decode decode-compiled-8k 300 "compiled and 8192 and not flexflash-flex"
-  decode decode-eager-8k 200 "eager and 8192 and not flexflash-flex" ;;
+  decode decode-eager-8k 200 "eager and 8192" ;;
 checks)
   step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
     -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"
