@@ -197,7 +197,7 @@ def physical_blocks(table: Tensor, valid: Tensor, page: int, kvb: int, num_block
     which would leave all but the first of its splits without work. The lists of the backward
     pass (query blocks per key block) are None: paged calls are forward only, and over the pool
     those lists have a row per physical block of every batch element (at batch 64, cache 8k, an
-    H100 took 1.5 ms a step to sort them). (Traceable with symbolic sizes: the compiled builder,
+    H100 took 1.5 ms a step to list them). (Traceable with symbolic sizes: the compiled builder,
     :class:`_PagedBuilder`.)"""
     some, every = flags
     table = table.long()
