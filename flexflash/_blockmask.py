@@ -147,28 +147,34 @@ def _tensor_flags(mask: Tensor, Nq: int, Nk: int, block: tuple[int, int]) -> tup
     return some, every & complete_q[:, None] & complete_k[None, :]
 
 
-def _block_mask_tensors(some: Tensor, every: Tensor, padded: bool = False, q_lists: bool = True) -> tuple:
+def _block_mask_tensors(some: Tensor, every: Tensor | None, padded: bool = False, q_lists: bool = True) -> tuple:
     """FlexAttention's eight BlockMask tensors from block flags; ``padded``: the flags have one
     shape and at least two blocks per dimension already (:func:`_fused_flags`, compiled), so
     neither the broadcast nor the padding runs (each would compare symbolic sizes, which is where
-    guards on a one-block length come from). Without ``q_lists`` the four tensors that only the
-    backward pass reads (the query blocks of each key block) are None, as in a BlockMask made with
-    ``compute_q_blocks=False``: for block masks of forward-only calls."""
-    if padded:
+    guards on a one-block length come from). ``every`` None: no block is listed as full (every
+    visited block partial), and the lists of full blocks are None. Without ``q_lists`` the tensors
+    that only the backward pass reads (the query blocks of each key block) are None, as in a
+    BlockMask made with ``compute_q_blocks=False``: for block masks of forward-only calls."""
+    full = None
+    if every is None:
+        partial = some
+    elif padded:
         partial, full = some & ~every, every
     else:
         partial, full = torch.broadcast_tensors(some & ~every, every)
+    if not padded:
         nqb, nkb = partial.shape[-2:]
         # At least two blocks per dimension: the extra rows are empty and never visited by the
         # kernel, and Dynamo then never specialises the kernel on a 1-block mask.
         pad = (0, max(0, 2 - nkb), 0, max(0, 2 - nqb))
-        partial, full = F.pad(partial, pad), F.pad(full, pad)
+        partial = F.pad(partial, pad)
+        full = None if full is None else F.pad(full, pad)
     kv_num, kv_idx = _ordered(partial)
-    full_kv_num, full_kv_idx = _ordered(full)
+    full_kv_num, full_kv_idx = (None, None) if full is None else _ordered(full)
     if not q_lists:
         return kv_num, kv_idx, full_kv_num, full_kv_idx, None, None, None, None
     q_num, q_idx = _ordered(partial.transpose(-1, -2))
-    full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
+    full_q_num, full_q_idx = (None, None) if full is None else _ordered(full.transpose(-1, -2))
     return kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx
 
 

@@ -79,11 +79,11 @@ def _pool(cache: Tensor) -> Tensor:
     return cache.flatten(0, 1).transpose(0, 1).unsqueeze(0)
 
 
-def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor) -> int | None:
+def kv_block(page: int, q: Tensor, return_lse: bool, k_cache: Tensor) -> int | None:
     """The key block of a call with pages of ``page`` tokens, or None where its device does not read
     such pages in place (see ``IN_PLACE_MIN_BLOCK``), its dtype is not read in place there
-    (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where a traced call over the pool ``k_pool``
-    has the shape of FlexAttention's decoding kernel, :func:`flexflash._kinds.decoding_shape`) or
+    (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where a traced call over the pool of
+    ``k_cache`` has the shape of FlexAttention's decoding kernel, :func:`flexflash._kinds.decoding_shape`) or
     it asks for the log-sum-exp on CPU (which FlexAttention's CPU kernel does not return)."""
     device = q.device.type
     least = IN_PLACE_MIN_BLOCK.get(device)
@@ -96,7 +96,7 @@ def kv_block(page: int, q: Tensor, return_lse: bool, k_pool: Tensor) -> int | No
         block //= 2
     dtype_read = q.dtype in IN_PLACE_DTYPES.get(device, ()) or (
         q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ()) and torch.compiler.is_compiling()
-        and decoding_shape(q, k_pool, (_MAX_KV_BLOCK, block)))
+        and decoding_shape(q, _pool(k_cache), (_MAX_KV_BLOCK, block)))
     if least is None or block < least or not dtype_read or (return_lse and device == "cpu"):
         return None
     return block
@@ -108,7 +108,7 @@ def reads_in_place(q: Tensor, k_cache: Tensor, v_cache: Tensor, return_lse: bool
     (:func:`kv_block`), caches of q's dtype whose pages lie end to end in memory, no gradients (see
     the module docstring)."""
     page = k_cache.shape[1]
-    if kv_block(page, q, return_lse, _pool(k_cache)) is None:
+    if kv_block(page, q, return_lse, k_cache) is None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         return False
@@ -221,12 +221,11 @@ def physical_blocks(table: Tensor, valid: Tensor, page: int, kvb: int, num_block
         dense = torch.zeros(B, Hm, R, width + 1, dtype=torch.int32, device=table.device)
         return dense.scatter_add_(3, cols, on.expand(shape).to(torch.int32))[..., :width] > 0
 
+    padded = R >= 2 if isinstance(R, int) else True  # (symbolic: the compiled builder's flags, at least two rows)
+    if not full_blocks:  # every visited block: those with some allowed entry (a full block has some)
+        return _block_mask_tensors(scattered(some), None, padded, q_lists=False)
     partial = scattered(some & ~every)
     full = scattered(every) & ~partial
-    padded = R >= 2 if isinstance(R, int) else True  # (symbolic: the compiled builder's flags, at least two rows)
-    if not full_blocks:
-        kv_num, kv_idx = _block_mask_tensors(partial | full, torch.zeros_like(full), padded, q_lists=False)[:2]
-        return kv_num, kv_idx, None, None, None, None, None, None
     return _block_mask_tensors(partial | full, full, padded, q_lists=False)
 
 
@@ -298,11 +297,11 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
     :func:`reads_in_place` accepts); ``mask_mod`` (or None) and ``score_mod`` over logical key
     indices (``kv_idx < pages.keys``). Returns as :func:`flexflash.attention`: ``out``, or
     ``(out, lse)`` with ``return_lse``."""
-    k_pool, v_pool = _pool(k_cache), _pool(v_cache)
-    kvb = kv_block(pages.page, q, return_lse, k_pool)
+    kvb = kv_block(pages.page, q, return_lse, k_cache)
     if kvb is None:
         raise ValueError(f"page: {pages.page} tokens a page are not read in place on {q.device.type} "
                          f"({q.dtype}); expected a call reads_in_place accepts")
+    k_pool, v_pool = _pool(k_cache), _pool(v_cache)
     B, Hq = q.shape[:2]
     num_pages, keys, page = k_cache.shape[0], pages.keys, pages.page
     table, valid = pages.per_batch()

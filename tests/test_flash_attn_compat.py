@@ -609,7 +609,7 @@ def test_pages_are_gathered_where_they_cannot_be_read_in_place(pages_in_place_on
             call(**kwargs)
     assert pages_in_place_on_cpu == []
     meta = torch.zeros(1, 1, 1, 1, device="meta")
-    assert _paged.kv_block(256, meta, False, meta) is None  # no device of that type
+    assert _paged.kv_block(256, meta, False, meta) is None  # no device of that type (meta: any cache)
 
 
 def test_16_bit_pages_are_read_in_place_by_compiled_decoding_calls_alone(monkeypatch):
@@ -649,24 +649,30 @@ def test_keywords_of_other_apis_name_flexflashs():
         flexflash.attention(q, q, q, casual=True)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "pages_in_place"])
-def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, request):
+@pytest.mark.parametrize("layout", ["contiguous", "pages_in_place", "bf16_pages_in_place_when_traced"])
+def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, request, monkeypatch):
     """A decoding step (append the new token's key and value in place, attend to the cache) inside
     the caller's ``torch.compile(fullgraph=True)``: the growing cache lengths compile no new graph,
     and each step equals the eager call on the updated cache. With a paged cache read in place, the
     block mask over the logical keys, its mapping to the pool's blocks and the kernel trace into
     the caller's graph (for the aot_eager backend: Inductor's CPU code generation fails on that
-    graph, see flexflash._paged; Inductor compiles it on the GPU, in the reduce-overhead test)."""
+    graph, see flexflash._paged; Inductor compiles it on the GPU, in the reduce-overhead test).
+    bfloat16 pages under CUDA's rule (IN_PLACE_DECODING_DTYPES, set up for the CPU): read in place
+    inside the graph, gathered by the eager calls; the rule's shape test adds no recompilation."""
     from torch._dynamo.testing import CompileCounterWithBackend
     gen = torch.Generator().manual_seed(8)
     B, H, Hk, D, S = 2, 4, 2, 16, 32
+    dtype = torch.bfloat16 if layout.startswith("bf16") else torch.float32
     if layout == "contiguous":
         counter, table = CompileCounterWithBackend("inductor"), None
         k_cache, v_cache = torch.zeros(B, S, Hk, D), torch.zeros(B, S, Hk, D)
     else:
         counted = request.getfixturevalue("pages_in_place_on_cpu")
+        if dtype == torch.bfloat16:
+            monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cpu", (torch.float32,))
+            monkeypatch.setitem(_paged.IN_PLACE_DECODING_DTYPES, "cpu", (torch.bfloat16,))
         counter = CompileCounterWithBackend("aot_eager")
-        k_cache, v_cache = torch.zeros(10, 8, Hk, D), torch.zeros(10, 8, Hk, D)
+        k_cache, v_cache = torch.zeros(10, 8, Hk, D, dtype=dtype), torch.zeros(10, 8, Hk, D, dtype=dtype)
         table = torch.tensor([[7, 2, 9, 0], [4, 1, 8, 3]], dtype=torch.int32)
 
     @torch.compile(backend=counter, fullgraph=True)
@@ -676,22 +682,31 @@ def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, r
 
     lengths = torch.tensor([3, 9], dtype=torch.int32)
     graphs = []
+    # float32: summation order only; bfloat16: outputs rounded apart by at most a unit (2^-8 relative)
+    # by the two kernels (and the reference's own rounding), atol for those near 0
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
     for _ in range(4):
-        q, k, v = (torch.randn(B, 1, h, D, generator=gen) for h in (H, Hk, Hk))
+        q, k, v = (torch.randn(B, 1, h, D, generator=gen, dtype=dtype) for h in (H, Hk, Hk))
         with torch.no_grad():
             out = step(q, k, v, k_cache, v_cache, lengths)
             want = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths + 1, block_table=table,
                                            causal=True)
-        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)  # float32 both: summation order only
+        torch.testing.assert_close(out, want, **tol)
         if table is not None:  # and the reference, over the gathered pages
             keys, values = (c[table.long()].flatten(1, 2).double() for c in (k_cache, v_cache))
-            torch.testing.assert_close(out.double(), _decode_ref(q.double(), keys, values, (lengths + 1).tolist(),
-                                                                 causal=True), rtol=1e-5, atol=1e-5)
+            ref = _decode_ref(q.double(), keys, values, (lengths + 1).tolist(), causal=True)
+            torch.testing.assert_close(out.double(), ref.to(dtype).double() if dtype != torch.float32 else ref,
+                                       **(tol if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)))
         lengths = lengths + 1
         graphs.append(counter.frame_count)
     assert graphs == [1, 1, 1, 1], graphs
-    if table is not None:
-        assert len(counted) == 4  # the eager calls read the pages in place too
+    if table is not None:  # the eager calls read float32 pages in place too, and gather bfloat16 ones
+        assert len(counted) == (4 if dtype == torch.float32 else 0)
+        # the graph reads the pool in place: a (1, nheads_k, num_blocks * page_block_size, headdim) view of
+        # it (the gathered keys would be (batch, nheads_k, keys, headdim))
+        shapes = [tuple(str(d) for d in v.shape) for n in counter.graphs[0].graph.nodes
+                  if isinstance(v := n.meta.get("example_value"), torch.Tensor) and v.dim() == 4]
+        assert any(s[:2] == ("1", str(Hk)) and s[3] == str(D) for s in shapes), shapes
 
 
 def test_a_rotary_left_padded_decoding_step_compiles_once_under_the_callers_torch_compile():
