@@ -20,8 +20,9 @@ a switch of the library's), each a ``+``-joined list of:
   cache length (``HAS_FULL_BLOCKS``: ``TILE_KV = cdiv(KV_LEN, SPLIT_KV)``) rather than each
   sequence's own blocks, so a shorter sequence's programs do not finish sooner; flexflash now
   leaves them out (``_flex._without_full_blocks``);
-* ``inplace``: 16-bit paged caches read in place on CUDA too (``flexflash._paged.IN_PLACE_DTYPES``;
-  by default only float32 pages are, and 16-bit ones are gathered into a contiguous copy per step).
+* ``inplace``: 16-bit paged caches read in place by every CUDA call (``flexflash._paged.IN_PLACE_DTYPES``;
+  by default float32 pages are, and bfloat16 ones in decoding steps inside a caller's compile, as
+  the steps timed here: for them the variant equals the default; float16 pages are gathered).
 
 Usage on a CUDA machine::
 
