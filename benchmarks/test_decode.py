@@ -6,7 +6,8 @@
   ("spread": N/4 to N); SDPA gets the padded cache and a key padding mask of the step's lengths
   (built in the step, as each step of a generation loop has new lengths); each called eagerly
   ("eager") and as a step under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, as a
-  generation loop runs it; ``"default"`` mode on CPU); eagerly also as ``flexflash-flex``, the
+  generation loop runs it, the step's tensors at static addresses as a model's buffers are:
+  :func:`static_closure`; ``"default"`` mode on CPU); eagerly also as ``flexflash-flex``, the
   same calls kept on FlexAttention (eager steps whose one mask is a tensor otherwise run on SDPA:
   ``flexflash.plan.short_masked_call``), with the static decoding batch that lets FlexAttention
   choose its decoding kernel (``flexflash._kinds._STATIC_DECODING_BATCH``);
@@ -42,6 +43,18 @@ MAX_CACHE_GIB = 8.0
 def _sync():
     if not CPU:
         torch.cuda.synchronize()
+
+
+def static_closure(step):
+    """``step`` with the tensors it closes over marked as static addresses
+    (``torch._dynamo.mark_static_address``), as a model's buffers and parameters are: CUDA graphs
+    (``mode="reduce-overhead"``) copy every other input into their own memory at each replay, a
+    copy of the whole KV cache per step that neither a generation loop holding its cache in a
+    module nor the attention itself would pay."""
+    for cell in step.__closure__ or ():
+        if isinstance(cell.cell_contents, torch.Tensor):
+            torch._dynamo.mark_static_address(cell.cell_contents)
+    return step
 
 
 def _lengths(B: int, S: int, spread: bool, gen: torch.Generator) -> torch.Tensor:
@@ -110,7 +123,7 @@ def test_decode(benchmark, B, S, lengths, layout, impl, mode, monkeypatch):
 
     if mode == "compiled":
         torch._dynamo.reset()  # one step's graph at a time (CUDA graphs of earlier cases freed)
-        step = torch.compile(step, mode="default" if CPU else "reduce-overhead", fullgraph=True)
+        step = torch.compile(static_closure(step), mode="default" if CPU else "reduce-overhead", fullgraph=True)
 
     def timed():
         with torch.no_grad():

@@ -63,14 +63,19 @@ _MAX_KV_BLOCK = 128
 #   of the eager call at batch 8 and 64, cache 8k, H100) a decoding step read in place took 0.480 /
 #   2.358 ms at batch 8 / 64 against 0.603 / 3.755 ms gathered (tools/decode_profile.py, one process);
 # - an eager decoding call read in place pays host time for a block-mask build and a second compiled
-#   call that the gather does not: on an H100 (batch 8, cache 8k, GQA 32/8) 0.83 ms a step in place
-#   where the step over a contiguous cache (SDPA's kernel) took 0.21 ms, more than the gather's copy
-#   costs up to batch 8 (eager gathered steps: 0.28-0.65 ms at batch 1-8; benchmarks/NOTES.md);
+#   call that the gather does not, about 0.5 ms a step on an H100's host, where the gather's copy
+#   grows with the cache: eager steps (GQA 32/8, D = 128, cache 8k, spread lengths; one process,
+#   tools/eager_host_profile.py --paged-batches) took 0.67 / 0.82 / 1.33 ms in place at batch
+#   1 / 8 / 64, against 0.17 / 0.35 / 2.23 ms gathered (the gather's copy alone: 0.02 / 0.18 / 1.46
+#   ms). Eager decoding calls read in place where the gather would copy at least
+#   IN_PLACE_EAGER_ELEMENTS elements of each cache (2**28: batch 32 at cache 8k, heads 8 x 128;
+#   the two lines of those figures cross near batch 24), and gather smaller caches;
 # - float16 pages have not been read in place on a GPU.
 # Those calls gather their pages.
 IN_PLACE_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "cuda": (torch.float32,), "cpu": (torch.float16, torch.bfloat16, torch.float32)}
 IN_PLACE_DECODING_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cuda": (torch.bfloat16,)}
+IN_PLACE_EAGER_ELEMENTS: dict[str, int] = {"cuda": 2**28}
 
 
 def _pool(cache: Tensor) -> Tensor:
@@ -79,12 +84,14 @@ def _pool(cache: Tensor) -> Tensor:
     return cache.flatten(0, 1).transpose(0, 1).unsqueeze(0)
 
 
-def kv_block(page: int, q: Tensor, return_lse: bool, k_cache: Tensor) -> int | None:
+def kv_block(page: int, q: Tensor, return_lse: bool, k_cache: Tensor, table: Tensor) -> int | None:
     """The key block of a call with pages of ``page`` tokens, or None where its device does not read
     such pages in place (see ``IN_PLACE_MIN_BLOCK``), its dtype is not read in place there
-    (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where a traced call over the pool of
-    ``k_cache`` has the shape of FlexAttention's decoding kernel, :func:`flexflash._kinds.decoding_shape`) or
-    it asks for the log-sum-exp on CPU (which FlexAttention's CPU kernel does not return)."""
+    (``IN_PLACE_DTYPES``; ``IN_PLACE_DECODING_DTYPES`` where a call over the pool of ``k_cache`` has
+    the shape of FlexAttention's decoding kernel, :func:`flexflash._kinds.decoding_shape`, and is
+    traced into a caller's torch.compile or its gather would copy at least ``IN_PLACE_EAGER_ELEMENTS``
+    elements of each cache: the pages of ``table``) or it asks for the log-sum-exp on CPU (which
+    FlexAttention's CPU kernel does not return)."""
     device = q.device.type
     least = IN_PLACE_MIN_BLOCK.get(device)
     # The largest power of two up to 128 dividing the page (the block must divide it; blocks are
@@ -95,20 +102,22 @@ def kv_block(page: int, q: Tensor, return_lse: bool, k_cache: Tensor) -> int | N
     while page % block:
         block //= 2
     dtype_read = q.dtype in IN_PLACE_DTYPES.get(device, ()) or (
-        q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ()) and torch.compiler.is_compiling()
+        q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ())
+        and (torch.compiler.is_compiling()
+             or table.numel() * k_cache.shape[1:].numel() >= IN_PLACE_EAGER_ELEMENTS.get(device, 2**63))
         and decoding_shape(q, _pool(k_cache), (_MAX_KV_BLOCK, block)))
     if least is None or block < least or not dtype_read or (return_lse and device == "cpu"):
         return None
     return block
 
 
-def reads_in_place(q: Tensor, k_cache: Tensor, v_cache: Tensor, return_lse: bool) -> bool:
-    """Whether a call of ``q (B, Hq, Nq, D)`` reads paged caches ``(num_pages, page, Hkv, D)`` in
-    place (else its caller gathers the pages): pages whose size the device's key block divides
-    (:func:`kv_block`), caches of q's dtype whose pages lie end to end in memory, no gradients (see
-    the module docstring)."""
+def reads_in_place(q: Tensor, k_cache: Tensor, v_cache: Tensor, return_lse: bool, table: Tensor) -> bool:
+    """Whether a call of ``q (B, Hq, Nq, D)`` reads paged caches ``(num_pages, page, Hkv, D)`` at the
+    pages of ``table`` in place (else its caller gathers those pages): pages whose size the device's
+    key block divides (:func:`kv_block`), caches of q's dtype whose pages lie end to end in memory,
+    no gradients (see the module docstring)."""
     page = k_cache.shape[1]
-    if kv_block(page, q, return_lse, k_cache) is None:
+    if kv_block(page, q, return_lse, k_cache, table) is None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         return False
@@ -297,7 +306,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
     :func:`reads_in_place` accepts); ``mask_mod`` (or None) and ``score_mod`` over logical key
     indices (``kv_idx < pages.keys``). Returns as :func:`flexflash.attention`: ``out``, or
     ``(out, lse)`` with ``return_lse``."""
-    kvb = kv_block(pages.page, q, return_lse, k_cache)
+    kvb = kv_block(pages.page, q, return_lse, k_cache, pages.table)
     if kvb is None:
         raise ValueError(f"page: {pages.page} tokens a page are not read in place on {q.device.type} "
                          f"({q.dtype}); expected a call reads_in_place accepts")

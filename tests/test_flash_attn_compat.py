@@ -609,23 +609,31 @@ def test_pages_are_gathered_where_they_cannot_be_read_in_place(pages_in_place_on
             call(**kwargs)
     assert pages_in_place_on_cpu == []
     meta = torch.zeros(1, 1, 1, 1, device="meta")
-    assert _paged.kv_block(256, meta, False, meta) is None  # no device of that type (meta: any cache)
+    assert _paged.kv_block(256, meta, False, meta, meta) is None  # no device of that type (meta: any cache)
 
 
-def test_16_bit_pages_are_read_in_place_by_compiled_decoding_calls_alone(monkeypatch):
+def test_16_bit_pages_are_read_in_place_by_compiled_or_large_decoding_calls_alone(monkeypatch):
     """The rule of flexflash._paged for 16-bit pages on CUDA (IN_PLACE_DECODING_DTYPES), set up for
-    the CPU here: a call traced into a caller's torch.compile with the shape of FlexAttention's
-    decoding kernel (few queries, power-of-two groups of query heads) reads them in place; eager
-    calls and other shapes gather them; float32 pages are read in place by every call."""
+    the CPU here: a call with the shape of FlexAttention's decoding kernel (few queries, power-of-two
+    groups of query heads) reads them in place where it is traced into a caller's torch.compile, or
+    where its gather would copy at least IN_PLACE_EAGER_ELEMENTS elements of each cache (the pages
+    of its table, whatever their lengths); smaller eager calls and other shapes gather them; float32
+    pages are read in place by every call."""
     monkeypatch.setitem(_paged.IN_PLACE_MIN_BLOCK, "cpu", 128)
     monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cpu", (torch.float32,))
     monkeypatch.setitem(_paged.IN_PLACE_DECODING_DTYPES, "cpu", (torch.bfloat16,))
     pages = torch.zeros(6, 256, 2, 16, dtype=torch.bfloat16)
-    traced = torch.compile(lambda q, k: _paged.reads_in_place(q, k, k, False), backend="eager", fullgraph=True)
+    per_page = 256 * 2 * 16
+    traced = torch.compile(lambda q, k, t: _paged.reads_in_place(q, k, k, False, t), backend="eager", fullgraph=True)
 
-    def in_place(batch, heads, queries, dtype=torch.bfloat16, compiled=True):
+    def in_place(batch, heads, queries, dtype=torch.bfloat16, compiled=True, width=2):
         q = torch.zeros(batch, heads, queries, 16, dtype=dtype)
-        return (traced if compiled else lambda q, k: _paged.reads_in_place(q, k, k, False))(q, pages.to(dtype))
+        table = torch.zeros(batch, width, dtype=torch.int32)  # every row reads page 0: the gather copies it each time
+        reads = (traced if compiled else lambda q, k, t: _paged.reads_in_place(q, k, k, False, t))(
+            q, pages.to(dtype), table)
+        if not compiled:  # paged_attention's own check (kv_block) accepts the calls read in place
+            assert reads == (_paged.kv_block(256, q, False, pages.to(dtype), table) is not None)
+        return reads
 
     assert in_place(3, 8, 1) and in_place(3, 8, 2) and in_place(1, 4, 64)  # groups 4 and 2
     assert not in_place(3, 8, 1, compiled=False) and not in_place(1, 4, 64, compiled=False)  # eager: gathered
@@ -634,6 +642,12 @@ def test_16_bit_pages_are_read_in_place_by_compiled_decoding_calls_alone(monkeyp
     assert not in_place(1, 8, 340)  # a packed call of 340 queries: the main kernel
     assert in_place(1, 8, 340, torch.float32) and in_place(3, 6, 1, torch.float32, compiled=False)
     assert not in_place(3, 8, 1, torch.float16)  # a dtype in neither table
+    # Eager calls whose gather copies 3 x 4 pages (3 sequences of 4 table entries) and more: read in place
+    monkeypatch.setitem(_paged.IN_PLACE_EAGER_ELEMENTS, "cpu", 12 * per_page)
+    assert in_place(3, 8, 1, compiled=False, width=4) and in_place(4, 8, 1, compiled=False, width=3)
+    assert not in_place(3, 8, 1, compiled=False, width=3) and not in_place(11, 8, 1, compiled=False, width=1)
+    assert not in_place(3, 6, 1, compiled=False, width=8)  # groups of 3: gathered, however large
+    assert not in_place(1, 8, 340, compiled=False, width=24)  # a packed call: the main kernel
 
 
 def test_keywords_of_other_apis_name_flexflashs():
@@ -894,17 +908,22 @@ _BF16_PACKED_IN_PLACE = pytest.mark.xfail(strict=True, reason=(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("part", ["decoding", "packed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,part", [
+    (torch.float32, "decoding"), (torch.bfloat16, "decoding"), (torch.bfloat16, "decoding_by_size"),
+    (torch.float32, "packed"), (torch.bfloat16, "packed")])
 def test_pages_read_in_place_on_gpu(dtype, part, monkeypatch, request):
     """Pages of 256 tokens (flash-attn's multiple) are read in place on CUDA: decoding with a block
     table (grouped heads, ALiBi, left padding), in float32 and bfloat16 (forced eagerly here: by
-    default compiled decoding steps read bfloat16 pages in place, eager ones gather them), and
-    packed sequences sharing a prefix page (float32; bfloat16 forced, a strict expected failure),
-    against the reference over the gathered keys."""
+    default compiled decoding steps read bfloat16 pages in place, and eager ones whose gather would
+    copy IN_PLACE_EAGER_ELEMENTS, lowered to this table's size for ``decoding_by_size``), and packed
+    sequences sharing a prefix page (float32; bfloat16 forced, a strict expected failure), against
+    the reference over the gathered keys."""
     if part == "packed" and dtype == torch.bfloat16:
         request.applymarker(_BF16_PACKED_IN_PLACE)
-    if dtype == torch.bfloat16:
+    if part == "decoding_by_size":  # the gather of 3 x 3 pages of 256 tokens, 2 heads of 64
+        monkeypatch.setitem(_paged.IN_PLACE_EAGER_ELEMENTS, "cuda", 9 * 256 * 2 * 64)
+        part = "decoding"
+    elif dtype == torch.bfloat16:
         monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cuda", (torch.float32, torch.bfloat16))
     calls = []
     real = flash_attn_module.paged_attention

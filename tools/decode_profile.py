@@ -96,10 +96,10 @@ def case(B: int, S: int, spread: bool, paged: bool):
 
 
 def graphed_ms(step, reps: int = 50) -> tuple[float, torch.Tensor]:
-    """Median ms of a step compiled with CUDA graphs (on CPU: the default mode, wall clock), and the
-    step's output."""
+    """Median ms of a step compiled with CUDA graphs (on CPU: the default mode, wall clock), its
+    tensors at static addresses (``bench.static_closure``), and the step's output."""
     torch._dynamo.reset()
-    fn = torch.compile(step, mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
+    fn = torch.compile(bench.static_closure(step), mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
     with torch.no_grad():
         ms = timed(fn, DEV, reps)
         return ms, fn().clone()

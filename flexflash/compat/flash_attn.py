@@ -279,7 +279,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k: expected the same number of sequences, got "
                          f"{nseq} and {cu_k.numel() - 1}")
-    in_place = block_table is not None and not dropout_p and reads_in_place(qt, k, v, return_attn_probs)
+    in_place = block_table is not None and not dropout_p and reads_in_place(qt, k, v, return_attn_probs, block_table)
     if in_place:
         kt, vt = k, v  # the paged caches themselves (flexflash._paged)
     elif block_table is not None:
@@ -419,7 +419,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     qt, pages = _bhsd(q, "q"), None
     # (each sequence's row of a plain cache is a view already; a row of cache_batch_idx is one page)
     table = block_table if block_table is not None else None if cache_batch_idx is None else cache_batch_idx[:, None]
-    if table is not None and reads_in_place(qt, k_cache, v_cache, return_softmax_lse):
+    if table is not None and reads_in_place(qt, k_cache, v_cache, return_softmax_lse, table):
         keys, values, pages = k_cache, v_cache, Pages.of(table, k_cache.shape[1], total)
     else:
         keys, values = (sequences(c, cache_batch_idx, block_table).transpose(1, 2) for c in (k_cache, v_cache))
