@@ -26,6 +26,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from flexflash import plan
 from flexflash.compat.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
@@ -130,8 +131,11 @@ def test_decode(benchmark, B, S, lengths, layout, impl, mode, monkeypatch):
             step()
         _sync()
 
+    skips = counters["inductor"]["cudagraph_skips"]
     for _ in range(3):
         timed()  # compilation, CUDA graph capture and warm-up
+    if mode == "compiled" and not CPU:  # graphs Inductor ran without CUDA graphs (it logs why)
+        benchmark.extra_info["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     benchmark.pedantic(timed, rounds=20 if CPU else 100, iterations=1, warmup_rounds=2)
     benchmark.extra_info.update(bench="decode", mode=mode, B=B, S=S, lengths=lengths, layout=layout, impl=impl,
                                 tokens=int(lens.sum()), gpu="cpu" if CPU else torch.cuda.get_device_name(),

@@ -52,7 +52,8 @@ __all__ = ["Pages", "kv_block", "paged_attention", "reads_in_place"]
 IN_PLACE_MIN_BLOCK: dict[str, int] = {"cuda": 128}
 _MAX_KV_BLOCK = 128
 # The dtypes read in place, per device, by every call; IN_PLACE_DECODING_DTYPES, by decoding calls
-# traced into a caller's torch.compile alone (see kv_block). On CUDA, bfloat16 pages are read in
+# traced into a caller's torch.compile and by eager ones whose gather would copy at least
+# IN_PLACE_EAGER_ELEMENTS elements of each cache (see kv_block). On CUDA, bfloat16 pages are read in
 # place by those calls only:
 # - a packed bfloat16 call of 340 queries read in place (FlexAttention's main kernel over the pool,
 #   D = 64) found no kernel configuration within the H100's shared memory ("No valid triton configs
@@ -61,7 +62,8 @@ _MAX_KV_BLOCK = 128
 #   test_pages_read_in_place_on_gpu);
 # - traced into a caller's graph (test_a_decoding_step_under_reduce_overhead_on_gpu; within 2.5e-4
 #   of the eager call at batch 8 and 64, cache 8k, H100) a decoding step read in place took 0.480 /
-#   2.358 ms at batch 8 / 64 against 0.603 / 3.755 ms gathered (tools/decode_profile.py, one process);
+#   2.358 ms at batch 8 / 64 against 0.603 / 3.755 ms gathered (tools/decode_profile.py, one process;
+#   both steps then also copied the cache into the CUDA graph's memory, benchmarks/NOTES.md);
 # - an eager decoding call read in place pays host time for a block-mask build and a second compiled
 #   call that the gather does not, about 0.5 ms a step on an H100's host, where the gather's copy
 #   grows with the cache: eager steps (GQA 32/8, D = 128, cache 8k, spread lengths; one process,

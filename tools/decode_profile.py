@@ -100,8 +100,11 @@ def graphed_ms(step, reps: int = 50) -> tuple[float, torch.Tensor]:
     tensors at static addresses (``bench.static_closure``), and the step's output."""
     torch._dynamo.reset()
     fn = torch.compile(bench.static_closure(step), mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
+    skips = bench.counters["inductor"]["cudagraph_skips"]
     with torch.no_grad():
         ms = timed(fn, DEV, reps)
+        if not bench.CPU and bench.counters["inductor"]["cudagraph_skips"] > skips:
+            print("  (this step ran without CUDA graphs: Inductor skipped them, its log says why)", flush=True)
         return ms, fn().clone()
 
 

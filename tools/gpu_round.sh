@@ -28,11 +28,14 @@
 #   static   after compiled decoding steps held their tensors at static addresses (no copy of the cache
 #            per CUDA-graph replay) and eager bf16 steps over large paged caches read them in place: the
 #            compat GPU tests of in-place and compiled steps, the rows of decode8k, compiled steps at 32k
+#   verify   what the static run left open: the reduce-overhead tests (which now assert that no graph
+#            ran without CUDA graphs), eager paged steps at batch 8 and 64 under the default rule (the
+#            top kernels tell in place from gathered), the kernels of compiled steps at batch 1 (8k, 32k)
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -107,6 +110,15 @@ static)
   decode decode-compiled-8k 200 "compiled and 8192 and not flexflash-flex"
   decode decode-eager-8k 150 "eager and 8192"
   decode decode-compiled-32k 150 "compiled and 32768 and not flexflash-flex" ;;
+verify)
+  step verify-tests 150 python -m pytest -q -rfEsxX -p no:cacheprovider -m gpu tests/test_flash_attn_compat.py \
+    -k "reduce_overhead"
+  grep -E "^(FAILED|ERROR)|Error:|skipping cudagraphs" "$OUT/verify-tests.log" | head -20
+  step verify-paged 120 python tools/eager_host_profile.py --paged-batches 8,64
+  grep -E "^==|^ +[0-9]" "$OUT/verify-paged.log"
+  step verify-kernels 240 python tools/decode_profile.py --batch 1 --cache 8192,32768 --layout contiguous,paged \
+    --lengths full,spread --kernels 12
+  grep -vE "^\s*$" "$OUT/verify-kernels.log" | tail -150 ;;
 checks)
   step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
     -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"

@@ -147,6 +147,7 @@ def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
     varlen: dict[tuple, dict[str, float]] = defaultdict(dict)
     others: set[str] = set()
     sdpa_backends: dict[str, int] = defaultdict(int)  # SDPA's own choice of backend per row, where recorded
+    skipped: list[str] = []  # compiled rows run without CUDA graphs, where recorded
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         ms = bench["stats"]["median"] * 1e3
@@ -157,6 +158,8 @@ def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
                 others.add(impl)
             if impl == "sdpa" and info.get("sdpa_backend"):
                 sdpa_backends[info["sdpa_backend"]] += 1
+            if info.get("cudagraph_skips"):
+                skipped.append(bench["name"])
             decode[(info.get("mode", "eager"), info["B"], info["S"], info["lengths"])][column] = ms
         elif info.get("bench") == "varlen":
             varlen[(info["N"], info["B"], info["H"], info["tokens"])][info["impl"]] = ms
@@ -177,6 +180,8 @@ def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
                          f"{cell(r, 'other-contiguous')} | {cell(r, 'other-paged')} |")
         if sdpa_backends:
             lines += ["", "SDPA's dispatch chose (rows): " + ", ".join(f"{b} ({n})" for b, n in sorted(sdpa_backends.items()))]
+        if skipped:
+            lines += ["", "Compiled without CUDA graphs (Inductor skipped them): " + ", ".join(skipped)]
         lines.append("")
     if varlen:
         lines += ["Variable-length training (causal, forward+backward), median ms; ratio = SDPA (padded batch, "
