@@ -100,6 +100,10 @@ def test_flash_attn_func_matches_flash_attns_semantics(case, Sq, Sk):
         torch.randn(2, Sk, 2, 16, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         _compare(case, lambda *t: flash_attn_func(*t, **kw), lambda *t: attention_ref(*t, **kw)[0], (q, k, v), dtype)
+    # float64 inputs are computed in float64 throughout, ALiBi's slopes (float32 here) included
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    torch.testing.assert_close(flash_attn_func(q64, k64, v64, **kw), attention_ref(q64, k64, v64, **kw)[0],
+                               rtol=1e-12, atol=1e-12)  # float64 against float64: rounding alone
     # inputs that require grad: the CPU tiles (no kernel to compile per case); the compiled path is
     # covered by the variable-length and KV-cache tests
     out, lse, probs = flash_attn_func(q.requires_grad_(), k, v, return_attn_probs=True, **kw)

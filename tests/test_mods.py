@@ -67,6 +67,14 @@ def test_scores():
     torch.testing.assert_close(mods.alibi_slopes(6), torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]))
     out = mods.alibi(4)(s, b, h, i, j)
     torch.testing.assert_close(out[0], -slopes[:, None, None] * (i - j).abs()[0, 0].float())
+    # float64 scores take the bias in float64: with 16 heads the slopes 2**(-(h + 1) / 2) are not
+    # float32 numbers (rounded to float32 they are 3e-8 off, relatively)
+    b16, h16, i16, j16 = index_grids(1, 16, 5, 7, torch.device("cpu"))
+    out64 = mods.alibi(16, offset=3)(torch.zeros(1, 16, 5, 7, dtype=torch.float64), b16, h16, i16, j16)
+    exact = torch.tensor([2.0 ** (-(h + 1) / 2) for h in range(16)], dtype=torch.float64)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64[0], -exact[:, None, None] * (i16 + 3 - j16).abs()[0, 0].double(),
+                               rtol=1e-15, atol=0)
     capped = mods.tanh_softcap(2.0)(torch.full((1, 4, 5, 7), 100.0), b, h, i, j)
     assert capped.max() <= 2.0
 

@@ -10,7 +10,8 @@ return values as flash-attn 2.x, with its semantics:
   ``j <= i + seqlen_k - seqlen_q``;
 * ``window_size=(left, right)``: query ``i`` sees keys ``i + seqlen_k - seqlen_q - left`` to
   ``i + seqlen_k - seqlen_q + right``; -1 leaves that side unbounded; ``causal`` sets ``right`` to 0;
-* ``alibi_slopes`` of shape ``(nheads,)`` or ``(batch, nheads)``, float32: the bias
+* ``alibi_slopes`` of shape ``(nheads,)`` or ``(batch, nheads)``, read in float32 (float64 for
+  float64 inputs): the bias
   ``-slope * |i + seqlen_k - seqlen_q - j|`` (with ``causal`` flash-attn's kernel adds ``slope * j``
   instead, which differs by a constant per row: the same output, a log-sum-exp shifted by that
   constant); slopes get no gradient;
@@ -76,9 +77,12 @@ def _mask_mod(diag, left: int, right: int, causal: bool, extra=None):
     return flash_attn_mask
 
 
-def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, batch: int, slope_row=None):
+def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, batch: int, slope_row=None,
+               dtype: torch.dtype = torch.float32):
     """Soft-capping, then ALiBi's bias (see the module docstring); None where scores are unchanged.
-    ``slope_row(b, q_idx)``: the row of 2-D slopes of each query (default: its batch ``b``)."""
+    ``slope_row(b, q_idx)``: the row of 2-D slopes of each query (default: its batch ``b``). The
+    slopes are read in float32 (flash-attn's dtype for them), or in float64 for a call of ``dtype``
+    float64, whose scores are float64."""
     softcap = float(softcap)
     if softcap < 0:
         raise ValueError(f"softcap: expected a float >= 0 (0 = off), got {softcap}")
@@ -87,7 +91,7 @@ def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, b
         if slope_row is None and alibi_slopes.shape not in ((nheads,), (batch, nheads)):
             raise ValueError(f"alibi_slopes: expected shape ({nheads},) or ({batch}, {nheads}), got "
                              f"{tuple(alibi_slopes.shape)}")
-        slopes = alibi_slopes.detach().float()
+        slopes = alibi_slopes.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
     if softcap == 0 and slopes is None:
         return None
     batched = slopes is not None and slopes.dim() == 2
@@ -126,7 +130,7 @@ def _run(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, ali
             return q_idx + offset
     left, right = _window(window_size)
     mask_mod = _mask_mod(diag, left, right, causal, extra)
-    score_mod = _score_mod(diag, softcap, alibi_slopes, H, B, slope_row)
+    score_mod = _score_mod(diag, softcap, alibi_slopes, H, B, slope_row, q.dtype)
     if pages is not None:
         return paged_attention(q, k, v, pages, mask_mod=mask_mod, score_mod=score_mod, scale=softmax_scale,
                                return_lse=lse)
