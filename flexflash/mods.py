@@ -286,13 +286,16 @@ def _alibi_slope(h: Tensor, num_heads: int) -> Tensor:
 def alibi(num_heads: int, *, offset: int | Tensor = 0) -> ScoreMod:
     """ALiBi: adds ``-slope[h] * |i + offset - j|`` to the scores (for causal attention this is the
     paper's ``slope * (j - i)``). ``h`` is the query head index, so GQA sees per-query-head slopes.
-    Computed in the scores' dtype: float32 in the kernels, float64 for float64 inputs."""
+    Computed in float32, or in float64 for float64 scores. (Not in the scores' own dtype:
+    FlexAttention traces a modifier with scores of the inputs' dtype, bfloat16 for bfloat16 inputs,
+    while its kernels hold them in float32.)"""
     num_heads = _check_positive_int("num_heads", num_heads)
     offset = _check_offset(offset)
 
     def alibi_mod(score, b, h, q_idx, kv_idx):
-        distance = (q_idx + offset - kv_idx).abs().to(score.dtype)
-        return score - _alibi_slope(h.to(score.dtype), num_heads) * distance
+        dtype = torch.float64 if score.dtype == torch.float64 else torch.float32
+        distance = (q_idx + offset - kv_idx).abs().to(dtype)
+        return score - _alibi_slope(h.to(dtype), num_heads) * distance
 
     return _named(alibi_mod, f"alibi_{num_heads}" + _offset_tag(offset))
 
