@@ -354,6 +354,14 @@ def test_kvcache_rotary_and_left_padding_follow_flash_attns_semantics(paged):
             torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
             cached = k_cache[table.long()].flatten(1, 2) if paged else k_cache
             torch.testing.assert_close(cached.double(), keys, rtol=1e-6, atol=1e-6)  # rotated keys, written in place
+            if not paged:  # float64 inputs are rotated and attended in float64: rounding alone
+                caches64 = k_init.double(), v_init.double()
+                with torch.no_grad():
+                    out64 = flash_attn_with_kvcache(q.double(), *caches64, k.double(), v.double(), rotary_cos=cos,
+                                                    rotary_sin=sin, cache_seqlens=seqlens, cache_leftpad=leftpad,
+                                                    causal=causal, rotary_interleaved=interleaved)
+                torch.testing.assert_close(out64, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
+                torch.testing.assert_close(caches64[0], keys, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("rows", [0, 16])

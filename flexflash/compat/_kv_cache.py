@@ -31,7 +31,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: 
     """Rotary embedding of ``x (batch, seqlen, heads, headdim)`` at ``positions (batch, seqlen)``:
     its first ``rotary_dim = 2 * cos.shape[1]`` dims turn by the angles of ``cos``/``sin``
     ``(seqlen_ro, rotary_dim / 2)``, in pairs ``(0, 1), (2, 3), ...`` (``interleaved``, GPT-J) or
-    ``(i, i + rotary_dim / 2)`` (GPT-NeoX); computed in float32, returned in ``x``'s dtype."""
+    ``(i, i + rotary_dim / 2)`` (GPT-NeoX); computed in float32 (float64 for float64 ``x``), returned
+    in ``x``'s dtype."""
     for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
         if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != cos.shape or 2 * t.shape[1] > x.shape[-1]:
             raise ValueError(f"{name}: expected (seqlen_ro, rotary_dim / 2) with rotary_dim <= headdim "
@@ -40,10 +41,10 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: 
     if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= cos.shape[0]:
         raise ValueError(f"rotary_cos: {cos.shape[0]} positions, expected at least {int(positions.max()) + 1} "
                          "(cache_seqlens plus the new tokens)")
-    half = cos.shape[1]
-    c = cos[positions][:, :, None].float()  # (batch, seqlen, 1, rotary_dim / 2)
-    s = sin[positions][:, :, None].float()
-    rot = x[..., :2 * half].float()
+    half, acc = cos.shape[1], torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = cos[positions][:, :, None].to(acc)  # (batch, seqlen, 1, rotary_dim / 2)
+    s = sin[positions][:, :, None].to(acc)
+    rot = x[..., :2 * half].to(acc)
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         rot = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
