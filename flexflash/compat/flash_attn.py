@@ -18,7 +18,8 @@ return values as flash-attn 2.x, with its semantics:
 * grouped heads (MQA/GQA): ``nheads % nheads_k == 0``;
 * ``dropout_p`` as flash-attn: pass 0.0 in evaluation;
 * ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: ``softmax_lse`` is
-  ``(batch, nheads, seqlen_q)`` float32 (``(nheads, total_q)`` for the variable-length functions);
+  ``(batch, nheads, seqlen_q)`` float32, float64 for float64 inputs (``(nheads, total_q)`` for the
+  variable-length functions);
   the third value, flash-attn's dropout pattern for its tests, is not materialised (None);
 * ``deterministic`` is accepted (flexflash's backward is deterministic).
 
