@@ -30,7 +30,8 @@
 #            compat GPU tests of in-place and compiled steps, the rows of decode8k, compiled steps at 32k
 #   verify   what the static run left open: the reduce-overhead tests (which now assert that no graph
 #            ran without CUDA graphs), eager paged steps at batch 8 and 64 under the default rule (the
-#            top kernels tell in place from gathered), the kernels of compiled steps at batch 1 (8k, 32k)
+#            top kernels tell in place from gathered) and the benchmark's batch-64 paged eager rows,
+#            the kernels of compiled steps at batch 1 (8k, 32k)
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
@@ -116,6 +117,7 @@ verify)
   grep -E "^(FAILED|ERROR)|Error:|skipping cudagraphs" "$OUT/verify-tests.log" | head -20
   step verify-paged 120 python tools/eager_host_profile.py --paged-batches 8,64
   grep -E "^==|^ +[0-9]" "$OUT/verify-paged.log"
+  decode verify-paged-rows 120 "eager and 64-8192 and paged"
   step verify-kernels 240 python tools/decode_profile.py --batch 1 --cache 8192,32768 --layout contiguous,paged \
     --lengths full,spread --kernels 12
   grep -vE "^\s*$" "$OUT/verify-kernels.log" | tail -150 ;;
