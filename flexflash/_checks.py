@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._fingerprint import NO_MODIFIER, Modifier, inspect_modifier
 
-__all__ = ["DtypeError", "Problem", "normalize", "describe", "validate", "KEYWORDS"]
+__all__ = ["DtypeError", "Problem", "accumulation_dtype", "normalize", "describe", "validate", "KEYWORDS"]
 
 
 class DtypeError(TypeError, ValueError):
@@ -30,6 +30,12 @@ class DtypeError(TypeError, ValueError):
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "flex", "reference")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a call of inputs in ``dtype`` computes its scores and statistics in: float64 for
+    float64 inputs, else float32 (§2 of the spec)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def describe(**tensors: Tensor | None) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import accumulation_dtype
 from ._compose import Structure, compose_mask, compose_score, tile_grids
 from ._sdpa_tiles import sdpa_tiles
 from .dropout import Draw, keep
@@ -31,7 +32,7 @@ class _ChunkedAttention(torch.autograd.Function):
         # q (B, H, Nq, D); k (B, H, Nk, D); v (B, H, Nk, Dv): heads already expanded for GQA.
         B, H, Nq, _ = q.shape
         Nk, Dv = k.shape[2], v.shape[3]
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulation_dtype(q.dtype)
         qc, kc = chunks
         # The output is kept in the accumulation dtype for the backward pass: its softmax term
         # D_i = dO_i . O_i taken from an output rounded to bf16/fp16 would be off by the rounding
@@ -241,6 +242,6 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Te
     if _fused(q, v, bias, score_mod, dropout, grad, return_lse):
         return sdpa_tiles(q, k, v, mask_fn=mask_fn, bias=bias, scale=scale, q_chunk=min(chunks[0], _FUSED_ROWS),
                           return_lse=return_lse)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(q.dtype)
     drop = None if dropout is None else (dropout.params, float(dropout.p), acc_dtype, dropout.offsets)
     return _ChunkedAttention.apply(q, k, v, mask_fn, score_fn, scale, chunks, drop, *extra)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_private
+from ._checks import accumulation_dtype
 from ._compose import tile_grids
 
 __all__ = ["cpu_mask_dtype", "sdpa_tiles"]
@@ -61,7 +62,7 @@ def cpu_mask_dtype(q_dtype: torch.dtype, bias: Tensor | None) -> torch.dtype:
     (a mask of 0 and -inf), float32, or float64 for float64 inputs."""
     half = q_dtype in (torch.float16, torch.bfloat16)
     if bias is None:
-        return torch.float64 if q_dtype == torch.float64 else torch.float32
+        return accumulation_dtype(q_dtype)
     if bias.dtype in (q_dtype, torch.float32):
         return bias.dtype
     return torch.float32 if half else q_dtype
@@ -73,7 +74,7 @@ class _SdpaTiles(torch.autograd.Function):
         # q (B, H, Nq, D); k, v (B, H, Nk, D): heads already expanded for GQA.
         B, H, Nq, _ = q.shape
         Nk = k.shape[2]
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulation_dtype(q.dtype)
         mask_dtype = cpu_mask_dtype(q.dtype, bias)
         out = torch.zeros(B, H, Nq, v.shape[3], dtype=q.dtype, device=q.device)
         lse = torch.zeros(B, H, Nq, dtype=acc_dtype, device=q.device)  # the kernel's: 0 on empty rows

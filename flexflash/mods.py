@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import flex_attention
 
-from ._checks import DtypeError
+from ._checks import DtypeError, accumulation_dtype
 
 __all__ = [
     "MaskMod",
@@ -293,7 +293,7 @@ def alibi(num_heads: int, *, offset: int | Tensor = 0) -> ScoreMod:
     offset = _check_offset(offset)
 
     def alibi_mod(score, b, h, q_idx, kv_idx):
-        dtype = torch.float64 if score.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(score.dtype)
         distance = (q_idx + offset - kv_idx).abs().to(dtype)
         return score - _alibi_slope(h.to(dtype), num_heads) * distance
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import dropout
-from ._checks import normalize
+from ._checks import accumulation_dtype, normalize
 
 __all__ = ["attention", "index_grids"]
 
@@ -50,7 +50,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Te
     :func:`flexflash.attention` draws it, so after the same ``torch.manual_seed`` both drop the same
     entries."""
     p = normalize(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p)
-    compute = torch.float64 if p.q.dtype == torch.float64 else torch.float32
+    compute = accumulation_dtype(p.q.dtype)
     B, Hq, Nq, _ = p.q.shape
     Nk = p.kv_len
     group = Hq // p.kv_heads

@@ -50,6 +50,12 @@ step() {  # name, seconds, command...: the command's output to $OUT/name.log, it
   tail -5 "$OUT/$name.log"
 }
 
+gpu_tests() {  # name, seconds, pytest selection...: GPU tests, their failures (and skipped CUDA graphs) printed
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" python -m pytest -q -rfEsxX -p no:cacheprovider -m gpu "$@"
+  grep -E "^(FAILED|ERROR|XPASS)|Error:|skipping cudagraphs" "$OUT/$name.log" | head -20
+}
+
 decode() {  # name, seconds, -k expression
   step "$1" "$2" python -m pytest benchmarks/test_decode.py -q -p no:cacheprovider -k "$3" \
     --benchmark-json="$OUT/$1.json"
@@ -85,15 +91,12 @@ decode3)
     --lengths spread --variants split16,split64 --kernels 0
   tail -80 "$OUT/decode-profile.log" ;;
 compat)
-  step compat 330 python -m pytest -q -rfEsxX -p no:cacheprovider -m gpu tests/test_flash_attn_compat.py
-  grep -E "^(FAILED|ERROR|XPASS)|Error:" "$OUT/compat.log" | head -20
+  gpu_tests compat 330 tests/test_flash_attn_compat.py
   step decode-inplace 200 python tools/decode_profile.py --batch 8,64 --cache 8192 --layout paged \
     --lengths spread --variants inplace --kernels 0
   tail -4 "$OUT/decode-inplace.log" ;;
 inplace)
-  step inplace-tests 200 python -m pytest -q -rfEsxX -p no:cacheprovider -m gpu tests/test_flash_attn_compat.py \
-    -k "reduce_overhead or in_place or kvcache"
-  grep -E "^(FAILED|ERROR|XPASS)|Error:" "$OUT/inplace-tests.log" | head -20
+  gpu_tests inplace-tests 200 tests/test_flash_attn_compat.py -k "reduce_overhead or in_place or kvcache"
   step decode-paged 150 python tools/decode_profile.py --batch 1,8,64 --cache 8192 --layout paged --lengths spread --kernels 0
   tail -5 "$OUT/decode-paged.log" ;;
 paged)
@@ -105,16 +108,12 @@ decode8k)
   decode decode-compiled-8k 300 "compiled and 8192 and not flexflash-flex"
   decode decode-eager-8k 200 "eager and 8192" ;;
 static)
-  step static-tests 150 python -m pytest -q -rfEsxX -p no:cacheprovider -m gpu tests/test_flash_attn_compat.py \
-    -k "reduce_overhead or in_place"
-  grep -E "^(FAILED|ERROR|XPASS)|Error:" "$OUT/static-tests.log" | head -20
+  gpu_tests static-tests 150 tests/test_flash_attn_compat.py -k "reduce_overhead or in_place"
   decode decode-compiled-8k 200 "compiled and 8192 and not flexflash-flex"
   decode decode-eager-8k 150 "eager and 8192"
   decode decode-compiled-32k 150 "compiled and 32768 and not flexflash-flex" ;;
 verify)
-  step verify-tests 150 python -m pytest -q -rfEsxX -p no:cacheprovider -m gpu tests/test_flash_attn_compat.py \
-    -k "reduce_overhead"
-  grep -E "^(FAILED|ERROR)|Error:|skipping cudagraphs" "$OUT/verify-tests.log" | head -20
+  gpu_tests verify-tests 150 tests/test_flash_attn_compat.py -k "reduce_overhead"
   step verify-paged 120 python tools/eager_host_profile.py --paged-batches 8,64
   grep -E "^==|^ +[0-9]" "$OUT/verify-paged.log"
   decode verify-paged-rows 120 "eager and 64-8192 and paged"
@@ -122,7 +121,6 @@ verify)
     --lengths full,spread --kernels 12
   grep -vE "^\s*$" "$OUT/verify-kernels.log" | tail -150 ;;
 checks)
-  step checks 270 python -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_flash_attn_compat.py \
-    -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu"
-  grep -E "^(FAILED|ERROR)|Error:" "$OUT/checks.log" | head -20 ;;
+  gpu_tests checks 270 tests/test_gpu.py tests/test_flash_attn_compat.py \
+    -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu" ;;
 esac

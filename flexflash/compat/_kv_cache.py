@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import accumulation_dtype
+
 __all__ = ["append", "cache_lengths", "check_cache", "positions", "rotate", "sequences"]
 
 
@@ -41,7 +43,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: 
     if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= cos.shape[0]:
         raise ValueError(f"rotary_cos: {cos.shape[0]} positions, expected at least {int(positions.max()) + 1} "
                          "(cache_seqlens plus the new tokens)")
-    half, acc = cos.shape[1], torch.float64 if x.dtype == torch.float64 else torch.float32
+    half, acc = cos.shape[1], accumulation_dtype(x.dtype)
     c = cos[positions][:, :, None].to(acc)  # (batch, seqlen, 1, rotary_dim / 2)
     s = sin[positions][:, :, None].to(acc)
     rot = x[..., :2 * half].to(acc)

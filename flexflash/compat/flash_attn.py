@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import accumulation_dtype
 from .._compose import tile_grids
 from .._paged import Pages, paged_attention, reads_in_place
 from ._kv_cache import append, cache_lengths, check_cache, positions, rotate, sequences
@@ -82,8 +83,8 @@ def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, b
                dtype: torch.dtype = torch.float32):
     """Soft-capping, then ALiBi's bias (see the module docstring); None where scores are unchanged.
     ``slope_row(b, q_idx)``: the row of 2-D slopes of each query (default: its batch ``b``). The
-    slopes are read in float32 (flash-attn's dtype for them), or in float64 for a call of ``dtype``
-    float64, whose scores are float64."""
+    slopes are read in the accumulation dtype of a call of ``dtype`` (float32, flash-attn's dtype
+    for them; float64 for float64 calls)."""
     softcap = float(softcap)
     if softcap < 0:
         raise ValueError(f"softcap: expected a float >= 0 (0 = off), got {softcap}")
@@ -92,7 +93,7 @@ def _score_mod(diag, softcap: float, alibi_slopes: Tensor | None, nheads: int, b
         if slope_row is None and alibi_slopes.shape not in ((nheads,), (batch, nheads)):
             raise ValueError(f"alibi_slopes: expected shape ({nheads},) or ({batch}, {nheads}), got "
                              f"{tuple(alibi_slopes.shape)}")
-        slopes = alibi_slopes.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
+        slopes = alibi_slopes.detach().to(accumulation_dtype(dtype))
     if softcap == 0 and slopes is None:
         return None
     batched = slopes is not None and slopes.dim() == 2
