@@ -296,8 +296,9 @@ def _paged_builder(static: _PagedStatic, mask_fp) -> _PagedBuilder:
 
 
 # Devices on which paged block masks are built by a compiled builder (from a kind's second build
-# on, as flexflash's block masks: _COMPILED_BUILDS_FROM): CUDA, where a decoding step's eager build
-# is a hundred small kernels. (Tests add the CPU.)
+# on, as flexflash's block masks: _COMPILED_BUILDS_FROM), and inside a caller's torch.compile by the
+# builder's body traced into the caller's graph: CUDA, where a decoding step's eager build is a
+# hundred small kernels. (Tests add the CPU.)
 COMPILED_BUILDS_ON = {"cuda"}
 
 
@@ -334,8 +335,14 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
         # Calls of fewer queries than a query block (decoding) run FlexAttention's decoding kernel
         # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
         full_blocks = rows >= p.block[0]
-        if q.device.type in COMPILED_BUILDS_ON and not torch.compiler.is_compiling():
-            builder = _paged_builder(_PagedStatic(st, p.block, page, kvb, full_blocks), inspect_modifier(logical_mask).fp)
+        static = _PagedStatic(st, p.block, page, kvb, full_blocks)
+        if q.device.type in COMPILED_BUILDS_ON and torch.compiler.is_compiling():
+            # Inside a caller's graph, the builder's body itself: the mask evaluated over the query
+            # rows there are, fused into the block reductions (the chunked evaluation below pads
+            # a decoding step's one query to a whole query block of rows).
+            return _build_paged_blocks(q_rows, k_pool, table, valid, logical_mask, static)
+        if q.device.type in COMPILED_BUILDS_ON:
+            builder = _paged_builder(static, inspect_modifier(logical_mask).fp)
             builder.builds += 1
             if builder.builds >= _COMPILED_BUILDS_FROM:
                 return builder(q_rows, k_pool, table, valid, logical_mask)  # valid: the mask's own

@@ -675,7 +675,8 @@ def test_keywords_of_other_apis_name_flexflashs():
         flexflash.attention(q, q, q, casual=True)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "pages_in_place", "bf16_pages_in_place_when_traced"])
+@pytest.mark.parametrize("layout", ["contiguous", "pages_in_place", "pages_in_place_fused",
+                                    "bf16_pages_in_place_when_traced"])
 def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, request, monkeypatch):
     """A decoding step (append the new token's key and value in place, attend to the cache) inside
     the caller's ``torch.compile(fullgraph=True)``: the growing cache lengths compile no new graph,
@@ -684,7 +685,9 @@ def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, r
     the caller's graph (for the aot_eager backend: Inductor's CPU code generation fails on that
     graph, see flexflash._paged; Inductor compiles it on the GPU, in the reduce-overhead test).
     bfloat16 pages under CUDA's rule (IN_PLACE_DECODING_DTYPES, set up for the CPU): read in place
-    inside the graph, gathered by the eager calls; the rule's shape test adds no recompilation."""
+    inside the graph, gathered by the eager calls; the rule's shape test adds no recompilation.
+    ``pages_in_place_fused``: the paged block mask built by its compiled builder's body inside the
+    graph, as on CUDA (``_paged.COMPILED_BUILDS_ON``), and by the compiled builder in eager calls."""
     from torch._dynamo.testing import CompileCounterWithBackend
     gen = torch.Generator().manual_seed(8)
     B, H, Hk, D, S = 2, 4, 2, 16, 32
@@ -694,6 +697,8 @@ def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, r
         k_cache, v_cache = torch.zeros(B, S, Hk, D), torch.zeros(B, S, Hk, D)
     else:
         counted = request.getfixturevalue("pages_in_place_on_cpu")
+        if layout == "pages_in_place_fused":
+            monkeypatch.setattr(_paged, "COMPILED_BUILDS_ON", {"cpu"})
         if dtype == torch.bfloat16:
             monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cpu", (torch.float32,))
             monkeypatch.setitem(_paged.IN_PLACE_DECODING_DTYPES, "cpu", (torch.bfloat16,))

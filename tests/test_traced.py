@@ -13,7 +13,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import flexflash
-from flexflash import mods
+from flexflash import _blockmask, _kinds, mods
+from flexflash._fingerprint import inspect_modifier
 
 from .helpers import FLOOR, as64, seed_of
 
@@ -295,3 +296,86 @@ def test_a_score_mod_reading_a_tensor_that_needs_grad_raises_inside_compile_on_c
     call = torch.compile(_fresh_code(_call, "call_grad_score_mod"), fullgraph=True)
     with pytest.raises(Exception, match="score_mod that reads a tensor requiring grad"):
         call(q, k, v, dict(score_mod=per_head))
+
+
+_TRACED_BLOCK = (16, 16)
+
+
+def _build_block_tensors(q, k, mask, mask_mod, causal):
+    """A call's block-mask tensors, as flexflash's kernel inputs build them."""
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    st = _kinds.structure(q, k, causal=causal, mask=mask, bias=None, mask_mod=mask_mod, score_mod=None)
+    offset = None
+    if causal and not st.causal_aligned:
+        offset = Nk - Nq if torch.compiler.is_compiling() else torch.tensor(Nk - Nq)
+    return _blockmask._block_tensors(st, Nk - Nq, mask, mask_mod, inspect_modifier(mask_mod), q.shape[0],
+                                     q.shape[1], Nq, Nk, _TRACED_BLOCK, q.device, q=q, k=k, offset_tensor=offset)
+
+
+def _listed(tensors, shape):
+    """The blocks a block mask's kernel visits, per (batch, head, query block) of ``shape``: (the
+    partial key blocks, the full ones), each a set; from FlexAttention's lists (counts and indices,
+    broadcast over batch and head)."""
+    def rows(num, idx):
+        if num is None:
+            return None
+        # (the lists have at least two rows: a query block past the queries lists nothing)
+        num, idx = num[..., :shape[2]].expand(*shape[:3]), idx[..., :shape[2], :].expand(*shape[:3], idx.shape[-1])
+        return [[[frozenset(idx[b, h, r, :int(num[b, h, r])].tolist()) for r in range(shape[2])]
+                 for h in range(shape[1])] for b in range(shape[0])]
+    return rows(tensors[0], tensors[1]), rows(tensors[2], tensors[3])
+
+
+@pytest.mark.parametrize("case", ["causal_offset", "key_padding", "document", "window_decoding",
+                                  "lengths_decoding", "lengths_three_rows"])
+def test_block_masks_traced_into_the_callers_graph_equal_the_eager_ones(case, monkeypatch):
+    """Inside a caller's torch.compile on CUDA, a call's block mask is built by the compiled
+    builder's body traced into the caller's graph (``flexflash._blockmask.FUSED_ON``): the mask
+    evaluated over the rows there are (a decoding step's one query: two rows a block, not the
+    block's 128). Set up here for the CPU (the aot_eager backend: the graph's block tensors are
+    its outputs), the lists it makes equal those of the eager build in query chunks, over lengths
+    that change (no recompilation after the second, which makes them symbolic)."""
+    gen = torch.Generator().manual_seed(seed_of("traced-blocks", case))
+    block, Hq = _TRACED_BLOCK, 4
+
+    def problem(step):
+        Nq, Nk = {"causal_offset": (20 + step, 45 + 3 * step), "key_padding": (33, 33 + step),
+                  "document": (40 + step, 40 + step), "window_decoding": (1, 70 + 9 * step),
+                  "lengths_decoding": (1, 64 + 7 * step), "lengths_three_rows": (3, 50 + step)}[case]
+        lens = torch.randint(0, Nk + 1, (B,), generator=gen)
+        kw = dict(causal=case in ("causal_offset", "document", "lengths_three_rows"), mask=None, mask_mod=None)
+        if case == "key_padding":
+            kw["mask"] = (torch.rand(B, 1, 1, Nk, generator=gen) > 0.5)
+        elif case == "document":
+            ids = torch.sort(torch.randint(0, 3, (B, Nk), generator=gen), dim=-1).values
+            kw["mask_mod"] = mods.document(ids)
+        elif case == "window_decoding":
+            kw["mask_mod"] = mods.and_masks(mods.sliding_window(20), lambda b, h, q, kv: kv < lens[b])
+        else:
+            kw["mask_mod"] = lambda b, h, q_idx, kv_idx: kv_idx < lens[b]
+        return torch.randn(B, Hq, Nq, D), torch.randn(B, Hq, Nk, D), kw
+
+    build, fused, real = _build_block_tensors, {}, _blockmask._fused_flags
+
+    def spied(*args):  # the builder's body evaluates the mask: it ran inside the graph
+        fused["traced" if torch.compiler.is_compiling() else "eager"] = True
+        return real(*args)
+    monkeypatch.setattr(_blockmask, "_fused_flags", spied)
+    counter = CompileCounterWithBackend("aot_eager")
+    traced = torch.compile(_fresh_code(build, f"traced_blocks_{case}"), backend=counter, fullgraph=True)
+    graphs = []
+    for step in range(4):
+        q, k, kw = problem(step)
+        monkeypatch.setattr(_blockmask, "FUSED_ON", set())
+        eager = build(q, k, kw["mask"], kw["mask_mod"], kw["causal"])
+        monkeypatch.setattr(_blockmask, "FUSED_ON", {"cpu"})
+        got = traced(q, k, kw["mask"], kw["mask_mod"], kw["causal"])
+        rows = -(-q.shape[-2] // block[0])
+        shape = (B, Hq, rows)
+        want_partial, want_full = _listed(eager, shape)
+        got_partial, got_full = _listed(got, shape)
+        assert got_partial == want_partial, (case, step)
+        assert got_full == want_full, (case, step)
+        graphs.append(counter.frame_count)
+    assert graphs[-1] <= 2 and graphs[-1] == graphs[1], graphs
+    assert fused == {"traced": True}, fused
