@@ -61,6 +61,13 @@ def decoding_kernel(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     return decoding_shape(q, k, block)
 
 
+def traced_decoding(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
+    """Whether a CUDA call traced into a caller's graph runs FlexAttention's decoding kernel there:
+    a static batch and query length (the lowering's condition) and :func:`decoding_shape`."""
+    return (torch.compiler.is_compiling() and q.device.type == "cuda" and type(q.shape[0]) is int
+            and type(q.shape[-2]) is int and decoding_shape(q, k, block))
+
+
 def decoding_shape(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     """:func:`decoding_kernel`'s conditions on the shapes of ``q`` and ``k`` alone (any device,
     traced or not)."""
@@ -152,6 +159,10 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     # The tuned tiles were measured on the main kernel; the decoding kernel sizes its own.
     if decoding is None:
         decoding = decoding_kernel(q, k, block)
+    if kernel_options is None and (decoding or traced_decoding(q, k, block)):
+        options = _tuning.decoding_options(q.device, q.dtype, q.shape[-1], q.shape[0], k.shape[1])
+        if options is not None:
+            return options, pass_options
     tiles = (_MODE[0] == "default" or torch.compiler.is_compiling()) and not decoding
     if dropout and kernel_options is None and tiles:
         pass_options = _tuning.dropout_pass_options(q.device, q.dtype, q.shape[-1], block)

@@ -63,6 +63,40 @@ def capability(device: torch.device) -> tuple[int, int] | None:
     return cap
 
 
+@torch.compiler.assume_constant_result
+def _device_traits(index: int | None) -> tuple[tuple[int, int], int]:
+    """(compute capability, SM count) of CUDA device ``index`` (None: the current one); a constant
+    to a caller's torch.compile (read when its graph is traced: the choices below are made inside
+    the graph too)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+# FlexAttention's decoding kernel (fewer queries than a query block: one program per batch, key/
+# value head and split of the keys, the grouped query heads in its rows): its options, measured
+# for some dtypes and head dims (benchmarks/NOTES_TUNING.md); ``split_factor``: SPLIT_KV as a
+# multiple of FlexAttention's own (two splits a streaming multiprocessor over the batch's heads).
+_DECODING = _DATA.get("decoding")
+
+
+def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, batch, kv_heads: int) -> dict | None:
+    """Kernel options of a call that runs FlexAttention's decoding kernel, or None where none were
+    measured (FlexAttention's defaults then). ``batch``: the call's batch (a static one: the
+    decoding kernel runs for static batches alone)."""
+    if _DECODING is None or device.type != "cuda" or head_dim not in _DECODING["head_dims"]:
+        return None
+    if dtype not in _dtypes(_DECODING["dtypes"]):
+        return None
+    cap, sms = _device_traits(device.index)
+    if tuple(cap) != _MEASURED_ON:
+        return None
+    options = _tiles(_DECODING["tiles"])
+    factor = _DECODING.get("split_factor")
+    if factor and isinstance(batch, int):
+        options["SPLIT_KV"] = max(1, 2 * sms // max(1, batch * kv_heads)) * factor
+    return options
+
+
 def _fits(tiles: dict[str, int], block: tuple[int, int]) -> bool:
     """Whether kernel tiles divide a block mask's sparsity blocks ``block`` (rows, columns)."""
     for key, size in tiles.items():

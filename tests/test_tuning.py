@@ -492,3 +492,46 @@ def test_each_batch_of_a_decoding_kind_compiles_with_a_static_batch(monkeypatch)
     assert all(isinstance(n, int) and n == b[0] for b in batches for n in b), batches  # q's, k's and v's
     # a graph per batch: new lengths reuse it (lengths are symbolic from a kernel's first compilation)
     assert [b[0] for b in batches] == [1, 3] + list(range(4, 4 + _torch_private._recompile_limit()))
+
+
+def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkeypatch):
+    """Calls that run FlexAttention's decoding kernel (eager ones with a static batch, and calls
+    traced into a caller's graph with a static batch and query length) take the decoding entry
+    of the table, on the GPU it was measured on, for its dtypes and head dims, its split a
+    multiple of FlexAttention's own; every other call keeps the choices it had (the caller's own
+    options win whole). The entry here is a stand-in, set up for the test."""
+    from flexflash import _kinds
+    entry = {"dtypes": ["bfloat16"], "head_dims": [128], "tiles": ["dec"], "split_factor": 2}
+    monkeypatch.setattr(_tuning, "_DECODING", entry)
+    monkeypatch.setitem(_tuning._DATA["tiles"], "dec", {"fwd_BLOCK_N": 64, "fwd_num_stages": 3})
+    monkeypatch.setattr(_tuning, "_device_traits", lambda index: ((9, 0), 132))
+
+    def call(B=8, Hq=32, Hkv=8, Nq=1, D=128, dtype=BF16, device="cuda", options=None, decoding=None):
+        def tensor(shape):
+            t = _sized(shape, device)
+            t.dtype, t.element_size, t.is_floating_point = dtype, lambda: dtype.itemsize, lambda: True
+            t.requires_grad = False
+            return t
+        q, k = tensor((B, Hq, Nq, D)), tensor((B, Hkv, 4096, D))
+        st = Structure.of(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None)
+        info = types.SimpleNamespace(tensors=(), fp=None)
+        return _kinds.measured_options(st, q, k, k, bias=None, mask_mod=None, score_mod=None, infos=(info, info),
+                                       block=(128, 128), kernel_options=options, dropout=False, return_lse=False,
+                                       decoding=decoding)[0]
+
+    # 2 * 132 SMs over 8 x 8 heads: FlexAttention's own split is 4
+    assert call() == {"fwd_BLOCK_N": 64, "fwd_num_stages": 3, "SPLIT_KV": 8}
+    assert call(B=64)["SPLIT_KV"] == 2 and call(B=1)["SPLIT_KV"] == 66
+    assert call(options={"BLOCK_N": 32}) == {"BLOCK_N": 32}  # the caller's own
+    assert call(Nq=128) is None  # a query block: the main kernel, no tiles measured for it here
+    assert call(dtype=torch.float16) is None and call(D=64) is None
+    assert call(Hq=24) is None  # three grouped heads: the main kernel
+    monkeypatch.setattr(_tuning, "_device_traits", lambda index: ((8, 0), 108))
+    assert call() is None
+    monkeypatch.setattr(_tuning, "_device_traits", lambda index: ((9, 0), 132))
+    # traced into a caller's graph: a static batch and query length (the decoding kernel's own
+    # condition there) take them; a symbolic batch would run the main kernel
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert call(decoding=False) == {"fwd_BLOCK_N": 64, "fwd_num_stages": 3, "SPLIT_KV": 8}
+    monkeypatch.setattr(_kinds, "traced_decoding", lambda q, k, block: False)
+    assert call(decoding=False) is None
