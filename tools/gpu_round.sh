@@ -35,11 +35,13 @@
 #   tiles    the reduce-overhead tests (block masks traced into the caller's graph by the builders'
 #            body), then FlexAttention's decoding kernel under other kernel options (tools/decode_tiles.py:
 #            tiles, stages, warps, splits; batch 1, 8, 64 at cache 8k, spread lengths)
+#   tuned    after the decoding kernel's options were chosen: flash-attn's GPU tests, the compiled rows of
+#            benchmarks/test_decode.py at cache 8k and 32k
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -130,6 +132,10 @@ num_stages=3;BLOCK_N=64,num_stages=3,num_warps=4;BLOCK_N=64,num_stages=4,num_war
 BLOCK_N=128,num_stages=3,num_warps=8;BLOCK_N=32,num_stages=4,num_warps=2;SPLITx=2;SPLITx=4;\
 BLOCK_N=64,num_stages=3,num_warps=4,SPLITx=2;BLOCK_N=128,num_stages=3,num_warps=4,SPLITx=2"
   grep -vE "Warning|warn" "$OUT/tiles.log" | tail -45 ;;
+tuned)
+  gpu_tests tuned-tests 200 tests/test_flash_attn_compat.py
+  decode decode-compiled-8k 200 "compiled and 8192 and not flexflash-flex"
+  decode decode-compiled-32k 150 "compiled and 32768 and not flexflash-flex" ;;
 checks)
   gpu_tests checks 270 tests/test_gpu.py tests/test_flash_attn_compat.py \
     -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu" ;;
