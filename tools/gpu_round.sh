@@ -33,8 +33,9 @@
 #            top kernels tell in place from gathered) and the benchmark's batch-64 paged eager rows,
 #            the kernels of compiled steps at batch 1 (8k, 32k)
 #   tiles    the reduce-overhead tests (block masks traced into the caller's graph by the builders'
-#            body), then FlexAttention's decoding kernel under other kernel options (tools/decode_tiles.py:
-#            tiles, stages, warps, splits; batch 1, 8, 64 at cache 8k, spread lengths)
+#            body, the decoding kernel's options), FlexAttention's decoding kernel under other kernel
+#            options (tools/decode_tiles.py: tiles, stages, warps, splits; batch 1, 8, 64 at cache 8k,
+#            spread lengths), the compiled rows of benchmarks/test_decode.py at cache 8k
 #   tuned    after the decoding kernel's options were chosen: flash-attn's GPU tests, the compiled rows of
 #            benchmarks/test_decode.py at cache 8k and 32k
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
@@ -127,11 +128,12 @@ verify)
   grep -vE "^\s*$" "$OUT/verify-kernels.log" | tail -150 ;;
 tiles)
   gpu_tests tiles-tests 170 tests/test_flash_attn_compat.py -k "reduce_overhead"
-  step tiles 380 python tools/decode_tiles.py --batch 1,64,8 --cache 8192 --lengths spread --options "default;\
-num_stages=3;BLOCK_N=64,num_stages=3,num_warps=4;BLOCK_N=64,num_stages=4,num_warps=4;BLOCK_N=128,num_stages=3,num_warps=4;\
-BLOCK_N=128,num_stages=3,num_warps=8;BLOCK_N=32,num_stages=4,num_warps=2;SPLITx=2;SPLITx=4;\
-BLOCK_N=64,num_stages=3,num_warps=4,SPLITx=2;BLOCK_N=128,num_stages=3,num_warps=4,SPLITx=2"
-  grep -vE "Warning|warn" "$OUT/tiles.log" | tail -45 ;;
+  step tiles 230 python tools/decode_tiles.py --batch 1,64,8 --cache 8192 --lengths spread --options "default;\
+num_stages=3;BLOCK_N=64,num_stages=3,num_warps=4;fwd_BLOCK_N=64,fwd_num_stages=3,fwd_num_warps=4;\
+BLOCK_N=64,num_stages=4,num_warps=4;BLOCK_N=128,num_stages=3,num_warps=4;BLOCK_N=128,num_stages=3,num_warps=8;\
+SPLITx=2;BLOCK_N=64,num_stages=3,num_warps=4,SPLITx=2"
+  grep -vE "Warning|warn" "$OUT/tiles.log" | tail -45
+  decode decode-compiled-8k 180 "compiled and 8192 and not flexflash-flex" ;;
 tuned)
   gpu_tests tuned-tests 200 tests/test_flash_attn_compat.py
   decode decode-compiled-8k 200 "compiled and 8192 and not flexflash-flex"
