@@ -36,13 +36,14 @@
 #            body, the decoding kernel's options), FlexAttention's decoding kernel under other kernel
 #            options (tools/decode_tiles.py: tiles, stages, warps, splits; batch 1, 8, 64 at cache 8k,
 #            spread lengths), the compiled rows of benchmarks/test_decode.py at cache 8k
+#   tiles2   the same within 400 s: the tests, batch 1 and 64, fewer option sets
 #   tuned    after the decoding kernel's options were chosen: flash-attn's GPU tests, the compiled rows of
 #            benchmarks/test_decode.py at cache 8k and 32k
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -134,6 +135,12 @@ BLOCK_N=64,num_stages=4,num_warps=4;BLOCK_N=128,num_stages=3,num_warps=4;BLOCK_N
 SPLITx=2;BLOCK_N=64,num_stages=3,num_warps=4,SPLITx=2"
   grep -vE "Warning|warn" "$OUT/tiles.log" | tail -45
   decode decode-compiled-8k 180 "compiled and 8192 and not flexflash-flex" ;;
+tiles2)  # (tiles within 400 s: the tests, batch 1 and 64, fewer option sets)
+  gpu_tests tiles-tests 150 tests/test_flash_attn_compat.py -k "reduce_overhead"
+  step tiles 210 python tools/decode_tiles.py --batch 1,64 --cache 8192 --lengths spread --options "default;\
+num_stages=3;BLOCK_N=64,num_stages=3,num_warps=4;fwd_BLOCK_N=64,fwd_num_stages=3,fwd_num_warps=4;\
+BLOCK_N=128,num_stages=3,num_warps=4;SPLITx=2;BLOCK_N=64,num_stages=3,num_warps=4,SPLITx=2"
+  grep -vE "Warning|warn" "$OUT/tiles.log" | tail -30 ;;
 tuned)
   gpu_tests tuned-tests 200 tests/test_flash_attn_compat.py
   decode decode-compiled-8k 200 "compiled and 8192 and not flexflash-flex"
