@@ -193,10 +193,15 @@ def _build_blocks(q, k, offset, mask, mask_mod, static: _BuildStatic):
 
 
 # Devices on which block masks are built by flexflash's compiled builders (from a kind's
-# _COMPILED_BUILDS_FROM-th block mask on) and, inside a caller's torch.compile, by the builders'
-# body traced into the caller's graph: CUDA. Elsewhere (and before) the masks are evaluated in query
-# chunks, which needs no compilation. (Tests add the CPU, tracing with the aot_eager backend.)
+# _COMPILED_BUILDS_FROM-th block mask on): CUDA. Elsewhere (and before) the masks are evaluated in
+# query chunks, which needs no compilation.
 FUSED_ON = {"cuda"}
+# Devices on which, inside a caller's torch.compile, the builders' body is traced into the caller's
+# graph: the mask evaluated once over the query rows there are, fused into the block reductions,
+# where the chunked evaluation pads a decoding step's one query to a whole query block of rows
+# (128 times the work). None by default: on CUDA it has not run yet (its GPU tests are the
+# reduce-overhead steps of tests/test_flash_attn_compat.py). Tests add the CPU (aot_eager).
+TRACED_FUSED_ON: set[str] = set()
 
 # The block mask of a kind of mask is built by its compiled builder from this build on; earlier
 # ones eagerly. Compiling a builder takes several seconds (on an H200, the first call of a
@@ -347,9 +352,9 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     On CUDA, from the second block mask of a kind of mask on (``_COMPILED_BUILDS_FROM``), one
     compiled builder per kind evaluates the whole mask (causal, the ``mask`` tensor, the mask_mod)
     and reduces it to block flags and FlexAttention's index tensors in a few fused kernels (``q``,
-    ``k`` give it the sizes and the causal offset); inside a caller's torch.compile on CUDA the
-    builder's body is traced into the caller's graph. The first block mask of a kind outside a
-    caller's graph, and every one elsewhere (CPU), is built eagerly from up to two parts
+    ``k`` give it the sizes and the causal offset); inside a caller's torch.compile on the devices
+    of ``TRACED_FUSED_ON`` the builder's body is traced into the caller's graph. Every other block
+    mask (a kind's first outside a caller's graph, on CPU every one) is built eagerly from up to two parts
     whose flags are and-ed: the mask functions (evaluated in query chunks) and the ``mask`` tensor
     (a reduction over the tensor). "Some allowed" of a conjunction is bounded by the conjunction of
     the parts' flags, so a block may be visited and found empty, never skipped wrongly; "all
@@ -371,13 +376,14 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
         _STATS["block_masks_built"] += 1
     mask_st = replace(st, bias_full=None, has_score_mod=False)  # the mask's part of the call
     # (the builder's body indexes the mask by its full dimensions only, see run_flex)
-    squeezed = None if mask is None or device.type not in FUSED_ON else squeeze_broadcast(mask, st.mask_full)
-    if tracing and device.type in FUSED_ON:
+    squeezed = None if mask is None or device.type not in FUSED_ON | TRACED_FUSED_ON else \
+        squeeze_broadcast(mask, st.mask_full)
+    if tracing and device.type in TRACED_FUSED_ON:
         # Inside a caller's graph, the compiled builder's body itself: the mask evaluated once,
         # fused into the block reductions, over the query rows there are (a decoding step's one
         # query: 2 rows a block, where the chunked evaluation below pads every block to its 128).
         return _build_blocks(q, k, offset_tensor, squeezed, mask_mod, _BuildStatic(mask_st, block))
-    if device.type in FUSED_ON:
+    if device.type in FUSED_ON and not tracing:
         builder = _mask_builder(mask_st, mask_fp, block, mask)
         builder.builds += 1
         if builder.builds >= _COMPILED_BUILDS_FROM:

@@ -296,10 +296,12 @@ def _paged_builder(static: _PagedStatic, mask_fp) -> _PagedBuilder:
 
 
 # Devices on which paged block masks are built by a compiled builder (from a kind's second build
-# on, as flexflash's block masks: _COMPILED_BUILDS_FROM), and inside a caller's torch.compile by the
-# builder's body traced into the caller's graph: CUDA, where a decoding step's eager build is a
-# hundred small kernels. (Tests add the CPU.)
+# on, as flexflash's block masks: _COMPILED_BUILDS_FROM): CUDA, where a decoding step's eager build
+# is a hundred small kernels. (Tests add the CPU.) Inside a caller's torch.compile, on the devices
+# of TRACED_BUILDS_ON, the builder's body is traced into the caller's graph (as
+# flexflash._blockmask.TRACED_FUSED_ON says for flexflash's block masks; none by default).
 COMPILED_BUILDS_ON = {"cuda"}
+TRACED_BUILDS_ON: set[str] = set()
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *, mask_mod, score_mod, scale,
@@ -336,12 +338,12 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
         # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
         full_blocks = rows >= p.block[0]
         static = _PagedStatic(st, p.block, page, kvb, full_blocks)
-        if q.device.type in COMPILED_BUILDS_ON and torch.compiler.is_compiling():
+        if q.device.type in TRACED_BUILDS_ON and torch.compiler.is_compiling():
             # Inside a caller's graph, the builder's body itself: the mask evaluated over the query
             # rows there are, fused into the block reductions (the chunked evaluation below pads
             # a decoding step's one query to a whole query block of rows).
             return _build_paged_blocks(q_rows, k_pool, table, valid, logical_mask, static)
-        if q.device.type in COMPILED_BUILDS_ON:
+        if q.device.type in COMPILED_BUILDS_ON and not torch.compiler.is_compiling():
             builder = _paged_builder(static, inspect_modifier(logical_mask).fp)
             builder.builds += 1
             if builder.builds >= _COMPILED_BUILDS_FROM:

@@ -687,7 +687,7 @@ def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, r
     bfloat16 pages under CUDA's rule (IN_PLACE_DECODING_DTYPES, set up for the CPU): read in place
     inside the graph, gathered by the eager calls; the rule's shape test adds no recompilation.
     ``pages_in_place_fused``: the paged block mask built by its compiled builder's body inside the
-    graph, as on CUDA (``_paged.COMPILED_BUILDS_ON``), and by the compiled builder in eager calls."""
+    graph (``_paged.TRACED_BUILDS_ON``), and by the compiled builder in eager calls."""
     from torch._dynamo.testing import CompileCounterWithBackend
     gen = torch.Generator().manual_seed(8)
     B, H, Hk, D, S = 2, 4, 2, 16, 32
@@ -699,6 +699,7 @@ def test_a_decoding_step_compiles_once_under_the_callers_torch_compile(layout, r
         counted = request.getfixturevalue("pages_in_place_on_cpu")
         if layout == "pages_in_place_fused":
             monkeypatch.setattr(_paged, "COMPILED_BUILDS_ON", {"cpu"})
+            monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", {"cpu"})
         if dtype == torch.bfloat16:
             monkeypatch.setitem(_paged.IN_PLACE_DTYPES, "cpu", (torch.float32,))
             monkeypatch.setitem(_paged.IN_PLACE_DECODING_DTYPES, "cpu", (torch.bfloat16,))
@@ -992,17 +993,25 @@ def test_pages_read_in_place_on_gpu(dtype, part, monkeypatch, request):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("blocks", ["chunked", "traced_builder"])
 @pytest.mark.parametrize("layout", ["contiguous", "pages"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout):
+def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout, blocks, monkeypatch):
     """A decoding step compiled with mode="reduce-overhead" (CUDA graphs), with the cache a buffer
     of a module, contiguous or a pool of pages (read in place inside the step, float32 and bfloat16
     alike; the eager bfloat16 call gathers them, flexflash._paged.kv_block): the growing lengths compile no new
     graph and each step equals the eager call (contiguous, eager: FlexAttention with the mask as a
     tensor; in the graph: with the mask function). Only
     the graphs compiled during the steps count: the eager calls compile flexflash's own kernels and,
-    from their second block mask on, its compiled block-mask builder."""
+    from their second block mask on, its compiled block-mask builder. ``traced_builder``: the step's
+    block mask built inside the graph by the builders' body (``_blockmask.TRACED_FUSED_ON``,
+    ``_paged.TRACED_BUILDS_ON``), not by the chunked evaluation."""
     from torch._dynamo.utils import counters
+
+    from flexflash import _blockmask
+    if blocks == "traced_builder":
+        monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", {"cuda"})
+        monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", {"cuda"})
 
     # pages: a pool of 256-token pages read in place (two per sequence, in a shuffled order)
     table = (torch.randperm(8, generator=torch.Generator().manual_seed(17)).view(4, 2).to("cuda", torch.int32)

@@ -329,8 +329,8 @@ def _listed(tensors, shape):
 @pytest.mark.parametrize("case", ["causal_offset", "key_padding", "document", "window_decoding",
                                   "lengths_decoding", "lengths_three_rows"])
 def test_block_masks_traced_into_the_callers_graph_equal_the_eager_ones(case, monkeypatch):
-    """Inside a caller's torch.compile on CUDA, a call's block mask is built by the compiled
-    builder's body traced into the caller's graph (``flexflash._blockmask.FUSED_ON``): the mask
+    """Inside a caller's torch.compile, a call's block mask can be built by the compiled builder's
+    body traced into the caller's graph (``flexflash._blockmask.TRACED_FUSED_ON``): the mask
     evaluated over the rows there are (a decoding step's one query: two rows a block, not the
     block's 128). Set up here for the CPU (the aot_eager backend: the graph's block tensors are
     its outputs), the lists it makes equal those of the eager build in query chunks, over lengths
@@ -366,9 +366,9 @@ def test_block_masks_traced_into_the_callers_graph_equal_the_eager_ones(case, mo
     graphs = []
     for step in range(4):
         q, k, kw = problem(step)
-        monkeypatch.setattr(_blockmask, "FUSED_ON", set())
+        monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", set())
         eager = build(q, k, kw["mask"], kw["mask_mod"], kw["causal"])
-        monkeypatch.setattr(_blockmask, "FUSED_ON", {"cpu"})
+        monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", {"cpu"})
         got = traced(q, k, kw["mask"], kw["mask_mod"], kw["causal"])
         rows = -(-q.shape[-2] // block[0])
         shape = (B, Hq, rows)

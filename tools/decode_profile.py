@@ -22,7 +22,11 @@ a switch of the library's), each a ``+``-joined list of:
   leaves them out (``_flex._without_full_blocks``);
 * ``inplace``: 16-bit paged caches read in place by every CUDA call (``flexflash._paged.IN_PLACE_DTYPES``;
   by default float32 pages are, and bfloat16 ones in decoding steps inside a caller's compile, as
-  the steps timed here: for them the variant equals the default; float16 pages are gathered).
+  the steps timed here: for them the variant equals the default; float16 pages are gathered);
+* ``traced``: the step's block mask built inside the caller's graph by the compiled builders' body
+  (``flexflash._blockmask.TRACED_FUSED_ON``, ``flexflash._paged.TRACED_BUILDS_ON`` set to CUDA),
+  one evaluation of the mask fused into the block reductions over the step's one query row, where
+  flexflash's default evaluates it in query chunks padded to 128 rows a block.
 
 Usage on a CUDA machine::
 
@@ -48,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import test_decode as bench  # noqa: E402  (the benchmark's shapes and lengths)
 from raw_flex_gap import timed  # noqa: E402  (this folder's: median ms after warm-up, CUDA events on a GPU)
 
-from flexflash import _flex, _kernels, _paged  # noqa: E402
+from flexflash import _blockmask, _flex, _kernels, _paged  # noqa: E402
 from flexflash.compat.flash_attn import flash_attn_with_kvcache  # noqa: E402
 
 _FLEX = _kernels.flex_attention
@@ -58,7 +62,7 @@ DEV = bench.DEVICE
 def _variant(name: str):
     """``flex_attention`` changed as ``name`` says (see the module's docstring) for calls of fewer
     than 128 queries."""
-    parts = [x for x in name.split("+") if x and x not in ("default", "full", "inplace")]
+    parts = [x for x in name.split("+") if x and x not in ("default", "full", "inplace", "traced")]
     split = next((int(x[5:]) for x in parts if x.startswith("split")), None)
 
     def flex(q, k, v, *args, kernel_options=None, **kw):
@@ -138,7 +142,7 @@ def main() -> None:
     p.add_argument("--lengths", default="full,spread")
     p.add_argument("--layout", default="contiguous,paged")
     p.add_argument("--variants", default="", help="changes to time besides flexflash as it is: splitN, full, "
-                                                  "inplace, joined by + (e.g. split32+full), comma-separated")
+                                                  "inplace, traced, joined by + (e.g. split32+full), comma-separated")
     p.add_argument("--kernels", type=int, default=12, help="kernels listed per step (0: none)")
     a = p.parse_args()
     variants = [x for x in a.variants.split(",") if x]
@@ -160,6 +164,8 @@ def main() -> None:
                         in_place = dict(_paged.IN_PLACE_DTYPES)
                         if "inplace" in variant.split("+"):
                             _paged.IN_PLACE_DTYPES["cuda"] = (torch.float32, torch.float16, torch.bfloat16)
+                        if "traced" in variant.split("+"):
+                            _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON = {"cuda"}, {"cuda"}
                         try:
                             row[f"flexflash {variant}"], got = graphed_ms(flex)
                             row[f"{variant} max diff"] = float((got.float() - want).abs().max())
@@ -169,6 +175,7 @@ def main() -> None:
                             _kernels.flex_attention = _FLEX
                             _flex._DECODING_FULL_BLOCKS = False
                             _paged.IN_PLACE_DTYPES.update(in_place)
+                            _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON = set(), set()
                     summary.append(row)
                     print(row, flush=True)
                     if a.kernels:

@@ -32,18 +32,21 @@
 #            ran without CUDA graphs), eager paged steps at batch 8 and 64 under the default rule (the
 #            top kernels tell in place from gathered) and the benchmark's batch-64 paged eager rows,
 #            the kernels of compiled steps at batch 1 (8k, 32k)
-#   tiles    the reduce-overhead tests (block masks traced into the caller's graph by the builders'
-#            body, the decoding kernel's options), FlexAttention's decoding kernel under other kernel
+#   tiles    the reduce-overhead tests (block masks by the chunked evaluation and by the builders'
+#            body traced into the caller's graph), FlexAttention's decoding kernel under other kernel
 #            options (tools/decode_tiles.py: tiles, stages, warps, splits; batch 1, 8, 64 at cache 8k,
 #            spread lengths), the compiled rows of benchmarks/test_decode.py at cache 8k
 #   tiles2   the same within 400 s: the tests, batch 1 and 64, fewer option sets
+#   traced   compiled decoding steps with the block mask traced by the builders' body against the
+#            chunked evaluation (tools/decode_profile.py --variants traced; batch 1, 8, 64 at 8k), with
+#            the kernels of each step at batch 1
 #   tuned    after the decoding kernel's options were chosen: flash-attn's GPU tests, the compiled rows of
 #            benchmarks/test_decode.py at cache 8k and 32k
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|traced|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -141,6 +144,13 @@ tiles2)  # (tiles within 400 s: the tests, batch 1 and 64, fewer option sets)
 num_stages=3;BLOCK_N=64,num_stages=3,num_warps=4;fwd_BLOCK_N=64,fwd_num_stages=3,fwd_num_warps=4;\
 BLOCK_N=128,num_stages=3,num_warps=4;SPLITx=2;BLOCK_N=64,num_stages=3,num_warps=4,SPLITx=2"
   grep -vE "Warning|warn" "$OUT/tiles.log" | tail -30 ;;
+traced)
+  step traced-kernels 200 python tools/decode_profile.py --batch 1 --cache 8192 --layout contiguous,paged \
+    --lengths spread --variants traced --kernels 14
+  grep -vE "^\s*$" "$OUT/traced-kernels.log" | tail -80
+  step traced 230 python tools/decode_profile.py --batch 8,64 --cache 8192 --layout contiguous,paged \
+    --lengths full,spread --variants traced --kernels 0
+  tail -12 "$OUT/traced.log" ;;
 tuned)
   gpu_tests tuned-tests 200 tests/test_flash_attn_compat.py
   decode decode-compiled-8k 200 "compiled and 8192 and not flexflash-flex"
