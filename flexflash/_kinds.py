@@ -159,7 +159,7 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     # The tuned tiles were measured on the main kernel; the decoding kernel sizes its own.
     if decoding is None:
         decoding = decoding_kernel(q, k, block)
-    if kernel_options is None and (decoding or traced_decoding(q, k, block)):
+    if kernel_options is None and _tuning.decoding_measured() and (decoding or traced_decoding(q, k, block)):
         options = _tuning.decoding_options(q.device, q.dtype, q.shape[-1], q.shape[0], k.shape[1])
         if options is not None:
             return options, pass_options

@@ -79,6 +79,11 @@ def _device_traits(index: int | None) -> tuple[tuple[int, int], int]:
 _DECODING = _DATA.get("decoding")
 
 
+def decoding_measured() -> bool:
+    """Whether the table has options for FlexAttention's decoding kernel at all."""
+    return _DECODING is not None
+
+
 def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, batch, kv_heads: int) -> dict | None:
     """Kernel options of a call that runs FlexAttention's decoding kernel, or None where none were
     measured (FlexAttention's defaults then). ``batch``: the call's batch (a static one: the

@@ -535,3 +535,6 @@ def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkey
     assert call(decoding=False) == {"fwd_BLOCK_N": 64, "fwd_num_stages": 3, "SPLIT_KV": 8}
     monkeypatch.setattr(_kinds, "traced_decoding", lambda q, k, block: False)
     assert call(decoding=False) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(_tuning, "_DECODING", None)  # the table as it ships: FlexAttention's defaults
+    assert call() is None
