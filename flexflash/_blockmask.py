@@ -374,16 +374,15 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     tracing = torch.compiler.is_compiling()
     if not tracing:  # (Dynamo would guard on the count: a recompilation per call)
         _STATS["block_masks_built"] += 1
-    mask_st = replace(st, bias_full=None, has_score_mod=False)  # the mask's part of the call
-    # (the builder's body indexes the mask by its full dimensions only, see run_flex)
-    squeezed = None if mask is None or device.type not in FUSED_ON | TRACED_FUSED_ON else \
-        squeeze_broadcast(mask, st.mask_full)
-    if tracing and device.type in TRACED_FUSED_ON:
-        # Inside a caller's graph, the compiled builder's body itself: the mask evaluated once,
-        # fused into the block reductions, over the query rows there are (a decoding step's one
-        # query: 2 rows a block, where the chunked evaluation below pads every block to its 128).
-        return _build_blocks(q, k, offset_tensor, squeezed, mask_mod, _BuildStatic(mask_st, block))
-    if device.type in FUSED_ON and not tracing:
+    if device.type in (TRACED_FUSED_ON if tracing else FUSED_ON):
+        mask_st = replace(st, bias_full=None, has_score_mod=False)  # the mask's part of the call
+        # (the builder's body indexes the mask by its full dimensions only, see run_flex)
+        squeezed = None if mask is None else squeeze_broadcast(mask, st.mask_full)
+        if tracing:
+            # Inside a caller's graph, the compiled builder's body itself: the mask evaluated once,
+            # fused into the block reductions, over the query rows there are (a decoding step's one
+            # query: 2 rows a block, where the chunked evaluation below pads every block to its 128).
+            return _build_blocks(q, k, offset_tensor, squeezed, mask_mod, _BuildStatic(mask_st, block))
         builder = _mask_builder(mask_st, mask_fp, block, mask)
         builder.builds += 1
         if builder.builds >= _COMPILED_BUILDS_FROM:

@@ -337,13 +337,14 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
         # Calls of fewer queries than a query block (decoding) run FlexAttention's decoding kernel
         # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
         full_blocks = rows >= p.block[0]
-        static = _PagedStatic(st, p.block, page, kvb, full_blocks)
-        if q.device.type in TRACED_BUILDS_ON and torch.compiler.is_compiling():
-            # Inside a caller's graph, the builder's body itself: the mask evaluated over the query
-            # rows there are, fused into the block reductions (the chunked evaluation below pads
-            # a decoding step's one query to a whole query block of rows).
-            return _build_paged_blocks(q_rows, k_pool, table, valid, logical_mask, static)
-        if q.device.type in COMPILED_BUILDS_ON and not torch.compiler.is_compiling():
+        tracing = torch.compiler.is_compiling()
+        if q.device.type in (TRACED_BUILDS_ON if tracing else COMPILED_BUILDS_ON):
+            static = _PagedStatic(st, p.block, page, kvb, full_blocks)
+            if tracing:
+                # Inside a caller's graph, the builder's body itself: the mask evaluated over the
+                # query rows there are, fused into the block reductions (the chunked evaluation
+                # below pads a decoding step's one query to a whole query block of rows).
+                return _build_paged_blocks(q_rows, k_pool, table, valid, logical_mask, static)
             builder = _paged_builder(static, inspect_modifier(logical_mask).fp)
             builder.builds += 1
             if builder.builds >= _COMPILED_BUILDS_FROM:

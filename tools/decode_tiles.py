@@ -1,13 +1,12 @@
-"""FlexAttention's decoding kernel under other tiles: the kernel time of a decoding step (one query
-token, the cases of ``benchmarks/test_decode.py``: GQA 32/8, D = 128, bf16, the key/value cache
-read through flash-attn's ``(batch, seqlen, nheads_k, headdim)`` layout) for each kernel option set
-given, against SDPA's step on the padded cache with a key padding mask.
+"""FlexAttention's decoding kernel under other tiles: a decoding step (one query token, the cases
+of ``benchmarks/test_decode.py``: GQA 32/8, D = 128, bf16, the key/value cache read through
+flash-attn's ``(batch, seqlen, nheads_k, headdim)`` layout) of raw ``flex_attention`` for each
+kernel option set given, against SDPA's step on the padded cache with a key padding mask.
 
-Each step is compiled (``torch.compile(flex_attention)``, static shapes) with a block mask of the
-step's lengths that lists no full blocks (as flexflash's decoding calls do), captured in a CUDA
-graph and replayed: the medians are the GPU's time for the step's kernels, launch overhead left out.
-It also prints the lines of Inductor's default decoding configuration for this torch
-(``get_flex_decode_configs``).
+Each step gets a block mask of its lengths that lists no full blocks (as flexflash's decoding calls
+do) and is timed as ``tools/decode_profile.py`` times compiled steps (``graphed_ms``:
+``mode="reduce-overhead"``, CUDA graphs, the step's tensors at static addresses). It also prints
+Inductor's default decoding configuration for this torch (``get_flex_decode_configs``).
 
 Usage on a CUDA machine::
 
@@ -23,38 +22,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-HQ, HKV, D, BLOCK = 32, 8, 128, 128
+from decode_profile import bench, graphed_ms  # this folder's: the benchmark's shapes, compiled steps timed
 
-
-def graphed_ms(fn, replays: int = 20, samples: int = 15) -> float:
-    """Median ms of one ``fn()`` replayed from a CUDA graph (``replays`` per timed sample)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(samples):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return statistics.median(times)
+BLOCK = 128
 
 
 def parse_options(text: str) -> list[tuple[str, dict]]:
@@ -69,9 +44,10 @@ def parse_options(text: str) -> list[tuple[str, dict]]:
 
 
 def case(B: int, S: int, spread: bool, gen: torch.Generator):
-    lens = (torch.randint(S // 4, S + 1, (B,), generator=gen) if spread else torch.full((B,), S)).cuda()
-    k_cache, v_cache = (torch.randn(B, S, HKV, D, generator=gen).cuda().bfloat16() for _ in range(2))
-    q = torch.randn(B, 1, HQ, D, generator=gen).cuda().bfloat16()
+    """q, k, v as flexflash reads flash-attn's layout (views), and the cache lengths."""
+    lens = bench._lengths(B, S, spread, gen).cuda()
+    k_cache, v_cache = (torch.randn(B, S, bench.HKV, bench.D, generator=gen).cuda().to(bench.DTYPE) for _ in range(2))
+    q = torch.randn(B, 1, bench.HQ, bench.D, generator=gen).cuda().to(bench.DTYPE)
     return q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), lens
 
 
@@ -108,7 +84,7 @@ def main() -> None:
     print(f"{'batch':>5} {'cache':>6} {'lengths':>7} {'SDPA':>8}  " + "  ".join(name for name, _ in option_sets))
     for B in map(int, args.batch.split(",")):
         for S in map(int, args.cache.split(",")):
-            if B * S * HKV * D > args.max_elements:
+            if B * S * bench.HKV * bench.D > args.max_elements:
                 continue
             for lengths in args.lengths.split(","):
                 q, k, v, lens = case(B, S, lengths == "spread", gen)
@@ -117,26 +93,23 @@ def main() -> None:
                 def sdpa():
                     mask = (positions[None, :] < lens[:, None])[:, None, None, :]
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-                ref = sdpa().float()
-                row = [graphed_ms(sdpa)]
+                sdpa_ms, ref = graphed_ms(sdpa)
+                row = []
                 bm = block_mask(lens, S)
                 for name, opts in option_sets:
                     opts = dict(opts)
                     mult = opts.pop("SPLITx", None)
                     if mult:
-                        opts["SPLIT_KV"] = max(1, 2 * sms // (B * HKV)) * mult
-                    torch._dynamo.reset()
-                    fn = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+                        opts["SPLIT_KV"] = max(1, 2 * sms // (B * bench.HKV)) * mult
                     try:
-                        def step(fn=fn, opts=opts):
-                            return fn(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None)
-                        err = (step().float() - ref).abs().max().item()
-                        ms = graphed_ms(step)
+                        def step(opts=opts):
+                            return flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None)
+                        ms, out = graphed_ms(step)
+                        err = (out.float() - ref.float()).abs().max().item()
                         row.append(f"{ms:.4f}" + ("" if err < 0.02 else f" (err {err:.3f})"))
                     except Exception as e:  # a configuration the lowering rejects
                         row.append(f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                print(f"{B:>5} {S:>6} {lengths:>7} {row[0]:>8.4f}  " + "  ".join(str(x) for x in row[1:]), flush=True)
-
+                print(f"{B:>5} {S:>6} {lengths:>7} {sdpa_ms:>8.4f}  " + "  ".join(row), flush=True)
 
 if __name__ == "__main__":
     main()
