@@ -5,8 +5,11 @@ kernel option set given, against SDPA's step on the padded cache with a key padd
 
 Each step gets a block mask of its lengths that lists no full blocks (as flexflash's decoding calls
 do) and is timed as ``tools/decode_profile.py`` times compiled steps (``graphed_ms``:
-``mode="reduce-overhead"``, CUDA graphs, the step's tensors at static addresses). It also prints
-Inductor's default decoding configuration for this torch (``get_flex_decode_configs``).
+``mode="reduce-overhead"``, CUDA graphs, the step's tensors at static addresses), then, with
+``--kernel-time``, also by the GPU time of its kernels (the profiler's device time per step, after
+``[``): at batch 1 a step's time is mostly the host's replay of its graph, and the kernels' time
+is what tile options change. It also prints Inductor's default decoding configuration for this
+torch (``get_flex_decode_configs``).
 
 Usage on a CUDA machine::
 
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from decode_profile import bench, graphed_ms  # this folder's: the benchmark's shapes, compiled steps timed
+from decode_profile import bench, graphed_ms, kernels  # this folder's: the benchmark's shapes, compiled steps timed
 
 BLOCK = 128
 
@@ -63,12 +66,18 @@ def block_mask(lens: torch.Tensor, S: int) -> BlockMask:
                                     seq_lengths=(1, S))
 
 
+def gpu_us(step) -> float:
+    """µs of GPU time a step's kernels take (all of them, summed), compiled in the default mode."""
+    return sum(us for _, _, us in kernels(step, top=1000))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", default="1,8,64")
     ap.add_argument("--cache", default="8192,32768")
     ap.add_argument("--lengths", default="spread,full")
     ap.add_argument("--options", default="default")
+    ap.add_argument("--kernel-time", action="store_true", help="also the kernels' GPU time per step (µs)")
     ap.add_argument("--max-elements", type=float, default=2**31 - 1, help="skip caches past this many elements")
     args = ap.parse_args()
     print("torch", torch.__version__, torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
@@ -94,6 +103,7 @@ def main() -> None:
                     mask = (positions[None, :] < lens[:, None])[:, None, None, :]
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
                 sdpa_ms, ref = graphed_ms(sdpa)
+                sdpa_text = f"{sdpa_ms:.4f}" + (f" [{gpu_us(sdpa):.0f}]" if args.kernel_time else "")
                 row = []
                 bm = block_mask(lens, S)
                 for name, opts in option_sets:
@@ -106,10 +116,11 @@ def main() -> None:
                             return flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None)
                         ms, out = graphed_ms(step)
                         err = (out.float() - ref.float()).abs().max().item()
-                        row.append(f"{ms:.4f}" + ("" if err < 0.02 else f" (err {err:.3f})"))
+                        row.append(f"{ms:.4f}" + (f" [{gpu_us(step):.0f}]" if args.kernel_time else "")
+                                   + ("" if err < 0.02 else f" (err {err:.3f})"))
                     except Exception as e:  # a configuration the lowering rejects
                         row.append(f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                print(f"{B:>5} {S:>6} {lengths:>7} {sdpa_ms:>8.4f}  " + "  ".join(row), flush=True)
+                print(f"{B:>5} {S:>6} {lengths:>7} {sdpa_text:>8}  " + "  ".join(row), flush=True)
 
 if __name__ == "__main__":
     main()

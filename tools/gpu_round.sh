@@ -37,6 +37,9 @@
 #            options (tools/decode_tiles.py: tiles, stages, warps, splits; batch 1, 8, 64 at cache 8k,
 #            spread lengths), the compiled rows of benchmarks/test_decode.py at cache 8k
 #   tiles2   the same within 400 s: the tests, batch 1 and 64, fewer option sets
+#   tiles3   after tiles2: the option sets that held up there, batch 1, 8 and 64, each step also by its
+#            kernels' GPU time; compiled steps with the block mask traced by the builders' body
+#            against the chunked evaluation (batch 1, 8, 64 at 8k, spread lengths)
 #   traced   compiled decoding steps with the block mask traced by the builders' body against the
 #            chunked evaluation (tools/decode_profile.py --variants traced; batch 1, 8, 64 at 8k), with
 #            the kernels of each step at batch 1
@@ -46,7 +49,7 @@
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|traced|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|traced|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -144,6 +147,14 @@ tiles2)  # (tiles within 400 s: the tests, batch 1 and 64, fewer option sets)
 num_stages=3;BLOCK_N=64,num_stages=3,num_warps=4;fwd_BLOCK_N=64,fwd_num_stages=3,fwd_num_warps=4;\
 BLOCK_N=128,num_stages=3,num_warps=4;SPLITx=2;BLOCK_N=64,num_stages=3,num_warps=4,SPLITx=2"
   grep -vE "Warning|warn" "$OUT/tiles.log" | tail -30 ;;
+tiles3)
+  step tiles3 240 python tools/decode_tiles.py --kernel-time --batch 1,8,64 --cache 8192 --lengths spread --options \
+"default;num_stages=3;num_stages=3,num_warps=4;BLOCK_N=128,num_stages=3,num_warps=4;SPLITx=2;num_stages=3,SPLITx=2;\
+BLOCK_N=128,num_stages=3,num_warps=4,SPLITx=2;num_stages=3,SPLITx=4"
+  grep -vE "Warning|warn" "$OUT/tiles3.log" | tail -6
+  step traced3 250 python tools/decode_profile.py --batch 1,8,64 --cache 8192 --layout contiguous,paged \
+    --lengths spread --variants traced --kernels 0
+  tail -12 "$OUT/traced3.log" ;;
 traced)
   step traced-kernels 200 python tools/decode_profile.py --batch 1 --cache 8192 --layout contiguous,paged \
     --lengths spread --variants traced --kernels 14
