@@ -160,7 +160,7 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     if decoding is None:
         decoding = decoding_kernel(q, k, block)
     if kernel_options is None and _tuning.decoding_measured() and (decoding or traced_decoding(q, k, block)):
-        options = _tuning.decoding_options(q.device, q.dtype, q.shape[-1], q.shape[0], k.shape[1])
+        options = _tuning.decoding_options(q.device, q.dtype, q.shape[-1], q.shape[0], k.shape[1], block)
         if options is not None:
             return options, pass_options
     tiles = (_MODE[0] == "default" or torch.compiler.is_compiling()) and not decoding

@@ -84,10 +84,13 @@ def decoding_measured() -> bool:
     return _DECODING is not None
 
 
-def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, batch, kv_heads: int) -> dict | None:
+def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, batch, kv_heads: int,
+                     block: tuple[int, int]) -> dict | None:
     """Kernel options of a call that runs FlexAttention's decoding kernel, or None where none were
-    measured (FlexAttention's defaults then). ``batch``: the call's batch (a static one: the
-    decoding kernel runs for static batches alone)."""
+    measured or the measured tiles do not divide the call's sparsity blocks ``block`` (FlexAttention's
+    defaults then). ``batch``: the call's batch (a static one: the decoding kernel runs for static
+    batches alone). A ``split_factor`` multiplies FlexAttention's own ``SPLIT_KV``
+    (``get_split_k``: twice the streaming multiprocessors a (batch, kv head) pair, at least 1)."""
     if _DECODING is None or device.type != "cuda" or head_dim not in _DECODING["head_dims"]:
         return None
     if dtype not in _dtypes(_DECODING["dtypes"]):
@@ -96,9 +99,11 @@ def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, ba
     if tuple(cap) != _MEASURED_ON:
         return None
     options = _tiles(_DECODING["tiles"])
+    if not _fits(options, block):
+        return None
     factor = _DECODING.get("split_factor")
     if factor and isinstance(batch, int):
-        options["SPLIT_KV"] = max(1, 2 * sms // max(1, batch * kv_heads)) * factor
+        options["SPLIT_KV"] = max(1, sms // max(1, batch * kv_heads) * 2) * factor
     return options
 
 

@@ -506,7 +506,8 @@ def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkey
     monkeypatch.setitem(_tuning._DATA["tiles"], "dec", {"fwd_BLOCK_N": 64, "fwd_num_stages": 3})
     monkeypatch.setattr(_tuning, "_device_traits", lambda index: ((9, 0), 132))
 
-    def call(B=8, Hq=32, Hkv=8, Nq=1, D=128, dtype=BF16, device="cuda", options=None, decoding=None):
+    def call(B=8, Hq=32, Hkv=8, Nq=1, D=128, dtype=BF16, device="cuda", options=None, decoding=None,
+             block=(128, 128)):
         def tensor(shape):
             t = _sized(shape, device)
             t.dtype, t.element_size, t.is_floating_point = dtype, lambda: dtype.itemsize, lambda: True
@@ -516,12 +517,14 @@ def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkey
         st = Structure.of(causal=False, mask=None, bias=None, mask_mod=None, score_mod=None)
         info = types.SimpleNamespace(tensors=(), fp=None)
         return _kinds.measured_options(st, q, k, k, bias=None, mask_mod=None, score_mod=None, infos=(info, info),
-                                       block=(128, 128), kernel_options=options, dropout=False, return_lse=False,
+                                       block=block, kernel_options=options, dropout=False, return_lse=False,
                                        decoding=decoding)[0]
 
-    # 2 * 132 SMs over 8 x 8 heads: FlexAttention's own split is 4
+    # 132 SMs over 8 x 8 heads: FlexAttention's own split is 132 // 64 * 2 = 4
     assert call() == {"fwd_BLOCK_N": 64, "fwd_num_stages": 3, "SPLIT_KV": 8}
-    assert call(B=64)["SPLIT_KV"] == 2 and call(B=1)["SPLIT_KV"] == 66
+    assert call(B=64)["SPLIT_KV"] == 2 and call(B=1)["SPLIT_KV"] == 2 * (132 // 8 * 2)
+    assert call(B=3)["SPLIT_KV"] == 2 * (132 // 24 * 2)  # (not 2 * 264 // 24)
+    assert call(block=(128, 32)) is None  # 64-key tiles do not divide 32-key blocks: FlexAttention's own
     assert call(options={"BLOCK_N": 32}) == {"BLOCK_N": 32}  # the caller's own
     assert call(Nq=128) is None  # a query block: the main kernel, no tiles measured for it here
     assert call(dtype=torch.float16) is None and call(D=64) is None

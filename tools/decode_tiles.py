@@ -18,7 +18,7 @@ Usage on a CUDA machine::
 
 ``--options``: ``;``-separated sets of kernel options, each ``,``-separated ``NAME=int``
 (``default``: none); ``SPLITxK`` multiplies FlexAttention's own ``SPLIT_KV``
-(``2 * SMs // (batch * kv_heads)``).
+(``SMs // (batch * kv_heads) * 2``, at least 1).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main() -> None:
                     opts = dict(opts)
                     mult = opts.pop("SPLITx", None)
                     if mult:
-                        opts["SPLIT_KV"] = max(1, 2 * sms // (B * bench.HKV)) * mult
+                        opts["SPLIT_KV"] = max(1, sms // (B * bench.HKV) * 2) * mult
                     try:
                         def step(opts=opts):
                             return flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None)
