@@ -40,6 +40,9 @@
 #   tiles3   after tiles2: the option sets that held up there, batch 1, 8 and 64, each step also by its
 #            kernels' GPU time; compiled steps with the block mask traced by the builders' body
 #            against the chunked evaluation (batch 1, 8, 64 at 8k, spread lengths)
+#   decide   tiles3's sweep (5 sets), compiled steps traced against chunked at batch 1 and 64, and the
+#            compiled rows of benchmarks/test_decode.py at 8k with both candidates on (tools/run_with.py:
+#            traced block masks, three-stage decoding kernel)
 #   traced   compiled decoding steps with the block mask traced by the builders' body against the
 #            chunked evaluation (tools/decode_profile.py --variants traced; batch 1, 8, 64 at 8k), with
 #            the kernels of each step at batch 1
@@ -49,7 +52,7 @@
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|traced|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -155,6 +158,16 @@ BLOCK_N=128,num_stages=3,num_warps=4,SPLITx=2;num_stages=3,SPLITx=4"
   step traced3 250 python tools/decode_profile.py --batch 1,8,64 --cache 8192 --layout contiguous,paged \
     --lengths spread --variants traced --kernels 0
   tail -12 "$OUT/traced3.log" ;;
+decide)
+  step tiles3 150 python tools/decode_tiles.py --kernel-time --batch 1,8,64 --cache 8192 --lengths spread --options \
+"default;num_stages=3;num_stages=3,num_warps=4;BLOCK_N=128,num_stages=3,num_warps=4;num_stages=3,SPLITx=2"
+  grep -vE "Warning|warn" "$OUT/tiles3.log" | tail -5
+  step traced3 130 python tools/decode_profile.py --batch 1,64 --cache 8192 --layout contiguous,paged \
+    --lengths spread --variants traced --kernels 0
+  tail -6 "$OUT/traced3.log"
+  step decide-8k 240 python tools/run_with.py --traced --decoding fwd_num_stages=3 -- benchmarks/test_decode.py -q \
+    -p no:cacheprovider -k "compiled and 8192 and not flexflash-flex" --benchmark-json="$OUT/decide-8k.json"
+  [ -s "$OUT/decide-8k.json" ] && python tools/run_benchmarks.py --summarize-decode "$OUT/decide-8k.json" ;;
 traced)
   step traced-kernels 200 python tools/decode_profile.py --batch 1 --cache 8192 --layout contiguous,paged \
     --lengths spread --variants traced --kernels 14
