@@ -42,7 +42,7 @@
 #            against the chunked evaluation (batch 1, 8, 64 at 8k, spread lengths)
 #   decide   with the candidates on (tools/run_with.py: traced block masks, a three-stage decoding kernel,
 #            SDPA for traced steps of up to 64 (batch, kv head) pairs): the reduce-overhead tests, the
-#            compiled rows of benchmarks/test_decode.py at 8k; then tiles3's sweep (4 sets) and compiled
+#            compiled rows of benchmarks/test_decode.py at 8k; then tiles3's sweep (3 sets) and compiled
 #            steps traced against chunked at batch 64
 #   traced   compiled decoding steps with the block mask traced by the builders' body against the
 #            chunked evaluation (tools/decode_profile.py --variants traced; batch 1, 8, 64 at 8k), with
@@ -160,17 +160,17 @@ BLOCK_N=128,num_stages=3,num_warps=4,SPLITx=2;num_stages=3,SPLITx=4"
     --lengths spread --variants traced --kernels 0
   tail -12 "$OUT/traced3.log" ;;
 decide)
-  step decide-tests 110 python tools/run_with.py --traced --decoding fwd_num_stages=3 --sdpa-pairs 64 -- -q -rfEsxX \
+  step decide-tests 100 python tools/run_with.py --traced --decoding fwd_num_stages=3 --sdpa-pairs 64 -- -q -rfEsxX \
     -p no:cacheprovider -m gpu tests/test_flash_attn_compat.py -k "reduce_overhead"
   grep -E "^(FAILED|ERROR)|Error:|skipping cudagraphs|passed|failed" "$OUT/decide-tests.log" | head
-  step decide-8k 230 python tools/run_with.py --traced --decoding fwd_num_stages=3 --sdpa-pairs 64 -- \
+  step decide-8k 220 python tools/run_with.py --traced --decoding fwd_num_stages=3 --sdpa-pairs 64 -- \
     benchmarks/test_decode.py -q -p no:cacheprovider -k "compiled and 8192 and not flexflash-flex" \
     --benchmark-json="$OUT/decide-8k.json"
   [ -s "$OUT/decide-8k.json" ] && python tools/run_benchmarks.py --summarize-decode "$OUT/decide-8k.json"
-  step tiles3 140 python tools/decode_tiles.py --kernel-time --batch 1,8,64 --cache 8192 --lengths spread --options \
-"default;num_stages=3;num_stages=3,num_warps=4;BLOCK_N=128,num_stages=3,num_warps=4"
+  step tiles3 120 python tools/decode_tiles.py --kernel-time --batch 1,8,64 --cache 8192 --lengths spread --options \
+"default;num_stages=3;BLOCK_N=128,num_stages=3,num_warps=4"
   grep -vE "Warning|warn" "$OUT/tiles3.log" | tail -4
-  step traced3 90 python tools/decode_profile.py --batch 64 --cache 8192 --layout contiguous,paged \
+  step traced3 80 python tools/decode_profile.py --batch 64 --cache 8192 --layout contiguous,paged \
     --lengths spread --variants traced --kernels 0
   tail -4 "$OUT/traced3.log" ;;
 traced)
