@@ -299,9 +299,9 @@ def _paged_builder(static: _PagedStatic, mask_fp) -> _PagedBuilder:
 # on, as flexflash's block masks: _COMPILED_BUILDS_FROM): CUDA, where a decoding step's eager build
 # is a hundred small kernels. (Tests add the CPU.) Inside a caller's torch.compile, on the devices
 # of TRACED_BUILDS_ON, the builder's body is traced into the caller's graph (as
-# flexflash._blockmask.TRACED_FUSED_ON says for flexflash's block masks; none by default).
+# flexflash._blockmask.TRACED_FUSED_ON says for flexflash's block masks): CUDA.
 COMPILED_BUILDS_ON = {"cuda"}
-TRACED_BUILDS_ON: set[str] = set()
+TRACED_BUILDS_ON: set[str] = {"cuda"}
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *, mask_mod, score_mod, scale,

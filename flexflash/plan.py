@@ -83,9 +83,6 @@ _CPU_MATH_ENTRIES = 2 ** 28
 # At most this many queries (a decoding step, a few speculative tokens) with a mask tensor alone
 # take SDPA on CUDA in eager calls: see short_masked_call.
 SDPA_MASK_QUERIES = 16
-# Inside a caller's torch.compile on CUDA, such calls over at most this many (batch, key/value
-# head) pairs take SDPA too (0: none): see traced_sdpa_decoding.
-SDPA_TRACED_DECODING_PAIRS = 0
 # With grouped heads, SDPA's fused CUDA backends may not take a mask (torch 2.11: such calls fall
 # back to its math backend, which holds the (B, Hq, Nq, Nk) scores in float32): grouped calls go to
 # SDPA only up to this many scores (512 MiB in float32).
@@ -104,18 +101,8 @@ def short_masked_call(p: Problem, causal: bool, dropout_p: float) -> bool:
     block mask and kernel join the caller's graph. Rows the mask allows nothing in give 0, as on
     every path (flexflash._sdpa.sdpa)."""
     return (p.mask is not None and p.bias is None and not causal and not dropout_p
-            and p.q_len <= SDPA_MASK_QUERIES and not needs_grad(p, [])
-            and (not torch.compiler.is_compiling() or traced_sdpa_decoding(p.batch, p.kv_heads))
+            and p.q_len <= SDPA_MASK_QUERIES and not torch.compiler.is_compiling() and not needs_grad(p, [])
             and (p.q_heads == p.kv_heads or p.batch * p.q_heads * p.q_len * p.kv_len <= SDPA_MASK_GQA_SCORES))
-
-
-def traced_sdpa_decoding(batch, kv_heads: int) -> bool:
-    """Whether a short masked call (:func:`short_masked_call`'s other conditions) traced into a
-    caller's torch.compile takes SDPA: at most ``SDPA_TRACED_DECODING_PAIRS`` (batch, key/value
-    head) pairs, where FlexAttention's decoding kernel, split over the key blocks to fill the GPU,
-    and its block mask take longer than SDPA's kernel over the whole padded cache. Larger batches
-    stay on FlexAttention, whose block mask skips each sequence's unused cache."""
-    return batch * kv_heads <= SDPA_TRACED_DECODING_PAIRS
 
 
 def _sdpa_refusal(p: Problem, *, causal, mask_mod, score_mod, dropout_p, kernel_options, return_lse,
@@ -249,7 +236,7 @@ def _path_and_reasons(p: Problem, captured: list[Tensor], *, backend, causal, ma
     if sdpa_why is None:
         short = p.q.device.type == "cuda" and p.mask is not None
         return "sdpa", {"reference": _NOT_REFERENCE,
-                        "flex": (f"a call of at most {SDPA_MASK_QUERIES} queries with a mask tensor alone: SDPA "
+                        "flex": (f"an eager call of at most {SDPA_MASK_QUERIES} queries with a mask tensor alone: SDPA "
                                  "takes the mask as it is, FlexAttention would first build a block mask from it"
                                  if short else "SDPA computes this call exactly and faster"),
                         "memory-bounded": _NOT_MEMORY_BOUNDED}

@@ -1050,36 +1050,3 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout, blocks, mon
     # each graph ran as a CUDA graph (Inductor skips CUDA graphs for a graph with a CPU tensor or
     # another reason it logs, and the step then runs kernel by kernel from the host)
     assert counters["inductor"]["cudagraph_skips"] == skips
-
-
-def test_traced_decoding_steps_take_sdpa_only_over_few_pairs_and_where_sdpa_is_exact(monkeypatch):
-    """Inside a caller's torch.compile on CUDA, a flash_attn_with_kvcache step builds its mask as a
-    tensor (and the plan sends it to SDPA) only where SDPA computes it whole: fp16/bf16, no score
-    modifier, no log-sum-exp, no gradient, at most ``plan.SDPA_TRACED_DECODING_PAIRS`` (batch,
-    key/value head) pairs; every other traced step keeps the mask function (FlexAttention). Eager
-    calls and CPU calls build the tensor as before. The rule is checked on stand-in CUDA tensors
-    (the device and dtype are all it reads); the GPU runs it in
-    ``test_a_decoding_step_under_reduce_overhead_on_gpu``."""
-    import types
-
-    from flexflash import plan
-    monkeypatch.setattr(plan, "SDPA_TRACED_DECODING_PAIRS", 64)
-
-    def q_of(dtype=torch.bfloat16, device="cuda", requires_grad=False):
-        return types.SimpleNamespace(device=torch.device(device), dtype=dtype, requires_grad=requires_grad)
-
-    def as_tensor(B=8, Hkv=8, Sq=1, S=4096, exact=True, **kw):
-        return flash_attn_module._mask_as_tensor(q_of(**kw), B, Sq, S, Hkv, sdpa_exact=exact)
-
-    assert as_tensor() and as_tensor(B=64, dtype=torch.float32)  # eager: the tensor, whatever follows
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert as_tensor() and as_tensor(B=8, Hkv=8) and as_tensor(dtype=torch.float16)
-    assert not as_tensor(B=9)  # 72 pairs: FlexAttention, which skips each sequence's unused cache
-    assert not as_tensor(dtype=torch.float32)  # SDPA's fused kernels take 16-bit inputs
-    assert not as_tensor(exact=False)  # soft-capping, ALiBi or the log-sum-exp: FlexAttention
-    assert not as_tensor(requires_grad=True)
-    assert as_tensor(device="cpu", dtype=torch.float32, B=64)  # CPU: SDPA's CPU kernel takes the tensor
-    assert not as_tensor(Sq=17)  # past _TENSOR_MASK_ROWS queries: a mask function on every path
-    assert plan.traced_sdpa_decoding(8, 8) and not plan.traced_sdpa_decoding(64, 8)
-    monkeypatch.setattr(plan, "SDPA_TRACED_DECODING_PAIRS", 0)  # none: FlexAttention for every traced step
-    assert not as_tensor(B=1, Hkv=1) and not plan.traced_sdpa_decoding(1, 1)

@@ -539,5 +539,12 @@ def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkey
     monkeypatch.setattr(_kinds, "traced_decoding", lambda q, k, block: False)
     assert call(decoding=False) is None
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    monkeypatch.setattr(_tuning, "_DECODING", None)  # the table as it ships: FlexAttention's defaults
+    monkeypatch.setattr(_tuning, "_DECODING", None)  # no entry: FlexAttention's defaults
     assert call() is None
+    monkeypatch.undo()
+    monkeypatch.setattr(_tuning, "_device_traits", lambda index: ((9, 0), 132))
+    # the table as it ships: three pipeline stages (FlexAttention's own sm_90 choice, which its
+    # heuristics overwrite with one: benchmarks/NOTES_TUNING.md), 16-bit dtypes, head dim 128
+    for dtype in (BF16, torch.float16):
+        assert call(dtype=dtype) == call(B=1, dtype=dtype) == {"fwd_num_stages": 3}
+    assert call(dtype=torch.float32) is None and call(D=64) is None

@@ -40,8 +40,8 @@
 #   tiles3   after tiles2: the option sets that held up there, batch 1, 8 and 64, each step also by its
 #            kernels' GPU time; compiled steps with the block mask traced by the builders' body
 #            against the chunked evaluation (batch 1, 8, 64 at 8k, spread lengths)
-#   decide   with the candidates on (tools/run_with.py: traced block masks, a three-stage decoding kernel,
-#            SDPA for traced steps of up to 64 (batch, kv head) pairs): the reduce-overhead tests, the
+#   decide   with the candidates on (tools/run_with.py: traced block masks, a three-stage decoding kernel):
+#            the reduce-overhead tests, the
 #            compiled rows of benchmarks/test_decode.py at 8k; then tiles3's sweep (3 sets) and compiled
 #            steps traced against chunked at batch 64
 #   traced   compiled decoding steps with the block mask traced by the builders' body against the
@@ -160,10 +160,10 @@ BLOCK_N=128,num_stages=3,num_warps=4,SPLITx=2;num_stages=3,SPLITx=4"
     --lengths spread --variants traced --kernels 0
   tail -12 "$OUT/traced3.log" ;;
 decide)
-  step decide-tests 100 python tools/run_with.py --traced --decoding fwd_num_stages=3 --sdpa-pairs 64 -- -q -rfEsxX \
+  step decide-tests 100 python tools/run_with.py --traced --decoding fwd_num_stages=3 -- -q -rfEsxX \
     -p no:cacheprovider -m gpu tests/test_flash_attn_compat.py -k "reduce_overhead"
   grep -E "^(FAILED|ERROR)|Error:|skipping cudagraphs|passed|failed" "$OUT/decide-tests.log" | head
-  step decide-8k 220 python tools/run_with.py --traced --decoding fwd_num_stages=3 --sdpa-pairs 64 -- \
+  step decide-8k 220 python tools/run_with.py --traced --decoding fwd_num_stages=3 -- \
     benchmarks/test_decode.py -q -p no:cacheprovider -k "compiled and 8192 and not flexflash-flex" \
     --benchmark-json="$OUT/decide-8k.json"
   [ -s "$OUT/decide-8k.json" ] && python tools/run_benchmarks.py --summarize-decode "$OUT/decide-8k.json"

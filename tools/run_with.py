@@ -8,9 +8,7 @@ first, to measure a setting before it becomes the default:
 the graph on CUDA (``flexflash._blockmask.TRACED_FUSED_ON``, ``flexflash._paged.TRACED_BUILDS_ON``);
 ``--no-traced``: by the chunked evaluation. ``--decoding``: a decoding entry of the tuning table
 (``tuning.json``'s ``decoding``, bf16 and fp16, head dim 128, these kernel options; ``none``: no
-entry), and ``--split-factor`` its multiple of FlexAttention's ``SPLIT_KV``. ``--sdpa-pairs N``:
-decoding steps traced into a caller's graph over at most N (batch, key/value head) pairs take SDPA
-(``flexflash.plan.SDPA_TRACED_DECODING_PAIRS``). The settings are printed
+entry), and ``--split-factor`` its multiple of FlexAttention's ``SPLIT_KV``. The settings are printed
 first, so a run's log says what it measured.
 """
 
@@ -21,7 +19,7 @@ import sys
 
 import pytest
 
-from flexflash import _blockmask, _paged, _tuning, plan
+from flexflash import _blockmask, _paged, _tuning
 
 
 def main() -> int:
@@ -29,7 +27,6 @@ def main() -> int:
     ap.add_argument("--traced", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--decoding", default=None, help="NAME=int,... kernel options, or none")
     ap.add_argument("--split-factor", type=int, default=None)
-    ap.add_argument("--sdpa-pairs", type=int, default=None, help="flexflash.plan.SDPA_TRACED_DECODING_PAIRS")
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     if a.traced is not None:
@@ -44,10 +41,7 @@ def main() -> int:
             _tuning._DECODING = {"dtypes": ["bfloat16", "float16"], "head_dims": [128], "tiles": ["run_with"]}
             if a.split_factor:
                 _tuning._DECODING["split_factor"] = a.split_factor
-    if a.sdpa_pairs is not None:
-        plan.SDPA_TRACED_DECODING_PAIRS = a.sdpa_pairs
-    print(f"run_with: SDPA for traced decoding steps up to {plan.SDPA_TRACED_DECODING_PAIRS} (batch, kv head) pairs, "
-          f"traced block masks on {sorted(_blockmask.TRACED_FUSED_ON)} / {sorted(_paged.TRACED_BUILDS_ON)}, "
+    print(f"run_with: traced block masks on {sorted(_blockmask.TRACED_FUSED_ON)} / {sorted(_paged.TRACED_BUILDS_ON)}, "
           f"decoding entry {_tuning._DECODING}", flush=True)
     args = a.pytest_args[1:] if a.pytest_args[:1] == ["--"] else a.pytest_args
     return pytest.main(args)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import plan
 from .._checks import accumulation_dtype
 from .._compose import tile_grids
 from .._paged import Pages, paged_attention, reads_in_place
@@ -182,20 +181,15 @@ _TENSOR_MASK_ROWS = 16
 _TENSOR_MASK_ENTRIES = 1 << 24  # 16 MiB of bool: batch 64 at 16 tokens of a 16k cache
 
 
-def _mask_as_tensor(q: Tensor, B: int, Sq: int, S: int, kv_heads: int, sdpa_exact: bool) -> bool:
+def _mask_as_tensor(q: Tensor, B: int, Sq: int, S: int) -> bool:
     """Whether a flash_attn_with_kvcache call builds its mask as a tensor (``_TENSOR_MASK_ROWS``):
-    short calls, except inside a caller's torch.compile on a GPU, where only the calls SDPA then
-    takes do (``sdpa_exact``: no score modifier, no log-sum-exp; fp16/bf16, no gradient, few
-    (batch, key/value head) pairs: :func:`flexflash.plan.traced_sdpa_decoding`). The others run
-    FlexAttention there, which takes the mask function best, and a mask tensor computed in the
-    caller's graph was fused into FlexAttention's template, which Triton failed to compile (torch
-    2.11, H200, a float32 decoding step under ``mode="reduce-overhead"``)."""
+    short calls, except inside a caller's torch.compile on a GPU. There the call runs FlexAttention
+    either way (on CUDA SDPA takes masked calls only eagerly), which takes the mask function best, and a mask
+    tensor computed in the caller's graph was fused into FlexAttention's template, which Triton
+    failed to compile (torch 2.11, H200, a float32 decoding step under ``mode="reduce-overhead"``)."""
     if Sq > _TENSOR_MASK_ROWS or B * Sq * S > _TENSOR_MASK_ENTRIES:
         return False
-    if q.device.type == "cpu" or not torch.compiler.is_compiling():
-        return True
-    return (sdpa_exact and q.dtype in (torch.float16, torch.bfloat16) and not (torch.is_grad_enabled() and q.requires_grad)
-            and plan.traced_sdpa_decoding(B, kv_heads))
+    return q.device.type == "cpu" or not torch.compiler.is_compiling()
 
 
 def _finish(result, lse: bool, back, packed: bool = False, probs: bool = True):
@@ -437,7 +431,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         keys, values = (sequences(c, cache_batch_idx, block_table).transpose(1, 2) for c in (k_cache, v_cache))
     result = _run(qt, keys, values, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, lse=return_softmax_lse, diag=diag, extra=filled,
-                  as_tensor=pages is None and _mask_as_tensor(
-                      q, B, Sq, keys.shape[2], keys.shape[1],
-                      sdpa_exact=not softcap and alibi_slopes is None and not return_softmax_lse), pages=pages)
+                  as_tensor=pages is None and _mask_as_tensor(q, B, Sq, keys.shape[2]), pages=pages)
     return _finish(result, return_softmax_lse, _batched, probs=False)
