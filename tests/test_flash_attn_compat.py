@@ -1009,9 +1009,9 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout, blocks, mon
     from torch._dynamo.utils import counters
 
     from flexflash import _blockmask
-    if blocks == "traced_builder":
-        monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", {"cuda"})
-        monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", {"cuda"})
+    traced = {"cuda"} if blocks == "traced_builder" else set()  # (the default on CUDA: traced)
+    monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", traced)
+    monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", traced)
 
     # pages: a pool of 256-token pages read in place (two per sequence, in a shuffled order)
     table = (torch.randperm(8, generator=torch.Generator().manual_seed(17)).view(4, 2).to("cuda", torch.int32)

@@ -23,10 +23,10 @@ a switch of the library's), each a ``+``-joined list of:
 * ``inplace``: 16-bit paged caches read in place by every CUDA call (``flexflash._paged.IN_PLACE_DTYPES``;
   by default float32 pages are, and bfloat16 ones in decoding steps inside a caller's compile, as
   the steps timed here: for them the variant equals the default; float16 pages are gathered);
-* ``traced``: the step's block mask built inside the caller's graph by the compiled builders' body
-  (``flexflash._blockmask.TRACED_FUSED_ON``, ``flexflash._paged.TRACED_BUILDS_ON`` set to CUDA),
-  one evaluation of the mask fused into the block reductions over the step's one query row, where
-  flexflash's default evaluates it in query chunks padded to 128 rows a block.
+* ``chunked``: the step's block mask built inside the caller's graph by the chunked evaluation
+  (``flexflash._blockmask.TRACED_FUSED_ON``, ``flexflash._paged.TRACED_BUILDS_ON`` emptied), query
+  chunks padded to 128 rows a block, where flexflash's default on CUDA traces the compiled builders'
+  body, one evaluation of the mask fused into the block reductions over the step's one query row.
 
 Usage on a CUDA machine::
 
@@ -62,7 +62,7 @@ DEV = bench.DEVICE
 def _variant(name: str):
     """``flex_attention`` changed as ``name`` says (see the module's docstring) for calls of fewer
     than 128 queries."""
-    parts = [x for x in name.split("+") if x and x not in ("default", "full", "inplace", "traced")]
+    parts = [x for x in name.split("+") if x and x not in ("default", "full", "inplace", "chunked")]
     split = next((int(x[5:]) for x in parts if x.startswith("split")), None)
 
     def flex(q, k, v, *args, kernel_options=None, **kw):
@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--lengths", default="full,spread")
     p.add_argument("--layout", default="contiguous,paged")
     p.add_argument("--variants", default="", help="changes to time besides flexflash as it is: splitN, full, "
-                                                  "inplace, traced, joined by + (e.g. split32+full), comma-separated")
+                                                  "inplace, chunked, joined by + (e.g. split32+full), comma-separated")
     p.add_argument("--kernels", type=int, default=12, help="kernels listed per step (0: none)")
     a = p.parse_args()
     variants = [x for x in a.variants.split(",") if x]
@@ -164,8 +164,9 @@ def main() -> None:
                         in_place = dict(_paged.IN_PLACE_DTYPES)
                         if "inplace" in variant.split("+"):
                             _paged.IN_PLACE_DTYPES["cuda"] = (torch.float32, torch.float16, torch.bfloat16)
-                        if "traced" in variant.split("+"):
-                            _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON = {"cuda"}, {"cuda"}
+                        traced = _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON
+                        if "chunked" in variant.split("+"):
+                            _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON = set(), set()
                         try:
                             row[f"flexflash {variant}"], got = graphed_ms(flex)
                             row[f"{variant} max diff"] = float((got.float() - want).abs().max())
@@ -175,7 +176,7 @@ def main() -> None:
                             _kernels.flex_attention = _FLEX
                             _flex._DECODING_FULL_BLOCKS = False
                             _paged.IN_PLACE_DTYPES.update(in_place)
-                            _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON = set(), set()
+                            _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON = traced
                     summary.append(row)
                     print(row, flush=True)
                     if a.kernels:

@@ -45,7 +45,7 @@
 #            compiled rows of benchmarks/test_decode.py at 8k; then tiles3's sweep (3 sets) and compiled
 #            steps traced against chunked at batch 64
 #   traced   compiled decoding steps with the block mask traced by the builders' body against the
-#            chunked evaluation (tools/decode_profile.py --variants traced; batch 1, 8, 64 at 8k), with
+#            chunked evaluation (tools/decode_profile.py --variants chunked; batch 1, 8, 64 at 8k), with
 #            the kernels of each step at batch 1
 #   tuned    after the decoding kernel's options were chosen: flash-attn's GPU tests, the compiled rows of
 #            benchmarks/test_decode.py at cache 8k and 32k
@@ -157,7 +157,7 @@ tiles3)
 BLOCK_N=128,num_stages=3,num_warps=4,SPLITx=2;num_stages=3,SPLITx=4"
   grep -vE "Warning|warn" "$OUT/tiles3.log" | tail -6
   step traced3 250 python tools/decode_profile.py --batch 1,8,64 --cache 8192 --layout contiguous,paged \
-    --lengths spread --variants traced --kernels 0
+    --lengths spread --variants chunked --kernels 0
   tail -12 "$OUT/traced3.log" ;;
 decide)
   step decide-tests 100 python tools/run_with.py --traced --decoding fwd_num_stages=3 -- -q -rfEsxX \
@@ -171,14 +171,14 @@ decide)
 "default;num_stages=3;BLOCK_N=128,num_stages=3,num_warps=4"
   grep -vE "Warning|warn" "$OUT/tiles3.log" | tail -4
   step traced3 80 python tools/decode_profile.py --batch 64 --cache 8192 --layout contiguous,paged \
-    --lengths spread --variants traced --kernels 0
+    --lengths spread --variants chunked --kernels 0
   tail -4 "$OUT/traced3.log" ;;
 traced)
   step traced-kernels 200 python tools/decode_profile.py --batch 1 --cache 8192 --layout contiguous,paged \
-    --lengths spread --variants traced --kernels 14
+    --lengths spread --variants chunked --kernels 14
   grep -vE "^\s*$" "$OUT/traced-kernels.log" | tail -80
   step traced 230 python tools/decode_profile.py --batch 8,64 --cache 8192 --layout contiguous,paged \
-    --lengths full,spread --variants traced --kernels 0
+    --lengths full,spread --variants chunked --kernels 0
   tail -12 "$OUT/traced.log" ;;
 tuned)
   gpu_tests tuned-tests 200 tests/test_flash_attn_compat.py
