@@ -156,10 +156,11 @@ def measured_options(st: Structure, q: Tensor, k: Tensor, v: Tensor, *, bias: Te
     pass_options = ((), ())
     # Under max-autotune the autotuner chooses the tiles; inside a caller's torch.compile the
     # caller's mode applies, not flexflash's.
-    # The tuned tiles were measured on the main kernel; the decoding kernel sizes its own.
+    # The tuned tiles were measured on the main kernel; the decoding kernel has an entry of its own
+    # (FlexAttention's defaults where the table has none for the call).
     if decoding is None:
         decoding = decoding_kernel(q, k, block)
-    if kernel_options is None and _tuning.decoding_measured() and (decoding or traced_decoding(q, k, block)):
+    if kernel_options is None and (decoding or traced_decoding(q, k, block)):
         options = _tuning.decoding_options(q.device, q.dtype, q.shape[-1], q.shape[0], k.shape[1], block)
         if options is not None:
             return options, pass_options

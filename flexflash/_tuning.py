@@ -79,11 +79,6 @@ def _device_traits(index: int | None) -> tuple[tuple[int, int], int]:
 _DECODING = _DATA.get("decoding")
 
 
-def decoding_measured() -> bool:
-    """Whether the table has options for FlexAttention's decoding kernel at all."""
-    return _DECODING is not None
-
-
 def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, batch, kv_heads: int,
                      block: tuple[int, int]) -> dict | None:
     """Kernel options of a call that runs FlexAttention's decoding kernel, or None where none were
