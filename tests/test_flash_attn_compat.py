@@ -995,8 +995,8 @@ def test_pages_read_in_place_on_gpu(dtype, part, monkeypatch, request):
 @pytest.mark.gpu
 @pytest.mark.parametrize("blocks", ["chunked", "traced_builder"])
 @pytest.mark.parametrize("layout", ["contiguous", "pages"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout, blocks, monkeypatch):
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 128)])
+def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, monkeypatch):
     """A decoding step compiled with mode="reduce-overhead" (CUDA graphs), with the cache a buffer
     of a module, contiguous or a pool of pages (read in place inside the step, float32 and bfloat16
     alike; the eager bfloat16 call gathers them, flexflash._paged.kv_block): the growing lengths compile no new
@@ -1005,13 +1005,18 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout, blocks, mon
     the graphs compiled during the steps count: the eager calls compile flexflash's own kernels and,
     from their second block mask on, its compiled block-mask builder. ``traced_builder``: the step's
     block mask built inside the graph by the builders' body (``_blockmask.TRACED_FUSED_ON``,
-    ``_paged.TRACED_BUILDS_ON``), not by the chunked evaluation."""
+    ``_paged.TRACED_BUILDS_ON``), not by the chunked evaluation. At head dim 128 in bfloat16 on the
+    GPU the decoding kernel options were measured on (``tuning.json``'s ``decoding`` entry), the
+    step's kernel runs with those options."""
     from torch._dynamo.utils import counters
 
-    from flexflash import _blockmask
+    from flexflash import _blockmask, _tuning
     traced = {"cuda"} if blocks == "traced_builder" else set()  # (the default on CUDA: traced)
     monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", traced)
     monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", traced)
+    chosen = []  # the decoding kernel options of each call that looked them up (traced or eager)
+    lookup = _tuning.decoding_options
+    monkeypatch.setattr(_tuning, "decoding_options", lambda *a: chosen.append(lookup(*a)) or chosen[-1])
 
     # pages: a pool of 256-token pages read in place (two per sequence, in a shuffled order)
     table = (torch.randperm(8, generator=torch.Generator().manual_seed(17)).view(4, 2).to("cuda", torch.int32)
@@ -1020,7 +1025,7 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout, blocks, mon
     class Decoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            shape = (4, 256, 2, 64) if table is None else (8, 256, 2, 64)
+            shape = (4, 256, 2, D) if table is None else (8, 256, 2, D)
             self.register_buffer("k_cache", torch.zeros(shape, device="cuda", dtype=dtype))
             self.register_buffer("v_cache", torch.zeros(shape, device="cuda", dtype=dtype))
 
@@ -1034,17 +1039,22 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, layout, blocks, mon
     lengths = torch.tensor([3, 40, 7, 100], dtype=torch.int32, device="cuda")
     graphs, skips = [], counters["inductor"]["cudagraph_skips"]
     for _ in range(5):
-        q, k, v = (torch.randn(4, 1, h, 64, generator=gen).to("cuda", dtype) for h in (8, 2, 2))
+        q, k, v = (torch.randn(4, 1, h, D, generator=gen).to("cuda", dtype) for h in (8, 2, 2))
         with torch.no_grad():
-            before = counters["stats"]["unique_graphs"]
+            before, looked_up = counters["stats"]["unique_graphs"], len(chosen)
             out = step(q, k, v, lengths).clone()
             graphs.append(counters["stats"]["unique_graphs"] - before)
+            in_graph = chosen[looked_up:]  # the options the step's graph was traced with (first step)
             want = flash_attn_with_kvcache(q, model.k_cache, model.v_cache, cache_seqlens=lengths + 1,
                                            block_table=table, causal=True)
         # the two kernels differ in summation order only: float32 agrees to 1e-5; bfloat16 outputs
         # may round to neighbouring values, one ulp apart (2^-7 relative; atol for those near 0)
         tol = 1e-5 if dtype == torch.float32 else 8e-3
         torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+        if graphs[-1]:
+            measured = (dtype, D) == (torch.bfloat16, 128) and _tuning.capability(q.device) == _tuning._MEASURED_ON
+            entry = _tuning._tiles(_tuning._DECODING["tiles"]) if measured else None
+            assert in_graph and all(o == entry for o in in_graph), (in_graph, entry)
         lengths = lengths + 1
     assert graphs[0] >= 1 and graphs[1:] == [0, 0, 0, 0], graphs  # graphs compiled by each step
     # each graph ran as a CUDA graph (Inductor skips CUDA graphs for a graph with a CPU tensor or

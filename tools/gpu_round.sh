@@ -52,8 +52,12 @@
 #   checks   the decoding tests past 32-bit indices, the SDPA route of short masked calls, the
 #            tuned-tile and max-autotune tests (one shard, after it was cut at 440 s), the GPU tests
 #            of flash-attn's decoding
+#   callers  with block masks traced by the builders' body by default on CUDA: every GPU test outside
+#            tests/test_gpu.py and those of it in a caller's torch.compile (8 shards, then the test
+#            past 32-bit indices alone); then where compiled decoding steps spend their time between
+#            the host and the GPU (tools/replay_host.py: batch 1 and 64, cache 8k, spread lengths)
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks|callers) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -187,4 +191,16 @@ tuned)
 checks)
   gpu_tests checks 270 tests/test_gpu.py tests/test_flash_attn_compat.py \
     -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu" ;;
+callers)
+  echo "=== callers-tests"
+  OUT=$OUT/t ALONE_TIMEOUT=90 tools/run_gpu_tests.sh 8 250 tests/test_flash_attn_compat.py tests/test_traced.py \
+    tests/test_parallel.py tests/test_route.py \
+    tests/test_gpu.py::test_modules_under_torch_compile_on_gpu \
+    tests/test_gpu.py::test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit \
+    tests/test_gpu.py::test_decoding_at_128k_tokens_past_32_bit_indices
+  grep -hE "^(FAILED|ERROR)|skipping cudagraphs" "$OUT"/t/*.log | head -30
+  (cd "$OUT" && tar czf callers-tests.tgz t && rm -rf t)
+  step replay 160 python tools/replay_host.py --batch 1,64 --cache 8192 --lengths spread \
+    --layout contiguous,paged --profile 14
+  grep -A8 "^| batch" "$OUT/replay.log" ;;
 esac

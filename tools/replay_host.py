@@ -1,0 +1,117 @@
+"""Where a compiled decoding step's time goes between the host and the GPU: the steps of
+``benchmarks/test_decode.py`` (``flash_attn_with_kvcache`` against SDPA on the padded cache with a
+key padding mask), compiled with ``mode="reduce-overhead"`` (CUDA graphs) and their tensors at
+static addresses as the benchmark compiles them.
+
+Per case and step it prints, in µs: the step as the benchmark times it (CUDA events around the
+call, then a synchronisation: the host's work before the graph's launch plus the graph's GPU
+time), the host's time in the call alone (the call returns once the graph is queued; the GPU is
+idle before it), the GPU time of the step's kernels (the profiler, default-mode compile of the
+same step), and with ``--profile K`` the K functions with the most own host time over 200 calls
+(cProfile): Dynamo's guards, the AOT wrappers, CUDA graph trees' checks of the inputs and outputs.
+
+Usage on a CUDA machine::
+
+    python tools/replay_host.py [--batch 1,64] [--cache 8192] [--lengths spread] [--layout contiguous,paged]
+                                [--profile 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_decode as bench  # noqa: E402  (the benchmark's shapes and static closures)
+from decode_profile import case, kernels  # noqa: E402  (the benchmark's steps, the kernels' GPU time)
+
+
+def _sync():
+    if not bench.CPU:
+        torch.cuda.synchronize()
+
+
+def split(fn, reps: int = 100) -> tuple[float, float]:
+    """(median µs of a step between CUDA events with a synchronisation after it, median µs until
+    the call returns), the GPU idle before each call."""
+    steps, host = [], []
+    for _ in range(reps):
+        _sync()
+        if bench.CPU:
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e6)
+            steps.append(host[-1])
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        end.record()
+        torch.cuda.synchronize()
+        host.append((t1 - t0) * 1e6)
+        steps.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(steps), statistics.median(host)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", default="1,64")
+    p.add_argument("--cache", default="8192")
+    p.add_argument("--lengths", default="spread")
+    p.add_argument("--layout", default="contiguous,paged")
+    p.add_argument("--profile", type=int, default=0, help="functions listed per step by own host time (0: none)")
+    a = p.parse_args()
+    if not bench.CPU:
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows = []
+    for B in (int(x) for x in a.batch.split(",")):
+        for S in (int(x) for x in a.cache.split(",")):
+            for lengths in a.lengths.split(","):
+                for layout in a.layout.split(","):
+                    flex, sdpa = case(B, S, lengths == "spread", layout == "paged")
+                    for name, step in (("flexflash", flex), ("sdpa", sdpa)):
+                        if name == "sdpa" and layout == "paged":
+                            continue
+                        gpu = sum(us for _, _, us in kernels(step, 1000))
+                        torch._dynamo.reset()
+                        fn = torch.compile(bench.static_closure(step),
+                                           mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
+                        with torch.no_grad():
+                            for _ in range(5):
+                                fn()
+                            _sync()
+                            wall, host = split(fn)
+                            row = dict(B=B, S=S, lengths=lengths, layout=layout, step=name,
+                                       wall_us=wall, host_us=host, kernels_us=gpu)
+                            rows.append(row)
+                            print(row, flush=True)
+                            if a.profile:
+                                prof = cProfile.Profile()
+                                prof.enable()
+                                for _ in range(200):
+                                    fn()
+                                    _sync()
+                                prof.disable()
+                                stats = pstats.Stats(prof)
+                                stats.sort_stats("tottime").print_stats(a.profile)
+                        if not bench.CPU:
+                            torch.cuda.empty_cache()
+    print("\n| batch | cache | lengths | layout | step | step µs | host µs in the call | kernels' GPU µs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['B']} | {r['S']} | {r['lengths']} | {r['layout']} | {r['step']} | {r['wall_us']:.0f} | "
+              f"{r['host_us']:.0f} | {r['kernels_us']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
