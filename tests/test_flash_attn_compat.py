@@ -1014,9 +1014,12 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
     traced = {"cuda"} if blocks == "traced_builder" else set()  # (the default on CUDA: traced)
     monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", traced)
     monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", traced)
-    chosen = []  # the decoding kernel options of each call that looked them up (traced or eager)
-    lookup = _tuning.decoding_options
-    monkeypatch.setattr(_tuning, "decoding_options", lambda *a: chosen.append(lookup(*a)) or chosen[-1])
+    compiled_options = []  # the kernel options of each FlexAttention call of the graphs Inductor compiles
+
+    def spy(graph):  # (a pass over the graph Inductor lowers: nothing Dynamo traces or guards on)
+        compiled_options.extend(node.args[6] for node in graph.nodes
+                                if node.op == "call_function" and node.target is torch.ops.higher_order.flex_attention)
+    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", spy)
 
     # pages: a pool of 256-token pages read in place (two per sequence, in a shuffled order)
     table = (torch.randperm(8, generator=torch.Generator().manual_seed(17)).view(4, 2).to("cuda", torch.int32)
@@ -1041,10 +1044,10 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
     for _ in range(5):
         q, k, v = (torch.randn(4, 1, h, D, generator=gen).to("cuda", dtype) for h in (8, 2, 2))
         with torch.no_grad():
-            before, looked_up = counters["stats"]["unique_graphs"], len(chosen)
+            before, seen = counters["stats"]["unique_graphs"], len(compiled_options)
             out = step(q, k, v, lengths).clone()
             graphs.append(counters["stats"]["unique_graphs"] - before)
-            in_graph = chosen[looked_up:]  # the options the step's graph was traced with (first step)
+            in_graph = compiled_options[seen:]  # (the first step's graph)
             want = flash_attn_with_kvcache(q, model.k_cache, model.v_cache, cache_seqlens=lengths + 1,
                                            block_table=table, causal=True)
         # the two kernels differ in summation order only: float32 agrees to 1e-5; bfloat16 outputs
@@ -1053,8 +1056,10 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
         torch.testing.assert_close(out, want, rtol=tol, atol=tol)
         if graphs[-1]:
             measured = (dtype, D) == (torch.bfloat16, 128) and _tuning.capability(q.device) == _tuning._MEASURED_ON
-            entry = _tuning._tiles(_tuning._DECODING["tiles"]) if measured else None
-            assert in_graph and all(o == entry for o in in_graph), (in_graph, entry)
+            entry = _tuning._tiles(_tuning._DECODING["tiles"])
+            # the table's options where they were measured, FlexAttention's own (none of them) elsewhere
+            assert in_graph and all(all((o.get(key) == value) == measured for key, value in entry.items())
+                                    for o in in_graph), (in_graph, entry)
         lengths = lengths + 1
     assert graphs[0] >= 1 and graphs[1:] == [0, 0, 0, 0], graphs  # graphs compiled by each step
     # each graph ran as a CUDA graph (Inductor skips CUDA graphs for a graph with a CPU tensor or
