@@ -54,7 +54,7 @@ from ._kernels import (_CPU_STATIC_KINDS, _KERNELS, _cpu_static_shapes, _flex_ke
                        _scalar_tensor, _static_sequence_buffers)
 from ._kinds import (_FIRST_SHAPES, _STATIC_BUFFER_SHAPES, _STATIC_DECODING_BATCH, _STATIC_FIRST_SHAPE,
                      _STATIC_SEQUENCE_BUFFERS, _STATIC_SHAPES,
-                     _KindPlan, _cpu_bias_view, _grad, _signature, flex_kind)
+                     _KindPlan, _cpu_bias_view, _grad, _signature, flex_kind, static_size)
 from ._torch_private import _is_cpp_compile_error
 
 __all__ = ["run_flex", "reset"]
@@ -252,7 +252,7 @@ def _without_full_blocks(kind: _KindPlan, q: Tensor, rows, block: tuple[int, int
     if _DECODING_FULL_BLOCKS:
         return False
     return kind.decoding or (torch.compiler.is_compiling() and q.device.type == "cuda"
-                             and type(rows) is int and rows < block[0])
+                             and static_size(rows) and rows < block[0])
 
 
 def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,

@@ -64,21 +64,31 @@ def decoding_kernel(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
 def traced_decoding(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     """Whether a CUDA call traced into a caller's graph runs FlexAttention's decoding kernel there:
     a static batch and query length (the lowering's condition) and :func:`decoding_shape`."""
-    return (torch.compiler.is_compiling() and q.device.type == "cuda" and type(q.shape[0]) is int
-            and type(q.shape[-2]) is int and decoding_shape(q, k, block))
+    return (torch.compiler.is_compiling() and q.device.type == "cuda" and static_size(q.shape[0])
+            and static_size(q.shape[-2]) and decoding_shape(q, k, block))
+
+
+def static_size(n) -> bool:
+    """Whether a size is an int rather than a symbolic size. Traced by Dynamo, ``type(n) is int``
+    and ``isinstance(n, int)`` hold for a symbolic size too (Dynamo answers them with the type the
+    size stands for), ``n.__class__`` it answers with ``torch.SymInt`` (torch 2.11, 2.13)."""
+    return n.__class__ is int
 
 
 def decoding_shape(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     """:func:`decoding_kernel`'s conditions on the shapes of ``q`` and ``k`` alone (any device,
-    traced or not)."""
+    traced or not). The decoding kernel's row tile holds a key/value head's grouped query rows,
+    ``Nq * groups`` rounded up to a power of two of at least 16, and must divide the query block:
+    with ``groups`` a power of two, it does exactly where ``Nq * groups`` is at most the largest
+    power of two dividing the block (and that is at least 16). One comparison: traced with a
+    symbolic ``Nq``, a loop over the powers of two would guard on the power-of-two range of the
+    length and recompile the caller's graph as lengths cross them."""
     B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
     if not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535 or needs_main_kernel(q, k, k):
         return False
     groups = Hq // Hkv
-    rows = 16
-    while rows < Nq * groups:
-        rows *= 2
-    return groups & (groups - 1) == 0 and block[0] % rows == 0
+    tile_limit = block[0] & -block[0]  # the largest power of two dividing the query block
+    return groups & (groups - 1) == 0 and tile_limit >= 16 and Nq * groups <= tile_limit
 
 
 def _signature(tensors) -> tuple:

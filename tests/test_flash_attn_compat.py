@@ -1011,6 +1011,11 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
     from torch._dynamo.utils import counters
 
     from flexflash import _blockmask, _tuning
+    # Each case's graphs from scratch: the Decoder's forward is one code object for every case, and
+    # Dynamo would otherwise compile a later case with the sizes that differ from an earlier one's
+    # (head dims) made symbolic. (Then specialised, such a size fails torch 2.11's Dynamo in
+    # paged steps: docs/compilation.md.)
+    torch._dynamo.reset()
     traced = {"cuda"} if blocks == "traced_builder" else set()  # (the default on CUDA: traced)
     monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", traced)
     monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", traced)
