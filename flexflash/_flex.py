@@ -43,6 +43,7 @@ import threading
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ._blockmask import _BLOCK_MASKS, _BUILDERS, _DEAD_KEYS, _block_tensors
 from ._compiled import _MODE, _STATS
@@ -54,7 +55,7 @@ from ._kernels import (_CPU_STATIC_KINDS, _KERNELS, _cpu_static_shapes, _flex_ke
                        _scalar_tensor, _static_sequence_buffers)
 from ._kinds import (_FIRST_SHAPES, _STATIC_BUFFER_SHAPES, _STATIC_DECODING_BATCH, _STATIC_FIRST_SHAPE,
                      _STATIC_SEQUENCE_BUFFERS, _STATIC_SHAPES,
-                     _KindPlan, _cpu_bias_view, _grad, _signature, flex_kind, static_size)
+                     _KindPlan, _cpu_bias_view, _grad, _signature, flex_kind)
 from ._torch_private import _is_cpp_compile_error
 
 __all__ = ["run_flex", "reset"]
@@ -248,11 +249,11 @@ def _without_full_blocks(kind: _KindPlan, q: Tensor, rows, block: tuple[int, int
     fewer rows than a query block): eager calls that run FlexAttention's decoding kernel
     (``kind.decoding``), and CUDA calls traced into a caller's graph with a static query length
     below a query block, which FlexAttention's lowering gives its decoding kernel where their batch
-    is static (a symbolic length is not compared: that would guard on it)."""
+    is static (compared without a guard, ``statically_known_true``: a symbolic length answers False)."""
     if _DECODING_FULL_BLOCKS:
         return False
     return kind.decoding or (torch.compiler.is_compiling() and q.device.type == "cuda"
-                             and static_size(rows) and rows < block[0])
+                             and statically_known_true(rows < block[0]))
 
 
 def _kernel_inputs(kind: _KindPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _tuning, mods
 from ._compiled import _MODE
@@ -63,32 +64,32 @@ def decoding_kernel(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
 
 def traced_decoding(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     """Whether a CUDA call traced into a caller's graph runs FlexAttention's decoding kernel there:
-    a static batch and query length (the lowering's condition) and :func:`decoding_shape`."""
-    return (torch.compiler.is_compiling() and q.device.type == "cuda" and static_size(q.shape[0])
-            and static_size(q.shape[-2]) and decoding_shape(q, k, block))
-
-
-def static_size(n) -> bool:
-    """Whether a size is an int rather than a symbolic size. Traced by Dynamo, ``type(n) is int``
-    and ``isinstance(n, int)`` hold for a symbolic size too (Dynamo answers them with the type the
-    size stands for), ``n.__class__`` it answers with ``torch.SymInt`` (torch 2.11, 2.13)."""
-    return n.__class__ is int
+    :func:`decoding_shape`, which holds there for a static batch and query length alone (the
+    lowering's condition is a static batch)."""
+    return torch.compiler.is_compiling() and q.device.type == "cuda" and decoding_shape(q, k, block)
 
 
 def decoding_shape(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     """:func:`decoding_kernel`'s conditions on the shapes of ``q`` and ``k`` alone (any device,
     traced or not). The decoding kernel's row tile holds a key/value head's grouped query rows,
     ``Nq * groups`` rounded up to a power of two of at least 16, and must divide the query block:
-    with ``groups`` a power of two, it does exactly where ``Nq * groups`` is at most the largest
-    power of two dividing the block (and that is at least 16). One comparison: traced with a
-    symbolic ``Nq``, a loop over the powers of two would guard on the power-of-two range of the
-    length and recompile the caller's graph as lengths cross them."""
+    with ``groups`` a power of two it does where ``Nq * groups`` is at most the largest power of two
+    dividing the block (and that is at least 16).
+
+    Traced with symbolic sizes, the batch and the query length are compared without a guard
+    (``statically_known_true``: true only where it holds for every size the graph takes), so a
+    symbolic batch or query length answers False and the caller's graph is not specialised to a
+    range of lengths (a loop over the powers of two guarded on the length's range and recompiled
+    the graph as lengths crossed them; ``type(n) is int`` cannot tell a symbolic size, Dynamo
+    answers it with ``int``)."""
     B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
-    if not 0 < Nq < block[0] or Hq % Hkv or B * Hkv > 65535 or needs_main_kernel(q, k, k):
-        return False
     groups = Hq // Hkv
     tile_limit = block[0] & -block[0]  # the largest power of two dividing the query block
-    return groups & (groups - 1) == 0 and tile_limit >= 16 and Nq * groups <= tile_limit
+    if Hq % Hkv or groups & (groups - 1) or tile_limit < 16:
+        return False
+    return (statically_known_true(0 < Nq) and statically_known_true(Nq < block[0])
+            and statically_known_true(Nq * groups <= tile_limit) and statically_known_true(B * Hkv <= 65535)
+            and not needs_main_kernel(q, k, k))
 
 
 def _signature(tensors) -> tuple:

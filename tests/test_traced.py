@@ -381,19 +381,6 @@ def test_block_masks_traced_into_the_callers_graph_equal_the_eager_ones(case, mo
     assert fused == {"traced": True}, fused
 
 
-def test_static_size_tells_symbolic_sizes_from_ints_while_traced():
-    """``_kinds.static_size``: true of a size the caller's graph holds as an int, false of one it
-    made symbolic (after a size changed), where ``type(n) is int`` is true of both under Dynamo."""
-    def sizes(x):
-        return x * 2, (_kinds.static_size(x.shape[0]), _kinds.static_size(x.shape[1]), type(x.shape[0]) is int)
-
-    compiled = torch.compile(_fresh_code(sizes, "static_sizes"), backend="eager", fullgraph=True)
-    # the second length recompiles with the first dimension symbolic
-    seen = [compiled(torch.ones(n, 4))[1] for n in (3, 5, 7)]
-    assert seen == [(True, True, True), (False, True, True), (False, True, True)], seen
-    assert _kinds.static_size(5) and not _kinds.static_size(5.0)
-
-
 def _row_tile_fits(Nq: int, groups: int, block_rows: int) -> bool:
     """FlexAttention's decoding kernel as its lowering sizes it: the grouped query rows of a
     key/value head, ``Nq * groups``, in a tile of the next power of two of at least 16 rows, which
@@ -414,17 +401,24 @@ def test_decoding_shape_is_flexattentions_row_tile_rule():
                     (block_rows, groups, Nq)
 
 
-def test_decoding_shape_traced_with_a_symbolic_length_recompiles_no_caller_below_the_block():
-    """Traced with a symbolic query length, the decoding-kernel check compares the length with the
-    block and the tile once: lengths 40, 56, 72, 100 (across powers of two) compile the caller's
-    graph twice (the static first length, then symbolic), not once per power-of-two range."""
+@pytest.mark.parametrize("symbolic", ["length", "batch"])
+def test_decoding_shape_traced_with_symbolic_sizes_adds_no_guard(symbolic):
+    """Traced into a caller's graph, the decoding-kernel check holds for a static batch and query
+    length alone (FlexAttention's lowering takes its decoding kernel for a static batch) and reads
+    symbolic ones without a guard: query lengths 40, 56, 72, 100 (across powers of two), or batches
+    1, 3, 5, 9, compile the caller's graph twice (the static first size, then symbolic), not once per
+    range of sizes; the symbolic graph answers False."""
     counter = CompileCounterWithBackend("eager")
 
     def check(q, k):
         return q * 2, _kinds.decoding_shape(q, k, (128, 128))
 
-    compiled = torch.compile(_fresh_code(check, "decoding_shape_lengths"), backend=counter, fullgraph=True)
-    for n in (40, 40, 56, 72, 100):
-        _, fits = compiled(torch.ones(1, 4, n, 8), torch.ones(1, 2, 256, 8))
-        assert fits == (n * 2 <= 128), n
+    compiled = torch.compile(_fresh_code(check, f"decoding_shape_{symbolic}"), backend=counter, fullgraph=True)
+    sizes = (40, 40, 56, 72, 100) if symbolic == "length" else (1, 1, 3, 5, 9)
+    answers = []
+    for n in sizes:
+        q = torch.ones(1, 4, n, 8) if symbolic == "length" else torch.ones(n, 4, 16, 8)
+        k = torch.ones(q.shape[0], 2, 256, 8)
+        answers.append(compiled(q, k)[1])
+    assert answers == [True, True, False, False, False], answers
     assert counter.frame_count == 2, counter.frame_count
