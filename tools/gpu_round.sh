@@ -56,8 +56,11 @@
 #            tests/test_gpu.py and those of it in a caller's torch.compile (8 shards, then the test
 #            past 32-bit indices alone); then where compiled decoding steps spend their time between
 #            the host and the GPU (tools/replay_host.py: batch 1 and 64, cache 8k, spread lengths)
+#   guards   what the compiled decoding step's guards cost on the host (tools/replay_host.py with torch's
+#            guard filters, batch 1 and 64, cache 8k, spread), then the decoding kernel with 128-key tiles
+#            and four warps (tools/run_with.py): the reduce-overhead tests, the compiled rows at 8k
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks|callers) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks|callers|guards) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -191,6 +194,17 @@ tuned)
 checks)
   gpu_tests checks 270 tests/test_gpu.py tests/test_flash_attn_compat.py \
     -k "32_bit or short_calls or processs_first or (max_autotune and sliding_window) or (masked_calls_with_tuned_tiles and 97-1025-sliding_window) or (tuned_tiles_fp16_and_d64 and dtype2-64-sliding_window-128-64) or reduce_overhead_on_gpu or varlen_and_kvcache_on_gpu" ;;
+guards)
+  step guards 170 python tools/replay_host.py --batch 1,64 --cache 8192 --lengths spread \
+    --layout contiguous,paged --guard-filters
+  grep -A12 "^| batch" "$OUT/guards.log"
+  T128="fwd_BLOCK_N=128,fwd_num_stages=3,fwd_num_warps=4"
+  step t128-tests 100 python tools/run_with.py --decoding "$T128" -- -q -rfEsxX -p no:cacheprovider -m gpu \
+    tests/test_flash_attn_compat.py -k "reduce_overhead and 128"
+  grep -E "^(FAILED|ERROR)|Error:|skipping cudagraphs|passed|failed" "$OUT/t128-tests.log" | head
+  step t128-8k 200 python tools/run_with.py --decoding "$T128" -- benchmarks/test_decode.py -q -p no:cacheprovider \
+    -k "compiled and 8192 and not flexflash-flex" --benchmark-json="$OUT/t128-8k.json"
+  [ -s "$OUT/t128-8k.json" ] && python tools/run_benchmarks.py --summarize-decode "$OUT/t128-8k.json" ;;
 callers)
   echo "=== callers-tests"
   OUT=$OUT/t ALONE_TIMEOUT=90 tools/run_gpu_tests.sh 8 250 tests/test_flash_attn_compat.py tests/test_traced.py \

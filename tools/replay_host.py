@@ -9,6 +9,9 @@ time), the host's time in the call alone (the call returns once the graph is que
 idle before it), the GPU time of the step's kernels (the profiler, default-mode compile of the
 same step), and with ``--profile K`` the K functions with the most own host time over 200 calls
 (cProfile): Dynamo's guards, the AOT wrappers, CUDA graph trees' checks of the inputs and outputs.
+``--guard-filters``: flexflash's step also compiled with each of torch's guard filters
+(``torch.compile(options={"guard_filter_fn": ...})``: ``globals`` skips the guards on global
+state, ``tensors`` keeps those on tensors alone), to see what the compiled frame's guards cost.
 
 Usage on a CUDA machine::
 
@@ -32,6 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_decode as bench  # noqa: E402  (the benchmark's shapes and static closures)
 from decode_profile import case, kernels  # noqa: E402  (the benchmark's steps, the kernels' GPU time)
+
+
+# torch's guard filters (torch.compiler, torch 2.11 and 2.13)
+FILTERS = {"globals": getattr(torch.compiler, "skip_guard_on_globals_unsafe", None),
+           "tensors": getattr(torch.compiler, "keep_tensor_guards_unsafe", None)}
+FILTERS = {name: f for name, f in FILTERS.items() if f is not None}
 
 
 def _sync():
@@ -70,6 +79,7 @@ def main() -> None:
     p.add_argument("--lengths", default="spread")
     p.add_argument("--layout", default="contiguous,paged")
     p.add_argument("--profile", type=int, default=0, help="functions listed per step by own host time (0: none)")
+    p.add_argument("--guard-filters", action="store_true", help="flexflash's step also with torch's guard filters")
     a = p.parse_args()
     if not bench.CPU:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -79,13 +89,21 @@ def main() -> None:
             for lengths in a.lengths.split(","):
                 for layout in a.layout.split(","):
                     flex, sdpa = case(B, S, lengths == "spread", layout == "paged")
-                    for name, step in (("flexflash", flex), ("sdpa", sdpa)):
+                    steps = [("flexflash", flex, None), ("sdpa", sdpa, None)]
+                    if a.guard_filters:
+                        steps += [(f"flexflash, guards: {g}", flex, f) for g, f in FILTERS.items()]
+                    for name, step, guard_filter in steps:
                         if name == "sdpa" and layout == "paged":
                             continue
-                        gpu = sum(us for _, _, us in kernels(step, 1000))
+                        # (the same kernels with a guard filter: not profiled again)
+                        gpu = sum(us for _, _, us in kernels(step, 1000)) if guard_filter is None else float("nan")
                         torch._dynamo.reset()
-                        fn = torch.compile(bench.static_closure(step),
-                                           mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
+                        if guard_filter is None:
+                            fn = torch.compile(bench.static_closure(step),
+                                               mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
+                        else:  # (reduce-overhead is the option triton.cudagraphs: a mode excludes options)
+                            fn = torch.compile(bench.static_closure(step), fullgraph=True, options={
+                                "guard_filter_fn": guard_filter, "triton.cudagraphs": not bench.CPU})
                         with torch.no_grad():
                             for _ in range(5):
                                 fn()
