@@ -7,7 +7,7 @@ reference (:mod:`flexflash.reference`) defines the semantics and checks every pa
 
 from . import mods, reference
 from ._checks import DtypeError
-from ._compiled import compile_stats, get_compile_mode, set_compile_mode
+from ._compiled import compile_stats, get_compile_mode, guard_filter, set_compile_mode
 from .functional import attention, explain
 from .modules import ChunkedAttention, FlashAttention, FlashAttentionTwo, FlashMHA
 from .plan import Plan
@@ -15,5 +15,6 @@ from .plan import Plan
 __version__ = "0.1.0"
 
 __all__ = ["attention", "explain", "Plan", "mods", "reference", "compile_stats", "set_compile_mode", "get_compile_mode",
+           "guard_filter",
            "FlashAttention", "FlashMHA", "FlashAttentionTwo", "ChunkedAttention", "DtypeError",
            "__version__"]

@@ -422,3 +422,46 @@ def test_decoding_shape_traced_with_symbolic_sizes_adds_no_guard(symbolic):
         answers.append(compiled(q, k)[1])
     assert answers == [True, True, False, False, False], answers
     assert counter.frame_count == 2, counter.frame_count
+
+
+SHIFT = 0.0  # a global of the caller's own, read by the step below
+
+
+def _step_reading_a_global(q, k, v, mask):
+    return flexflash.attention(q, k, v, mask=mask) + SHIFT
+
+
+def test_guard_filter_drops_the_guards_on_flexflash_and_keeps_the_callers(monkeypatch):
+    """``flexflash.guard_filter`` as the caller's ``guard_filter_fn``: the compiled call equals the
+    eager one; the guards left are the caller's (none on flexflash's modules or on the code and
+    defaults of its functions but tensor guards); a change of the caller's own global, or of the
+    function its name is bound to, still recompiles; new mask values do not."""
+    kept, counter = [], CompileCounterWithBackend("eager")
+
+    def recording(entries):
+        keep = flexflash.guard_filter(entries)
+        kept.append((len(entries), [e for e, k in zip(entries, keep) if k]))
+        return keep
+
+    compiled = torch.compile(_fresh_code(_step_reading_a_global, "step_reading_a_global"), backend=counter,
+                             fullgraph=True, options={"guard_filter_fn": recording})
+    gen = torch.Generator().manual_seed(seed_of("guard_filter"))
+    q, k, v = (torch.randn(B, H, 40, D, generator=gen) for _ in range(3))
+    for _ in range(2):  # new mask values: no recompilation
+        mask = torch.rand(B, 40, generator=gen) > 0.3
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(q, k, v, mask), flexflash.attention(q, k, v, mask=mask))
+    assert counter.frame_count == 1
+    total, left = kept[0]
+    assert len(left) < total / 2, (len(left), total)
+    own = [e.name for e in left if e.guard_type != "TENSOR_MATCH" and (
+        "__import_flexflash" in e.name or ".__code__" in e.name or "defaults__" in e.name)]
+    assert not own, own
+    monkeypatch.setattr(__import__(__name__, fromlist=["SHIFT"]), "SHIFT", 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, mask), flexflash.attention(q, k, v, mask=mask) + 1.0)
+    assert counter.frame_count == 2  # the caller's global is still guarded
+    monkeypatch.setattr(flexflash, "attention", lambda q, k, v, mask: q * 0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, mask), q * 0 + 1.0)
+    assert counter.frame_count == 3  # so is the function the caller's name is bound to

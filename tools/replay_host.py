@@ -9,9 +9,10 @@ time), the host's time in the call alone (the call returns once the graph is que
 idle before it), the GPU time of the step's kernels (the profiler, default-mode compile of the
 same step), and with ``--profile K`` the K functions with the most own host time over 200 calls
 (cProfile): Dynamo's guards, the AOT wrappers, CUDA graph trees' checks of the inputs and outputs.
-``--guard-filters``: flexflash's step also compiled with each of torch's guard filters
-(``torch.compile(options={"guard_filter_fn": ...})``: ``globals`` skips the guards on global
-state, ``tensors`` keeps those on tensors alone), to see what the compiled frame's guards cost.
+``--guard-filters``: flexflash's step also compiled with each guard filter
+(``torch.compile(options={"guard_filter_fn": ...})``: :func:`flexflash.guard_filter` drops those on
+flexflash itself; torch's ``globals`` skips the guards on all global state, ``tensors`` keeps those
+on tensors alone), to see what the compiled frame's guards cost.
 
 Usage on a CUDA machine::
 
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+import flexflash
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_decode as bench  # noqa: E402  (the benchmark's shapes and static closures)
@@ -38,7 +41,8 @@ from decode_profile import case, kernels  # noqa: E402  (the benchmark's steps, 
 
 
 # torch's guard filters (torch.compiler, torch 2.11 and 2.13)
-FILTERS = {"globals": getattr(torch.compiler, "skip_guard_on_globals_unsafe", None),
+FILTERS = {"flexflash.guard_filter": flexflash.guard_filter,
+           "globals": getattr(torch.compiler, "skip_guard_on_globals_unsafe", None),
            "tensors": getattr(torch.compiler, "keep_tensor_guards_unsafe", None)}
 FILTERS = {name: f for name, f in FILTERS.items() if f is not None}
 
