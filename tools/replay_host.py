@@ -3,7 +3,8 @@
 key padding mask), compiled with ``mode="reduce-overhead"`` (CUDA graphs) and their tensors at
 static addresses as the benchmark compiles them.
 
-Per case and step it prints, in µs: the step as the benchmark times it (CUDA events around the
+Per case and step it prints, in µs (the least median of ``--rounds`` rounds of 50 steps, the
+compiled steps timed in turn in each round): the step as the benchmark times it (CUDA events around the
 call, then a synchronisation: the host's work before the graph's launch plus the graph's GPU
 time), the host's time in the call alone (the call returns once the graph is queued; the GPU is
 idle before it), the GPU time of the step's kernels (the profiler, default-mode compile of the
@@ -28,6 +29,7 @@ import pstats
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -50,6 +52,13 @@ FILTERS = {name: f for name, f in FILTERS.items() if f is not None}
 def _sync():
     if not bench.CPU:
         torch.cuda.synchronize()
+
+
+def _own_code(fn, name: str):
+    """``fn`` with a code object of its own, so that each variant keeps its compiled graph."""
+    return types.FunctionType(fn.__code__.replace(co_name=name.replace(" ", "_").replace(",", "").replace(".", "_")
+                                                  .replace(":", "")), fn.__globals__, name, fn.__defaults__,
+                              fn.__closure__)
 
 
 def split(fn, reps: int = 100) -> tuple[float, float]:
@@ -83,7 +92,8 @@ def main() -> None:
     p.add_argument("--lengths", default="spread")
     p.add_argument("--layout", default="contiguous,paged")
     p.add_argument("--profile", type=int, default=0, help="functions listed per step by own host time (0: none)")
-    p.add_argument("--guard-filters", action="store_true", help="flexflash's step also with torch's guard filters")
+    p.add_argument("--guard-filters", action="store_true", help="flexflash's step also with guard filters")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of 50 steps of each compiled step in turn")
     a = p.parse_args()
     if not bench.CPU:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -96,38 +106,50 @@ def main() -> None:
                     steps = [("flexflash", flex, None), ("sdpa", sdpa, None)]
                     if a.guard_filters:
                         steps += [(f"flexflash, guards: {g}", flex, f) for g, f in FILTERS.items()]
+                    steps = [x for x in steps if not (x[0] == "sdpa" and layout == "paged")]
+                    torch._dynamo.reset()
+                    compiled = {}
                     for name, step, guard_filter in steps:
-                        if name == "sdpa" and layout == "paged":
-                            continue
                         # (the same kernels with a guard filter: not profiled again)
                         gpu = sum(us for _, _, us in kernels(step, 1000)) if guard_filter is None else float("nan")
-                        torch._dynamo.reset()
+                        own = _own_code(bench.static_closure(step), name)  # (a Dynamo cache of its own)
                         if guard_filter is None:
-                            fn = torch.compile(bench.static_closure(step),
-                                               mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
+                            fn = torch.compile(own, mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
                         else:  # (reduce-overhead is the option triton.cudagraphs: a mode excludes options)
-                            fn = torch.compile(bench.static_closure(step), fullgraph=True, options={
+                            fn = torch.compile(own, fullgraph=True, options={
                                 "guard_filter_fn": guard_filter, "triton.cudagraphs": not bench.CPU})
                         with torch.no_grad():
                             for _ in range(5):
                                 fn()
-                            _sync()
-                            wall, host = split(fn)
-                            row = dict(B=B, S=S, lengths=lengths, layout=layout, step=name,
-                                       wall_us=wall, host_us=host, kernels_us=gpu)
-                            rows.append(row)
-                            print(row, flush=True)
-                            if a.profile:
-                                prof = cProfile.Profile()
-                                prof.enable()
+                        _sync()
+                        compiled[name] = (fn, gpu)
+                    # rounds over the steps in turn, the least median of each: the host's noise
+                    # (other processes, clocks) falls on every step alike
+                    times = {name: [] for name in compiled}
+                    with torch.no_grad():
+                        for _ in range(a.rounds):
+                            for name, (fn, _) in compiled.items():
+                                times[name].append(split(fn, 50))
+                    for name, (fn, gpu) in compiled.items():
+                        wall, host = min(w for w, _ in times[name]), min(h for _, h in times[name])
+                        row = dict(B=B, S=S, lengths=lengths, layout=layout, step=name,
+                                   wall_us=wall, host_us=host, kernels_us=gpu)
+                        rows.append(row)
+                        print(row, flush=True)
+                        if a.profile:
+                            prof = cProfile.Profile()
+                            prof.enable()
+                            with torch.no_grad():
                                 for _ in range(200):
                                     fn()
                                     _sync()
-                                prof.disable()
-                                stats = pstats.Stats(prof)
-                                stats.sort_stats("tottime").print_stats(a.profile)
-                        if not bench.CPU:
-                            torch.cuda.empty_cache()
+                            prof.disable()
+                            stats = pstats.Stats(prof)
+                            stats.sort_stats("tottime").print_stats(a.profile)
+                    del compiled
+                    torch._dynamo.reset()
+                    if not bench.CPU:
+                        torch.cuda.empty_cache()
     print("\n| batch | cache | lengths | layout | step | step µs | host µs in the call | kernels' GPU µs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
