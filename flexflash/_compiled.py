@@ -57,8 +57,10 @@ def get_compile_mode() -> str:
     return _MODE[0]
 
 
-# How Dynamo names the modules a traced function reads as globals: G['__import_flexflash_dot_plan']
+# How Dynamo names the modules a traced function reads as globals (G['__import_flexflash_dot_plan']),
+# the builtins it reads (G['__builtins_dict___0']['len']) and its own polyfills.
 _OWN_MODULES = "G['__import_flexflash"
+_DROPPED_GLOBALS = (_OWN_MODULES, "G['__builtins_dict__", "G['__import_torch_dot__dynamo_dot_polyfills']")
 
 
 def _own_function(value: Any) -> bool:
@@ -74,8 +76,9 @@ def guard_filter(entries: list) -> list[bool]:
     of the compiled function checks before it runs. On an H100 host (torch 2.11) they took 24-29 µs
     of a compiled decoding step's 112 µs at batch 1, the whole difference from the same step with
     SDPA (benchmarks/NOTES.md). Dropped: the guards on flexflash's modules (what Dynamo names
-    ``G['__import_flexflash...']``) and on the code and defaults of flexflash's functions that the
-    caller's code reads as globals. Kept: every guard on the caller's own values, tensors, shapes
+    ``G['__import_flexflash...']``), on the code and defaults of flexflash's functions that the
+    caller's code reads as globals, on Python's builtins (which nothing rebinds) and on Dynamo's own
+    polyfills. Kept: every guard on the caller's own values, tensors, shapes
     and modules, on the identity of those flexflash functions (rebinding such a name to another
     function still recompiles), and every tensor guard. So a change to flexflash's settings
     (:func:`set_compile_mode`, its module attributes) after the caller's first compilation does not
@@ -91,7 +94,7 @@ def guard_filter(entries: list) -> list[bool]:
     def dropped(e) -> bool:
         if e.guard_type == "TENSOR_MATCH":
             return False
-        if e.name.startswith(_OWN_MODULES):
+        if e.name.startswith(_DROPPED_GLOBALS):
             return True
         return any(e.name.startswith(name) and e.name[len(name):len(name) + 1] in (".", "[") for name in own)
     return [not dropped(e) for e in entries]
