@@ -10,7 +10,9 @@
   :func:`static_closure`; ``"default"`` mode on CPU); eagerly also as ``flexflash-flex``, the
   same calls kept on FlexAttention (eager steps whose one mask is a tensor otherwise run on SDPA:
   ``flexflash.plan.short_masked_call``), with the static decoding batch that lets FlexAttention
-  choose its decoding kernel (``flexflash._kinds._STATIC_DECODING_BATCH``);
+  choose its decoding kernel (``flexflash._kinds._STATIC_DECODING_BATCH``); compiled also as
+  ``flexflash-guards``, the same step compiled with ``flexflash.guard_filter`` as its
+  ``guard_filter_fn`` (Dynamo's guards on flexflash's own state dropped, docs/flash_attn.md);
 * variable-length training: sequences of lengths uniform in [N/4, N] (N = 4096, 8 of them, causal,
   16 heads, D = 128, bf16, forward+backward) packed (``flash_attn_varlen_func``); SDPA gets the
   padded batch with a materialised causal and padding mask.
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+import flexflash
 from flexflash import plan
 from flexflash.compat.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
@@ -65,7 +68,7 @@ def _lengths(B: int, S: int, spread: bool, gen: torch.Generator) -> torch.Tensor
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.parametrize("impl", ["flexflash", "flexflash-flex", "sdpa"])
+@pytest.mark.parametrize("impl", ["flexflash", "flexflash-flex", "flexflash-guards", "sdpa"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 @pytest.mark.parametrize("lengths", ["full", "spread"])
 @pytest.mark.parametrize("S", CACHES)
@@ -75,6 +78,8 @@ def test_decode(benchmark, B, S, lengths, layout, impl, mode, monkeypatch):
         pytest.skip("SDPA reads a contiguous padded cache (the contiguous row is its baseline)")
     if impl == "flexflash-flex" and (mode == "compiled" or CPU):
         pytest.skip("compiled steps and CPU calls run FlexAttention or SDPA's CPU kernel either way")
+    if impl == "flexflash-guards" and mode != "compiled":
+        pytest.skip("a guard filter is an option of the caller's torch.compile")
     if impl == "flexflash-flex":  # eager steps with a mask tensor stay on FlexAttention
         monkeypatch.setattr(plan, "SDPA_MASK_QUERIES", 0)
         monkeypatch.setattr(plan, "_PLANS", {})  # (plans are memoised by the calls' shapes)
@@ -124,7 +129,11 @@ def test_decode(benchmark, B, S, lengths, layout, impl, mode, monkeypatch):
 
     if mode == "compiled":
         torch._dynamo.reset()  # one step's graph at a time (CUDA graphs of earlier cases freed)
-        step = torch.compile(static_closure(step), mode="default" if CPU else "reduce-overhead", fullgraph=True)
+        if impl == "flexflash-guards":  # (mode="reduce-overhead" is the option triton.cudagraphs)
+            step = torch.compile(static_closure(step), fullgraph=True, options={
+                "triton.cudagraphs": not CPU, "guard_filter_fn": flexflash.guard_filter})
+        else:
+            step = torch.compile(static_closure(step), mode="default" if CPU else "reduce-overhead", fullgraph=True)
 
     def timed():
         with torch.no_grad():

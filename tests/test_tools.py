@@ -121,6 +121,9 @@ def test_decode_summary_pairs_each_cache_with_sdpa():
     table = _tool().summarize_decode(data, header=False)
     assert "on FlexAttention: contiguous" in table and "symbolic" not in table
     assert "| compiled | 8 | 8192 | full | — | 3.000 | — | — | — | 1.0 | — | 5.000 |" in table
+    # compiled steps with flexflash.guard_filter (flexflash-guards) likewise
+    data["benchmarks"][4]["extra_info"]["impl"] = "flexflash-guards"
+    assert "with guard_filter: contiguous" in _tool().summarize_decode(data, header=False)
     assert "SDPA's dispatch chose" not in table
     # the backend SDPA's dispatch chose, where the rows recorded it
     data["benchmarks"][0]["extra_info"]["sdpa_backend"] = "CUDNN_ATTENTION"

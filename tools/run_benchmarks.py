@@ -139,8 +139,9 @@ def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
     """Markdown tables from pytest-benchmark JSON of benchmarks/test_decode.py: decoding per mode
     (eager calls, or a compiled step), batch, cache length and length spread (SDPA on the padded cache with a mask against flexflash's
     ``flash_attn_with_kvcache`` on a contiguous and a paged cache, and eagerly the same kept on
-    FlexAttention, ``flexflash-flex``, or in earlier runs with its kernels compiled with a symbolic
-    batch, ``flexflash-symbolic-batch``), and variable-length training
+    FlexAttention, ``flexflash-flex``, compiled with ``flexflash.guard_filter``,
+    ``flexflash-guards``, or in earlier runs with its kernels compiled with a symbolic batch,
+    ``flexflash-symbolic-batch``), and variable-length training
     (SDPA on the padded batch against ``flash_attn_varlen_func``). Ratios are SDPA's time over
     flexflash's (> 1: flexflash faster), beside the issue's targets."""
     decode: dict[tuple, dict[str, float]] = defaultdict(dict)
@@ -167,7 +168,9 @@ def summarize_decode(data: dict, header: bool = True, name: str = "") -> str:
     cell = lambda r, key: f"{r[key]:.3f}" if key in r else "—"  # noqa: E731
     ratio = lambda r, key: f"{r['sdpa'] / r[key]:.2f}" if key in r and "sdpa" in r else "—"  # noqa: E731
     if decode:
-        other = "on FlexAttention" if "flexflash-flex" in others else "symbolic batch"
+        names = {"flexflash-flex": "on FlexAttention", "flexflash-guards": "with guard_filter",
+                 "flexflash-symbolic-batch": "symbolic batch"}
+        other = " / ".join(names.get(o, o) for o in sorted(others)) or "symbolic batch"
         lines += ["Decoding: one query token per sequence, median ms; ratio = SDPA (padded cache, mask) / "
                   "flexflash; targets 1.0 (full) and 1.5 (lengths spread over 4x).", "",
                   "| mode | batch | cache | lengths | SDPA | flexflash contiguous | flexflash paged | ratio contiguous "
