@@ -69,7 +69,7 @@ def traced_decoding(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     return torch.compiler.is_compiling() and q.device.type == "cuda" and decoding_shape(q, k, block)
 
 
-def decoding_shape(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
+def decoding_shape(q: Tensor, k: Tensor, block: tuple[int, int], *, guarded: bool = False) -> bool:
     """:func:`decoding_kernel`'s conditions on the shapes of ``q`` and ``k`` alone (any device,
     traced or not). The decoding kernel's row tile holds a key/value head's grouped query rows,
     ``Nq * groups`` rounded up to a power of two of at least 16, and must divide the query block:
@@ -79,17 +79,22 @@ def decoding_shape(q: Tensor, k: Tensor, block: tuple[int, int]) -> bool:
     Traced with symbolic sizes, the batch and the query length are compared without a guard
     (``statically_known_true``: true only where it holds for every size the graph takes), so a
     symbolic batch or query length answers False and the caller's graph is not specialised to a
-    range of lengths (a loop over the powers of two guarded on the length's range and recompiled
-    the graph as lengths crossed them; ``type(n) is int`` cannot tell a symbolic size, Dynamo
-    answers it with ``int``)."""
+    range of sizes (a loop over the powers of two guarded on the length's range and recompiled the
+    graph as lengths crossed them; ``type(n) is int`` cannot tell a symbolic size, Dynamo answers it
+    with ``int``). ``guarded``: compared with guards instead, one comparison each, for a choice that
+    must hold for the sizes the graph runs (whether a paged cache is read in place,
+    :func:`flexflash._paged.kv_block`)."""
     B, Nq, Hq, Hkv = q.shape[0], q.shape[-2], q.shape[1], k.shape[1]
     groups = Hq // Hkv
     tile_limit = block[0] & -block[0]  # the largest power of two dividing the query block
     if Hq % Hkv or groups & (groups - 1) or tile_limit < 16:
         return False
-    return (statically_known_true(0 < Nq) and statically_known_true(Nq < block[0])
-            and statically_known_true(Nq * groups <= tile_limit) and statically_known_true(B * Hkv <= 65535)
-            and not needs_main_kernel(q, k, k))
+    if guarded:
+        fits = 0 < Nq < block[0] and Nq * groups <= tile_limit and B * Hkv <= 65535
+    else:
+        fits = (statically_known_true(0 < Nq) and statically_known_true(Nq < block[0])
+                and statically_known_true(Nq * groups <= tile_limit) and statically_known_true(B * Hkv <= 65535))
+    return fits and not needs_main_kernel(q, k, k)
 
 
 def _signature(tensors) -> tuple:

@@ -107,7 +107,7 @@ def kv_block(page: int, q: Tensor, return_lse: bool, k_cache: Tensor, table: Ten
         q.dtype in IN_PLACE_DECODING_DTYPES.get(device, ())
         and (torch.compiler.is_compiling()
              or table.numel() * k_cache.shape[1:].numel() >= IN_PLACE_EAGER_ELEMENTS.get(device, 2**63))
-        and decoding_shape(q, _pool(k_cache), (_MAX_KV_BLOCK, block)))
+        and decoding_shape(q, _pool(k_cache), (_MAX_KV_BLOCK, block), guarded=True))
     if least is None or block < least or not dtype_read or (return_lse and device == "cpu"):
         return None
     return block

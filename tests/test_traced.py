@@ -465,3 +465,22 @@ def test_guard_filter_drops_the_guards_on_flexflash_and_keeps_the_callers(monkey
     with torch.no_grad():
         torch.testing.assert_close(compiled(q, k, v, mask), q * 0 + 1.0)
     assert counter.frame_count == 3  # so is the function the caller's name is bound to
+
+
+def test_decoding_shape_guarded_compares_a_symbolic_length_once():
+    """``decoding_shape(..., guarded=True)`` (whether a paged cache is read in place): a symbolic
+    query length is compared with guards, one threshold of the row tile: lengths 8, then 16, 24, 40
+    (grouped rows 32-80, within the 128-row block) share one symbolic graph, where a loop over the
+    powers of two compiled one per range; 72 (144 grouped rows) compiles another and answers False."""
+    counter = CompileCounterWithBackend("eager")
+
+    def check(q, k):
+        return q * 2, _kinds.decoding_shape(q, k, (128, 128), guarded=True)
+
+    compiled = torch.compile(_fresh_code(check, "decoding_shape_guarded"), backend=counter, fullgraph=True)
+    answers, frames = [], []
+    for n in (8, 8, 16, 24, 40, 72):
+        answers.append(compiled(torch.ones(1, 4, n, 8), torch.ones(1, 2, 256, 8))[1])
+        frames.append(counter.frame_count)
+    assert answers == [True] * 5 + [False], answers
+    assert frames == [1, 1, 2, 2, 2, 3], frames
