@@ -59,8 +59,7 @@ def get_compile_mode() -> str:
 
 # How Dynamo names the modules a traced function reads as globals (G['__import_flexflash_dot_plan']),
 # the builtins it reads (G['__builtins_dict___0']['len']) and its own polyfills.
-_OWN_MODULES = "G['__import_flexflash"
-_DROPPED_GLOBALS = (_OWN_MODULES, "G['__builtins_dict__", "G['__import_torch_dot__dynamo_dot_polyfills']")
+_DROPPED_GLOBALS = ("G['__import_flexflash", "G['__builtins_dict__", "G['__import_torch_dot__dynamo_dot_polyfills']")
 
 
 def _own_function(value: Any) -> bool:

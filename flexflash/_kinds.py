@@ -89,12 +89,9 @@ def decoding_shape(q: Tensor, k: Tensor, block: tuple[int, int], *, guarded: boo
     tile_limit = block[0] & -block[0]  # the largest power of two dividing the query block
     if Hq % Hkv or groups & (groups - 1) or tile_limit < 16:
         return False
-    if guarded:
-        fits = 0 < Nq < block[0] and Nq * groups <= tile_limit and B * Hkv <= 65535
-    else:
-        fits = (statically_known_true(0 < Nq) and statically_known_true(Nq < block[0])
-                and statically_known_true(Nq * groups <= tile_limit) and statically_known_true(B * Hkv <= 65535))
-    return fits and not needs_main_kernel(q, k, k)
+    holds = bool if guarded else statically_known_true
+    conditions = (0 < Nq, Nq < block[0], Nq * groups <= tile_limit, B * Hkv <= 65535)
+    return all(holds(c) for c in conditions) and not needs_main_kernel(q, k, k)
 
 
 def _signature(tensors) -> tuple:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import pstats
+import re
 import statistics
 import sys
 import time
@@ -42,7 +44,7 @@ import test_decode as bench  # noqa: E402  (the benchmark's shapes and static cl
 from decode_profile import case, kernels  # noqa: E402  (the benchmark's steps, the kernels' GPU time)
 
 
-# torch's guard filters (torch.compiler, torch 2.11 and 2.13)
+# the guard filters compared: flexflash's and torch's own (torch.compiler, torch 2.11 and 2.13)
 FILTERS = {"flexflash.guard_filter": flexflash.guard_filter,
            "globals": getattr(torch.compiler, "skip_guard_on_globals_unsafe", None),
            "tensors": getattr(torch.compiler, "keep_tensor_guards_unsafe", None)}
@@ -56,9 +58,8 @@ def _sync():
 
 def _own_code(fn, name: str):
     """``fn`` with a code object of its own, so that each variant keeps its compiled graph."""
-    return types.FunctionType(fn.__code__.replace(co_name=name.replace(" ", "_").replace(",", "").replace(".", "_")
-                                                  .replace(":", "")), fn.__globals__, name, fn.__defaults__,
-                              fn.__closure__)
+    return types.FunctionType(fn.__code__.replace(co_name=re.sub(r"\W+", "_", name)), fn.__globals__, name,
+                              fn.__defaults__, fn.__closure__)
 
 
 def split(fn, reps: int = 100) -> tuple[float, float]:
@@ -98,58 +99,57 @@ def main() -> None:
     if not bench.CPU:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = []
-    for B in (int(x) for x in a.batch.split(",")):
-        for S in (int(x) for x in a.cache.split(",")):
-            for lengths in a.lengths.split(","):
-                for layout in a.layout.split(","):
-                    flex, sdpa = case(B, S, lengths == "spread", layout == "paged")
-                    steps = [("flexflash", flex, None), ("sdpa", sdpa, None)]
-                    if a.guard_filters:
-                        steps += [(f"flexflash, guards: {g}", flex, f) for g, f in FILTERS.items()]
-                    steps = [x for x in steps if not (x[0] == "sdpa" and layout == "paged")]
-                    torch._dynamo.reset()
-                    compiled = {}
-                    for name, step, guard_filter in steps:
-                        # (the same kernels with a guard filter: not profiled again)
-                        gpu = sum(us for _, _, us in kernels(step, 1000)) if guard_filter is None else float("nan")
-                        own = _own_code(bench.static_closure(step), name)  # (a Dynamo cache of its own)
-                        if guard_filter is None:
-                            fn = torch.compile(own, mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
-                        else:  # (reduce-overhead is the option triton.cudagraphs: a mode excludes options)
-                            fn = torch.compile(own, fullgraph=True, options={
-                                "guard_filter_fn": guard_filter, "triton.cudagraphs": not bench.CPU})
-                        with torch.no_grad():
-                            for _ in range(5):
-                                fn()
+    sizes = lambda arg: [int(x) for x in arg.split(",")]  # noqa: E731
+    for B, S, lengths, layout in itertools.product(sizes(a.batch), sizes(a.cache), a.lengths.split(","),
+                                                   a.layout.split(",")):
+        flex, sdpa = case(B, S, lengths == "spread", layout == "paged")
+        steps = [("flexflash", flex, None), ("sdpa", sdpa, None)]
+        if a.guard_filters:
+            steps += [(f"flexflash, guards: {g}", flex, f) for g, f in FILTERS.items()]
+        steps = [x for x in steps if not (x[0] == "sdpa" and layout == "paged")]
+        torch._dynamo.reset()
+        compiled = {}
+        for name, step, guard_filter in steps:
+            # (the same kernels with a guard filter: not profiled again)
+            gpu = sum(us for _, _, us in kernels(step, 1000)) if guard_filter is None else float("nan")
+            own = _own_code(bench.static_closure(step), name)  # (a Dynamo cache of its own)
+            if guard_filter is None:
+                fn = torch.compile(own, mode="default" if bench.CPU else "reduce-overhead", fullgraph=True)
+            else:  # (reduce-overhead is the option triton.cudagraphs: a mode excludes options)
+                fn = torch.compile(own, fullgraph=True, options={
+                    "guard_filter_fn": guard_filter, "triton.cudagraphs": not bench.CPU})
+            with torch.no_grad():
+                for _ in range(5):
+                    fn()
+            _sync()
+            compiled[name] = (fn, gpu)
+        # rounds over the steps in turn, the least median of each: the host's noise
+        # (other processes, clocks) falls on every step alike
+        times = {name: [] for name in compiled}
+        with torch.no_grad():
+            for _ in range(a.rounds):
+                for name, (fn, _) in compiled.items():
+                    times[name].append(split(fn, 50))
+        for name, (fn, gpu) in compiled.items():
+            wall, host = min(w for w, _ in times[name]), min(h for _, h in times[name])
+            row = dict(B=B, S=S, lengths=lengths, layout=layout, step=name,
+                       wall_us=wall, host_us=host, kernels_us=gpu)
+            rows.append(row)
+            print(row, flush=True)
+            if a.profile:
+                prof = cProfile.Profile()
+                prof.enable()
+                with torch.no_grad():
+                    for _ in range(200):
+                        fn()
                         _sync()
-                        compiled[name] = (fn, gpu)
-                    # rounds over the steps in turn, the least median of each: the host's noise
-                    # (other processes, clocks) falls on every step alike
-                    times = {name: [] for name in compiled}
-                    with torch.no_grad():
-                        for _ in range(a.rounds):
-                            for name, (fn, _) in compiled.items():
-                                times[name].append(split(fn, 50))
-                    for name, (fn, gpu) in compiled.items():
-                        wall, host = min(w for w, _ in times[name]), min(h for _, h in times[name])
-                        row = dict(B=B, S=S, lengths=lengths, layout=layout, step=name,
-                                   wall_us=wall, host_us=host, kernels_us=gpu)
-                        rows.append(row)
-                        print(row, flush=True)
-                        if a.profile:
-                            prof = cProfile.Profile()
-                            prof.enable()
-                            with torch.no_grad():
-                                for _ in range(200):
-                                    fn()
-                                    _sync()
-                            prof.disable()
-                            stats = pstats.Stats(prof)
-                            stats.sort_stats("tottime").print_stats(a.profile)
-                    del compiled
-                    torch._dynamo.reset()
-                    if not bench.CPU:
-                        torch.cuda.empty_cache()
+                prof.disable()
+                stats = pstats.Stats(prof)
+                stats.sort_stats("tottime").print_stats(a.profile)
+        del compiled
+        torch._dynamo.reset()
+        if not bench.CPU:
+            torch.cuda.empty_cache()
     print("\n| batch | cache | lengths | layout | step | step µs | host µs in the call | kernels' GPU µs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
