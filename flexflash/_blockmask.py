@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -376,7 +376,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
     if not tracing:  # (Dynamo would guard on the count: a recompilation per call)
         _STATS["block_masks_built"] += 1
     if device.type in (TRACED_FUSED_ON if tracing else FUSED_ON):
-        mask_st = replace(st, bias_full=None, has_score_mod=False)  # the mask's part of the call
+        mask_st = st.mask_part()
         # (the builder's body indexes the mask by its full dimensions only, see run_flex)
         squeezed = None if mask is None else squeeze_broadcast(mask, st.mask_full)
         if tracing:
@@ -391,7 +391,7 @@ def _block_tensors(st: Structure, offset: int, mask: Tensor | None, mask_mod, in
             return _cache_put(key, tensors, roots) if cacheable else tensors
     some = every = None
     # the mask functions' part (causal, mask_mod), evaluated with the offset as a Python int
-    fn_st = replace(st, mask_full=None, bias_full=None, has_score_mod=False, causal_aligned=False)
+    fn_st = st.function_part()
     if fn_st.masked:
         # A mask_mod may depend on batch and head: its flags are (B, H); causal alone is (1, 1).
         Bm, Hm = (B, H) if st.has_mask_mod else (1, 1)

@@ -26,7 +26,7 @@ every query batch element before summing, torch 2.13's lowering: larger than the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -333,7 +333,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Pages, *
     q, k_pool, v_pool = (t.detach() for t in (q, k_pool, v_pool))
 
     def blocks(st, q_rows: Tensor):
-        rows, st = q_rows.shape[2], replace(st, has_score_mod=False)
+        rows, st = q_rows.shape[2], st.without_score_mod()
         # Calls of fewer queries than a query block (decoding) run FlexAttention's decoding kernel
         # (on CUDA, with a static batch): no full blocks for it (see physical_blocks).
         full_blocks = rows >= p.block[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -76,7 +76,27 @@ def _device_traits(index: int | None) -> tuple[tuple[int, int], int]:
 # value head and split of the keys, the grouped query heads in its rows): its options, measured
 # for some dtypes and head dims (benchmarks/NOTES_TUNING.md); ``split_factor``: SPLIT_KV as a
 # multiple of FlexAttention's own (two splits a streaming multiprocessor over the batch's heads).
-_DECODING = _DATA.get("decoding")
+# Read into a tuple of constants at import (:func:`decoding_entry`): a decoding step traced into a
+# caller's graph reads it, and each value read there is a guard of the caller's graph (a few for
+# tuples of constants; the data file's nested dicts and lists, and the functions reading them, were
+# about sixty).
+class DecodingEntry(NamedTuple):
+    dtypes: tuple[torch.dtype, ...]
+    head_dims: tuple[int, ...]
+    tiles: tuple[tuple[str, int], ...]  # the kernel options, (name, value) pairs
+    split_factor: int | None
+
+
+def decoding_entry(entry: dict | None) -> DecodingEntry | None:
+    """The decoding entry of the data file (``{"dtypes": [...], "head_dims": [...], "tiles": [tile
+    set names], "split_factor": k}``, the last optional) as constants; None for none."""
+    if entry is None:
+        return None
+    return DecodingEntry(_dtypes(entry["dtypes"]), tuple(entry["head_dims"]), tuple(_tiles(entry["tiles"]).items()),
+                         entry.get("split_factor"))
+
+
+_DECODING = decoding_entry(_DATA.get("decoding"))
 
 
 def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, batch, kv_heads: int,
@@ -86,19 +106,17 @@ def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, ba
     defaults then). ``batch``: the call's batch (a static one: the decoding kernel runs for static
     batches alone). A ``split_factor`` multiplies FlexAttention's own ``SPLIT_KV``
     (``get_split_k``: twice the streaming multiprocessors a (batch, kv head) pair, at least 1)."""
-    if _DECODING is None or device.type != "cuda" or head_dim not in _DECODING["head_dims"]:
-        return None
-    if dtype not in _dtypes(_DECODING["dtypes"]):
+    entry = _DECODING
+    if entry is None or device.type != "cuda" or head_dim not in entry.head_dims or dtype not in entry.dtypes:
         return None
     cap, sms = _device_traits(device.index)
-    if tuple(cap) != _MEASURED_ON:
+    if tuple(cap) != _MEASURED_ON:  # (a new tuple: torch 2.11's Dynamo cannot compare the constant itself)
         return None
-    options = _tiles(_DECODING["tiles"])
+    options = {name: value for name, value in entry.tiles}
     if not _fits(options, block):
         return None
-    factor = _DECODING.get("split_factor")
-    if factor and isinstance(batch, int):
-        options["SPLIT_KV"] = max(1, sms // max(1, batch * kv_heads) * 2) * factor
+    if entry.split_factor and isinstance(batch, int):
+        options["SPLIT_KV"] = max(1, sms // max(1, batch * kv_heads) * 2) * entry.split_factor
     return options
 
 

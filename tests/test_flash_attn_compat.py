@@ -1061,7 +1061,7 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
         torch.testing.assert_close(out, want, rtol=tol, atol=tol)
         if graphs[-1]:
             measured = (dtype, D) == (torch.bfloat16, 128) and _tuning.capability(q.device) == _tuning._MEASURED_ON
-            entry = _tuning._tiles(_tuning._DECODING["tiles"])
+            entry = dict(_tuning._DECODING.tiles)
             # the table's options where they were measured, FlexAttention's own (none of them) elsewhere
             assert in_graph and all(all((o.get(key) == value) == measured for key, value in entry.items())
                                     for o in in_graph), (in_graph, entry)

@@ -502,8 +502,8 @@ def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkey
     options win whole). The entry here is a stand-in, set up for the test."""
     from flexflash import _kinds
     entry = {"dtypes": ["bfloat16"], "head_dims": [128], "tiles": ["dec"], "split_factor": 2}
-    monkeypatch.setattr(_tuning, "_DECODING", entry)
     monkeypatch.setitem(_tuning._DATA["tiles"], "dec", {"fwd_BLOCK_N": 64, "fwd_num_stages": 3})
+    monkeypatch.setattr(_tuning, "_DECODING", _tuning.decoding_entry(entry))
     monkeypatch.setattr(_tuning, "_device_traits", lambda index: ((9, 0), 132))
 
     def call(B=8, Hq=32, Hkv=8, Nq=1, D=128, dtype=BF16, device="cuda", options=None, decoding=None,

@@ -59,8 +59,13 @@
 #   guards   what the compiled decoding step's guards cost on the host (tools/replay_host.py with torch's
 #            guard filters, batch 1 and 64, cache 8k, spread), then the decoding kernel with 128-key tiles
 #            and four warps (tools/run_with.py): the reduce-overhead tests, the compiled rows at 8k
+#   recheck  after the paged in-place rule compared with guards: the callers stage's tests; each compiled step's
+#            guard tree and the time of one check of it (batch 1 and 8, contiguous, with the guard
+#            filters); the kernels of compiled steps at batch 1 (contiguous, paged)
+#   rows     the compiled rows of benchmarks/test_decode.py at cache 8k (flexflash, flexflash-guards, SDPA)
+#   splits   the decoding kernel's splits with three stages (tools/decode_tiles.py, batch 8 and 64)
 set -u
-case "${1:-}" in tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks|callers|guards) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in recheck|rows|splits|tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks|callers|guards) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -86,7 +91,33 @@ decode() {  # name, seconds, -k expression
   [ -s "$OUT/$1.json" ] && python tools/run_benchmarks.py --summarize-decode "$OUT/$1.json"
 }
 
+caller_tests() {  # name, seconds: every GPU test outside tests/test_gpu.py and those of it in a caller's
+  # torch.compile (8 shards, then the test past 32-bit indices alone), logs packed into $OUT/name.tgz
+  echo "=== $1"
+  OUT=$OUT/t ALONE_TIMEOUT=90 tools/run_gpu_tests.sh 8 "$2" tests/test_flash_attn_compat.py tests/test_traced.py \
+    tests/test_parallel.py tests/test_route.py \
+    tests/test_gpu.py::test_modules_under_torch_compile_on_gpu \
+    tests/test_gpu.py::test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit \
+    tests/test_gpu.py::test_decoding_at_128k_tokens_past_32_bit_indices
+  grep -hE "^(FAILED|ERROR)|skipping cudagraphs| passed| failed" "$OUT"/t/*.log | head -30
+  (cd "$OUT" && tar czf "$1.tgz" t && rm -rf t)
+}
+
 case "${1:-}" in
+recheck)
+  caller_tests recheck-tests 230
+  step guard-trees 120 python tools/replay_host.py --batch 1,8 --cache 8192 --lengths spread --layout contiguous \
+    --guard-filters --guards "$OUT/guard-trees" --rounds 3
+  grep -E "^guards:" "$OUT/guard-trees.log"; grep -A10 "^| batch" "$OUT/guard-trees.log"
+  step kernels1 80 python tools/decode_profile.py --batch 1 --cache 8192 --layout contiguous,paged \
+    --lengths spread --kernels 14
+  grep -vE "^\s*$" "$OUT/kernels1.log" | tail -40 ;;
+rows)
+  decode rows-8k 300 "compiled and 8192 and not flexflash-flex" ;;
+splits)
+  step splits 150 python tools/decode_tiles.py --kernel-time --batch 8,64 --cache 8192 --lengths spread --options \
+"num_stages=3;num_stages=3,SPLITx=2;num_stages=3,SPLITx=4;num_stages=3,num_warps=4,SPLITx=2;BLOCK_N=128,num_stages=3,num_warps=4"
+  grep -vE "Warning|warn" "$OUT/splits.log" | tail -14 ;;
 tests)
   # (in one command the whole GPU suite did not finish on an H100: 10 shards of 330 s; on an H200
   # 7 of 8 shards took 161-300 s, one was cut at 440 s)
@@ -206,14 +237,7 @@ guards)
     -k "compiled and 8192 and not flexflash-flex" --benchmark-json="$OUT/t128-8k.json"
   [ -s "$OUT/t128-8k.json" ] && python tools/run_benchmarks.py --summarize-decode "$OUT/t128-8k.json" ;;
 callers)
-  echo "=== callers-tests"
-  OUT=$OUT/t ALONE_TIMEOUT=90 tools/run_gpu_tests.sh 8 250 tests/test_flash_attn_compat.py tests/test_traced.py \
-    tests/test_parallel.py tests/test_route.py \
-    tests/test_gpu.py::test_modules_under_torch_compile_on_gpu \
-    tests/test_gpu.py::test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit \
-    tests/test_gpu.py::test_decoding_at_128k_tokens_past_32_bit_indices
-  grep -hE "^(FAILED|ERROR)|skipping cudagraphs" "$OUT"/t/*.log | head -30
-  (cd "$OUT" && tar czf callers-tests.tgz t && rm -rf t)
+  caller_tests callers-tests 250
   step replay 160 python tools/replay_host.py --batch 1,64 --cache 8192 --lengths spread \
     --layout contiguous,paged --profile 14
   grep -A8 "^| batch" "$OUT/replay.log" ;;

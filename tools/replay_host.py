@@ -13,7 +13,7 @@ same step), and with ``--profile K`` the K functions with the most own host time
 ``--guard-filters``: flexflash's step also compiled with each guard filter
 (``torch.compile(options={"guard_filter_fn": ...})``: :func:`flexflash.guard_filter` drops those on
 flexflash itself; torch's ``globals`` skips the guards on all global state, ``tensors`` keeps those
-on tensors alone), to see what the compiled frame's guards cost.
+on tensors alone, ``none dropped`` keeps every guard), to see what the compiled frame's guards cost.
 
 Usage on a CUDA machine::
 
@@ -49,6 +49,7 @@ FILTERS = {"flexflash.guard_filter": flexflash.guard_filter,
            "globals": getattr(torch.compiler, "skip_guard_on_globals_unsafe", None),
            "tensors": getattr(torch.compiler, "keep_tensor_guards_unsafe", None)}
 FILTERS = {name: f for name, f in FILTERS.items() if f is not None}
+FILTERS["none dropped"] = lambda entries: [True] * len(entries)  # (the options' path, every guard kept)
 
 
 def _sync():
@@ -60,6 +61,32 @@ def _own_code(fn, name: str):
     """``fn`` with a code object of its own, so that each variant keeps its compiled graph."""
     return types.FunctionType(fn.__code__.replace(co_name=re.sub(r"\W+", "_", name)), fn.__globals__, name,
                               fn.__defaults__, fn.__closure__)
+
+
+def guard_check(own, name: str, folder: Path | None) -> tuple[int, float]:
+    """(lines of the guard tree, µs of one check of it) of the compiled step ``own``, its tree
+    written under ``folder``."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    entries = _debug_get_cache_entry_list(own.__code__)
+    if len(entries) != 1:
+        raise RuntimeError(f"{name}: {len(entries)} compiled entries, expected 1")
+    manager = entries[0].guard_manager
+    frame = {n: c.cell_contents for n, c in zip(own.__code__.co_freevars, own.__closure__ or ())}
+    with torch.no_grad():  # (the steps were compiled without grad: a guard of the global state)
+        if not manager.check(frame):
+            raise RuntimeError(f"{name}: its guards fail on its own closure")
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            for _ in range(100):
+                manager.check(frame)
+            times.append((time.perf_counter() - t0) / 100 * 1e6)
+    tree = str(manager)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / (re.sub(r"\W+", "_", name) + ".txt")).write_text(tree)
+    return tree.count("\n"), statistics.median(times)
 
 
 def split(fn, reps: int = 100) -> tuple[float, float]:
@@ -94,6 +121,8 @@ def main() -> None:
     p.add_argument("--layout", default="contiguous,paged")
     p.add_argument("--profile", type=int, default=0, help="functions listed per step by own host time (0: none)")
     p.add_argument("--guard-filters", action="store_true", help="flexflash's step also with guard filters")
+    p.add_argument("--guards", type=Path, default=None, metavar="DIR",
+                   help="each step's guard tree written to DIR, and one check of its guards timed")
     p.add_argument("--rounds", type=int, default=5, help="rounds of 50 steps of each compiled step in turn")
     a = p.parse_args()
     if not bench.CPU:
@@ -122,6 +151,9 @@ def main() -> None:
                 for _ in range(5):
                     fn()
             _sync()
+            if a.guards is not None:
+                lines, us = guard_check(own, f"{B}-{S}-{lengths}-{layout}-{name}", a.guards)
+                print(f"guards: {name}: {lines} lines in the tree, one check {us:.1f} µs", flush=True)
             compiled[name] = (fn, gpu)
         # rounds over the steps in turn, the least median of each: the host's noise
         # (other processes, clocks) falls on every step alike

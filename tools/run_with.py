@@ -38,9 +38,8 @@ def main() -> int:
         else:
             options = {k: int(v) for k, v in (x.split("=") for x in a.decoding.split(","))}
             _tuning._DATA["tiles"]["run_with"] = options
-            _tuning._DECODING = {"dtypes": ["bfloat16", "float16"], "head_dims": [128], "tiles": ["run_with"]}
-            if a.split_factor:
-                _tuning._DECODING["split_factor"] = a.split_factor
+            _tuning._DECODING = _tuning.decoding_entry({"dtypes": ["bfloat16", "float16"], "head_dims": [128],
+                                                        "tiles": ["run_with"], "split_factor": a.split_factor})
     print(f"run_with: traced block masks on {sorted(_blockmask.TRACED_FUSED_ON)} / {sorted(_paged.TRACED_BUILDS_ON)}, "
           f"decoding entry {_tuning._DECODING}", flush=True)
     args = a.pytest_args[1:] if a.pytest_args[:1] == ["--"] else a.pytest_args
