@@ -79,3 +79,11 @@ def check_against_reference(q, k, v, *, grads=True, dtype=None, dropout_seed=0, 
         for n, a, b, c in zip(names, got, want, gold_g):
             assert_close_to_golden(f"d{n}", a, b, c, dtype)
     return out
+
+
+def guard_trees(fn) -> list[str]:
+    """The guard trees of the graphs Dynamo compiled for ``fn``'s code object, as text (one per
+    cache entry): what a call of the compiled function checks before it runs its graph."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return [str(entry.guard_manager) for entry in _debug_get_cache_entry_list(fn.__code__)]

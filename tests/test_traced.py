@@ -16,7 +16,7 @@ import flexflash
 from flexflash import _blockmask, _kinds, mods
 from flexflash._fingerprint import inspect_modifier
 
-from .helpers import FLOOR, as64, seed_of
+from .helpers import FLOOR, as64, guard_trees, seed_of
 
 
 
@@ -362,7 +362,8 @@ def test_block_masks_traced_into_the_callers_graph_equal_the_eager_ones(case, mo
         return real(*args)
     monkeypatch.setattr(_blockmask, "_fused_flags", spied)
     counter = CompileCounterWithBackend("aot_eager")
-    traced = torch.compile(_fresh_code(build, f"traced_blocks_{case}"), backend=counter, fullgraph=True)
+    fresh = _fresh_code(build, f"traced_blocks_{case}")
+    traced = torch.compile(fresh, backend=counter, fullgraph=True)
     graphs = []
     for step in range(4):
         q, k, kw = problem(step)
@@ -379,6 +380,10 @@ def test_block_masks_traced_into_the_callers_graph_equal_the_eager_ones(case, mo
         graphs.append(counter.frame_count)
     assert graphs[-1] <= 2 and graphs[-1] == graphs[1], graphs
     assert fused == {"traced": True}, fused
+    # the call's structure reaches the builder without a guard on each of its dataclass fields
+    # (dataclasses.replace, traced, reads them all: some seventy lines of every call's guards)
+    trees = guard_trees(fresh)
+    assert trees and not any("__dataclass_fields__" in tree for tree in trees)
 
 
 def _row_tile_fits(Nq: int, groups: int, block_rows: int) -> bool:

@@ -548,3 +548,27 @@ def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkey
     for dtype in (BF16, torch.float16):
         assert call(dtype=dtype) == call(B=1, dtype=dtype) == {"fwd_num_stages": 3}
     assert call(dtype=torch.float32) is None and call(D=64) is None
+
+
+def test_decoding_options_traced_read_the_entry_as_constants(monkeypatch):
+    """Inside a caller's torch.compile a decoding step's options are read from the decoding entry
+    as a tuple of constants (``_tuning.DecodingEntry``): the options equal the eager ones, and the
+    caller's graph guards neither the data file's nested dicts and lists nor the functions that
+    read them (each value read there is a guard checked before every step). Set up for the CPU: a
+    CUDA device object and its traits as a constant (no CUDA call is made)."""
+    from .helpers import guard_trees
+
+    monkeypatch.setattr(_tuning, "_device_traits", torch.compiler.assume_constant_result(lambda index: ((9, 0), 132)))
+    device = torch.device("cuda", 0)
+
+    def step(x):
+        options = _tuning.decoding_options(device, x.dtype, x.shape[-1], 8, 8, (128, 128))
+        return x + len(options)
+
+    x = torch.zeros(2, 128, dtype=BF16)
+    eager = _tuning.decoding_options(device, x.dtype, 128, 8, 8, (128, 128))
+    assert eager == {"fwd_num_stages": 3}
+    torch._dynamo.reset()
+    assert torch.compile(step, backend="eager", fullgraph=True)(x)[0, 0] == len(eager)
+    trees = guard_trees(step)
+    assert len(trees) == 1 and "_DATA" not in trees[0] and "._tiles" not in trees[0], trees
