@@ -68,22 +68,23 @@ class Structure:
                    bias_full=None if bias is None else tuple(s > 1 for s in bias.shape),
                    has_mask_mod=mask_mod is not None, has_score_mod=score_mod is not None, **flags)
 
-    # The parts of a call that other kernels see, each built field by field: ``dataclasses.replace``
-    # iterates the fields, and traced into a caller's graph every field it reads adds guards.
+    # The parts of a call that other kernels see, without its score function, each built field by
+    # field: ``dataclasses.replace`` iterates the fields, and traced into a caller's graph every
+    # field it reads adds guards.
+    def _scoreless(self, mask_full, bias_full, causal_aligned: bool) -> Structure:
+        return Structure(causal=self.causal, mask_full=mask_full, bias_full=bias_full, has_mask_mod=self.has_mask_mod,
+                         has_score_mod=False, single_query=self.single_query, causal_aligned=causal_aligned)
+
     def mask_part(self) -> Structure:
         """The mask's part of the call (no bias, no score function)."""
-        return Structure(causal=self.causal, mask_full=self.mask_full, bias_full=None, has_mask_mod=self.has_mask_mod,
-                         has_score_mod=False, single_query=self.single_query, causal_aligned=self.causal_aligned)
+        return self._scoreless(self.mask_full, None, self.causal_aligned)
 
     def function_part(self) -> Structure:
         """The mask functions' part of the call (causal, the mask_mod), the offset a Python int."""
-        return Structure(causal=self.causal, mask_full=None, bias_full=None, has_mask_mod=self.has_mask_mod,
-                         has_score_mod=False, single_query=self.single_query, causal_aligned=False)
+        return self._scoreless(None, None, False)
 
     def without_score_mod(self) -> Structure:
-        return Structure(causal=self.causal, mask_full=self.mask_full, bias_full=self.bias_full,
-                         has_mask_mod=self.has_mask_mod, has_score_mod=False, single_query=self.single_query,
-                         causal_aligned=self.causal_aligned)
+        return self._scoreless(self.mask_full, self.bias_full, self.causal_aligned)
 
     @property
     def masked(self) -> bool:

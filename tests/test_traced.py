@@ -315,10 +315,10 @@ def _build_block_tensors(q, k, mask, mask_mod, causal):
 def _listed(tensors, shape):
     """The blocks a block mask's kernel visits, per (batch, head, query block) of ``shape``: (the
     partial key blocks, the full ones), each a set; from FlexAttention's lists (counts and indices,
-    broadcast over batch and head; lists left out list nothing)."""
+    broadcast over batch and head)."""
     def rows(num, idx):
         if num is None:
-            return [[[frozenset()] * shape[2] for _ in range(shape[1])] for _ in range(shape[0])]
+            return None
         # (the lists have at least two rows: a query block past the queries lists nothing)
         num, idx = num[..., :shape[2]].expand(*shape[:3]), idx[..., :shape[2], :].expand(*shape[:3], idx.shape[-1])
         return [[[frozenset(idx[b, h, r, :int(num[b, h, r])].tolist()) for r in range(shape[2])]
