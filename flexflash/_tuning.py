@@ -74,8 +74,11 @@ def _device_traits(index: int | None) -> tuple[tuple[int, int], int]:
 
 # FlexAttention's decoding kernel (fewer queries than a query block: one program per batch, key/
 # value head and split of the keys, the grouped query heads in its rows): its options, measured
-# for some dtypes and head dims (benchmarks/NOTES_TUNING.md); ``split_factor``: SPLIT_KV as a
-# multiple of FlexAttention's own (two splits a streaming multiprocessor over the batch's heads).
+# for some dtypes and head dims (benchmarks/NOTES_TUNING.md); ``wide_tiles``: those of batches
+# with at least as many (batch, key/value head) pairs as the GPU has streaming multiprocessors
+# (where FlexAttention splits the keys no more: one program a pair), ``tiles`` below;
+# ``split_factor``: SPLIT_KV as a multiple of FlexAttention's own (two splits a streaming
+# multiprocessor over the batch's heads).
 # Read into a tuple of constants at import (:func:`decoding_entry`): a decoding step traced into a
 # caller's graph reads it, and each value read there is a guard of the caller's graph (a few for
 # tuples of constants; the data file's nested dicts and lists, and the functions reading them, were
@@ -85,37 +88,49 @@ class DecodingEntry(NamedTuple):
     head_dims: tuple[int, ...]
     tiles: tuple[tuple[str, int], ...]  # the kernel options, (name, value) pairs
     split_factor: int | None
+    wide_tiles: tuple[tuple[str, int], ...] | None = None  # from one (batch, kv head) pair an SM on
 
 
 def decoding_entry(entry: dict | None) -> DecodingEntry | None:
     """The decoding entry of the data file (``{"dtypes": [...], "head_dims": [...], "tiles": [tile
-    set names], "split_factor": k}``, the last optional) as constants; None for none."""
+    set names], "wide_tiles": [tile set names], "split_factor": k}``, the last two optional) as
+    constants; None for none."""
     if entry is None:
         return None
+    wide = entry.get("wide_tiles")
     return DecodingEntry(_dtypes(entry["dtypes"]), tuple(entry["head_dims"]), tuple(_tiles(entry["tiles"]).items()),
-                         entry.get("split_factor"))
+                         entry.get("split_factor"), None if wide is None else tuple(_tiles(wide).items()))
 
 
 _DECODING = decoding_entry(_DATA.get("decoding"))
 
 
-def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, batch, kv_heads: int,
+def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, batch, kv_heads,
                      block: tuple[int, int]) -> dict | None:
     """Kernel options of a call that runs FlexAttention's decoding kernel, or None where none were
     measured or the measured tiles do not divide the call's sparsity blocks ``block`` (FlexAttention's
     defaults then). ``batch``: the call's batch (a static one: the decoding kernel runs for static
-    batches alone). A ``split_factor`` multiplies FlexAttention's own ``SPLIT_KV``
-    (``get_split_k``: twice the streaming multiprocessors a (batch, kv head) pair, at least 1)."""
+    batches alone). The entry's ``wide_tiles`` are taken where ``batch * kv_heads`` (both static) is at
+    least the number of streaming multiprocessors and they divide ``block``; its ``tiles`` elsewhere.
+    A ``split_factor`` multiplies FlexAttention's own ``SPLIT_KV`` (``get_split_k``: twice the
+    streaming multiprocessors a (batch, kv head) pair, at least 1)."""
     entry = _DECODING
     if entry is None or device.type != "cuda" or head_dim not in entry.head_dims or dtype not in entry.dtypes:
         return None
     cap, sms = _device_traits(device.index)
     if tuple(cap) != _MEASURED_ON:  # (a new tuple: torch 2.11's Dynamo cannot compare the constant itself)
         return None
-    options = {name: value for name, value in entry.tiles}
-    if not _fits(options, block):
-        return None
-    if entry.split_factor and isinstance(batch, int):
+    static = isinstance(batch, int) and isinstance(kv_heads, int)  # (no guard on a symbolic batch)
+    options = None
+    if entry.wide_tiles is not None and static and batch * kv_heads >= sms:
+        options = {name: value for name, value in entry.wide_tiles}
+        if not _fits(options, block):
+            options = None
+    if options is None:
+        options = {name: value for name, value in entry.tiles}
+        if not _fits(options, block):
+            return None
+    if entry.split_factor and static:
         options["SPLIT_KV"] = max(1, sms // max(1, batch * kv_heads) * 2) * entry.split_factor
     return options
 

@@ -1070,3 +1070,56 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
     # each graph ran as a CUDA graph (Inductor skips CUDA graphs for a graph with a CPU tensor or
     # another reason it logs, and the step then runs kernel by kernel from the host)
     assert counters["inductor"]["cudagraph_skips"] == skips
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "pages"])
+def test_a_decoding_batch_of_a_pair_an_sm_takes_the_wide_tiles_on_gpu(layout, monkeypatch):
+    """A decoding step inside a caller's torch.compile with at least as many (batch, kv head) pairs
+    as the GPU has streaming multiprocessors runs the decoding entry's ``wide_tiles`` (128-key tiles
+    of four warps, on the GPU they were measured on), one pair fewer per head its ``tiles``; both
+    agree with the reference (float32, flash-attn's semantics) as the eager call does."""
+    from flexflash import _tuning
+    compiled_options = []
+
+    def spy(graph):
+        compiled_options.extend(node.args[6] for node in graph.nodes
+                                if node.op == "call_function" and node.target is torch.ops.higher_order.flex_attention)
+    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", spy)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    measured = _tuning.capability(torch.device("cuda")) == _tuning._MEASURED_ON and _tuning._DECODING is not None
+    gen = torch.Generator().manual_seed(21)
+    hkv, page, D = 8, 256, 128
+    for B, wide in ((-(-sms // hkv), True), (sms // hkv, False)):
+        torch._dynamo.reset()
+        cache = (torch.randn(B, 2 * page, hkv, D, generator=gen) if layout == "contiguous"
+                 else torch.randn(2 * B, page, hkv, D, generator=gen))
+        k_cache, v_cache = cache.to("cuda", torch.bfloat16), (cache * 0.5).to("cuda", torch.bfloat16)
+        table = (None if layout == "contiguous"
+                 else torch.randperm(2 * B, generator=gen).view(B, 2).to("cuda", torch.int32))
+        lengths = torch.randint(1, 2 * page + 1, (B,), generator=gen, dtype=torch.int32).to("cuda")
+        q = torch.randn(B, 1, 4 * hkv, D, generator=gen).to("cuda", torch.bfloat16)
+
+        def step(q, lengths):
+            return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, block_table=table)
+        seen = len(compiled_options)
+        with torch.no_grad():
+            out = torch.compile(step, fullgraph=True)(q, lengths)
+            eager = step(q, lengths)
+        keys, values = ((c if table is None else c[table.long()].flatten(1, 2)).cpu() for c in (k_cache, v_cache))
+
+        def ref(dtype):  # each sequence over its filled keys, in flash-attn's layout
+            return torch.cat([attention_ref(*(t[b:b + 1].to(dtype) for t in (q.cpu(), keys[:, :n], values[:, :n])))[0]
+                              for b, n in enumerate(lengths.tolist())])
+        want, gold = ref(torch.bfloat16), ref(torch.float64)
+        for name, got in (("compiled", out), ("eager", eager)):
+            assert_close_to_golden(f"{layout} batch {B} {name}", got.cpu(), want, gold, torch.bfloat16)
+        in_graph = compiled_options[seen:]
+        assert in_graph, "no FlexAttention call in the step's graph"
+        if measured:
+            tiles = dict(_tuning._DECODING.wide_tiles if wide else _tuning._DECODING.tiles)
+            assert all(all(o.get(key) == value for key, value in tiles.items()) for o in in_graph), (B, in_graph)
+            if wide:
+                assert all(o.get("fwd_BLOCK_N") == 128 for o in in_graph), in_graph
+            else:
+                assert all(o.get("fwd_BLOCK_N") != 128 for o in in_graph), in_graph

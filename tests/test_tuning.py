@@ -522,6 +522,13 @@ def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkey
 
     # 132 SMs over 8 x 8 heads: FlexAttention's own split is 132 // 64 * 2 = 4
     assert call() == {"fwd_BLOCK_N": 64, "fwd_num_stages": 3, "SPLIT_KV": 8}
+    # wide tiles, where the entry has them: from 132 (batch, kv head) pairs on, where they divide the blocks
+    monkeypatch.setitem(_tuning._DATA["tiles"], "wide", {"fwd_BLOCK_N": 128, "fwd_num_warps": 4})
+    monkeypatch.setattr(_tuning, "_DECODING", _tuning.decoding_entry({**entry, "wide_tiles": ["dec", "wide"]}))
+    assert call(B=16) == {"fwd_BLOCK_N": 64, "fwd_num_stages": 3, "SPLIT_KV": 2 * (132 // 128 * 2)}
+    assert call(B=17) == {"fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4, "SPLIT_KV": 2}
+    assert call(B=17, block=(128, 64)) == {"fwd_BLOCK_N": 64, "fwd_num_stages": 3, "SPLIT_KV": 2}
+    monkeypatch.setattr(_tuning, "_DECODING", _tuning.decoding_entry(entry))
     assert call(B=64)["SPLIT_KV"] == 2 and call(B=1)["SPLIT_KV"] == 2 * (132 // 8 * 2)
     assert call(B=3)["SPLIT_KV"] == 2 * (132 // 24 * 2)  # (not 2 * 264 // 24)
     assert call(block=(128, 32)) is None  # 64-key tiles do not divide 32-key blocks: FlexAttention's own
@@ -545,8 +552,13 @@ def test_decoding_options_only_where_measured_and_for_the_decoding_kernel(monkey
     monkeypatch.setattr(_tuning, "_device_traits", lambda index: ((9, 0), 132))
     # the table as it ships: three pipeline stages (FlexAttention's own sm_90 choice, which its
     # heuristics overwrite with one: benchmarks/NOTES_TUNING.md), 16-bit dtypes, head dim 128
+    # and 128-key tiles of four warps from as many (batch, kv head) pairs as SMs on: 17 x 8 >= 132
+    wide = {"fwd_num_stages": 3, "fwd_BLOCK_N": 128, "fwd_num_warps": 4}
     for dtype in (BF16, torch.float16):
-        assert call(dtype=dtype) == call(B=1, dtype=dtype) == {"fwd_num_stages": 3}
+        assert call(dtype=dtype) == call(B=1, dtype=dtype) == call(B=16, dtype=dtype) == {"fwd_num_stages": 3}
+        assert call(B=17, dtype=dtype) == call(B=64, dtype=dtype) == wide
+    assert call(B=64, Hq=8, Hkv=2) == {"fwd_num_stages": 3}  # 128 pairs
+    assert call(B=64, block=(128, 64)) == {"fwd_num_stages": 3}  # 128-key tiles do not divide 64-key blocks
     assert call(dtype=torch.float32) is None and call(D=64) is None
 
 

@@ -16,9 +16,12 @@ Usage on a CUDA machine::
     python tools/decode_tiles.py [--batch 1,8,64] [--cache 8192,32768] [--lengths spread,full]
                                  [--options "default;BLOCK_N=128,num_stages=3,num_warps=4;..."]
 
-``--options``: ``;``-separated sets of kernel options, each ``,``-separated ``NAME=int``
-(``default``: none); ``SPLITxK`` multiplies FlexAttention's own ``SPLIT_KV``
-(``SMs // (batch * kv_heads) * 2``, at least 1).
+``--options``: ``;``-separated sets of kernel options, each ``,``-separated ``NAME=VALUE``
+(``default``: none), a value an int or a word (``BACKEND=FLASH``: FlashAttention-4's kernels, which
+need the optional ``flash-attn-4`` package); ``SPLITx=K`` multiplies FlexAttention's own ``SPLIT_KV``
+(``SMs // (batch * kv_heads) * 2``, at least 1); ``FULL=1`` lists the blocks wholly below each
+length as full blocks (which ``BACKEND=FLASH`` requires; on torch 2.11 its kernels fail under CUDA
+graphs, so only their GPU time is measured: ``--kernel-time``).
 """
 
 from __future__ import annotations
@@ -35,13 +38,18 @@ from decode_profile import bench, graphed_ms, kernels  # this folder's: the benc
 BLOCK = 128
 
 
+def _value(text: str) -> int | str:
+    """An option's value: an int, or a word (``BACKEND=FLASH``)."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def parse_options(text: str) -> list[tuple[str, dict]]:
     sets = []
     for part in text.split(";"):
         part = part.strip()
         if not part:
             continue
-        opts = {} if part == "default" else {k: int(v) for k, v in (x.split("=") for x in part.split(","))}
+        opts = {} if part == "default" else {k: _value(v) for k, v in (x.split("=") for x in part.split(","))}
         sets.append((part, opts))
     return sets
 
@@ -54,21 +62,60 @@ def case(B: int, S: int, spread: bool, gen: torch.Generator):
     return q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), lens
 
 
-def block_mask(lens: torch.Tensor, S: int) -> BlockMask:
-    """The step's block mask: each sequence's blocks up to its length, all partial (no full blocks)."""
+def block_mask(lens: torch.Tensor, S: int, full: bool = False) -> BlockMask:
+    """The step's block mask: each sequence's blocks up to its length, all partial (no full blocks),
+    or with ``full`` the blocks wholly below the length listed as full and only the last one, where
+    the length ends inside it, as partial (FlashAttention-4's kernels take only block masks that
+    list full blocks)."""
     nkb = -(-S // BLOCK)
-    num = ((lens + BLOCK - 1) // BLOCK).to(torch.int32).view(-1, 1, 1)
     idx = torch.arange(nkb, device=lens.device, dtype=torch.int32).expand(lens.shape[0], 1, 1, nkb).contiguous()
 
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx < lens[b]
-    return BlockMask.from_kv_blocks(num, idx, None, None, BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod,
-                                    seq_lengths=(1, S))
+    if not full:
+        num = ((lens + BLOCK - 1) // BLOCK).to(torch.int32).view(-1, 1, 1)
+        return BlockMask.from_kv_blocks(num, idx, None, None, BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod,
+                                        seq_lengths=(1, S))
+    full_num = (lens // BLOCK).to(torch.int32).view(-1, 1, 1)
+    num = (lens % BLOCK != 0).to(torch.int32).view(-1, 1, 1)
+    partial_idx = idx + full_num[..., None]  # the block the length ends in, first
+    partial_idx = partial_idx.clamp(max=nkb - 1).to(torch.int32).contiguous()
+    return BlockMask.from_kv_blocks(num, partial_idx, full_num, idx, BLOCK_SIZE=(BLOCK, BLOCK),
+                                    mask_mod=mask_mod, seq_lengths=(1, S))
 
 
 def gpu_us(step) -> float:
     """µs of GPU time a step's kernels take (all of them, summed), compiled in the default mode."""
     return sum(us for _, _, us in kernels(step, top=1000))
+
+
+def _failed(e: Exception) -> str:
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
+def measure(step, ref: torch.Tensor, kernel_time: bool) -> str:
+    """A step's cell: its graphed time (ms), with ``kernel_time`` its kernels' GPU time (µs, in
+    brackets), and its largest difference from SDPA's output where that is 0.02 or more. The two
+    are measured apart: a configuration may compile in one mode and fail in the other (torch
+    2.11's FLASH kernels under CUDA graphs: "NameError: name 'arg5_1' is not defined"); then the
+    output is the default mode's."""
+    try:
+        ms, out = graphed_ms(step)
+        text = f"{ms:.4f}"
+    except Exception as e:  # a configuration the lowering rejects
+        text, out = "graphed " + _failed(e), None
+    if kernel_time:
+        try:
+            text += f" [{gpu_us(step):.0f}]"
+            if out is None:
+                with torch.no_grad():
+                    out = torch.compile(step, fullgraph=True)()
+        except Exception as e:
+            text += f" [{_failed(e)}]"
+    if out is not None:
+        err = (out.float() - ref.float()).abs().max().item()
+        text += "" if err < 0.02 else f" (err {err:.3f})"
+    return text
 
 
 def main() -> None:
@@ -105,21 +152,16 @@ def main() -> None:
                 sdpa_ms, ref = graphed_ms(sdpa)
                 sdpa_text = f"{sdpa_ms:.4f}" + (f" [{gpu_us(sdpa):.0f}]" if args.kernel_time else "")
                 row = []
-                bm = block_mask(lens, S)
+                masks = {False: block_mask(lens, S), True: block_mask(lens, S, full=True)}
                 for name, opts in option_sets:
                     opts = dict(opts)
+                    bm = masks[bool(opts.pop("FULL", 0))]
                     mult = opts.pop("SPLITx", None)
                     if mult:
                         opts["SPLIT_KV"] = max(1, sms // (B * bench.HKV) * 2) * mult
-                    try:
-                        def step(opts=opts):
-                            return flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None)
-                        ms, out = graphed_ms(step)
-                        err = (out.float() - ref.float()).abs().max().item()
-                        row.append(f"{ms:.4f}" + (f" [{gpu_us(step):.0f}]" if args.kernel_time else "")
-                                   + ("" if err < 0.02 else f" (err {err:.3f})"))
-                    except Exception as e:  # a configuration the lowering rejects
-                        row.append(f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                    def step(opts=opts, bm=bm):
+                        return flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None)
+                    row.append(measure(step, ref, args.kernel_time))
                 print(f"{B:>5} {S:>6} {lengths:>7} {sdpa_text:>8}  " + "  ".join(row), flush=True)
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@
 #            filters); the kernels of compiled steps at batch 1 (contiguous, paged)
 #   rows     the compiled rows of benchmarks/test_decode.py at cache 8k (flexflash, flexflash-guards, SDPA)
 #   splits   the decoding kernel's splits with three stages (tools/decode_tiles.py, batch 8 and 64)
+#   wide     after the decoding entry's wide tiles (128-key tiles of four warps from a (batch, kv head)
+#            pair an SM on): the callers stage's tests, then the rows stage's rows
 set -u
-case "${1:-}" in recheck|rows|splits|tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks|callers|guards) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
+case "${1:-}" in recheck|rows|splits|wide|tests|tests2|decode|varlen|decode2|gap|d64|decode3|compat|inplace|paged|decode8k|static|verify|tiles|tiles2|tiles3|decide|traced|tuned|checks|callers|guards) ;; *) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 2 ;; esac
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -113,6 +115,9 @@ recheck)
     --lengths spread --kernels 14
   grep -vE "^\s*$" "$OUT/kernels1.log" | tail -40 ;;
 rows)
+  decode rows-8k 300 "compiled and 8192 and not flexflash-flex" ;;
+wide)
+  caller_tests wide-tests 230
   decode rows-8k 300 "compiled and 8192 and not flexflash-flex" ;;
 splits)
   step splits 150 python tools/decode_tiles.py --kernel-time --batch 8,64 --cache 8192 --lengths spread --options \
