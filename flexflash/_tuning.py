@@ -15,6 +15,7 @@ import json
 from typing import Any, NamedTuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _torch_private
 
@@ -110,8 +111,9 @@ def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, ba
     """Kernel options of a call that runs FlexAttention's decoding kernel, or None where none were
     measured or the measured tiles do not divide the call's sparsity blocks ``block`` (FlexAttention's
     defaults then). ``batch``: the call's batch (a static one: the decoding kernel runs for static
-    batches alone). The entry's ``wide_tiles`` are taken where ``batch * kv_heads`` (both static) is at
-    least the number of streaming multiprocessors and they divide ``block``; its ``tiles`` elsewhere.
+    batches alone). The entry's ``wide_tiles`` are taken where ``batch * kv_heads`` is at least the
+    number of streaming multiprocessors for every size the call takes (a static batch) and they
+    divide ``block``; its ``tiles`` elsewhere.
     A ``split_factor`` multiplies FlexAttention's own ``SPLIT_KV`` (``get_split_k``: twice the
     streaming multiprocessors a (batch, kv head) pair, at least 1)."""
     entry = _DECODING
@@ -120,9 +122,9 @@ def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, ba
     cap, sms = _device_traits(device.index)
     if tuple(cap) != _MEASURED_ON:  # (a new tuple: torch 2.11's Dynamo cannot compare the constant itself)
         return None
-    static = isinstance(batch, int) and isinstance(kv_heads, int)  # (no guard on a symbolic batch)
     options = None
-    if entry.wide_tiles is not None and static and batch * kv_heads >= sms:
+    # (compared without a guard: a symbolic batch answers False, as flexflash._kinds.decoding_shape's)
+    if entry.wide_tiles is not None and statically_known_true(batch * kv_heads >= sms):
         options = {name: value for name, value in entry.wide_tiles}
         if not _fits(options, block):
             options = None
@@ -130,7 +132,7 @@ def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, ba
         options = {name: value for name, value in entry.tiles}
         if not _fits(options, block):
             return None
-    if entry.split_factor and static:
+    if entry.split_factor and isinstance(batch, int):
         options["SPLIT_KV"] = max(1, sms // max(1, batch * kv_heads) * 2) * entry.split_factor
     return options
 

@@ -584,3 +584,36 @@ def test_decoding_options_traced_read_the_entry_as_constants(monkeypatch):
     assert torch.compile(step, backend="eager", fullgraph=True)(x)[0, 0] == len(eager)
     trees = guard_trees(step)
     assert len(trees) == 1 and "_DATA" not in trees[0] and "._tiles" not in trees[0], trees
+
+
+def test_traced_decoding_takes_the_wide_tiles_by_a_static_batch_alone(monkeypatch):
+    """Traced into a caller's graph, a decoding step whose batch is static takes the entry's wide
+    tiles from one (batch, kv head) pair an SM on, as an eager call does; a symbolic batch takes
+    the other tiles and adds no guard on its size (the step serves every batch with one graph).
+    Set up for the CPU as above."""
+    from .helpers import guard_trees
+
+    monkeypatch.setattr(_tuning, "_device_traits", torch.compiler.assume_constant_result(lambda index: ((9, 0), 132)))
+    device = torch.device("cuda", 0)
+    narrow = _tuning.decoding_options(device, BF16, 128, 8, 8, (128, 128))
+    wide = _tuning.decoding_options(device, BF16, 128, 64, 8, (128, 128))
+    assert len(wide) == 3 and len(narrow) == 1  # (as the table ships: test_decoding_options_only_where_...)
+
+    def step(x):
+        options = _tuning.decoding_options(device, x.dtype, x.shape[-1], x.shape[0], 8, (128, 128))
+        return x + len(options)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    assert compiled(torch.zeros(64, 128, dtype=BF16))[0, 0] == len(wide)
+    torch._dynamo.reset()
+    x = torch.zeros(64, 128, dtype=BF16)
+    torch._dynamo.mark_dynamic(x, 0)
+    assert compiled(x)[0, 0] == len(narrow)
+    assert compiled(torch.zeros(5, 128, dtype=BF16))[0, 0] == len(narrow)
+    trees = guard_trees(step)
+    # the batch's guards: its range alone, no bound from the SMs (8 * batch >= 132, or batch >= 17)
+    batch_guards = [line.split("#")[0] for line in trees[0].splitlines()
+                    if "size()[0]" in line and "GuardManager" not in line]
+    assert len(trees) == 1 and batch_guards, trees
+    assert not any("132" in g or "17" in g for g in batch_guards), batch_guards
