@@ -77,7 +77,7 @@ def _device_traits(index: int | None) -> tuple[tuple[int, int], int]:
 # value head and split of the keys, the grouped query heads in its rows): its options, measured
 # for some dtypes and head dims (benchmarks/NOTES_TUNING.md); ``wide_tiles``: those of batches
 # with at least as many (batch, key/value head) pairs as the GPU has streaming multiprocessors
-# (where FlexAttention splits the keys no more: one program a pair), ``tiles`` below;
+# (where FlexAttention no longer splits the keys: about one program a pair), ``tiles`` below;
 # ``split_factor``: SPLIT_KV as a multiple of FlexAttention's own (two splits a streaming
 # multiprocessor over the batch's heads).
 # Read into a tuple of constants at import (:func:`decoding_entry`): a decoding step traced into a
