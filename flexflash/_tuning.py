@@ -122,16 +122,14 @@ def decoding_options(device: torch.device, dtype: torch.dtype, head_dim: int, ba
     cap, sms = _device_traits(device.index)
     if tuple(cap) != _MEASURED_ON:  # (a new tuple: torch 2.11's Dynamo cannot compare the constant itself)
         return None
-    options = None
     # (compared without a guard: a symbolic batch answers False, as flexflash._kinds.decoding_shape's)
-    if entry.wide_tiles is not None and statically_known_true(batch * kv_heads >= sms):
-        options = {name: value for name, value in entry.wide_tiles}
-        if not _fits(options, block):
-            options = None
-    if options is None:
-        options = {name: value for name, value in entry.tiles}
-        if not _fits(options, block):
-            return None
+    wide = entry.wide_tiles is not None and statically_known_true(batch * kv_heads >= sms)
+    for tiles in (entry.wide_tiles, entry.tiles) if wide else (entry.tiles,):  # the first that fits
+        options = {name: value for name, value in tiles}
+        if _fits(options, block):
+            break
+    else:
+        return None
     if entry.split_factor and isinstance(batch, int):
         options["SPLIT_KV"] = max(1, sms // max(1, batch * kv_heads) * 2) * entry.split_factor
     return options

@@ -992,6 +992,18 @@ def test_pages_read_in_place_on_gpu(dtype, part, monkeypatch, request):
     assert len(calls) == 1
 
 
+def _spied_flex_options(monkeypatch) -> list[dict]:
+    """A list that collects the kernel options of each FlexAttention call of the graphs Inductor
+    compiles from now on (a pass over the graph Inductor lowers: nothing Dynamo traces or guards on)."""
+    options = []
+
+    def spy(graph):
+        options.extend(node.args[6] for node in graph.nodes
+                       if node.op == "call_function" and node.target is torch.ops.higher_order.flex_attention)
+    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", spy)
+    return options
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("blocks", ["chunked", "traced_builder"])
 @pytest.mark.parametrize("layout", ["contiguous", "pages"])
@@ -1019,12 +1031,7 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
     traced = {"cuda"} if blocks == "traced_builder" else set()  # (the default on CUDA: traced)
     monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", traced)
     monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", traced)
-    compiled_options = []  # the kernel options of each FlexAttention call of the graphs Inductor compiles
-
-    def spy(graph):  # (a pass over the graph Inductor lowers: nothing Dynamo traces or guards on)
-        compiled_options.extend(node.args[6] for node in graph.nodes
-                                if node.op == "call_function" and node.target is torch.ops.higher_order.flex_attention)
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", spy)
+    compiled_options = _spied_flex_options(monkeypatch)
 
     # pages: a pool of 256-token pages read in place (two per sequence, in a shuffled order)
     table = (torch.randperm(8, generator=torch.Generator().manual_seed(17)).view(4, 2).to("cuda", torch.int32)
@@ -1081,12 +1088,7 @@ def test_a_decoding_batch_of_a_pair_an_sm_takes_the_wide_tiles_on_gpu(layout, mo
     its ``tiles``; both, and the eager calls, agree with flash-attn's reference over each
     sequence's filled keys (within twice the bf16 reference's own error against float64)."""
     from flexflash import _tuning
-    compiled_options = []
-
-    def spy(graph):
-        compiled_options.extend(node.args[6] for node in graph.nodes
-                                if node.op == "call_function" and node.target is torch.ops.higher_order.flex_attention)
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", spy)
+    compiled_options = _spied_flex_options(monkeypatch)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     measured = _tuning.capability(torch.device("cuda")) == _tuning._MEASURED_ON and _tuning._DECODING is not None
     gen = torch.Generator().manual_seed(21)
@@ -1121,7 +1123,4 @@ def test_a_decoding_batch_of_a_pair_an_sm_takes_the_wide_tiles_on_gpu(layout, mo
         if measured:
             tiles = dict(_tuning._DECODING.wide_tiles if wide else _tuning._DECODING.tiles)
             assert all(all(o.get(key) == value for key, value in tiles.items()) for o in in_graph), (B, in_graph)
-            if wide:
-                assert all(o.get("fwd_BLOCK_N") == 128 for o in in_graph), in_graph
-            else:
-                assert all(o.get("fwd_BLOCK_N") != 128 for o in in_graph), in_graph
+            assert all((o.get("fwd_BLOCK_N") == 128) == wide for o in in_graph), (B, in_graph)
