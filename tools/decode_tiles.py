@@ -78,8 +78,7 @@ def block_mask(lens: torch.Tensor, S: int, full: bool = False) -> BlockMask:
                                         seq_lengths=(1, S))
     full_num = (lens // BLOCK).to(torch.int32).view(-1, 1, 1)
     num = (lens % BLOCK != 0).to(torch.int32).view(-1, 1, 1)
-    partial_idx = idx + full_num[..., None]  # the block the length ends in, first
-    partial_idx = partial_idx.clamp(max=nkb - 1).to(torch.int32).contiguous()
+    partial_idx = (idx + full_num[..., None]).clamp(max=nkb - 1)  # the block the length ends in, first
     return BlockMask.from_kv_blocks(num, partial_idx, full_num, idx, BLOCK_SIZE=(BLOCK, BLOCK),
                                     mask_mod=mask_mod, seq_lengths=(1, S))
 
