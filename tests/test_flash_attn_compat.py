@@ -1082,17 +1082,21 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["contiguous", "pages"])
 def test_a_decoding_batch_of_a_pair_an_sm_takes_the_wide_tiles_on_gpu(layout, monkeypatch):
-    """A decoding step inside a caller's torch.compile with at least as many (batch, kv head) pairs
-    as the GPU has streaming multiprocessors runs the decoding entry's ``wide_tiles`` (128-key tiles
-    of four warps, on the GPU they were measured on), a batch one smaller (fewer pairs than SMs)
-    its ``tiles``; both, and the eager calls, agree with flash-attn's reference over each
-    sequence's filled keys (within twice the bf16 reference's own error against float64)."""
+    """A decoding step inside a caller's torch.compile (``mode="reduce-overhead"``) with at least as
+    many (batch, kv head) pairs as the GPU has streaming multiprocessors runs the decoding entry's
+    ``wide_tiles`` (128-key tiles of four warps, on the GPU they were measured on), a batch one
+    smaller (fewer pairs than SMs) its ``tiles``. Over three steps of growing lengths each batch
+    compiles one graph, run as a CUDA graph; each step, and the eager call, agree with flash-attn's
+    reference over each sequence's filled keys (within twice the bf16 reference's own error against
+    float64)."""
+    from torch._dynamo.utils import counters
+
     from flexflash import _tuning
     compiled_options = _spied_flex_options(monkeypatch)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     measured = _tuning.capability(torch.device("cuda")) == _tuning._MEASURED_ON and _tuning._DECODING is not None
     gen = torch.Generator().manual_seed(21)
-    hkv, page, D = 8, 256, 128
+    hkv, page, D, steps = 8, 256, 128, 3
     least = -(-sms // hkv)  # the least batch of a pair an SM
     for B, wide in ((least, True), (least - 1, False)):
         torch._dynamo.reset()
@@ -1101,23 +1105,31 @@ def test_a_decoding_batch_of_a_pair_an_sm_takes_the_wide_tiles_on_gpu(layout, mo
         k_cache, v_cache = cache.to("cuda", torch.bfloat16), (cache * 0.5).to("cuda", torch.bfloat16)
         table = (None if layout == "contiguous"
                  else torch.randperm(2 * B, generator=gen).view(B, 2).to("cuda", torch.int32))
-        lengths = torch.randint(1, 2 * page + 1, (B,), generator=gen, dtype=torch.int32).to("cuda")
+        lengths = torch.randint(1, 2 * page + 2 - steps, (B,), generator=gen, dtype=torch.int32).to("cuda")
         q = torch.randn(B, 1, 4 * hkv, D, generator=gen).to("cuda", torch.bfloat16)
+        keys, values = ((c if table is None else c[table.long()].flatten(1, 2)).cpu() for c in (k_cache, v_cache))
 
         def step(q, lengths):
             return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, block_table=table)
-        seen = len(compiled_options)
-        with torch.no_grad():
-            out = torch.compile(step, fullgraph=True)(q, lengths)
-            eager = step(q, lengths)
-        keys, values = ((c if table is None else c[table.long()].flatten(1, 2)).cpu() for c in (k_cache, v_cache))
 
-        def ref(dtype):  # each sequence over its filled keys, in flash-attn's layout
+        def ref(lengths, dtype):  # each sequence over its filled keys, in flash-attn's layout
             return torch.cat([attention_ref(*(t[b:b + 1].to(dtype) for t in (q.cpu(), keys[:, :n], values[:, :n])))[0]
                               for b, n in enumerate(lengths.tolist())])
-        want, gold = ref(torch.bfloat16), ref(torch.float64)
-        for name, got in (("compiled", out), ("eager", eager)):
-            assert_close_to_golden(f"{layout} batch {B} {name}", got.cpu(), want, gold, torch.bfloat16)
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        graphs, seen, skips = [], len(compiled_options), counters["inductor"]["cudagraph_skips"]
+        for i in range(steps):
+            with torch.no_grad():
+                before = counters["stats"]["unique_graphs"]
+                out = compiled(q, lengths).clone()
+                graphs.append(counters["stats"]["unique_graphs"] - before)
+                eager = step(q, lengths) if i == 0 else None
+            want, gold = ref(lengths, torch.bfloat16), ref(lengths, torch.float64)
+            for name, got in (("compiled", out), ("eager", eager)):
+                if got is not None:
+                    assert_close_to_golden(f"{layout} batch {B} step {i} {name}", got.cpu(), want, gold, torch.bfloat16)
+            lengths = lengths + 1
+        assert graphs[0] >= 1 and graphs[1:] == [0] * (steps - 1), (B, graphs)  # graphs compiled by each step
+        assert counters["inductor"]["cudagraph_skips"] == skips, B  # (each graph ran as a CUDA graph)
         in_graph = compiled_options[seen:]
         assert in_graph, "no FlexAttention call in the step's graph"
         if measured:
