@@ -114,10 +114,9 @@ recheck)
   step kernels1 80 python tools/decode_profile.py --batch 1 --cache 8192 --layout contiguous,paged \
     --lengths spread --kernels 14
   grep -vE "^\s*$" "$OUT/kernels1.log" | tail -40 ;;
-rows)
-  decode rows-8k 300 "compiled and 8192 and not flexflash-flex" ;;
 wide)
-  caller_tests wide-tests 230
+  caller_tests wide-tests 230 ;&  # (then the rows stage's rows)
+rows)
   decode rows-8k 300 "compiled and 8192 and not flexflash-flex" ;;
 splits)
   step splits 150 python tools/decode_tiles.py --kernel-time --batch 8,64 --cache 8192 --lengths spread --options \
