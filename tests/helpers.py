@@ -87,3 +87,24 @@ def guard_trees(fn) -> list[str]:
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
     return [str(entry.guard_manager) for entry in _debug_get_cache_entry_list(fn.__code__)]
+
+
+_SHORT_PATH: list[int] = []
+
+
+def spied_short_path(monkeypatch) -> list[int]:
+    """A list that grows by one each time Dynamo traces a call of flash_attn_with_kvcache's short
+    decoding path (``flexflash.compat._decoding.step``), appended to at trace time by ``comptime``:
+    a list the traced code appended to would be state the graph guards on (a recompilation per
+    step)."""
+    from torch._dynamo.comptime import comptime
+
+    from flexflash.compat import _decoding
+    _SHORT_PATH.clear()
+    real = _decoding.step
+
+    def spied(*args, **kwargs):
+        comptime(lambda ctx: _SHORT_PATH.append(1))  # (a comptime function closes over nothing: a global)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(_decoding, "step", spied)
+    return _SHORT_PATH

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import flexflash
 import flexflash.compat.flash_attn as flash_attn_module
 from flexflash import _paged
+from flexflash.compat import _decoding
 from flexflash.compat.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -25,7 +26,7 @@ from flexflash.compat.flash_attn import (
     flash_attn_with_kvcache,
 )
 
-from .helpers import assert_close_to_golden, seed_of
+from .helpers import assert_close_to_golden, seed_of, spied_short_path
 
 
 def attention_ref(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, softmax_scale=None):
@@ -1005,7 +1006,7 @@ def _spied_flex_options(monkeypatch) -> list[dict]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("blocks", ["chunked", "traced_builder"])
+@pytest.mark.parametrize("blocks", ["short", "chunked", "traced_builder"])
 @pytest.mark.parametrize("layout", ["contiguous", "pages"])
 @pytest.mark.parametrize("dtype, D", [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 128)])
 def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, monkeypatch):
@@ -1017,7 +1018,9 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
     the graphs compiled during the steps count: the eager calls compile flexflash's own kernels and,
     from their second block mask on, its compiled block-mask builder. ``traced_builder``: the step's
     block mask built inside the graph by the builders' body (``_blockmask.TRACED_FUSED_ON``,
-    ``_paged.TRACED_BUILDS_ON``), not by the chunked evaluation. At head dim 128 in bfloat16 on the
+    ``_paged.TRACED_BUILDS_ON``), not by the chunked evaluation; those two through flexflash's
+    general path, ``short`` (the default) through the short decoding path
+    (``flexflash.compat._decoding``, its block mask written from the lengths). At head dim 128 in bfloat16 on the
     GPU the decoding kernel options were measured on (``tuning.json``'s ``decoding`` entry), the
     step's kernel runs with those options."""
     from torch._dynamo.utils import counters
@@ -1031,6 +1034,9 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
     traced = {"cuda"} if blocks == "traced_builder" else set()  # (the default on CUDA: traced)
     monkeypatch.setattr(_blockmask, "TRACED_FUSED_ON", traced)
     monkeypatch.setattr(_paged, "TRACED_BUILDS_ON", traced)
+    if blocks != "short":
+        monkeypatch.setattr(_decoding, "TRACED_ON", set())
+    short_path = spied_short_path(monkeypatch)
     compiled_options = _spied_flex_options(monkeypatch)
 
     # pages: a pool of 256-token pages read in place (two per sequence, in a shuffled order)
@@ -1074,6 +1080,7 @@ def test_a_decoding_step_under_reduce_overhead_on_gpu(dtype, D, layout, blocks, 
                                     for o in in_graph), (in_graph, entry)
         lengths = lengths + 1
     assert graphs[0] >= 1 and graphs[1:] == [0, 0, 0, 0], graphs  # graphs compiled by each step
+    assert bool(short_path) == (blocks == "short"), short_path
     # each graph ran as a CUDA graph (Inductor skips CUDA graphs for a graph with a CPU tensor or
     # another reason it logs, and the step then runs kernel by kernel from the host)
     assert counters["inductor"]["cudagraph_skips"] == skips
@@ -1086,13 +1093,14 @@ def test_a_decoding_batch_of_a_pair_an_sm_takes_the_wide_tiles_on_gpu(layout, mo
     many (batch, kv head) pairs as the GPU has streaming multiprocessors runs the decoding entry's
     ``wide_tiles`` (128-key tiles of four warps, on the GPU they were measured on), a batch one
     smaller (fewer pairs than SMs) its ``tiles``. Over three steps of growing lengths each batch
-    compiles its graphs in the first step alone, run as CUDA graphs; each step, and the eager call,
+    compiles its graphs in the first step alone (through the short decoding path), run as CUDA graphs; each step, and the eager call,
     agree with flash-attn's reference over each sequence's filled keys (within twice the bf16
     reference's own error against float64)."""
     from torch._dynamo.utils import counters
 
     from flexflash import _tuning
     compiled_options = _spied_flex_options(monkeypatch)
+    short_path = spied_short_path(monkeypatch)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     measured = _tuning.capability(torch.device("cuda")) == _tuning._MEASURED_ON and _tuning._DECODING is not None
     gen = torch.Generator().manual_seed(21)
@@ -1132,6 +1140,7 @@ def test_a_decoding_batch_of_a_pair_an_sm_takes_the_wide_tiles_on_gpu(layout, mo
         assert counters["inductor"]["cudagraph_skips"] == skips, B  # (each graph ran as a CUDA graph)
         in_graph = compiled_options[seen:]
         assert in_graph, "no FlexAttention call in the step's graph"
+        assert short_path, "the step did not take the short decoding path (flexflash.compat._decoding)"
         if measured:
             tiles = dict(_tuning._DECODING.wide_tiles if wide else _tuning._DECODING.tiles)
             assert all(all(o.get(key) == value for key, value in tiles.items()) for o in in_graph), (B, in_graph)

@@ -26,7 +26,10 @@ a switch of the library's), each a ``+``-joined list of:
 * ``chunked``: the step's block mask built inside the caller's graph by the chunked evaluation
   (``flexflash._blockmask.TRACED_FUSED_ON``, ``flexflash._paged.TRACED_BUILDS_ON`` emptied), query
   chunks padded to 128 rows a block, where flexflash's default on CUDA traces the compiled builders'
-  body, one evaluation of the mask fused into the block reductions over the step's one query row.
+  body, one evaluation of the mask fused into the block reductions over the step's one query row;
+* ``general``: the step through flexflash's general path (:func:`flexflash.attention` and its block-mask
+  builders) rather than the short decoding path (``flexflash.compat._decoding.TRACED_ON`` emptied),
+  the path of every variant above.
 
 Usage on a CUDA machine::
 
@@ -53,6 +56,7 @@ import test_decode as bench  # noqa: E402  (the benchmark's shapes and lengths)
 from raw_flex_gap import timed  # noqa: E402  (this folder's: median ms after warm-up, CUDA events on a GPU)
 
 from flexflash import _blockmask, _flex, _kernels, _paged  # noqa: E402
+from flexflash.compat import _decoding  # noqa: E402
 from flexflash.compat.flash_attn import flash_attn_with_kvcache  # noqa: E402
 
 _FLEX = _kernels.flex_attention
@@ -62,7 +66,7 @@ DEV = bench.DEVICE
 def _variant(name: str):
     """``flex_attention`` changed as ``name`` says (see the module's docstring) for calls of fewer
     than 128 queries."""
-    parts = [x for x in name.split("+") if x and x not in ("default", "full", "inplace", "chunked")]
+    parts = [x for x in name.split("+") if x and x not in ("default", "full", "inplace", "chunked", "general")]
     split = next((int(x[5:]) for x in parts if x.startswith("split")), None)
 
     def flex(q, k, v, *args, kernel_options=None, **kw):
@@ -167,6 +171,9 @@ def main() -> None:
                         traced = _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON
                         if "chunked" in variant.split("+"):
                             _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON = set(), set()
+                        short = set(_decoding.TRACED_ON)
+                        if variant != "default":  # (every variant but the default is of the general path)
+                            _decoding.TRACED_ON.clear()
                         try:
                             row[f"flexflash {variant}"], got = graphed_ms(flex)
                             row[f"{variant} max diff"] = float((got.float() - want).abs().max())
@@ -177,6 +184,7 @@ def main() -> None:
                             _flex._DECODING_FULL_BLOCKS = False
                             _paged.IN_PLACE_DTYPES.update(in_place)
                             _blockmask.TRACED_FUSED_ON, _paged.TRACED_BUILDS_ON = traced
+                            _decoding.TRACED_ON.update(short)
                     summary.append(row)
                     print(row, flush=True)
                     if a.kernels:

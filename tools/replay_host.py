@@ -14,6 +14,8 @@ same step), and with ``--profile K`` the K functions with the most own host time
 (``torch.compile(options={"guard_filter_fn": ...})``: :func:`flexflash.guard_filter` drops those on
 flexflash itself; torch's ``globals`` skips the guards on all global state, ``tensors`` keeps those
 on tensors alone, ``none dropped`` keeps every guard), to see what the compiled frame's guards cost.
+``--general``: flexflash's steps through its general path (:func:`flexflash.attention`) rather than
+the short decoding path that traced steps on CUDA take (``flexflash.compat._decoding``).
 
 Usage on a CUDA machine::
 
@@ -121,10 +123,16 @@ def main() -> None:
     p.add_argument("--layout", default="contiguous,paged")
     p.add_argument("--profile", type=int, default=0, help="functions listed per step by own host time (0: none)")
     p.add_argument("--guard-filters", action="store_true", help="flexflash's step also with guard filters")
+    p.add_argument("--general", action="store_true",
+                   help="flexflash's steps through its general path, not the short decoding path "
+                        "(flexflash.compat._decoding.TRACED_ON emptied)")
     p.add_argument("--guards", type=Path, default=None, metavar="DIR",
                    help="each step's guard tree written to DIR, and one check of its guards timed")
     p.add_argument("--rounds", type=int, default=5, help="rounds of 50 steps of each compiled step in turn")
     a = p.parse_args()
+    if a.general:
+        from flexflash.compat import _decoding
+        _decoding.TRACED_ON.clear()
     if not bench.CPU:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = []

@@ -28,7 +28,9 @@ kernel writes ``+inf`` there); inputs may be any floating dtype on any device fl
 (CPU included); everything runs through :func:`flexflash.attention`, so its paths (SDPA, compiled
 FlexAttention, the CPU tiles) and caches apply, except paged caches read in place (on CUDA, float32
 pages of a multiple of 128 tokens, no gradients: flexflash's FlexAttention path over the pool of pages,
-``flexflash._paged``; other paged calls gather the pages); ``rotary_dim`` may be any even number up to
+``flexflash._paged``; other paged calls gather the pages) and decoding steps traced into a caller's
+torch.compile on CUDA (FlexAttention's decoding kernel by a short path, ``flexflash.compat._decoding``,
+with fewer guards and block-mask kernels per step); ``rotary_dim`` may be any even number up to
 ``headdim`` (flash-attn's kernel needs a multiple of 16), and ``cache_leftpad`` works with paged
 caches too.
 """
@@ -41,6 +43,7 @@ from torch import Tensor
 from .._checks import accumulation_dtype
 from .._compose import tile_grids
 from .._paged import Pages, paged_attention, reads_in_place
+from . import _decoding
 from ._kv_cache import append, cache_lengths, check_cache, positions, rotate, sequences
 from ..functional import attention
 
@@ -422,6 +425,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         # any right window allow every key up to it already, so the filled part (and the left
         # padding) is the whole mask. (The score modifiers still read diag.)
         causal, window_size = False, (-1, -1)
+        if (cache_batch_idx is None
+                and _decoding.applies(q, k_cache, v_cache, block_table, softmax_scale)):
+            # traced into a caller's graph on CUDA: the short path (flexflash.compat._decoding)
+            score_mod = _score_mod(diag, softcap, alibi_slopes, q.shape[2], B, dtype=q.dtype)
+            result = _decoding.step(q, k_cache, v_cache, total, start, block_table, softmax_scale, score_mod,
+                                    return_softmax_lse)
+            return _finish(result, return_softmax_lse, _batched, probs=False)
     qt, pages = _bhsd(q, "q"), None
     # (each sequence's row of a plain cache is a view already; a row of cache_batch_idx is one page)
     table = block_table if block_table is not None else None if cache_batch_idx is None else cache_batch_idx[:, None]
