@@ -1,22 +1,22 @@
 """A decoding step of :func:`flexflash.compat.flash_attn.flash_attn_with_kvcache` traced into a
-caller's torch.compile on CUDA: one new query per sequence attending to a prefix of its cache,
+caller's torch.compile on CUDA: one new query per sequence attending to its keys
 ``[cache_leftpad, total)``, by a short path of its own.
 
 Why a path of its own: every function and module-level name Dynamo traces through becomes a guard
 that the compiled step checks on each call. A decoding step through :func:`flexflash.attention`
-traces some ninety of flexflash's functions, and its guard tree (about 600 lines on an H100) cost
-about 20 µs a step, a quarter of a batch-1 step under CUDA graphs (benchmarks/NOTES.md). Here the
-step reads a handful of names, and its block mask is written down from the lengths directly (a
-prefix of each sequence's key blocks: one fused kernel), where flexflash's general builders
-evaluate the mask over every key and list the blocks from the flags (a scan and a scatter).
+traces some ninety of flexflash's functions: a guard tree of about 600 lines on an H100, against
+about 350 here (benchmarks/NOTES.md). And its block mask is written down from the lengths (a run of
+each sequence's key blocks, elementwise: one or two small kernels, the inverse of a page table one more),
+where flexflash's general builders evaluate the mask over every key and list the blocks from the
+flags (a scan and a scatter): a batch-1 step's kernels took 14 µs of GPU time against 23.
 
 The computation is the one the general path traces for these calls: FlexAttention's decoding
 kernel (a static batch; fewer query rows a key/value head than a query block), the same kernel
 options (:func:`flexflash._tuning.decoding_options`), the mask ``start <= kv < total`` evaluated in
 every visited block (no lists of full blocks: see :func:`flexflash._flex._without_full_blocks`), a
 paged cache read in place over its pool of pages (:mod:`flexflash._paged`, which it follows: the
-dtypes read in place, pages a multiple of the key block). :func:`step` returns None for every call
-outside that case, and the caller takes the general path.
+dtypes read in place, pages a multiple of the key block). Calls outside that case (:func:`applies`)
+take the general path.
 """
 
 from __future__ import annotations
