@@ -22,22 +22,23 @@ B, H, HK, D, PAGE = 3, 4, 2, 16, 128
 
 
 @pytest.fixture
-def short_path_on_cpu(monkeypatch):
-    """The short path on for CPU calls traced into a caller's graph; the list of its traced calls."""
-    monkeypatch.setattr(_decoding, "TRACED_ON", {"cpu"})
+def short_path(monkeypatch):
+    """The short path on for CPU calls traced into a caller's graph too (CUDA's by default); the
+    list of its traced calls."""
+    monkeypatch.setattr(_decoding, "TRACED_ON", {"cpu", "cuda"})
     return spied_short_path(monkeypatch)
 
 
-def _cache(layout: str, gen: torch.Generator, dtype=torch.float32):
+def _cache(layout: str, gen: torch.Generator, device: str = "cpu"):
     """(k_cache, v_cache, block_table, the logical keys and values ``(B, 3 * PAGE, HK, D)`` read from
-    them: call it after each step, as it writes in place)."""
+    them, on the CPU: call it after each step, as it writes in place)."""
     if layout == "contiguous":
-        k, v = (torch.randn(B, 3 * PAGE, HK, D, generator=gen, dtype=dtype) for _ in range(2))
-        return k, v, None, lambda: (k, v)
+        k, v = (torch.randn(B, 3 * PAGE, HK, D, generator=gen).to(device) for _ in range(2))
+        return k, v, None, lambda: (k.cpu(), v.cpu())
     pages = 3 * B + 2  # two pages of the pool belong to no sequence
-    k, v = (torch.randn(pages, PAGE, HK, D, generator=gen, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(pages, PAGE, HK, D, generator=gen).to(device) for _ in range(2))
     table = torch.randperm(pages, generator=gen)[:3 * B].view(B, 3).to(torch.int32)
-    return k, v, table, lambda: tuple(c[table.long()].flatten(1, 2) for c in (k, v))
+    return k, v, table.to(device), lambda: tuple(c.cpu()[table.long()].flatten(1, 2) for c in (k, v))
 
 
 def _reference(q, keys, values, start, total, dtype, **kw):
@@ -68,33 +69,36 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("layout", ["contiguous", "pages"])
-def test_the_short_decoding_path_follows_flash_attns_semantics(layout, case, short_path_on_cpu):
+def test_the_short_decoding_path_follows_flash_attns_semantics(layout, case, device, short_path):
     """Three steps (the new key and value appended in place, then attention) inside the caller's
     ``torch.compile(fullgraph=True)``: one graph, taken by the short path; each step's output (and
     log-sum-exp) within twice the float32 reference's error against float64, for a sequence from
     an empty cache on, one crossing a key block, one filling its cache; pages in a shuffled order
-    in a pool with pages of no sequence."""
+    in a pool with pages of no sequence. On the GPU compiled by Inductor: FlexAttention's decoding
+    kernel over the block mask's lists."""
     gen = torch.Generator().manual_seed(30)
-    kw = CASES[case]
+    kw = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in CASES[case].items()}
     lse = kw.get("return_softmax_lse", False)
-    k_cache, v_cache, table, logical = _cache(layout, gen)
-    counter = CompileCounterWithBackend("aot_eager")
+    k_cache, v_cache, table, logical = _cache(layout, gen, device)
+    counter = CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
 
     @torch.compile(backend=counter, fullgraph=True)
     def step(q, k, v, lengths):
         return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=table, **kw)
 
-    lengths = torch.tensor([0, 126, 381], dtype=torch.int32)
-    start = kw.get("cache_leftpad", torch.zeros(B, dtype=torch.int32))
-    ref_kw = {name: value for name, value in kw.items() if name not in ("cache_leftpad", "return_softmax_lse")}
+    lengths = torch.tensor([0, 126, 381], dtype=torch.int32, device=device)
+    start = CASES[case].get("cache_leftpad", torch.zeros(B, dtype=torch.int32))
+    ref_kw = {name: value for name, value in CASES[case].items() if name not in ("cache_leftpad", "return_softmax_lse")}
     for i in range(3):
         q, k, v = (torch.randn(B, 1, h, D, generator=gen) for h in (H, HK, HK))
         with torch.no_grad():
-            got = step(q, k, v, lengths)
+            got = step(q.to(device), k.to(device), v.to(device), lengths)
+        got = tuple(t.cpu() for t in got) if lse else got.cpu()
         keys, values = logical()
-        total = lengths + 1
+        total = lengths.cpu() + 1
         want, want_lse = _reference(q, keys, values, start, total, torch.float32, **ref_kw)
         gold, gold_lse = _reference(q, keys, values, start, total, torch.float64, **ref_kw)
         out = got[0] if lse else got
@@ -102,8 +106,8 @@ def test_the_short_decoding_path_follows_flash_attns_semantics(layout, case, sho
         if lse:
             assert got[1].dtype == torch.float32 and got[1].shape == (B, H, 1)
             assert_close_to_golden(f"{layout} {case} step {i} lse", got[1], want_lse, gold_lse, torch.float32)
-        lengths = total
-    assert short_path_on_cpu, "the step did not take the short path"
+        lengths = lengths + 1
+    assert short_path, "the step did not take the short path"
     assert counter.frame_count == 1, counter.frame_count
 
 
@@ -145,7 +149,7 @@ def test_the_visited_blocks_and_the_mask_hold_each_sequences_keys_alone(layout, 
 
 @pytest.mark.parametrize("reason", ["left_window", "two_queries", "cache_batch_idx", "float64", "grad",
                                     "one_key_block"])
-def test_calls_outside_the_short_path_take_the_general_one(reason, short_path_on_cpu):
+def test_calls_outside_the_short_path_take_the_general_one(reason, short_path):
     """Traced decoding calls the short path does not cover run flexflash's general path, with the
     same result as the eager call: a left window, more than one new query, ``cache_batch_idx``,
     float64 inputs, a query that needs its gradient, a cache of one key block."""
@@ -167,7 +171,7 @@ def test_calls_outside_the_short_path_take_the_general_one(reason, short_path_on
         return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, **kw)
     got = torch.compile(call, backend="aot_eager", fullgraph=True)(q, lengths)
     want = call(q, lengths)
-    assert not short_path_on_cpu, reason
+    assert not short_path, reason
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     if reason == "grad":
         assert got.requires_grad
