@@ -96,7 +96,7 @@ decode() {  # name, seconds, -k expression
 caller_tests() {  # name, seconds: every GPU test outside tests/test_gpu.py and those of it in a caller's
   # torch.compile (8 shards, then the test past 32-bit indices alone), logs packed into $OUT/name.tgz
   echo "=== $1"
-  OUT=$OUT/t ALONE_TIMEOUT=90 tools/run_gpu_tests.sh 8 "$2" tests/test_flash_attn_compat.py tests/test_traced.py \
+  OUT=$OUT/t ALONE_TIMEOUT=90 tools/run_gpu_tests.sh 8 "$2" tests/test_flash_attn_compat.py tests/test_decoding_path.py tests/test_traced.py \
     tests/test_parallel.py tests/test_route.py \
     tests/test_gpu.py::test_modules_under_torch_compile_on_gpu \
     tests/test_gpu.py::test_short_calls_stay_on_flexattention_where_sdpa_does_not_fit \
