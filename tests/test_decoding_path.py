@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from flexflash.compat import _decoding
@@ -111,40 +113,70 @@ def test_the_short_decoding_path_follows_flash_attns_semantics(layout, case, dev
     assert counter.frame_count == 1, counter.frame_count
 
 
+def _check_visited(total: torch.Tensor, start: torch.Tensor | None, table: torch.Tensor | None, rows: int,
+                   pages: int) -> None:
+    """:func:`flexflash.compat._decoding.visited` against its contract: the mask allows exactly the
+    keys of the kernel's input that hold a sequence's keys ``[max(start, 0), min(total, capacity))``
+    (for a pool, of its own pages alone: on every key, visited or not), ``position`` maps each of
+    them back to its logical index, and the listed blocks are exactly the blocks those keys lie in."""
+    n = total.shape[0]
+    keys = rows if table is None else pages * rows
+    capacity = rows if table is None else table.shape[1] * rows
+    kv_num, kv_idx, mask, position = _decoding.visited(total, start, table, rows, pages)
+    assert kv_num.shape == (n, 1, 1) and kv_idx.shape[:3] == (n, 1, 1)
+    kv = torch.arange(keys)
+    b = torch.arange(n)[:, None]
+    allowed = mask(b, 0, 0, kv[None, :]).expand(n, keys)
+    at = position(b, kv[None, :]).expand(n, keys)
+    for s in range(n):
+        lo, hi = (0 if start is None else max(int(start[s]), 0)), min(int(total[s]), capacity)
+        keys_of = kv[allowed[s]]
+        assert sorted(at[s, keys_of].tolist()) == list(range(lo, hi)), s  # each of its keys once, no other
+        if table is not None:  # a key of the pool maps to its logical index through the table
+            logical_page = at[s, keys_of] // rows
+            assert torch.equal(table[s].long()[logical_page] * rows + at[s, keys_of] % rows, keys_of), s
+        blocks = kv_idx[s, 0, 0, :int(kv_num[s])].tolist()
+        assert sorted(blocks) == sorted(set((keys_of // _decoding.KEY_BLOCK).tolist())), s
+
+
 @pytest.mark.parametrize("leftpad", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "pages"])
 def test_the_visited_blocks_and_the_mask_hold_each_sequences_keys_alone(layout, leftpad):
-    """:func:`flexflash.compat._decoding.visited`: the mask allows exactly the keys of the kernel's
-    input that hold a sequence's keys ``[start, total)`` (of its pages alone, for a pool: on every
-    key, visited or not), the listed blocks are exactly the blocks those keys lie in, and
-    ``position`` maps each key back to its logical index. Lengths of 0, within a block, on a block's
-    edge, past a page, the whole cache, and past it (read as the whole cache)."""
+    """:func:`flexflash.compat._decoding.visited` (see :func:`_check_visited`) for lengths of 0,
+    within a block, on a block's edge, past a page, the whole cache, and past it (read as the whole
+    cache), pages of one key block in a pool with pages of no sequence."""
     gen = torch.Generator().manual_seed(31)
     total = torch.tensor([0, 1, 128, 129, 300, 384, 400])
     start = torch.tensor([0, 0, 5, 128, 200, 0, 10]) if leftpad else None
     n = total.shape[0]
     if layout == "contiguous":
-        table, rows, pages, keys = None, 3 * PAGE, 0, 3 * PAGE
+        _check_visited(total, start, None, 3 * PAGE, 0)
     else:
         pages = 3 * n + 2
         table = torch.randperm(pages, generator=gen)[:3 * n].view(n, 3).to(torch.int32)
-        rows, keys = PAGE, pages * PAGE
-    kv_num, kv_idx, mask, position = _decoding.visited(total, None if start is None else start, table, rows, pages)
-    assert kv_num.shape == (n, 1, 1) and kv_idx.shape[:3] == (n, 1, 1)
-    kv = torch.arange(keys)
-    b = torch.arange(n)[:, None]
-    allowed = mask(b, 0, 0, kv[None, :])  # (n, keys)
-    at = position(b, kv[None, :]).expand(n, keys)
-    for s in range(n):
-        lo, hi = (0 if start is None else int(start[s])), min(int(total[s]), 3 * PAGE)
-        want = set(range(lo, hi))
-        keys_of = kv[allowed[s]]
-        assert sorted(at[s, keys_of].tolist()) == sorted(want), s  # each of its keys once, no other
-        if table is not None:  # a key of the pool maps to its logical index through the table
-            logical_page = at[s, keys_of] // PAGE
-            assert torch.equal(table[s].long()[logical_page] * PAGE + at[s, keys_of] % PAGE, keys_of), s
-        blocks = kv_idx[s, 0, 0, :int(kv_num[s])].tolist()
-        assert sorted(blocks) == sorted(set((keys_of // _decoding.KEY_BLOCK).tolist())), s
+        _check_visited(total, start, table, PAGE, pages)
+
+
+@given(data=st.data(), n=st.integers(1, 4), paged=st.booleans(), leftpad=st.booleans())
+def test_property_visited_blocks_and_mask(data, n, paged, leftpad):
+    """The same contract for drawn caches: contiguous rows of 129-520 keys, or pages of 128-384 keys
+    (one to three key blocks) with 1-4 pages a sequence in a shuffled pool with spare pages;
+    lengths from 0 to past the capacity, left padding from below 0 to past the length."""
+    if paged:
+        rows = data.draw(st.sampled_from([128, 256, 384]), label="page")
+        per_seq = data.draw(st.integers(1, 4), label="pages a sequence")
+        pages = n * per_seq + data.draw(st.integers(0, 3), label="spare pages")
+        order = data.draw(st.permutations(range(pages)), label="pool order")
+        table = torch.tensor(order[:n * per_seq], dtype=torch.int32).view(n, per_seq)
+        capacity = per_seq * rows
+    else:
+        rows = data.draw(st.integers(129, 520), label="cache length")
+        table, pages, capacity = None, 0, rows
+    total = torch.tensor(data.draw(st.lists(st.integers(0, capacity + 40), min_size=n, max_size=n), label="total"))
+    start = None
+    if leftpad:
+        start = torch.tensor([data.draw(st.integers(-3, t + 5), label="start") for t in total.tolist()])
+    _check_visited(total, start, table, rows, pages)
 
 
 @pytest.mark.parametrize("reason", ["left_window", "two_queries", "cache_batch_idx", "float64", "grad",

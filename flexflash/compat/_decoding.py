@@ -115,8 +115,12 @@ def visited(total: Tensor, start: Tensor | None, table: Tensor | None, rows: int
         per_page = rows // KEY_BLOCK
         width, logical = pages * per_page, table.shape[1] * per_page
     end = torch.clamp((total + (KEY_BLOCK - 1)) // KEY_BLOCK, max=logical)  # past the last visited block
-    first = torch.zeros_like(total) if start is None else start // KEY_BLOCK
-    kv_num, kv_idx = prefix_blocks(first, torch.clamp(end - first, min=0), table, per_page, logical, width)
+    if start is None:
+        first, count = torch.zeros_like(total), end
+    else:  # (no block for a sequence without keys: its start at or past its end)
+        first = start // KEY_BLOCK
+        count = torch.where(start < total, torch.clamp(end - first, min=0), 0)
+    kv_num, kv_idx = prefix_blocks(first, count, table, per_page, logical, width)
     if table is None:
         def position(b, kv_idx):
             return kv_idx
