@@ -5,7 +5,7 @@ caller's torch.compile on CUDA: one new query per sequence attending to its keys
 Why a path of its own: every function and module-level name Dynamo traces through becomes a guard
 that the compiled step checks on each call. A decoding step through :func:`flexflash.attention`
 traces some ninety of flexflash's functions: a guard tree of about 600 lines on an H100, against
-about 350 here (benchmarks/NOTES.md). And its block mask is written down from the lengths (a run of
+350-400 here (benchmarks/NOTES.md). And its block mask is written down from the lengths (a run of
 each sequence's key blocks, elementwise: one or two small kernels, the inverse of a page table one more),
 where flexflash's general builders evaluate the mask over every key and list the blocks from the
 flags (a scan and a scatter): a batch-1 step's kernels took 14 µs of GPU time against 23.
@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .._kernels import AuxRequest, needs_main_kernel
-from .._paged import IN_PLACE_DECODING_DTYPES, IN_PLACE_DTYPES
+from .._kernels import AuxRequest
+from .._kinds import decoding_shape
+from .._paged import IN_PLACE_DECODING_DTYPES, IN_PLACE_DTYPES, Pages, _inverse
 from .._tuning import decoding_options
 
 __all__ = ["TRACED_ON", "applies", "prefix_blocks", "step", "visited"]
@@ -67,9 +67,9 @@ def applies(q: Tensor, k_cache: Tensor, v_cache: Tensor, table: Tensor | None, s
     ``q (B, 1, Hq, D)`` takes :func:`step`: traced on a device of ``TRACED_ON``, no gradients,
     16- or 32-bit inputs of one dtype (paged: a dtype read in place), a power-of-two head dim of
     16-256, grouped heads a power of two, rows of unit stride, more than one key block (pages of
-    whole key blocks, laid end to end), a static batch within the decoding kernel's grid, no input
-    past 2**31 - 1 elements; its checks are then the general path's own (shapes known at trace
-    time, nothing read from a tensor)."""
+    whole key blocks, laid end to end), and FlexAttention's decoding kernel for its shapes
+    (:func:`flexflash._kinds.decoding_shape`: a static batch, no input past 2**31 - 1 elements).
+    Everything it reads is known at trace time."""
     if not (torch.compiler.is_compiling() and q.device.type in TRACED_ON):
         return False
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
@@ -81,12 +81,8 @@ def applies(q: Tensor, k_cache: Tensor, v_cache: Tensor, table: Tensor | None, s
     if table is not None and q.dtype not in IN_PLACE_DTYPES.get(q.device.type, ()) + IN_PLACE_DECODING_DTYPES.get(
             q.device.type, ()):
         return False
-    B, Hq, D = q.shape[0], q.shape[2], q.shape[3]
-    rows, Hkv = k_cache.shape[1], k_cache.shape[2]
-    groups = Hq // Hkv
-    if Hq % Hkv or groups & (groups - 1) or groups > _QUERY_BLOCK or D & (D - 1) or not 16 <= D <= 256:
-        return False
-    if k_cache.shape[3] != D or v_cache.shape[3] != D or v_cache.shape[2] != Hkv:
+    D, rows = q.shape[3], k_cache.shape[1]
+    if D & (D - 1) or not 16 <= D <= 256 or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
         return False
     if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache)):
         return False
@@ -95,9 +91,9 @@ def applies(q: Tensor, k_cache: Tensor, v_cache: Tensor, table: Tensor | None, s
             return False
     elif rows % KEY_BLOCK or any(c.stride(0) != rows * c.stride(1) for c in (k_cache, v_cache)):
         return False
-    # a static batch: FlexAttention's lowering runs its decoding kernel for those alone
-    return statically_known_true(B * Hkv <= 65535) and not needs_main_kernel(
-        q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
+    # FlexAttention's decoding kernel: a static batch, grouped heads, 32-bit indices (the general
+    # path's own test; the transposed pages span as many elements as their pool)
+    return decoding_shape(q.transpose(1, 2), k_cache.transpose(1, 2), (_QUERY_BLOCK, KEY_BLOCK))
 
 
 def visited(total: Tensor, start: Tensor | None, table: Tensor | None, rows: int, pages: int):
@@ -110,7 +106,8 @@ def visited(total: Tensor, start: Tensor | None, table: Tensor | None, rows: int
     the kernel reads (-1 for a key of the pool that is not one of sequence ``b``'s)."""
     start = None if start is None else start.clamp(min=0)
     if table is None:
-        width, per_page, logical = -(-rows // KEY_BLOCK), 1, -(-rows // KEY_BLOCK)
+        per_page, logical = 1, -(-rows // KEY_BLOCK)
+        width = logical
     else:
         per_page = rows // KEY_BLOCK
         width, logical = pages * per_page, table.shape[1] * per_page
@@ -128,12 +125,7 @@ def visited(total: Tensor, start: Tensor | None, table: Tensor | None, rows: int
         # The logical page of each page of the pool in each sequence (-1: not one of its pages
         # holding keys below its length), and a key's logical index through it, as flexflash._paged
         # evaluates masks and modifiers over a pool.
-        B, L = table.shape
-        entries = table.long()
-        read = ((torch.arange(L, device=table.device) * rows < total[:, None]) & (entries >= 0) & (entries < pages))
-        inverse = torch.full((B, pages + 1), -1, dtype=torch.int32, device=table.device)
-        inverse = inverse.scatter(1, torch.where(read, entries, pages),
-                                  torch.arange(L, device=table.device, dtype=torch.int32).expand(B, L))[:, :pages]
+        inverse = _inverse(Pages.of(table, rows, total), pages)
 
         def position(b, kv_idx):
             page = inverse[b, kv_idx // rows]
